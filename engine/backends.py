@@ -1,0 +1,291 @@
+"""How one extent of an open file is read into the page cache.
+
+Every backend implements `Backend.read_into_cache(fd, offset, length) -> int`: make the
+bytes [offset, offset+length) of `fd` resident, and return how many bytes the file really
+had in that range (less than `length` only when the file ended early). Backends are
+shared by the worker threads of one prefetch, so they keep per-thread state only.
+Errors are raised as OSError; the scheduler records them.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import logging
+import os
+import threading
+from typing import ClassVar
+
+from engine import _libc
+from engine.residency import resident_bytes_fd
+
+__all__ = [
+    "BACKENDS",
+    "AiofilesBackend",
+    "Backend",
+    "FadviseBackend",
+    "PopulateBackend",
+    "PreadBackend",
+    "SendfileBackend",
+    "resolve_backend",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bytes per sendfile/pread call inside one extent (measured: 4 MiB is past the knee).
+PIECE_BYTES = 4 << 20
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+class Backend(abc.ABC):
+    """One way of reading a byte range of a file into the page cache."""
+
+    #: The name users pass as ``backend=...``.
+    name: ClassVar[str] = ""
+    #: One line that says why this backend reads the way it does (logged once per prefetch).
+    description: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def read_into_cache(self, fd: int, offset: int, length: int) -> int:
+        """Make [offset, offset+length) of `fd` resident; return the bytes the file had there.
+
+        Args:
+            fd: an open, readable regular file.
+            offset: first byte.
+            length: bytes wanted (> 0).
+
+        Returns:
+            Bytes made resident: `length`, or less when the file ends inside the range.
+        """
+
+    @property
+    def label(self) -> str:
+        """The name to report: the backend really used (a fallback says so)."""
+        return self.name
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the backend holds (nothing by default)."""
+
+
+class PreadBackend(Backend):
+    """`preadv` into one reused buffer per worker thread: works on every filesystem."""
+
+    name = "pread"
+    description = "preadv into one reused buffer per worker thread"
+
+    def __init__(self, *, buffer_bytes: int = PIECE_BYTES) -> None:
+        self._buffer_bytes = buffer_bytes
+        self._local = threading.local()
+
+    def _buffer(self) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(bytearray(self._buffer_bytes))
+        return buf
+
+    def read_into_cache(self, fd: int, offset: int, length: int) -> int:
+        buf = self._buffer()
+        done = 0
+        while done < length:
+            want = min(length - done, len(buf))
+            n = os.preadv(fd, [buf[:want]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
+
+
+class SendfileBackend(Backend):
+    """`sendfile(fd -> /dev/null)`: zero-copy, the page cache is filled by the splice.
+
+    Falls back to `pread` (once, logged) on filesystems that cannot splice.
+    """
+
+    name = "sendfile"
+    description = "zero-copy sendfile to /dev/null; pread where the filesystem cannot splice"
+
+    def __init__(self) -> None:
+        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self._fallback: PreadBackend | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        return "pread (fallback from sendfile)" if self._fallback else self.name
+
+    def read_into_cache(self, fd: int, offset: int, length: int) -> int:
+        if self._fallback is not None:
+            return self._fallback.read_into_cache(fd, offset, length)
+        done = 0
+        while done < length:
+            try:
+                n = os.sendfile(self._null, fd, offset + done, min(length - done, PIECE_BYTES))
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                return done + self._fall_back(exc).read_into_cache(
+                    fd, offset + done, length - done
+                )
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def _fall_back(self, exc: OSError) -> PreadBackend:
+        with self._lock:
+            if self._fallback is None:
+                log.warning("sendfile unsupported here (%s); falling back to pread", exc.strerror)
+                self._fallback = PreadBackend()
+            return self._fallback
+
+    def close(self) -> None:
+        if self._null >= 0:
+            os.close(self._null)
+            self._null = -1
+
+
+class PopulateBackend(Backend):
+    """`mmap` + `madvise(MADV_POPULATE_READ)` through ctypes (the GIL is released).
+
+    The cheapest in CPU, but a thread blocked in the populate holds the process's mm lock:
+    on a stalled network server the process cannot exit. Local filesystems or explicit
+    opt-in only; never chosen by ``auto``.
+    """
+
+    name = "populate"
+    description = "mmap + MADV_POPULATE_READ (local filesystems; a stalled server blocks exit)"
+
+    def read_into_cache(self, fd: int, offset: int, length: int) -> int:
+        size = os.fstat(fd).st_size
+        have = max(0, min(length, size - offset))
+        if have == 0:
+            return 0
+        addr, map_len, _ = _libc.map_range(fd, offset, have)
+        try:
+            if _libc.libc.madvise(addr, map_len, _libc.MADV_POPULATE_READ) != 0:
+                code = _libc.ctypes.get_errno()
+                if code == errno.EFAULT:  # a page could not be read: report it as I/O
+                    code = errno.EIO
+                raise OSError(code, f"madvise(MADV_POPULATE_READ): {os.strerror(code)}")
+        finally:
+            _libc.libc.munmap(addr, map_len)
+        return have
+
+
+class FadviseBackend(Backend):
+    """`posix_fadvise(WILLNEED)` in pieces no larger than the device's read-ahead, then verify.
+
+    Pages still missing after the advice (it is only a hint) are read with `pread`.
+    """
+
+    name = "fadvise"
+    description = "posix_fadvise(WILLNEED) in read-ahead-sized pieces, then pread what is missing"
+
+    def __init__(self) -> None:
+        self._pread = PreadBackend()
+        self._piece_by_dev: dict[int, int] = {}
+
+    def _piece(self, fd: int) -> int:
+        dev = os.fstat(fd).st_dev
+        piece = self._piece_by_dev.get(dev)
+        if piece is None:
+            piece = self._piece_by_dev[dev] = read_ahead_bytes(dev)
+        return piece
+
+    def read_into_cache(self, fd: int, offset: int, length: int) -> int:
+        size = os.fstat(fd).st_size
+        have = max(0, min(length, size - offset))
+        piece = self._piece(fd)
+        done = 0
+        while done < have:
+            n = min(piece, have - done)
+            os.posix_fadvise(fd, offset + done, n, os.POSIX_FADV_WILLNEED)
+            done += n
+        if have and resident_bytes_fd(fd, offset, have) < have:
+            return self._pread.read_into_cache(fd, offset, have)
+        return have
+
+
+def read_ahead_bytes(dev: int) -> int:
+    """The read-ahead window of the block device or filesystem `dev` (128 KiB if unknown)."""
+    major, minor = os.major(dev), os.minor(dev)
+    for path in (
+        f"/sys/class/bdi/{major}:{minor}/read_ahead_kb",
+        f"/sys/dev/block/{major}:{minor}/queue/read_ahead_kb",
+        f"/sys/dev/block/{major}:{minor}/../queue/read_ahead_kb",
+    ):
+        try:
+            with open(path) as f:
+                kb = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if kb > 0:
+            return kb << 10
+    return 128 << 10
+
+
+class AiofilesBackend(PreadBackend):
+    """Reads through `aiofiles` (the project card's package) on the event loop.
+
+    aiofiles runs each call in the loop's default executor, whose worker threads are
+    joined at interpreter exit: a stalled server can then delay exit. Opt-in only.
+    The synchronous `read_into_cache` (used when called off the loop) is `pread`.
+    """
+
+    name = "aiofiles"
+    description = "aiofiles readinto on the loop's default executor (opt-in)"
+
+    def __init__(self, *, buffer_bytes: int = PIECE_BYTES) -> None:
+        super().__init__(buffer_bytes=buffer_bytes)
+        self._free: list[memoryview] = []  # buffers reused across extents (loop thread only)
+
+    async def aread_into_cache(self, path: str, offset: int, length: int) -> int:
+        """Read [offset, offset+length) of `path` with aiofiles; return the bytes read."""
+        import aiofiles  # imported lazily: only this backend needs it
+
+        buf = self._free.pop() if self._free else memoryview(bytearray(self._buffer_bytes))
+        done = 0
+        try:
+            async with aiofiles.open(path, "rb", buffering=0) as f:
+                await f.seek(offset)
+                while done < length:
+                    n = await f.readinto(buf[: min(length - done, len(buf))])
+                    if not n:
+                        break
+                    done += n
+        finally:
+            self._free.append(buf)
+        return done
+
+
+BACKENDS: tuple[str, ...] = ("sendfile", "populate", "pread", "aiofiles", "fadvise")
+_CLASSES: dict[str, type[Backend]] = {
+    cls.name: cls
+    for cls in (SendfileBackend, PopulateBackend, PreadBackend, AiofilesBackend, FadviseBackend)
+}
+
+
+def resolve_backend(backend: str | Backend) -> tuple[Backend, str]:
+    """Turn ``backend=`` into an instance, with the line that says what was chosen and why.
+
+    Args:
+        backend: ``"auto"``, a name from `BACKENDS`, or a `Backend` instance (tests pass fakes).
+
+    Returns:
+        ``(instance, reason)``.
+
+    Example:
+        >>> b, why = resolve_backend("auto")
+        >>> b.name, why.startswith("auto")
+        ('sendfile', True)
+    """
+    if isinstance(backend, Backend):
+        return backend, "given"
+    if backend == "auto":
+        return SendfileBackend(), "auto: " + SendfileBackend.description
+    cls = _CLASSES.get(backend) if isinstance(backend, str) else None
+    if cls is None:
+        raise ValueError(
+            f"unknown backend {backend!r}; valid backends: auto, {', '.join(BACKENDS)}"
+        )
+    return cls(), "chosen: " + cls.description

@@ -1,0 +1,599 @@
+"""`prefetch_async()`: the asyncio scheduler that warms one rank's share of a checkpoint.
+
+The event loop only decides what to submit and when; every system call (stat, open,
+residency check, read) runs on a bounded pool of daemon threads (`engine.pool`). At most
+`concurrency` extents are in flight, and with a window at most `window_bytes` are warmed
+ahead of the consumer's position. Failures are recorded per file, never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from engine.backends import AiofilesBackend, Backend, resolve_backend
+from engine.cursor import ConsumerCursor
+from engine.errors import Failure
+from engine.plan import (
+    Extent,
+    Order,
+    ResolvedFile,
+    Strategy,
+    check_chunk_bytes,
+    check_rank_world,
+    plan,
+    resolve_files,
+)
+from engine.pool import DaemonPool
+from engine.residency import resident_bytes_fd
+
+__all__ = ["PrefetchReport", "Prefetcher", "Progress", "prefetch_async"]
+
+log = logging.getLogger(__name__)
+
+#: The most worker threads one prefetch may ask for.
+MAX_CONCURRENCY = 256
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+_PROGRESS_EVERY_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot of a running prefetch (immutable; cheap to take).
+
+    Attributes:
+        done_bytes: planned bytes dealt with so far (warmed, already cached, skipped or failed).
+        total_bytes: bytes this rank planned to warm.
+        warmed_bytes: bytes read into the page cache.
+        cached_bytes: bytes found already resident and not read.
+        skipped_bytes: bytes whose turn had passed (the consumer was already beyond them).
+        failed_bytes: bytes that could not be read.
+        in_flight: extents being read now.
+        elapsed_s: seconds since the prefetch started.
+        rate_bps: warmed bytes per second so far.
+    """
+
+    done_bytes: int = 0
+    total_bytes: int = 0
+    warmed_bytes: int = 0
+    cached_bytes: int = 0
+    skipped_bytes: int = 0
+    failed_bytes: int = 0
+    in_flight: int = 0
+    elapsed_s: float = 0.0
+    rate_bps: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        """Share of the planned bytes dealt with, 0..1 (1 when nothing was planned)."""
+        return self.done_bytes / self.total_bytes if self.total_bytes else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchReport:
+    """What one rank's prefetch did.
+
+    Attributes:
+        rank: the local rank.
+        world: the number of local ranks.
+        strategy: the partition strategy used.
+        backend: the read backend really used (a fallback says so).
+        files: regular files in the plan (after de-duplication).
+        planned_bytes: bytes of this rank's share.
+        warmed_bytes: bytes read into the page cache by this rank.
+        cached_bytes: bytes skipped because they were already resident.
+        skipped_bytes: bytes skipped because the consumer had passed them.
+        failed_bytes: bytes of planned extents that could not be read.
+        failures: one entry per failed file range (path, range, errno, message).
+        notes: things worth knowing that are not failures (a file that grew, ...).
+        elapsed_s: wall seconds from start to end.
+        cpu_s: CPU seconds spent by the prefetch's threads.
+        cancelled: whether the prefetch was cancelled before it finished.
+    """
+
+    rank: int
+    world: int
+    strategy: str
+    backend: str
+    files: int
+    planned_bytes: int
+    warmed_bytes: int
+    cached_bytes: int
+    skipped_bytes: int
+    failed_bytes: int
+    failures: tuple[Failure, ...]
+    notes: tuple[str, ...]
+    elapsed_s: float
+    cpu_s: float
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed and the prefetch ran to its end."""
+        return not self.failures and not self.cancelled
+
+    @property
+    def throughput_bps(self) -> float:
+        """Warmed bytes per wall second."""
+        return self.warmed_bytes / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (failures as dicts, with the errno's name)."""
+        d = asdict(self)
+        d["failures"] = [dict(asdict(f), errno_name=f.errno_name) for f in self.failures]
+        d["notes"] = list(self.notes)
+        d["throughput_bps"] = self.throughput_bps
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Validated options of one prefetch (resolved once, before any thread starts)."""
+
+    rank: int
+    world: int
+    strategy: Strategy
+    backend: Backend
+    backend_reason: str
+    concurrency: int
+    chunk_bytes: int
+    skip_cached: bool
+    window_bytes: int | None
+    order: Order
+    progress: Callable[[Progress], object] | None
+
+    @classmethod
+    def validate(
+        cls,
+        rank: int,
+        world: int,
+        *,
+        strategy: str | Strategy = "balanced",
+        backend: str | Backend = "auto",
+        concurrency: int = 8,
+        chunk_bytes: int = 16 << 20,
+        skip_cached: bool = True,
+        window_bytes: int | None = None,
+        order: str | Order = "sorted",
+        progress: Callable[[Progress], object] | None = None,
+    ) -> Options:
+        """Check every option; raise ValueError naming the valid values."""
+        check_rank_world(rank, world)
+        check_chunk_bytes(chunk_bytes)
+        if (
+            isinstance(concurrency, bool)
+            or not isinstance(concurrency, int)
+            or not 1 <= concurrency <= MAX_CONCURRENCY
+        ):
+            raise ValueError(
+                f"concurrency must be an integer in [1, {MAX_CONCURRENCY}], got {concurrency!r}"
+            )
+        if window_bytes is not None and (
+            isinstance(window_bytes, bool) or not isinstance(window_bytes, int) or window_bytes < 1
+        ):
+            raise ValueError(f"window_bytes must be None or an integer >= 1, got {window_bytes!r}")
+        if progress is not None and not callable(progress):
+            raise ValueError(f"progress must be a callable or None, got {progress!r}")
+        strat = Strategy.parse(strategy)
+        ordering = Order.parse(order)
+        impl, reason = resolve_backend(backend)
+        return cls(
+            rank, world, strat, impl, reason, concurrency, chunk_bytes, bool(skip_cached),
+            window_bytes, ordering, progress,
+        )
+
+
+class _File:
+    """One planned file: opened lazily by the first worker that needs it, closed after its
+    rank's last extent, so open descriptors stay bounded by the number of in-flight extents."""
+
+    __slots__ = ("error", "fd", "lock", "meta", "note", "remaining")
+
+    def __init__(self, meta: ResolvedFile, remaining: int) -> None:
+        self.meta = meta
+        self.remaining = remaining
+        self.fd = -1
+        self.error: Failure | None = None  # set once: later extents of the file skip at once
+        self.note: str | None = None
+        self.lock = threading.Lock()
+
+    def acquire(self) -> int:
+        """Open the file if needed and return its fd; raise OSError when that fails."""
+        with self.lock:
+            if self.error is not None:
+                raise _AlreadyFailed
+            if self.fd < 0:
+                fd = os.open(self.meta.path, _OPEN_FLAGS)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise OSError(errno.EINVAL, "no longer a regular file")
+                    if (st.st_dev, st.st_ino) != (self.meta.dev, self.meta.ino):
+                        raise OSError(errno.ESTALE, "replaced by a new file since planning")
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if st.st_size != self.meta.size:
+                    self.note = (
+                        f"{self.meta.path}: size changed from {self.meta.size} to "
+                        f"{st.st_size} bytes since planning"
+                    )
+                self.fd = fd
+            return self.fd
+
+    def fail(self, failure: Failure) -> bool:
+        """Record the whole-file failure; return False if one was already recorded."""
+        with self.lock:
+            if self.error is not None:
+                return False
+            self.error = failure
+            return True
+
+    def release(self, n: int = 1) -> None:
+        """Mark `n` extents finished; close the fd after the last one."""
+        with self.lock:
+            self.remaining -= n
+            if self.remaining <= 0 and self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+class _AlreadyFailed(Exception):
+    """The file failed to open before; the extent is skipped without a new attempt."""
+
+
+# Outcomes of one extent, returned by the worker.
+_WARMED, _CACHED, _FAILED, _DUPLICATE_FAILURE = range(4)
+
+
+def _warm_extent(
+    f: _File, ext: Extent, backend: Backend, skip_cached: bool
+) -> tuple[int, int, Failure | None]:
+    """Runs on a worker thread: warm one extent; return (outcome, bytes, failure)."""
+    try:
+        try:
+            fd = f.acquire()
+        except _AlreadyFailed:
+            return _DUPLICATE_FAILURE, 0, None
+        except OSError as exc:
+            failure = Failure.from_os_error(ext.path, 0, 0, exc)
+            return (_FAILED if f.fail(failure) else _DUPLICATE_FAILURE), 0, failure
+        if skip_cached and resident_bytes_fd(fd, ext.offset, ext.length) >= ext.length:
+            return _CACHED, ext.length, None
+        n = backend.read_into_cache(fd, ext.offset, ext.length)
+        if n < ext.length:
+            return _WARMED, n, Failure(
+                ext.path, ext.offset + n, ext.length - n, None,
+                "file ended early (truncated since planning?)",
+            )
+        return _WARMED, n, None
+    except OSError as exc:
+        return _FAILED, 0, Failure.from_os_error(ext.path, ext.offset, ext.length, exc)
+    finally:
+        f.release()
+
+
+class Prefetcher:
+    """One rank's prefetch: plan, then warm with bounded concurrency. Run it once.
+
+    `prefetch_async` and `start_prefetch` are the public ways to use it; the handle keeps a
+    reference to read progress from another thread.
+
+    Args:
+        files: the checkpoint's files.
+        options: validated options (`Options.validate`).
+        cursor: the loader's position; None when nobody reports one.
+    """
+
+    def __init__(
+        self,
+        files: Iterable[str | os.PathLike[str]],
+        options: Options,
+        *,
+        cursor: ConsumerCursor | None = None,
+    ) -> None:
+        self.files = list(files)
+        self.opt = options
+        self.cursor = cursor
+        self.report: PrefetchReport | None = None
+        self._t0 = 0.0
+        self._total = 0
+        self._warmed = self._cached = self._skipped = self._failed = 0
+        self._in_flight = 0
+        self._failures: list[Failure] = []
+        self._notes: list[str] = []
+        self._file_count = 0
+        self._last_progress = 0.0
+        self._progress_cb = options.progress
+
+    # ----------------------------------------------------------------- progress
+    def progress(self) -> Progress:
+        """A snapshot of the counters (safe to call from any thread)."""
+        elapsed = time.monotonic() - self._t0 if self._t0 else 0.0
+        done = self._warmed + self._cached + self._skipped + self._failed
+        return Progress(
+            done_bytes=done,
+            total_bytes=self._total,
+            warmed_bytes=self._warmed,
+            cached_bytes=self._cached,
+            skipped_bytes=self._skipped,
+            failed_bytes=self._failed,
+            in_flight=self._in_flight,
+            elapsed_s=elapsed,
+            rate_bps=self._warmed / elapsed if elapsed > 0 else 0.0,
+        )
+
+    def _emit_progress(self, *, force: bool = False) -> None:
+        cb = self._progress_cb
+        if cb is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_progress < _PROGRESS_EVERY_S:
+            return
+        self._last_progress = now
+        try:
+            cb(self.progress())
+        except Exception:
+            log.exception("progress callback failed; no further progress will be reported")
+            self._progress_cb = None
+
+    # ---------------------------------------------------------------- recording
+    def _record(self, failure: Failure) -> None:
+        prev = self._failures[-1] if self._failures else None
+        if (
+            prev is not None
+            and prev.path == failure.path
+            and prev.errno == failure.errno
+            and prev.length
+            and prev.offset + prev.length == failure.offset
+        ):  # coalesce adjacent failed ranges of one file into one entry
+            self._failures[-1] = Failure(
+                prev.path, prev.offset, prev.length + failure.length, prev.errno, prev.message
+            )
+            return
+        if not any(f.path == failure.path for f in self._failures):
+            log.warning("prefetch could not warm %s", failure)
+        self._failures.append(failure)
+
+    # --------------------------------------------------------------------- run
+    async def run(self) -> PrefetchReport:
+        """Warm this rank's share; return the report (also kept in `self.report`).
+
+        Cancelling the task stops submission at once; reads already running finish on
+        their daemon threads and are not waited for. The report is stored before the
+        cancellation propagates.
+        """
+        self._t0 = time.monotonic()
+        opt = self.opt
+        pool = DaemonPool(opt.concurrency)
+        loop_cpu0 = time.thread_time()
+        files: dict[str, _File] = {}
+        pending: list[Extent] = []
+        cancelled = False
+        wake = asyncio.Event()
+        if self.cursor is not None:
+            self.cursor.subscribe(wake)
+        try:
+            resolved, failures = await pool.run(
+                functools.partial(resolve_files, self.files, order=opt.order)
+            )
+            for failure in failures:
+                self._record(failure)
+            self._file_count = len(resolved)
+            pending = plan(
+                resolved, opt.rank, opt.world, strategy=opt.strategy, chunk_bytes=opt.chunk_bytes
+            )
+            counts: dict[str, int] = {}
+            for ext in pending:
+                counts[ext.path] = counts.get(ext.path, 0) + 1
+            starts: dict[str, int] = {}
+            pos = 0
+            for meta in resolved:
+                starts[meta.path] = pos
+                pos += meta.size
+                if meta.path in counts:
+                    files[meta.path] = _File(meta, counts[meta.path])
+            self._total = sum(e.length for e in pending)
+            log.info(
+                "prefetch rank %d/%d: %d files, %d bytes planned, strategy=%s, backend=%s (%s), "
+                "concurrency=%d, chunk=%d, window=%s",
+                opt.rank, opt.world, len(resolved), self._total, opt.strategy.value,
+                opt.backend.name, opt.backend_reason, opt.concurrency, opt.chunk_bytes,
+                opt.window_bytes,
+            )
+            await self._schedule(pool, pending, files, starts, wake)
+            pending = []
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            for ext in pending:  # never submitted: give back their references
+                f = files.get(ext.path)
+                if f is not None:
+                    f.release()
+            if self.cursor is not None:
+                self.cursor.unsubscribe(wake)
+            pool.shutdown()
+            self._notes.extend(f.note for f in files.values() if f.note)
+            self.report = self._make_report(pool, time.thread_time() - loop_cpu0, cancelled)
+            self._emit_progress(force=True)
+        return self.report
+
+    async def _schedule(
+        self,
+        pool: DaemonPool,
+        pending: list[Extent],
+        files: dict[str, _File],
+        starts: dict[str, int],
+        wake: asyncio.Event,
+    ) -> None:
+        opt = self.opt
+        cursor = self.cursor
+        window = opt.window_bytes
+        use_async = isinstance(opt.backend, AiofilesBackend)
+        i = 0
+
+        def on_done(fut: asyncio.Future[tuple[int, int, Failure | None]], ext: Extent) -> None:
+            self._in_flight -= 1
+            wake.set()
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:  # a bug in a backend: recorded, never raised
+                outcome, nbytes, failure = _FAILED, 0, Failure(
+                    ext.path, ext.offset, ext.length, None, f"{type(exc).__name__}: {exc}"
+                )
+            else:
+                outcome, nbytes, failure = fut.result()
+            if outcome == _WARMED:
+                self._warmed += nbytes
+                if failure is not None:
+                    self._failed += failure.length
+            elif outcome == _CACHED:
+                self._cached += nbytes
+            else:
+                self._failed += ext.length
+            if failure is not None and outcome != _DUPLICATE_FAILURE:
+                self._record(failure)
+            self._emit_progress()
+
+        while i < len(pending) or self._in_flight:
+            consumer = 0
+            if cursor is not None:
+                consumer = (
+                    1 << 62 if cursor.finished else cursor.position(starts)
+                )
+            while i < len(pending) and self._in_flight < opt.concurrency:
+                ext = pending[i]
+                if cursor is not None and ext.end <= consumer:
+                    # The loader is already past this extent: reading it now is waste.
+                    self._skipped += ext.length
+                    files[ext.path].release()
+                    i += 1
+                    continue
+                if window is not None and ext.end > consumer + max(window, ext.length):
+                    break  # too far ahead of the consumer: wait for it to move
+                f = files[ext.path]
+                if use_async:
+                    fut = asyncio.ensure_future(self._warm_async(f, ext))
+                else:
+                    fut = pool.run(_warm_extent, f, ext, opt.backend, opt.skip_cached)
+                self._in_flight += 1
+                fut.add_done_callback(lambda fu, e=ext: on_done(fu, e))
+                i += 1
+            if i >= len(pending) and not self._in_flight:
+                break
+            wake.clear()
+            await wake.wait()
+
+    async def _warm_async(self, f: _File, ext: Extent) -> tuple[int, int, Failure | None]:
+        """The aiofiles path: residency and open checks on the pool, the read via aiofiles."""
+        backend = self.opt.backend
+        assert isinstance(backend, AiofilesBackend)
+        try:
+            if f.error is not None:
+                return _DUPLICATE_FAILURE, 0, None
+            if self.opt.skip_cached:
+                fd = await asyncio.to_thread(f.acquire)
+                try:
+                    if resident_bytes_fd(fd, ext.offset, ext.length) >= ext.length:
+                        return _CACHED, ext.length, None
+                except OSError:
+                    pass
+            n = await backend.aread_into_cache(f.meta.path, ext.offset, ext.length)
+            if n < ext.length:
+                return _WARMED, n, Failure(
+                    ext.path, ext.offset + n, ext.length - n, None, "file ended early"
+                )
+            return _WARMED, n, None
+        except OSError as exc:
+            return _FAILED, 0, Failure.from_os_error(ext.path, ext.offset, ext.length, exc)
+        finally:
+            f.release()
+
+    def _make_report(self, pool: DaemonPool, loop_cpu_s: float, cancelled: bool) -> PrefetchReport:
+        opt = self.opt
+        return PrefetchReport(
+            rank=opt.rank,
+            world=opt.world,
+            strategy=opt.strategy.value,
+            backend=opt.backend.label,
+            files=self._file_count,
+            planned_bytes=self._total,
+            warmed_bytes=self._warmed,
+            cached_bytes=self._cached,
+            skipped_bytes=self._skipped,
+            failed_bytes=self._failed,
+            failures=tuple(self._failures),
+            notes=tuple(self._notes),
+            elapsed_s=time.monotonic() - self._t0,
+            cpu_s=pool.cpu_s + loop_cpu_s,
+            cancelled=cancelled,
+        )
+
+
+async def prefetch_async(
+    files: Sequence[str | os.PathLike[str]],
+    rank: int = 0,
+    world: int = 1,
+    *,
+    strategy: str = "balanced",
+    backend: str | Backend = "auto",
+    concurrency: int = 8,
+    chunk_bytes: int = 16 << 20,
+    skip_cached: bool = True,
+    window_bytes: int | None = None,
+    order: str = "sorted",
+    progress: Callable[[Progress], object] | None = None,
+    consumer: ConsumerCursor | None = None,
+) -> PrefetchReport:
+    """Warm this rank's share of `files` into the page cache; return what was done.
+
+    Every local rank calls this with the same files and its own `rank`; together they read
+    each byte once. Bad files are recorded in the report's `failures`, never raised.
+
+    Args:
+        files: checkpoint files (the same list, in any order, on every rank).
+        rank: this process's local rank, ``0 <= rank < world``.
+        world: number of local ranks sharing the node's page cache.
+        strategy: ``"balanced"`` (byte stripes) or ``"files"`` (whole files round-robin).
+        backend: ``"auto"``, one of `engine.BACKENDS`, or a `Backend` instance.
+        concurrency: extents in flight at once (worker threads), 1..256.
+        chunk_bytes: stripe unit and largest read, at least 4096.
+        skip_cached: skip extents already fully resident in the page cache.
+        window_bytes: warm at most this many bytes ahead of `consumer`; None = no limit.
+            With a window, somebody must advance the consumer, or warming stops there.
+        order: ``"sorted"`` (by resolved path; every rank agrees) or ``"given"``.
+        progress: called on the event loop with `Progress` snapshots (about 10 per second).
+        consumer: the loader's position; extents it has passed are skipped.
+
+    Returns:
+        A `PrefetchReport`. `cpu_s` counts the worker threads and this coroutine's thread
+        while it ran (other work on the same thread is included).
+
+    Raises:
+        ValueError: an invalid option (before any thread starts).
+
+    Example:
+        >>> import asyncio
+        >>> report = asyncio.run(prefetch_async(["/etc/hostname"]))
+        >>> report.failures
+        ()
+    """
+    opts = Options.validate(
+        rank, world, strategy=strategy, backend=backend, concurrency=concurrency,
+        chunk_bytes=chunk_bytes, skip_cached=skip_cached, window_bytes=window_bytes,
+        order=order, progress=progress,
+    )
+    if window_bytes is not None and consumer is None:
+        consumer = ConsumerCursor()
+    return await Prefetcher(files, opts, cursor=consumer).run()

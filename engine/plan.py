@@ -1,0 +1,257 @@
+"""The planner: which byte ranges of the checkpoint each local rank warms, in which order.
+
+`plan()` is pure: it takes paths with sizes and returns extents, and opens no file.
+`resolve_files()` is the one place that touches the filesystem to give the planner its
+input (resolved paths, sizes, de-duplication), so that every rank computes the same plan
+from the same list of files given in any order.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from engine.errors import Failure
+
+__all__ = [
+    "MIN_CHUNK_BYTES",
+    "STRATEGIES",
+    "Extent",
+    "Order",
+    "ResolvedFile",
+    "Strategy",
+    "plan",
+    "resolve_files",
+]
+
+#: The smallest stripe unit accepted: one page.
+MIN_CHUNK_BYTES = 4096
+#: The largest stripe unit accepted (larger values are almost certainly a unit mistake).
+MAX_CHUNK_BYTES = 1 << 34
+
+
+class Strategy(str, enum.Enum):
+    """How the checkpoint's bytes are divided among the local ranks."""
+
+    #: Files concatenated in consumption order, cut into stripe units; unit i to rank i mod world.
+    BALANCED = "balanced"
+    #: Whole files: ``sorted(files)[rank::world]`` (the published SGLang behaviour).
+    FILES = "files"
+
+    @classmethod
+    def parse(cls, value: str | Strategy) -> Strategy:
+        """Return the strategy named by `value`, or raise ValueError naming the valid ones."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"unknown strategy {value!r}; valid strategies: {', '.join(STRATEGIES)}"
+            ) from None
+
+
+class Order(str, enum.Enum):
+    """The consumption order of the files."""
+
+    SORTED = "sorted"
+    GIVEN = "given"
+
+    @classmethod
+    def parse(cls, value: str | Order) -> Order:
+        """Return the order named by `value`, or raise ValueError naming the valid ones."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"unknown order {value!r}; valid orders: {', '.join(o.value for o in cls)}"
+            ) from None
+
+
+STRATEGIES: tuple[str, ...] = tuple(s.value for s in Strategy)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedFile:
+    """A checkpoint file after symlink resolution: what the planner needs to know."""
+
+    path: str
+    size: int
+    dev: int = 0
+    ino: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """One byte range of one file that a rank warms.
+
+    Attributes:
+        path: the resolved file path.
+        offset: first byte within the file.
+        length: number of bytes (> 0).
+        position: offset of the first byte in the concatenation of all files in
+            consumption order: the loader's progress is measured on the same axis.
+    """
+
+    path: str
+    offset: int
+    length: int
+    position: int
+
+    @property
+    def end(self) -> int:
+        """Position just past the extent's last byte (on the concatenated axis)."""
+        return self.position + self.length
+
+
+def check_rank_world(rank: int, world: int) -> None:
+    """Raise ValueError unless ``0 <= rank < world``."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be an integer >= 1, got {world!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an integer in [0, {world}), got {rank!r}")
+
+
+def check_chunk_bytes(chunk_bytes: int) -> None:
+    """Raise ValueError unless `chunk_bytes` is a sane stripe unit."""
+    if (
+        isinstance(chunk_bytes, bool)
+        or not isinstance(chunk_bytes, int)
+        or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES
+    ):
+        raise ValueError(
+            f"chunk_bytes must be an integer in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], "
+            f"got {chunk_bytes!r}"
+        )
+
+
+def plan(
+    files: Sequence[ResolvedFile | tuple[str, int]],
+    rank: int,
+    world: int,
+    *,
+    strategy: str | Strategy = Strategy.BALANCED,
+    chunk_bytes: int = 16 << 20,
+) -> list[Extent]:
+    """Return the extents that `rank` of `world` warms, in consumption order.
+
+    The files are taken in the order given (call `resolve_files` first to get the
+    canonical order every rank agrees on). No file is opened.
+
+    Args:
+        files: ``ResolvedFile`` objects or ``(path, size)`` pairs, in consumption order.
+        rank: this process's local rank, ``0 <= rank < world``.
+        world: number of local ranks sharing the node's page cache.
+        strategy: ``"balanced"`` (stripe units of `chunk_bytes` dealt round-robin over the
+            concatenated files) or ``"files"`` (``sorted(files)[rank::world]``, whole files).
+        chunk_bytes: stripe unit and largest extent length, at least 4096.
+
+    Returns:
+        The rank's extents, ordered by `Extent.position`; no extent is longer than
+        `chunk_bytes` and none is empty.
+
+    Example:
+        >>> [(e.offset, e.length) for e in plan([("a", 10000)], 1, 2, chunk_bytes=4096)]
+        [(4096, 4096)]
+    """
+    check_rank_world(rank, world)
+    check_chunk_bytes(chunk_bytes)
+    strat = Strategy.parse(strategy)
+    pairs = [(f.path, f.size) if isinstance(f, ResolvedFile) else (str(f[0]), int(f[1])) for f in files]
+    for path, size in pairs:
+        if size < 0:
+            raise ValueError(f"negative size {size} for {path!r}")
+
+    extents: list[Extent] = []
+    if strat is Strategy.FILES:
+        mine = set(sorted(p for p, _ in pairs)[rank::world])
+        position = 0
+        for path, size in pairs:
+            if path in mine:
+                _append_pieces(extents, path, 0, size, position, chunk_bytes)
+            position += size
+        return extents
+
+    # Balanced: unit u covers [u*chunk, (u+1)*chunk) of the concatenated stream.
+    position = 0
+    for path, size in pairs:
+        start, end = position, position + size
+        first_unit = start // chunk_bytes
+        # The first unit of this file that belongs to `rank`.
+        unit = first_unit + ((rank - first_unit) % world)
+        while unit * chunk_bytes < end:
+            lo = max(unit * chunk_bytes, start)
+            hi = min((unit + 1) * chunk_bytes, end)
+            extents.append(Extent(path, lo - start, hi - lo, lo))
+            unit += world
+        position = end
+    return extents
+
+
+def _append_pieces(
+    out: list[Extent], path: str, offset: int, length: int, position: int, chunk: int
+) -> None:
+    """Append [offset, offset+length) of `path` to `out` in pieces of at most `chunk`."""
+    done = 0
+    while done < length:
+        n = min(chunk, length - done)
+        out.append(Extent(path, offset + done, n, position + done))
+        done += n
+
+
+def resolve_files(
+    files: Iterable[str | os.PathLike[str]],
+    *,
+    order: str | Order = Order.SORTED,
+) -> tuple[list[ResolvedFile], list[Failure]]:
+    """Resolve symlinks, stat and de-duplicate checkpoint files.
+
+    Every rank must pass the same set of files; with ``order="sorted"`` the result does
+    not depend on the order in which they were given. Files are de-duplicated by
+    (device, inode), so a file listed twice or reached through two symlinks is warmed once.
+    Nothing is opened, so a FIFO or device node cannot block.
+
+    Args:
+        files: paths of the checkpoint's files.
+        order: ``"sorted"`` (by resolved path) or ``"given"`` (first appearance).
+
+    Returns:
+        ``(resolved, failures)``: regular files in consumption order, and one
+        `Failure` for each path that is missing, not a regular file, or unreadable.
+
+    Example:
+        >>> resolved, failures = resolve_files(["/etc/hostname"])
+        >>> resolved[0].size > 0, failures
+        (True, [])
+    """
+    ordering = Order.parse(order)
+    seen: set[tuple[int, int]] = set()
+    resolved: list[ResolvedFile] = []
+    failures: list[Failure] = []
+    for raw in files:
+        name = os.fsdecode(raw) if isinstance(raw, bytes) else os.fspath(raw)
+        try:
+            real = os.path.realpath(name, strict=True)
+            st = os.stat(real)
+        except OSError as exc:
+            failures.append(Failure.from_os_error(name, 0, 0, exc))
+            continue
+        except RuntimeError as exc:  # symlink loop on some Python versions
+            failures.append(Failure(name, 0, 0, errno.ELOOP, str(exc)))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            failures.append(Failure(name, 0, 0, errno.EISDIR, "is a directory"))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            failures.append(Failure(name, 0, 0, errno.EINVAL, "not a regular file"))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            continue
+        seen.add(key)
+        resolved.append(ResolvedFile(real, st.st_size, st.st_dev, st.st_ino))
+    if ordering is Order.SORTED:
+        resolved.sort(key=lambda f: f.path)
+    return resolved, failures
