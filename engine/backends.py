@@ -123,9 +123,7 @@ class SendfileBackend(Backend):
             except OSError as exc:
                 if exc.errno not in _UNSUPPORTED:
                     raise
-                return done + self._fall_back(exc).read_into_cache(
-                    fd, offset + done, length - done
-                )
+                return done + self._fall_back(exc).read_into_cache(fd, offset + done, length - done)
             if n == 0:
                 break
             done += n

@@ -17,7 +17,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.backends import AiofilesBackend, Backend, resolve_backend
@@ -187,8 +187,17 @@ class Options:
         ordering = Order.parse(order)
         impl, reason = resolve_backend(backend)
         return cls(
-            rank, world, strat, impl, reason, concurrency, chunk_bytes, bool(skip_cached),
-            window_bytes, ordering, progress,
+            rank,
+            world,
+            strat,
+            impl,
+            reason,
+            concurrency,
+            chunk_bytes,
+            bool(skip_cached),
+            window_bytes,
+            ordering,
+            progress,
         )
 
 
@@ -271,9 +280,16 @@ def _warm_extent(
             return _CACHED, ext.length, None
         n = backend.read_into_cache(fd, ext.offset, ext.length)
         if n < ext.length:
-            return _WARMED, n, Failure(
-                ext.path, ext.offset + n, ext.length - n, None,
-                "file ended early (truncated since planning?)",
+            return (
+                _WARMED,
+                n,
+                Failure(
+                    ext.path,
+                    ext.offset + n,
+                    ext.length - n,
+                    None,
+                    "file ended early (truncated since planning?)",
+                ),
             )
         return _WARMED, n, None
     except OSError as exc:
@@ -406,8 +422,15 @@ class Prefetcher:
             log.info(
                 "prefetch rank %d/%d: %d files, %d bytes planned, strategy=%s, backend=%s (%s), "
                 "concurrency=%d, chunk=%d, window=%s",
-                opt.rank, opt.world, len(resolved), self._total, opt.strategy.value,
-                opt.backend.name, opt.backend_reason, opt.concurrency, opt.chunk_bytes,
+                opt.rank,
+                opt.world,
+                len(resolved),
+                self._total,
+                opt.strategy.value,
+                opt.backend.name,
+                opt.backend_reason,
+                opt.concurrency,
+                opt.chunk_bytes,
                 opt.window_bytes,
             )
             await self._schedule(pool, pending, files, starts, wake)
@@ -449,8 +472,10 @@ class Prefetcher:
                 return
             exc = fut.exception()
             if exc is not None:  # a bug in a backend: recorded, never raised
-                outcome, nbytes, failure = _FAILED, 0, Failure(
-                    ext.path, ext.offset, ext.length, None, f"{type(exc).__name__}: {exc}"
+                outcome, nbytes, failure = (
+                    _FAILED,
+                    0,
+                    Failure(ext.path, ext.offset, ext.length, None, f"{type(exc).__name__}: {exc}"),
                 )
             else:
                 outcome, nbytes, failure = fut.result()
@@ -469,9 +494,7 @@ class Prefetcher:
         while i < len(pending) or self._in_flight:
             consumer = 0
             if cursor is not None:
-                consumer = (
-                    1 << 62 if cursor.finished else cursor.position(starts)
-                )
+                consumer = 1 << 62 if cursor.finished else cursor.position(starts)
             while i < len(pending) and self._in_flight < opt.concurrency:
                 ext = pending[i]
                 if cursor is not None and ext.end <= consumer:
@@ -511,8 +534,10 @@ class Prefetcher:
                     pass
             n = await backend.aread_into_cache(f.meta.path, ext.offset, ext.length)
             if n < ext.length:
-                return _WARMED, n, Failure(
-                    ext.path, ext.offset + n, ext.length - n, None, "file ended early"
+                return (
+                    _WARMED,
+                    n,
+                    Failure(ext.path, ext.offset + n, ext.length - n, None, "file ended early"),
                 )
             return _WARMED, n, None
         except OSError as exc:
@@ -590,9 +615,16 @@ async def prefetch_async(
         ()
     """
     opts = Options.validate(
-        rank, world, strategy=strategy, backend=backend, concurrency=concurrency,
-        chunk_bytes=chunk_bytes, skip_cached=skip_cached, window_bytes=window_bytes,
-        order=order, progress=progress,
+        rank,
+        world,
+        strategy=strategy,
+        backend=backend,
+        concurrency=concurrency,
+        chunk_bytes=chunk_bytes,
+        skip_cached=skip_cached,
+        window_bytes=window_bytes,
+        order=order,
+        progress=progress,
     )
     if window_bytes is not None and consumer is None:
         consumer = ConsumerCursor()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -200,9 +201,16 @@ def start_prefetch(
         True
     """
     opts = Options.validate(
-        rank, world, strategy=strategy, backend=backend, concurrency=concurrency,
-        chunk_bytes=chunk_bytes, skip_cached=skip_cached, window_bytes=window_bytes,
-        order=order, progress=progress,
+        rank,
+        world,
+        strategy=strategy,
+        backend=backend,
+        concurrency=concurrency,
+        chunk_bytes=chunk_bytes,
+        skip_cached=skip_cached,
+        window_bytes=window_bytes,
+        order=order,
+        progress=progress,
     )
     return PrefetchHandle(Prefetcher(files, opts, cursor=ConsumerCursor()))
 
@@ -212,7 +220,5 @@ def _cancel_live_handles() -> None:
     """At exit, stop what is still running instead of reading during interpreter teardown."""
     for handle in list(_live):
         if not handle.done:
-            try:
+            with contextlib.suppress(RuntimeError):
                 handle._loop.call_soon_threadsafe(handle._task.cancel)
-            except RuntimeError:
-                pass

@@ -159,7 +159,9 @@ def plan(
     check_rank_world(rank, world)
     check_chunk_bytes(chunk_bytes)
     strat = Strategy.parse(strategy)
-    pairs = [(f.path, f.size) if isinstance(f, ResolvedFile) else (str(f[0]), int(f[1])) for f in files]
+    pairs = [
+        (f.path, f.size) if isinstance(f, ResolvedFile) else (str(f[0]), int(f[1])) for f in files
+    ]
     for path, size in pairs:
         if size < 0:
             raise ValueError(f"negative size {size} for {path!r}")

@@ -27,7 +27,11 @@ def _cachestat(fd: int, offset: int, length: int) -> int | None:
     rng = _libc.CachestatRange(offset, length)
     out = _libc.Cachestat()
     ret = _libc.libc.syscall(
-        _libc.SYS_CACHESTAT, ctypes.c_int(fd), ctypes.byref(rng), ctypes.byref(out), ctypes.c_uint(0)
+        _libc.SYS_CACHESTAT,
+        ctypes.c_int(fd),
+        ctypes.byref(rng),
+        ctypes.byref(out),
+        ctypes.c_uint(0),
     )
     if ret != 0:
         code = ctypes.get_errno()
