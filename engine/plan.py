@@ -179,6 +179,8 @@ def plan(
     # Balanced: unit u covers [u*chunk, (u+1)*chunk) of the concatenated stream.
     position = 0
     for path, size in pairs:
+        if size == 0:
+            continue
         start, end = position, position + size
         first_unit = start // chunk_bytes
         # The first unit of this file that belongs to `rank`.
@@ -229,8 +231,7 @@ def resolve_files(
         (True, [])
     """
     ordering = Order.parse(order)
-    seen: set[tuple[int, int]] = set()
-    resolved: list[ResolvedFile] = []
+    by_key: dict[tuple[int, int], ResolvedFile] = {}
     failures: list[Failure] = []
     for raw in files:
         name = os.fsdecode(raw) if isinstance(raw, bytes) else os.fspath(raw)
@@ -250,10 +251,12 @@ def resolve_files(
             failures.append(Failure(name, 0, 0, errno.EINVAL, "not a regular file"))
             continue
         key = (st.st_dev, st.st_ino)
-        if key in seen:
-            continue
-        seen.add(key)
-        resolved.append(ResolvedFile(real, st.st_size, st.st_dev, st.st_ino))
+        prev = by_key.get(key)
+        if prev is None:
+            by_key[key] = ResolvedFile(real, st.st_size, st.st_dev, st.st_ino)
+        elif real < prev.path:  # hard links: the same name on every rank, whatever the order
+            by_key[key] = ResolvedFile(real, prev.size, prev.dev, prev.ino)
+    resolved = list(by_key.values())  # first-appearance order
     if ordering is Order.SORTED:
         resolved.sort(key=lambda f: f.path)
     return resolved, failures
