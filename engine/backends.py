@@ -105,7 +105,7 @@ class SendfileBackend(Backend):
     description = "zero-copy sendfile to /dev/null; pread where the filesystem cannot splice"
 
     def __init__(self) -> None:
-        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self._null = _devnull()
         self._fallback: PreadBackend | None = None
         self._lock = threading.Lock()
 
@@ -136,10 +136,23 @@ class SendfileBackend(Backend):
                 self._fallback = PreadBackend()
             return self._fallback
 
-    def close(self) -> None:
-        if self._null >= 0:
-            os.close(self._null)
-            self._null = -1
+
+_null_fd = -1
+_null_lock = threading.Lock()
+
+
+def _devnull() -> int:
+    """One write descriptor of /dev/null for the whole process, never closed.
+
+    A per-prefetch descriptor could be closed while an abandoned worker still loops over
+    sendfile pieces, and its number reused by an unrelated file: that file would receive
+    the bytes. One descriptor that lives as long as the process cannot be reused.
+    """
+    global _null_fd
+    with _null_lock:
+        if _null_fd < 0:
+            _null_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        return _null_fd
 
 
 class PopulateBackend(Backend):

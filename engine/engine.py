@@ -9,6 +9,7 @@ ahead of the consumer's position. Failures are recorded per file, never raised.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import logging
@@ -393,7 +394,7 @@ class Prefetcher:
         pool = DaemonPool(opt.concurrency)
         loop_cpu0 = time.thread_time()
         files: dict[str, _File] = {}
-        pending: list[Extent] = []
+        pending: collections.deque[Extent] = collections.deque()
         cancelled = False
         wake = asyncio.Event()
         if self.cursor is not None:
@@ -405,8 +406,14 @@ class Prefetcher:
             for failure in failures:
                 self._record(failure)
             self._file_count = len(resolved)
-            pending = plan(
-                resolved, opt.rank, opt.world, strategy=opt.strategy, chunk_bytes=opt.chunk_bytes
+            pending.extend(
+                plan(
+                    resolved,
+                    opt.rank,
+                    opt.world,
+                    strategy=opt.strategy,
+                    chunk_bytes=opt.chunk_bytes,
+                )
             )
             counts: dict[str, int] = {}
             for ext in pending:
@@ -434,12 +441,11 @@ class Prefetcher:
                 opt.window_bytes,
             )
             await self._schedule(pool, pending, files, starts, wake)
-            pending = []
         except asyncio.CancelledError:
             cancelled = True
             raise
         finally:
-            for ext in pending:  # never submitted: give back their references
+            for ext in pending:  # never submitted: give back their references (closes fds)
                 f = files.get(ext.path)
                 if f is not None:
                     f.release()
@@ -454,7 +460,7 @@ class Prefetcher:
     async def _schedule(
         self,
         pool: DaemonPool,
-        pending: list[Extent],
+        pending: collections.deque[Extent],
         files: dict[str, _File],
         starts: dict[str, int],
         wake: asyncio.Event,
@@ -463,7 +469,6 @@ class Prefetcher:
         cursor = self.cursor
         window = opt.window_bytes
         use_async = isinstance(opt.backend, AiofilesBackend)
-        i = 0
 
         def on_done(fut: asyncio.Future[tuple[int, int, Failure | None]], ext: Extent) -> None:
             self._in_flight -= 1
@@ -491,29 +496,29 @@ class Prefetcher:
                 self._record(failure)
             self._emit_progress()
 
-        while i < len(pending) or self._in_flight:
+        while pending or self._in_flight:
             consumer = 0
             if cursor is not None:
                 consumer = 1 << 62 if cursor.finished else cursor.position(starts)
-            while i < len(pending) and self._in_flight < opt.concurrency:
-                ext = pending[i]
+            while pending and self._in_flight < opt.concurrency:
+                ext = pending[0]
                 if cursor is not None and ext.end <= consumer:
                     # The loader is already past this extent: reading it now is waste.
+                    pending.popleft()
                     self._skipped += ext.length
                     files[ext.path].release()
-                    i += 1
                     continue
                 if window is not None and ext.end > consumer + max(window, ext.length):
                     break  # too far ahead of the consumer: wait for it to move
+                pending.popleft()
                 f = files[ext.path]
                 if use_async:
                     fut = asyncio.ensure_future(self._warm_async(f, ext))
                 else:
                     fut = pool.run(_warm_extent, f, ext, opt.backend, opt.skip_cached)
                 self._in_flight += 1
-                fut.add_done_callback(lambda fu, e=ext: on_done(fu, e))
-                i += 1
-            if i >= len(pending) and not self._in_flight:
+                fut.add_done_callback(functools.partial(on_done, ext=ext))
+            if not pending and not self._in_flight:
                 break
             wake.clear()
             await wake.wait()

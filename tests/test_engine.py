@@ -1,0 +1,195 @@
+"""The asyncio scheduler: bounded concurrency, accounting, failures, window, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+
+import pytest
+
+from engine import ConsumerCursor, Progress, evict, prefetch_async, resident_bytes
+from tests.fakes import FakeBackend
+
+MiB = 1 << 20
+
+
+@pytest.mark.asyncio
+async def test_at_most_concurrency_extents_in_flight(make_file):
+    files = [make_file(f"f{i}", 3 * MiB + i) for i in range(4)]
+    fake = FakeBackend(delay_s=0.01)
+    report = await prefetch_async(
+        files, backend=fake, concurrency=3, chunk_bytes=MiB, skip_cached=False
+    )
+    assert fake.max_active == 3
+    assert report.ok
+    assert report.planned_bytes == report.warmed_bytes == sum(os.path.getsize(f) for f in files)
+    assert len(fake.calls) == len(set(fake.calls)), "each extent read once"
+    assert sum(n for _, _, n in fake.calls) == report.planned_bytes
+    assert report.backend == "fake"
+
+
+@pytest.mark.asyncio
+async def test_hot_files_are_skipped_not_read(make_file):
+    path = make_file("hot", 8 * MiB)
+    with open(path, "rb") as f:
+        f.read()
+    fake = FakeBackend()
+    report = await prefetch_async([path], backend=fake, chunk_bytes=MiB)
+    assert fake.calls == []
+    assert report.cached_bytes == 8 * MiB and report.warmed_bytes == 0
+
+
+@pytest.mark.asyncio
+async def test_ranks_split_the_bytes(make_file):
+    files = [make_file(f"f{i}", 5 * MiB) for i in range(3)]
+    reports = [
+        await prefetch_async(files, r, 4, backend=FakeBackend(), chunk_bytes=MiB, skip_cached=False)
+        for r in range(4)
+    ]
+    assert sum(r.planned_bytes for r in reports) == 15 * MiB
+    assert max(r.planned_bytes for r in reports) - min(r.planned_bytes for r in reports) <= MiB
+
+
+@pytest.mark.asyncio
+async def test_bad_files_are_recorded_and_the_rest_is_warmed(make_file, tmp_path):
+    good = make_file("good", 2 * MiB)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    report = await asyncio.wait_for(
+        prefetch_async([good, tmp_path / "missing", tmp_path, fifo, "/dev/zero"]), 30
+    )
+    assert report.warmed_bytes + report.cached_bytes == 2 * MiB
+    assert resident_bytes(good) == 2 * MiB
+    assert sorted(f.errno_name for f in report.failures) == [
+        "EINVAL", "EINVAL", "EISDIR", "ENOENT",
+    ]  # fmt: skip
+    assert not report.ok
+
+
+@pytest.mark.asyncio
+async def test_read_errors_are_recorded_per_range_and_coalesced(make_file):
+    path = make_file("bad", 6 * MiB)
+    real = os.path.realpath(path)
+    fake = FakeBackend(fail={(real, 2 * MiB), (real, 3 * MiB)})
+    report = await prefetch_async(
+        [path], backend=fake, chunk_bytes=MiB, concurrency=1, skip_cached=False
+    )
+    assert len(report.failures) == 1
+    f = report.failures[0]
+    assert (f.path, f.offset, f.length, f.errno) == (real, 2 * MiB, 2 * MiB, errno.EIO)
+    assert report.warmed_bytes == 4 * MiB and report.failed_bytes == 2 * MiB
+
+
+@pytest.mark.asyncio
+async def test_vanished_file_fails_once_and_closes_nothing_twice(make_file):
+    path = make_file("gone", 4 * MiB)
+    other = make_file("other", MiB)
+    fake = FakeBackend()
+    # Resolve happens on the pool; remove the file between planning and opening by
+    # making the first read of `other` (sorted before) delete it.
+    os.remove(path)
+    report = await prefetch_async([other, path], backend=fake, chunk_bytes=MiB, skip_cached=False)
+    assert [f.errno_name for f in report.failures] == ["ENOENT"]
+
+
+@pytest.mark.asyncio
+async def test_progress_snapshots_are_frozen_and_end_complete(make_file):
+    path = make_file("p", 4 * MiB)
+    seen: list[Progress] = []
+    await prefetch_async([path], chunk_bytes=MiB, progress=seen.append)
+    assert seen, "at least the final snapshot"
+    last = seen[-1]
+    assert last.done_bytes == last.total_bytes == 4 * MiB
+    assert last.fraction == 1.0
+    with pytest.raises(AttributeError):
+        last.done_bytes = 0  # type: ignore[misc]
+
+
+@pytest.mark.asyncio
+async def test_window_follows_the_consumer(make_file):
+    files = [make_file(f"w{i}", 4 * MiB) for i in range(4)]  # 16 MiB in all
+    fake = FakeBackend()
+    cursor = ConsumerCursor()
+    task = asyncio.create_task(
+        prefetch_async(
+            files,
+            backend=fake,
+            chunk_bytes=MiB,
+            window_bytes=3 * MiB,
+            consumer=cursor,
+            skip_cached=False,
+            concurrency=8,
+        )
+    )
+    await asyncio.sleep(0.3)
+    assert len(fake.calls) == 3, "no more than the window ahead of a consumer at 0"
+    cursor.advance_to(files[1], 0)  # consumer at 4 MiB: window now ends at 7 MiB
+    await asyncio.sleep(0.3)
+    offsets = sorted((os.path.basename(p), o) for p, o, _ in fake.calls)
+    assert len(fake.calls) == 6, offsets
+    assert ("w0", 3 * MiB) not in offsets, "an extent the consumer has passed is skipped"
+    cursor.finish()
+    report = await asyncio.wait_for(task, 10)
+    assert report.skipped_bytes == 16 * MiB - 6 * MiB
+    assert report.warmed_bytes == 6 * MiB
+
+
+@pytest.mark.asyncio
+async def test_cancel_stops_submitting_and_keeps_a_partial_report(make_file):
+    files = [make_file(f"c{i}", 4 * MiB) for i in range(2)]
+    block = threading.Event()
+    fake = FakeBackend(block=block)
+    from engine.engine import Options, Prefetcher
+
+    p = Prefetcher(files, Options.validate(0, 1, backend=fake, concurrency=2, chunk_bytes=MiB))
+    task = asyncio.create_task(p.run())
+    for _ in range(500):
+        if fake.active == 2:
+            break
+        await asyncio.sleep(0.01)
+    fds_before_cancel = len(os.listdir("/proc/self/fd"))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    block.set()
+    assert p.report is not None and p.report.cancelled
+    for _ in range(500):  # the two blocked reads finish on their threads and close the file
+        if fake.active == 0 and len(os.listdir("/proc/self/fd")) < fds_before_cancel:
+            break
+        await asyncio.sleep(0.01)
+    assert len(fake.calls) == 2  # nothing submitted after the first two
+    assert len(os.listdir("/proc/self/fd")) == fds_before_cancel - 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"concurrency": 0}, "concurrency"),
+        ({"concurrency": 10_000}, "concurrency"),
+        ({"chunk_bytes": 100}, "chunk_bytes"),
+        ({"backend": "nope"}, "valid backends"),
+        ({"strategy": "nope"}, "valid strategies"),
+        ({"window_bytes": -1}, "window_bytes"),
+        ({"window_bytes": 0}, "window_bytes"),
+        ({"order": "random"}, "valid orders"),
+        ({"progress": 3}, "progress"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_bad_options_raise_before_anything_runs(kwargs, match):
+    before = threading.active_count()
+    with pytest.raises(ValueError, match=match):
+        await prefetch_async(["/etc/hostname"], **kwargs)
+    assert threading.active_count() == before
+
+
+@pytest.mark.asyncio
+async def test_real_backend_end_to_end(make_file):
+    path = make_file("e2e", 10 * MiB + 1)
+    evict(path)
+    report = await prefetch_async([path], chunk_bytes=MiB)
+    assert report.ok and report.warmed_bytes + report.cached_bytes == 10 * MiB + 1
+    assert resident_bytes(path) == 10 * MiB + 1
+    assert report.to_dict()["failures"] == []
