@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs everything ckpt-prefetch needs on a fresh Debian machine (Python 3.10+, root):
+# FUSE 3 and fio from Debian, the CPU wheel of torch, then this project with its test and
+# bench extras. Safe to run again: what is already there is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+need_apt=()
+command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+[ -e /usr/include/fuse3/fuse.h ] || need_apt+=(libfuse3-dev)
+command -v fio >/dev/null 2>&1 || need_apt+=(fio)
+if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing ${need_apt[*]} from Debian" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# torch first, pinned: this exact version is a CPU wheel on this machine's disk; any other
+# spec can pull a CUDA build of several GB. pyproject.toml accepts it (torch>=2.1,<2.15).
+if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0
+fi
+"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
+echo "setup: done ($("$PY" -c 'import torch, safetensors; print("torch", torch.__version__, "safetensors", safetensors.__version__)'))" >&2
