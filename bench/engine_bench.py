@@ -138,7 +138,7 @@ def measure(files: Sequence[Path], *, backend: str, repeats: int) -> dict[str, A
     total = sum(f.stat().st_size for f in files)
     samples: dict[str, list[float]] = {
         "fio_bps": [], "cold_bps": [], "cpu_s_per_gb": [], "hot_over_cold": [],
-        "rss_growth": [], "ranks4_read_ratio": [], "ranks4_min_resident": [], "ranks4_wall_s": [],
+        "rss_growth": [], "ranks4_read_ratio": [], "ranks4_proc_read_ratio": [], "ranks4_min_resident": [], "ranks4_wall_s": [],
     }  # fmt: skip
     # Warm-up: this VM charges first touch of fresh memory; pay it outside the samples.
     evict_all(files)
@@ -168,6 +168,7 @@ def measure(files: Sequence[Path], *, backend: str, repeats: int) -> dict[str, A
         if not all(r["ok"] for r in results):
             raise RuntimeError(f"a rank failed: {results}")
         samples["ranks4_read_ratio"].append((after - before) * 512 / total)
+        samples["ranks4_proc_read_ratio"].append(sum(r["read_bytes"] for r in results) / total)
         samples["ranks4_min_resident"].append(
             min(resident_bytes(f) / f.stat().st_size for f in files)
         )
@@ -193,6 +194,8 @@ def render(result: dict[str, Any]) -> str:
         f"  hot / cold time            {m['hot_over_cold'] * 100:6.2f} %",
         f"  RSS growth while warming   {m['rss_growth'] / 2**20:6.1f} MiB",
         f"  4 ranks: device read       {m['ranks4_read_ratio']:6.3f} x the files' size",
+        f"  4 ranks: read_bytes, summed {m['ranks4_proc_read_ratio']:6.3f} x (/proc/PID/io: "
+        "these processes only)",
         f"  4 ranks: least resident    {m['ranks4_min_resident'] * 100:6.2f} % of a file",
         f"  4 ranks: wall              {m['ranks4_wall_s']:6.2f} s",
     ]

@@ -20,7 +20,7 @@ from engine.backends import BACKENDS
 from engine.engine import MAX_CONCURRENCY, PrefetchReport, Progress
 from engine.errors import Failure
 from engine.handle import start_prefetch
-from engine.plan import STRATEGIES, resolve_files
+from engine.plan import DEFAULT_CHUNK_BYTES, STRATEGIES, resolve_files
 from engine.residency import evict, resident_bytes
 from engine.units import format_bytes, parse_size
 
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     warm.add_argument(
         "--chunk",
-        default="16MiB",
+        default=f"{DEFAULT_CHUNK_BYTES >> 20}MiB",
         help="stripe unit and largest read, at least 4KiB (default: %(default)s)",
     )
     warm.add_argument(

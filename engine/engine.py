@@ -25,6 +25,7 @@ from engine.backends import AiofilesBackend, Backend, resolve_backend
 from engine.cursor import ConsumerCursor
 from engine.errors import Failure
 from engine.plan import (
+    DEFAULT_CHUNK_BYTES,
     Extent,
     Order,
     ResolvedFile,
@@ -41,6 +42,8 @@ __all__ = ["PrefetchReport", "Prefetcher", "Progress", "prefetch_async"]
 
 log = logging.getLogger(__name__)
 
+#: Extents in flight by default (worker threads of one rank).
+DEFAULT_CONCURRENCY = 8
 #: The most worker threads one prefetch may ask for.
 MAX_CONCURRENCY = 256
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
@@ -160,8 +163,8 @@ class Options:
         *,
         strategy: str | Strategy = "balanced",
         backend: str | Backend = "auto",
-        concurrency: int = 8,
-        chunk_bytes: int = 16 << 20,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         skip_cached: bool = True,
         window_bytes: int | None = None,
         order: str | Order = "sorted",
@@ -578,8 +581,8 @@ async def prefetch_async(
     *,
     strategy: str = "balanced",
     backend: str | Backend = "auto",
-    concurrency: int = 8,
-    chunk_bytes: int = 16 << 20,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     skip_cached: bool = True,
     window_bytes: int | None = None,
     order: str = "sorted",

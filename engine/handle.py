@@ -20,7 +20,8 @@ from types import TracebackType
 
 from engine.backends import Backend
 from engine.cursor import ConsumerCursor
-from engine.engine import Options, Prefetcher, PrefetchReport, Progress
+from engine.engine import DEFAULT_CONCURRENCY, Options, Prefetcher, PrefetchReport, Progress
+from engine.plan import DEFAULT_CHUNK_BYTES
 
 __all__ = ["PrefetchHandle", "start_prefetch"]
 
@@ -163,8 +164,8 @@ def start_prefetch(
     *,
     strategy: str = "balanced",
     backend: str | Backend = "auto",
-    concurrency: int = 8,
-    chunk_bytes: int = 16 << 20,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     skip_cached: bool = True,
     window_bytes: int | None = None,
     order: str = "sorted",
