@@ -138,7 +138,8 @@ def measure(files: Sequence[Path], *, backend: str, repeats: int) -> dict[str, A
     total = sum(f.stat().st_size for f in files)
     samples: dict[str, list[float]] = {
         "fio_bps": [], "cold_bps": [], "cpu_s_per_gb": [], "hot_over_cold": [],
-        "rss_growth": [], "ranks4_read_ratio": [], "ranks4_proc_read_ratio": [], "ranks4_min_resident": [], "ranks4_wall_s": [],
+        "rss_growth": [], "ranks4_read_ratio": [], "ranks4_proc_read_ratio": [],
+        "ranks4_min_resident": [], "ranks4_wall_s": [],
     }  # fmt: skip
     # Warm-up: this VM charges first touch of fresh memory; pay it outside the samples.
     evict_all(files)
