@@ -42,15 +42,13 @@ class DaemonPool:
 
     def __init__(self, size: int, *, name: str = "ckpt-prefetch-io") -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._cpu_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._cpu_s = 0.0
         self._closed = False
-        self.threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-            for i in range(size)
-        ]
-        for t in self.threads:
-            t.start()
+        self._size = size
+        self._name = name
+        self._idle = 0  # workers waiting for a call
+        self.threads: list[threading.Thread] = []  # started on demand, at most `size`
 
     @property
     def cpu_s(self) -> float:
@@ -63,6 +61,15 @@ class DaemonPool:
             raise RuntimeError("pool is shut down")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1  # that worker is spoken for
+            elif len(self.threads) < self._size:
+                t = threading.Thread(
+                    target=self._work, name=f"{self._name}-{len(self.threads)}", daemon=True
+                )
+                self.threads.append(t)
+                t.start()
         self._queue.put((fn, args, fut, loop))
         return fut
 
@@ -81,8 +88,9 @@ class DaemonPool:
                 self._deliver(loop, fut, result, None)
             finally:
                 dt = time.thread_time() - t0
-                with self._cpu_lock:
+                with self._lock:
                     self._cpu_s += dt
+                    self._idle += 1
             del item, fn, args, fut, loop
 
     @staticmethod
@@ -107,13 +115,15 @@ class DaemonPool:
 
         Never blocks longer than `wait_s`, even when a worker is stuck in a system call.
         """
-        if not self._closed:
-            self._closed = True
-            for _ in self.threads:
+        with self._lock:
+            already, self._closed = self._closed, True
+            threads = list(self.threads)
+        if not already:
+            for _ in threads:
                 self._queue.put(_STOP)
         if wait_s > 0:
             deadline = time.monotonic() + wait_s
-            for t in self.threads:
+            for t in threads:
                 t.join(max(0.0, deadline - time.monotonic()))
 
     def alive(self) -> int:

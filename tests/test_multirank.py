@@ -32,8 +32,10 @@ def test_ranks_read_each_byte_once_and_everything_ends_resident(make_file, strat
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER, str(r), str(strategy_world), *files],
-            stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.getcwd(),
+        )
         for r in range(strategy_world)
     ]
     results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
