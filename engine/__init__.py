@@ -13,6 +13,7 @@ from engine.cursor import ConsumerCursor
 from engine.engine import PrefetchReport, Progress, prefetch_async
 from engine.errors import Failure, PrefetchError
 from engine.handle import PrefetchHandle, start_prefetch
+from engine.memory import MemoryBudget, auto_window, memory_budget
 from engine.plan import STRATEGIES, Extent, ResolvedFile, plan, resolve_files
 from engine.residency import evict, resident_bytes
 
@@ -33,7 +34,10 @@ __all__ = [
     "prefetch_async",
     "resolve_backend",
     "start_prefetch",
-    # page cache
+    # page cache and memory
+    "MemoryBudget",
+    "auto_window",
+    "memory_budget",
     "evict",
     "resident_bytes",
     # errors

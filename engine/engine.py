@@ -19,11 +19,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from engine.backends import AiofilesBackend, Backend, resolve_backend
 from engine.cursor import ConsumerCursor
 from engine.errors import Failure
+from engine.memory import auto_window
 from engine.plan import (
     DEFAULT_CHUNK_BYTES,
     Extent,
@@ -151,7 +152,7 @@ class Options:
     concurrency: int
     chunk_bytes: int
     skip_cached: bool
-    window_bytes: int | None
+    window_bytes: int | Literal["auto"] | None
     order: Order
     progress: Callable[[Progress], object] | None
 
@@ -166,7 +167,7 @@ class Options:
         concurrency: int = DEFAULT_CONCURRENCY,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         skip_cached: bool = True,
-        window_bytes: int | None = None,
+        window_bytes: int | Literal["auto"] | None = None,
         order: str | Order = "sorted",
         progress: Callable[[Progress], object] | None = None,
     ) -> Options:
@@ -181,10 +182,18 @@ class Options:
             raise ValueError(
                 f"concurrency must be an integer in [1, {MAX_CONCURRENCY}], got {concurrency!r}"
             )
-        if window_bytes is not None and (
-            isinstance(window_bytes, bool) or not isinstance(window_bytes, int) or window_bytes < 1
+        if (
+            window_bytes is not None
+            and window_bytes != "auto"
+            and (
+                isinstance(window_bytes, bool)
+                or not isinstance(window_bytes, int)
+                or window_bytes < 1
+            )
         ):
-            raise ValueError(f"window_bytes must be None or an integer >= 1, got {window_bytes!r}")
+            raise ValueError(
+                f"window_bytes must be None, 'auto' or an integer >= 1, got {window_bytes!r}"
+            )
         if progress is not None and not callable(progress):
             raise ValueError(f"progress must be a callable or None, got {progress!r}")
         strat = Strategy.parse(strategy)
@@ -334,6 +343,7 @@ class Prefetcher:
         self._file_count = 0
         self._last_progress = 0.0
         self._progress_cb = options.progress
+        self._window: int | None = None
 
     # ----------------------------------------------------------------- progress
     def progress(self) -> Progress:
@@ -429,6 +439,7 @@ class Prefetcher:
                 if meta.path in counts:
                     files[meta.path] = _File(meta, counts[meta.path])
             self._total = sum(e.length for e in pending)
+            self._window = self._resolve_window(sum(m.size for m in resolved))
             log.info(
                 "prefetch rank %d/%d: %d files, %d bytes planned, strategy=%s, backend=%s (%s), "
                 "concurrency=%d, chunk=%d, window=%s",
@@ -460,6 +471,16 @@ class Prefetcher:
             self._emit_progress(force=True)
         return self.report
 
+    def _resolve_window(self, checkpoint_bytes: int) -> int | None:
+        """The window in bytes: as given, or chosen from the memory budget for "auto"."""
+        opt = self.opt
+        if opt.window_bytes != "auto":
+            return opt.window_bytes
+        # Two stripe units per rank, so every rank always has something to read.
+        window, reason = auto_window(checkpoint_bytes, min_bytes=2 * opt.chunk_bytes * opt.world)
+        log.info("prefetch rank %d/%d: %s", opt.rank, opt.world, reason)
+        return window
+
     async def _schedule(
         self,
         pool: DaemonPool,
@@ -470,7 +491,7 @@ class Prefetcher:
     ) -> None:
         opt = self.opt
         cursor = self.cursor
-        window = opt.window_bytes
+        window = self._window
         use_async = isinstance(opt.backend, AiofilesBackend)
 
         def on_done(fut: asyncio.Future[tuple[int, int, Failure | None]], ext: Extent) -> None:
@@ -584,7 +605,7 @@ async def prefetch_async(
     concurrency: int = DEFAULT_CONCURRENCY,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     skip_cached: bool = True,
-    window_bytes: int | None = None,
+    window_bytes: int | Literal["auto"] | None = None,
     order: str = "sorted",
     progress: Callable[[Progress], object] | None = None,
     consumer: ConsumerCursor | None = None,
@@ -603,8 +624,10 @@ async def prefetch_async(
         concurrency: extents in flight at once (worker threads), 1..256.
         chunk_bytes: stripe unit and largest read, at least 4096.
         skip_cached: skip extents already fully resident in the page cache.
-        window_bytes: warm at most this many bytes ahead of `consumer`; None = no limit.
-            With a window, somebody must advance the consumer, or warming stops there.
+        window_bytes: warm at most this many bytes (on the whole checkpoint's axis) ahead
+            of `consumer`; None = no limit; ``"auto"`` = none when the checkpoint fits in
+            the memory budget, else half of it (`engine.memory`). With a window, somebody
+            must advance the consumer, or warming stops there.
         order: ``"sorted"`` (by resolved path; every rank agrees) or ``"given"``.
         progress: called on the event loop with `Progress` snapshots (about 10 per second).
         consumer: the loader's position; extents it has passed are skipped.

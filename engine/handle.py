@@ -17,6 +17,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Literal
 
 from engine.backends import Backend
 from engine.cursor import ConsumerCursor
@@ -167,7 +168,7 @@ def start_prefetch(
     concurrency: int = DEFAULT_CONCURRENCY,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     skip_cached: bool = True,
-    window_bytes: int | None = None,
+    window_bytes: int | Literal["auto"] | None = None,
     order: str = "sorted",
     progress: Callable[[Progress], object] | None = None,
 ) -> PrefetchHandle:
@@ -186,7 +187,8 @@ def start_prefetch(
         concurrency: extents in flight at once.
         chunk_bytes: stripe unit and largest read.
         skip_cached: skip extents already resident.
-        window_bytes: most bytes warmed ahead of the consumer; None = no limit.
+        window_bytes: most bytes warmed ahead of the consumer; None = no limit;
+            ``"auto"`` = from the memory budget (see `engine.memory.auto_window`).
         order: ``"sorted"`` or ``"given"``.
         progress: called on the background thread with `Progress` snapshots.
 

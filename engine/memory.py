@@ -1,0 +1,172 @@
+"""How much page cache this process can really use, and the window that follows from it.
+
+When a checkpoint is larger than the page cache a node or container can hold, warming all
+of it evicts the first shards before the loader reaches them. The window keeps the warmed
+bytes ahead of the loader below what fits. The budget is the smaller of:
+
+- ``MemAvailable`` from ``/proc/meminfo`` (free memory plus reclaimable cache), and
+- for each memory cgroup from this process's up to the root, its limit minus its anonymous
+  memory (cgroup v1 ``memory.limit_in_bytes`` with ``rss`` from ``memory.stat``; v2
+  ``memory.max`` with ``anon``): page cache is charged to the cgroup that reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["MemoryBudget", "auto_window", "memory_budget"]
+
+log = logging.getLogger(__name__)
+
+#: A checkpoint fits "comfortably" when it needs at most this share of the budget.
+FIT_FRACTION = 0.8
+#: Otherwise the window is this share of the budget (the rest is for the loader and others).
+WINDOW_FRACTION = 0.5
+_UNLIMITED = 1 << 60
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBudget:
+    """Bytes of page cache this process can count on, and where the figure comes from.
+
+    Attributes:
+        available_bytes: the budget (the smallest of the sources below).
+        mem_available: ``MemAvailable`` of the machine.
+        cgroup_limit: the tightest memory cgroup limit on the path, or None.
+        cgroup_anon: anonymous memory charged to that cgroup, or None.
+        source: ``"MemAvailable"`` or the cgroup directory that sets the budget.
+    """
+
+    available_bytes: int
+    mem_available: int
+    cgroup_limit: int | None
+    cgroup_anon: int | None
+    source: str
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return _UNLIMITED
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _stat_value(path: Path, key: str) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("MemAvailable missing from /proc/meminfo")
+
+
+def _cgroup_dirs(proc_cgroup: Path, root: Path) -> list[tuple[Path, str]]:
+    """Directories of this process's memory cgroup and its ancestors, with their version."""
+    out: list[tuple[Path, str]] = []
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            base, version = root / "memory", "v1"
+        elif controllers == "" and (root / "cgroup.controllers").exists():
+            base, version = root, "v2"
+        else:
+            continue
+        rel_path = Path(rel.lstrip("/"))
+        # Inside a cgroup namespace the mount may already be the process's own cgroup.
+        start = base / rel_path if (base / rel_path).exists() else base
+        d = start
+        while True:
+            out.append((d, version))
+            if d == base:
+                break
+            d = d.parent
+    return out
+
+
+def memory_budget(
+    *, proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_root: Path = _CGROUP_ROOT,
+    meminfo: Path = Path("/proc/meminfo"),
+) -> MemoryBudget:  # fmt: skip
+    """Measure the page cache this process can use (see the module's docstring).
+
+    Args:
+        proc_cgroup: the process's cgroup file (tests pass a fake tree).
+        cgroup_root: where cgroup filesystems are mounted.
+        meminfo: the meminfo file.
+
+    Returns:
+        A `MemoryBudget`.
+
+    Example:
+        >>> memory_budget().available_bytes > 0
+        True
+    """
+    avail = _mem_available(meminfo)
+    best = MemoryBudget(avail, avail, None, None, "MemAvailable")
+    for d, version in _cgroup_dirs(proc_cgroup, cgroup_root):
+        if version == "v1":
+            limit = _read_int(d / "memory.limit_in_bytes")
+            anon = _stat_value(d / "memory.stat", "rss")
+        else:
+            limit = _read_int(d / "memory.max")
+            anon = _stat_value(d / "memory.stat", "anon")
+        if limit is None or limit >= _UNLIMITED or limit >= 1 << 62:
+            continue
+        room = max(0, limit - (anon or 0))
+        if room < best.available_bytes:
+            best = MemoryBudget(room, avail, limit, anon, str(d))
+    return best
+
+
+def auto_window(
+    total_bytes: int, *, budget: MemoryBudget | None = None, min_bytes: int = 0
+) -> tuple[int | None, str]:
+    """Choose the window for a checkpoint of `total_bytes`: None when it fits comfortably.
+
+    Args:
+        total_bytes: bytes in the checkpoint (all files, all ranks).
+        budget: the memory budget; measured now when None.
+        min_bytes: the smallest window to return (e.g. two stripe units).
+
+    Returns:
+        ``(window_bytes or None, reason)``; the reason is one human-readable line.
+
+    Example:
+        >>> b = MemoryBudget(10 << 30, 10 << 30, None, None, "MemAvailable")
+        >>> auto_window(4 << 30, budget=b)[0] is None
+        True
+        >>> auto_window(40 << 30, budget=b)[0] == 5 << 30
+        True
+    """
+    b = budget or memory_budget()
+    gib = 1 << 30
+    where = f"{b.available_bytes / gib:.1f} GiB usable ({b.source})"
+    if total_bytes <= FIT_FRACTION * b.available_bytes:
+        return None, f"no window: the checkpoint ({total_bytes / gib:.1f} GiB) fits in {where}"
+    window = max(int(WINDOW_FRACTION * b.available_bytes), min_bytes)
+    return window, (
+        f"window {window / gib:.2f} GiB = {WINDOW_FRACTION:.0%} of {where}: the checkpoint "
+        f"({total_bytes / gib:.1f} GiB) does not fit"
+    )
