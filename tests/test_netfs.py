@@ -21,32 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.netfs import PROFILES, NetFS, _is_mounted, fuse_available, mounted
+from bench.netfs import PROFILES, NetFS, _is_mounted, mounted
+from tests.fuse_support import require_fuse
 
 MiB = 1 << 20
 BIG = 64 * MiB
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _dev_fuse_opens() -> tuple[bool, str]:
-    try:
-        fd = os.open("/dev/fuse", os.O_RDWR)
-    except OSError as exc:
-        return False, f"/dev/fuse cannot be opened: {exc}"
-    os.close(fd)
-    return True, ""
-
-
-def require_fuse() -> None:
-    """Skip when /dev/fuse cannot be opened (fail under CI=true); fail on anything else."""
-    opens, why = _dev_fuse_opens()
-    if not opens:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"FUSE is required in CI: {why}")
-        pytest.skip(why)
-    ok, why = fuse_available()
-    if not ok:
-        pytest.fail(f"/dev/fuse opens but FUSE is not usable: {why}")
 
 
 def _write(path: Path, size: int) -> bytes:
