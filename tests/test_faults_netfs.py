@@ -93,13 +93,13 @@ def test_process_exits_promptly_while_a_worker_is_blocked_in_a_read(backing, tmp
             print(json.dumps([h.progress().in_flight, time.time()]), flush=True)
             """  # the work is done: the interpreter must exit although a read blocks
         )
-        t0 = time.monotonic()
         out = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
             cwd=os.getcwd(),
         )  # fmt: skip
-        elapsed = time.monotonic() - t0
+        exited = time.time()
         fs.unstall()
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout) > 0, "a read was in flight at exit"
-        assert elapsed - 1.0 < 2.0 + 1.5, f"exit took {elapsed - 1.0:.2f} s after the work"
+        in_flight, work_done = json.loads(out.stdout)
+        assert in_flight > 0, "a read was in flight at exit"
+        assert exited - work_done < 2.0, f"exit took {exited - work_done:.2f} s after the work"
