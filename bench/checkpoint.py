@@ -1,0 +1,466 @@
+"""Synthetic safetensors checkpoints shaped like a transformer's, for tests and benchmarks.
+
+`make_checkpoint` writes real safetensors shards (``model-0000X-of-0000N.safetensors``)
+and a Hugging Face ``model.safetensors.index.json``. The same arguments always give the
+same bytes. Data are random bytes (so NaNs occur in float tensors; compare bytes, not
+values), generated at several GB/s and streamed to disk shard by shard, so memory use
+stays at a few MiB whatever the checkpoint size.
+
+Shapes:
+    ``uniform``     shards of equal size.
+    ``skewed``      the first shard `skew` times the size of each other shard.
+    ``single``      one file, ``model.safetensors`` (plus the index).
+    ``many-small``  64 shards (by default) of a mixture-of-experts model: many small tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.units import parse_size as _parse_size
+
+__all__ = [
+    "DTYPES",
+    "SHAPES",
+    "CheckpointInfo",
+    "TensorSpec",
+    "make_checkpoint",
+    "parse_size",
+    "plan_tensors",
+    "write_safetensors",
+]
+
+#: Checkpoint shapes `make_checkpoint` accepts.
+SHAPES: tuple[str, ...] = ("uniform", "skewed", "single", "many-small")
+
+#: dtype name -> (safetensors dtype code, bytes per element).
+DTYPES: dict[str, tuple[str, int]] = {
+    "bf16": ("BF16", 2),
+    "fp16": ("F16", 2),
+    "fp32": ("F32", 4),
+    "fp64": ("F64", 8),
+    "fp8_e4m3": ("F8_E4M3", 1),
+    "fp8_e5m2": ("F8_E5M2", 1),
+    "int8": ("I8", 1),
+    "int16": ("I16", 2),
+    "int32": ("I32", 4),
+    "int64": ("I64", 8),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+}
+
+_DEFAULT_SHARDS = {"uniform": 4, "skewed": 4, "single": 1, "many-small": 64}
+_MOE_EXPERTS = 32
+_CHUNK = 8 << 20  # bytes generated and written per step
+_HEADER_METADATA = {"format": "pt"}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte size such as ``"4GiB"``, ``"256 MiB"``, ``"1.5GB"`` or ``"4096"``.
+
+    The project's one size syntax (`engine.units.parse_size`): KiB, MiB, GiB, TiB (and the
+    bare K, M, G, T) are powers of 1024; KB, MB, GB, TB are powers of 1000;
+    case-insensitive.
+
+    Args:
+        text: the size as text, or an int (returned unchanged).
+
+    Returns:
+        The size in bytes, rounded down to an integer.
+
+    Raises:
+        ValueError: when `text` is not a non-negative size with a known unit.
+
+    Example:
+        >>> parse_size("4GiB"), parse_size("1.5KB"), parse_size("12")
+        (4294967296, 1500, 12)
+    """
+    value = _parse_size(text)
+    if value < 0:
+        raise ValueError(f"size must be >= 0, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a synthetic checkpoint: name, dtype name (a key of DTYPES), shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What `make_checkpoint` wrote.
+
+    Attributes:
+        directory: the checkpoint directory.
+        files: the safetensors shards, sorted by name.
+        total_bytes: the sum of the shards' file sizes (headers included).
+        tensor_count: number of tensors over all shards.
+        shape: the checkpoint shape (one of SHAPES).
+    """
+
+    directory: Path
+    files: list[Path]
+    total_bytes: int
+    tensor_count: int
+    shape: str
+
+    @property
+    def index_path(self) -> Path:
+        """The ``model.safetensors.index.json`` of the checkpoint."""
+        return self.directory / "model.safetensors.index.json"
+
+
+# --------------------------------------------------------------------------------------
+# Model shapes
+
+
+def _round_to(x: float, multiple: int) -> int:
+    return max(multiple, round(x / multiple) * multiple)
+
+
+def _dims(hidden: int, experts: int) -> tuple[int, int, int]:
+    """(attention q/o width, key/value width, MLP intermediate size) for `hidden`."""
+    head_dim = min(128, max(8, hidden // 16))
+    heads = max(1, hidden // head_dim)
+    kv_dim = max(1, heads // 4) * head_dim
+    inter = _round_to(hidden / 2 if experts else hidden * 8 / 3, 8)
+    return heads * head_dim, kv_dim, inter
+
+
+def _body_bytes(hidden: int, layers: int, dtypes: Sequence[str], experts: int) -> int:
+    """Bytes of `_body_specs(...)` plus the final norm, computed without building them."""
+    q_dim, kv_dim, inter = _dims(hidden, experts)
+    b0 = DTYPES[dtypes[0]][1]
+    base = 2 * hidden + experts * hidden  # two norms (+ the router)
+    mat = 2 * q_dim * hidden + 2 * kv_dim * hidden + max(1, experts) * 3 * inter * hidden
+    per_cycle = [DTYPES[d][1] for d in dtypes]
+    mats = sum(mat * per_cycle[layer % len(per_cycle)] for layer in range(layers))
+    return layers * base * b0 + mats + hidden * b0
+
+
+def _body_specs(hidden: int, layers: int, dtypes: Sequence[str], experts: int) -> list[TensorSpec]:
+    """The per-layer tensors of a Llama-like (or, with experts > 0, MoE) decoder."""
+    base = dtypes[0]
+    q_dim, kv_dim, inter = _dims(hidden, experts)
+    out: list[TensorSpec] = []
+    for layer in range(layers):
+        mat = dtypes[layer % len(dtypes)]
+        p = f"model.layers.{layer}."
+        out.append(TensorSpec(p + "input_layernorm.weight", base, (hidden,)))
+        out.append(TensorSpec(p + "self_attn.q_proj.weight", mat, (q_dim, hidden)))
+        out.append(TensorSpec(p + "self_attn.k_proj.weight", mat, (kv_dim, hidden)))
+        out.append(TensorSpec(p + "self_attn.v_proj.weight", mat, (kv_dim, hidden)))
+        out.append(TensorSpec(p + "self_attn.o_proj.weight", mat, (hidden, q_dim)))
+        out.append(TensorSpec(p + "post_attention_layernorm.weight", base, (hidden,)))
+        if experts:
+            out.append(TensorSpec(p + "mlp.gate.weight", base, (experts, hidden)))
+            for e in range(experts):
+                q = f"{p}mlp.experts.{e}."
+                out.append(TensorSpec(q + "gate_proj.weight", mat, (inter, hidden)))
+                out.append(TensorSpec(q + "up_proj.weight", mat, (inter, hidden)))
+                out.append(TensorSpec(q + "down_proj.weight", mat, (hidden, inter)))
+        else:
+            out.append(TensorSpec(p + "mlp.gate_proj.weight", mat, (inter, hidden)))
+            out.append(TensorSpec(p + "mlp.up_proj.weight", mat, (inter, hidden)))
+            out.append(TensorSpec(p + "mlp.down_proj.weight", mat, (hidden, inter)))
+    return out
+
+
+def _model_specs(
+    hidden: int, layers: int, vocab: int, dtypes: Sequence[str], experts: int
+) -> list[TensorSpec]:
+    base = dtypes[0]
+    return [
+        TensorSpec("model.embed_tokens.weight", base, (vocab, hidden)),
+        *_body_specs(hidden, layers, dtypes, experts),
+        TensorSpec("model.norm.weight", base, (hidden,)),
+        TensorSpec("lm_head.weight", base, (vocab, hidden)),
+    ]
+
+
+def plan_tensors(
+    size_bytes: int,
+    *,
+    shape: str = "uniform",
+    shards: int = 4,
+    dtypes: Sequence[str] = ("bf16", "fp16", "fp8_e4m3"),
+) -> list[TensorSpec]:
+    """Choose a transformer's tensors whose data add up to about `size_bytes`.
+
+    The number of layers grows with the size (and with `shards`, so that every shard
+    holds many tensors); the hidden size is the largest that fits, and the vocabulary
+    takes up the rest, so the total lands within one embedding row pair of `size_bytes`.
+
+    Args:
+        size_bytes: target size of all tensor data.
+        shape: one of SHAPES (``many-small`` selects a mixture-of-experts model).
+        shards: number of shards the tensors will be spread over.
+        dtypes: dtype names (keys of DTYPES); layer i's matrices use ``dtypes[i % n]``,
+            embeddings and norms use ``dtypes[0]``.
+
+    Returns:
+        The tensors in model order (embeddings, layers, final norm, lm_head).
+
+    Example:
+        >>> sum(t.nbytes for t in plan_tensors(64 << 20)) / (64 << 20) > 0.98
+        True
+    """
+    experts = _MOE_EXPERTS if shape == "many-small" else 0
+    step = 4 if experts else 16
+    min_vocab = 2 if experts else 4  # vocab >= min_vocab * hidden
+    b0 = DTYPES[dtypes[0]][1]
+    mib = max(1.0, size_bytes / (1 << 20))
+    layers0 = max(2, round(2 * math.log2(mib)))
+    # Enough layers for many tensors per shard: dense 4 layers per shard, MoE >= 24 layers.
+    layers0 = max(layers0, 24, -(-shards // 3)) if experts else max(layers0, 4 * shards)
+
+    def fixed_bytes(h: int, n_layers: int) -> int:
+        return _body_bytes(h, n_layers, dtypes, experts) + 2 * min_vocab * h * h * b0
+
+    def largest_hidden(n_layers: int) -> int:
+        lo, hi = 0, step
+        while fixed_bytes(hi, n_layers) <= size_bytes:
+            lo, hi = hi, hi * 2
+        while hi - lo > step:
+            mid = (lo + hi) // 2 // step * step
+            lo, hi = (mid, hi) if fixed_bytes(mid, n_layers) <= size_bytes else (lo, mid)
+        return lo
+
+    # For each layer count, the largest hidden size that fits; the vocabulary fills the
+    # rest. Keep the layer count that leaves the least to the vocabulary (so that the
+    # embedding stays about the size of a few layers), preferring fewer layers.
+    best: tuple[int, int, int] | None = None  # (leftover, layers, hidden)
+    for n_layers in range(layers0, layers0 + max(1, layers0 // 2)):
+        hidden = largest_hidden(n_layers)
+        if hidden < step:
+            break
+        leftover = size_bytes - fixed_bytes(hidden, n_layers)
+        if best is None or leftover < best[0]:
+            best = (leftover, n_layers, hidden)
+    if best is None:  # tiny sizes: shrink the model until the smallest hidden size fits
+        layers, hidden = layers0, step
+        while layers > 1 and fixed_bytes(hidden, layers) > size_bytes:
+            layers -= 1
+    else:
+        _, layers, hidden = best
+    vocab = max(1, (size_bytes - _body_bytes(hidden, layers, dtypes, experts)) // (2 * hidden * b0))
+    return _model_specs(hidden, layers, vocab, dtypes, experts)
+
+
+# --------------------------------------------------------------------------------------
+# Sharding and writing
+
+
+def _assign_shards(specs: Sequence[TensorSpec], weights: Sequence[float]) -> list[int]:
+    """Shard index of each tensor, so that shard sizes follow `weights` (in model order).
+
+    Each shard's target is recomputed from the bytes still unassigned, so one tensor
+    larger than a shard makes that shard large without starving the next ones.
+    """
+    n = len(weights)
+    if len(specs) < n:
+        raise ValueError(f"{len(specs)} tensors cannot fill {n} shards; use a larger size")
+    remaining = sum(s.nbytes for s in specs)
+    out: list[int] = []
+    k, in_shard, filled = 0, 0, 0
+    target = remaining * weights[0] / sum(weights)
+    for i, spec in enumerate(specs):
+        tensors_left = len(specs) - i
+        if (
+            k < n - 1
+            and in_shard
+            and (filled + spec.nbytes / 2 >= target or tensors_left <= n - 1 - k)
+        ):
+            k, in_shard, filled = k + 1, 0, 0
+            target = remaining * weights[k] / sum(weights[k:])
+        out.append(k)
+        in_shard += 1
+        filled += spec.nbytes
+        remaining -= spec.nbytes
+    return out
+
+
+def _header_bytes(
+    specs: Sequence[TensorSpec], metadata: dict[str, str] | None
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """The safetensors header (length prefix included) and each tensor's data range."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    for s in specs:
+        end = offset + s.nbytes
+        header[s.name] = {
+            "dtype": DTYPES[s.dtype][0],
+            "shape": list(s.shape),
+            "data_offsets": [offset, end],
+        }
+        ranges.append((offset, end))
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # as safetensors does: data start 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, ranges
+
+
+def _random_chunks(rng: np.random.Generator, nbytes: int) -> Iterator[np.ndarray]:
+    """Yield uint8 arrays of random bytes, `_CHUNK` at a time, `nbytes` in all."""
+    done = 0
+    while done < nbytes:
+        n = min(_CHUNK, nbytes - done)
+        words = rng.bit_generator.random_raw(-(-n // 8))
+        yield words.view(np.uint8)[:n]
+        done += n
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    specs: Sequence[TensorSpec],
+    *,
+    seed: int | Sequence[int] = 0,
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write one safetensors file of random data for `specs`, streaming; return its size.
+
+    Tensors are stored in the order given. Bool tensors hold only 0 and 1.
+
+    Args:
+        path: the file to write (replaced atomically).
+        specs: the tensors, names unique.
+        seed: seed of the random data (an int or a sequence of ints).
+        metadata: the header's ``__metadata__`` string map, or None for none.
+
+    Returns:
+        The size of the written file in bytes.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+        >>> write_safetensors(p, [TensorSpec("w", "bf16", (4, 4))]) > 32
+        True
+    """
+    header, ranges = _header_bytes(specs, metadata)
+    data_len = ranges[-1][1] if ranges else 0
+    bool_ranges = [
+        r for s, r in zip(specs, ranges, strict=True) if s.dtype == "bool" and r[1] > r[0]
+    ]
+    rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed)))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        pos = 0
+        for chunk in _random_chunks(rng, data_len):
+            end = pos + len(chunk)
+            for lo, hi in bool_ranges:
+                a, b = max(lo, pos), min(hi, end)
+                if a < b:
+                    chunk[a - pos : b - pos] &= 1
+            f.write(chunk)
+            pos = end
+    os.replace(tmp, path)
+    return len(header) + data_len
+
+
+def make_checkpoint(
+    out_dir: str | os.PathLike[str],
+    *,
+    size_bytes: int = 256 << 20,
+    shards: int | None = None,
+    shape: str = "uniform",
+    dtypes: Sequence[str] = ("bf16", "fp16", "fp8_e4m3"),
+    seed: int = 0,
+    skew: float = 4.0,
+) -> CheckpointInfo:
+    """Write a deterministic synthetic safetensors checkpoint shaped like a transformer.
+
+    Args:
+        out_dir: directory to write into (created if missing; existing shard files of
+            the same names are replaced).
+        size_bytes: target total size of tensor data; the result is within a fraction
+            of a percent of it for sizes of a few MiB and more.
+        shards: number of shard files; default 4 (``uniform``/``skewed``),
+            64 (``many-small``); ``single`` always writes one file.
+        shape: ``uniform``, ``skewed``, ``single`` or ``many-small`` (see module doc).
+        dtypes: dtype names for the tensors (keys of DTYPES).
+        seed: seed of the tensor data; same arguments, same bytes.
+        skew: for ``skewed``, how many times larger the first shard is than the others.
+
+    Returns:
+        A CheckpointInfo describing the files written.
+
+    Example:
+        >>> import tempfile
+        >>> info = make_checkpoint(tempfile.mkdtemp(), size_bytes=8 << 20, shards=2)
+        >>> [p.name for p in info.files]
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
+    dtypes = tuple(dtypes)
+    if not dtypes:
+        raise ValueError("dtypes must name at least one dtype")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}; valid dtypes: {', '.join(DTYPES)}")
+    size_bytes = parse_size(size_bytes)
+    if size_bytes < 1:
+        raise ValueError(f"size_bytes must be >= 1, got {size_bytes}")
+    n = 1 if shape == "single" else (shards if shards is not None else _DEFAULT_SHARDS[shape])
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"shards must be an integer >= 1, got {shards!r}")
+    if shape == "skewed" and not skew > 0:
+        raise ValueError(f"skew must be > 0, got {skew!r}")
+
+    specs = plan_tensors(size_bytes, shape=shape, shards=n, dtypes=dtypes)
+    weights = [float(skew)] + [1.0] * (n - 1) if shape == "skewed" else [1.0] * n
+    owner = _assign_shards(specs, weights)
+
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = (
+        ["model.safetensors"]
+        if shape == "single"
+        else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    )
+    files: list[Path] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, name in enumerate(names):
+        mine = [s for s, o in zip(specs, owner, strict=True) if o == k]
+        path = directory / name
+        total += write_safetensors(path, mine, seed=(seed, k), metadata=_HEADER_METADATA)
+        files.append(path)
+        weight_map.update((s.name, name) for s in mine)
+
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in specs)},
+        "weight_map": weight_map,
+    }
+    index_tmp = directory / "model.safetensors.index.json.tmp"
+    index_tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(index_tmp, directory / "model.safetensors.index.json")
+    return CheckpointInfo(
+        directory=directory,
+        files=sorted(files),
+        total_bytes=total,
+        tensor_count=len(specs),
+        shape=shape,
+    )

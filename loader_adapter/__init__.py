@@ -1,0 +1,42 @@
+"""loader_adapter: a safetensors weights iterator with a cooperative page-cache prefetch.
+
+Example:
+    >>> from loader_adapter import safetensors_weights_iterator
+    >>> for name, tensor in safetensors_weights_iterator("/ckpt", prefetch="auto"):
+    ...     params[name].copy_(tensor)  # doctest: +SKIP
+"""
+
+from loader_adapter.args import add_prefetch_args, parse_window, prefetch_options_from_args
+from loader_adapter.discovery import HOST_ID_ENV, LocalRank, discover_local_rank, host_identity
+from loader_adapter.files import expand_checkpoint_files
+from loader_adapter.fsdetect import AutoDecision, decide_auto, filesystem_type
+from loader_adapter.iterator import (
+    PrefetchMode,
+    WeightsIterator,
+    load_state_dict,
+    safetensors_weights_iterator,
+    tensor_order,
+)
+
+__all__ = [
+    # loading
+    "PrefetchMode",
+    "WeightsIterator",
+    "load_state_dict",
+    "safetensors_weights_iterator",
+    # serving-engine flags
+    "add_prefetch_args",
+    "parse_window",
+    "prefetch_options_from_args",
+    # rank discovery
+    "HOST_ID_ENV",
+    "LocalRank",
+    "discover_local_rank",
+    "host_identity",
+    # files and filesystems
+    "AutoDecision",
+    "decide_auto",
+    "expand_checkpoint_files",
+    "filesystem_type",
+    "tensor_order",
+]
