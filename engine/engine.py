@@ -344,6 +344,7 @@ class Prefetcher:
         self._last_progress = 0.0
         self._progress_cb = options.progress
         self._window: int | None = None
+        self._pool: DaemonPool | None = None
 
     # ----------------------------------------------------------------- progress
     def progress(self) -> Progress:
@@ -404,7 +405,7 @@ class Prefetcher:
         """
         self._t0 = time.monotonic()
         opt = self.opt
-        pool = DaemonPool(opt.concurrency)
+        pool = self._pool = DaemonPool(opt.concurrency)
         loop_cpu0 = time.thread_time()
         files: dict[str, _File] = {}
         pending: collections.deque[Extent] = collections.deque()
@@ -470,6 +471,17 @@ class Prefetcher:
             self.report = self._make_report(pool, time.thread_time() - loop_cpu0, cancelled)
             self._emit_progress(force=True)
         return self.report
+
+    def join_workers(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the worker threads to end; True when they have.
+
+        Call after `run` has returned: a worker blocked on a stalled server is abandoned.
+        """
+        pool = self._pool
+        if pool is None:
+            return True
+        pool.shutdown(wait_s=timeout)
+        return pool.alive() == 0
 
     def _resolve_window(self, checkpoint_bytes: int) -> int | None:
         """The window in bytes: as given, or chosen from the memory budget for "auto"."""

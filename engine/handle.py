@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -119,6 +120,7 @@ class PrefetchHandle:
         Returns:
             The partial report, or None if the loop thread did not end in time.
         """
+        t0 = time.monotonic()
         if not self.done:
             try:
                 self._loop.call_soon_threadsafe(self._task.cancel)
@@ -127,6 +129,8 @@ class PrefetchHandle:
             self._done.wait(CANCEL_WAIT_S)
         if self.done:
             self._thread.join(0.1)
+            # Workers finish their current read and exit; wait for them within the budget.
+            self._prefetcher.join_workers(max(0.0, CANCEL_WAIT_S - (time.monotonic() - t0)))
         return self.report
 
     def advance(self, nbytes: int) -> None:
