@@ -1,0 +1,464 @@
+"""``ckpt-prefetch-bench``: measure checkpoint loading with and without prefetch.
+
+Commands::
+
+    ckpt-prefetch-bench run [--quick | --full] [options]   run a suite (default: --quick)
+    ckpt-prefetch-bench make DIR --size 4GiB --shards 8     write a synthetic checkpoint
+    ckpt-prefetch-bench show RESULTS.json [--plot PNG]      print a stored run again
+    ckpt-prefetch-bench compare A.json B.json               ratios of B to A
+
+The CLI owns the terminal: the progress bar goes to stderr (plain lines when stderr is
+not a terminal, as in CI), the table to stdout, library modules only log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("bench.cli")
+
+_EPILOG_RUN = """\
+suites:
+  --quick (default)  512 MiB checkpoints (uniform, skewed, single), simulated slow-nfs,
+                     4 ranks, configurations none / sglang / ours, 3 repeats, plus the
+                     floor (raw cold read), fio and the hot-cache load. About 2.5 minutes
+                     on a 2-core machine, making the checkpoints included (they are
+                     reused from --workdir afterwards).
+  --full             about 2-3 hours (estimated; 1595 steps, see run --full --dry-run):
+                     'cold' = local disk and every netfs profile x ranks 1,2,4,8 x
+                     shapes uniform, skewed, single, many-small x none, sglang, ours,
+                     ours-files (2 GiB); 'sweep' = slow-nfs, 4 ranks, uniform,
+                     concurrency 1/2/4/8 x chunk 16/64 MiB; 'bigger-than-memory' =
+                     slow-nfs, 4 ranks, 3 GiB in a 1 GiB memory cgroup, none / sglang /
+                     ours-window / ours-nowindow.
+  Flags given explicitly replace the suite's values: --fs, --ranks, --shapes in every
+  scenario; --configs and --size in the 'cold' scenario.
+
+configurations (--configs, comma separated):
+  none          safe_open + get_tensor in keys() order: mmap page faults, no prefetch
+  sglang        SGLang-style: sorted(files)[rank::world], 4 threads of 16 MiB read()
+                in a daemon thread, loading at once beside it
+  ours          loader_adapter.safetensors_weights_iterator(prefetch=True), defaults
+  ours-files    ours with strategy=files (file round-robin, for comparison)
+  ours-c1-64m   ours with concurrency=1, chunk 64 MiB (any ours-c<N>-<MB>m)
+  ours-<backend>, ours-window, ours-nowindow, ours-noprefetch
+  ours:backend=pread,concurrency=2,chunk_mb=32,window=auto   (any options)
+  sglang:threads=8,block_mb=32                                (any options)
+
+measurement: cold cache (evicted and checked < 1% resident), rank processes started
+fresh and released together, done when the last rank has copied every tensor into its
+own memory; a checksum of all tensors must agree across configurations and ranks.
+
+filesystems (--fs): local, fast-nfs, slow-nfs, lustre-like, local-fuse (the netfs
+profiles are simulations through FUSE; without FUSE they fall back to local disk with
+a warning).
+
+exit status: 0 ok, 1 error, 2 usage, 3 checksum mismatch (different tensors).
+"""
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(p) for p in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+    if not out or any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return out
+
+
+def _size(text: str) -> int:
+    from bench.checkpoint import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _configs(text: str) -> list[str]:
+    from bench.worker import parse_config
+
+    out = _csv(text)
+    for c in out:
+        try:
+            parse_config(c)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ckpt-prefetch-bench",
+        description="Measure how fast N rank processes load a safetensors checkpoint from a "
+                    "(simulated) network filesystem: no prefetch, the SGLang-style prefetch, "
+                    "and ckpt-prefetch, against the physical floor.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with:  ckpt-prefetch-bench run     (the quick suite, < 3 minutes)",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log more (-v: INFO, -vv: DEBUG) to stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a benchmark suite (default: --quick)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_EPILOG_RUN,
+                       description="Run a benchmark suite and print a table; write JSON and "
+                                   "a PNG plot.")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="the quick suite (default): under 3 minutes")
+    mode.add_argument("--full", action="store_true",
+                      help="the full suite (about 2-3 hours, see below)")
+    r.add_argument("--fs", type=_csv, metavar="LIST",
+                   help="filesystems: local and/or netfs profiles "
+                        "(fast-nfs, slow-nfs, lustre-like, local-fuse); quick: slow-nfs")
+    r.add_argument("--ranks", type=_ints, metavar="LIST",
+                   help="rank counts, e.g. 1,4 (quick: 4)")
+    r.add_argument("--shapes", type=_csv, metavar="LIST",
+                   help="checkpoint shapes: uniform, skewed, single, many-small "
+                        "(quick: uniform,skewed,single)")
+    r.add_argument("--size", type=_size, metavar="SIZE",
+                   help="checkpoint size, e.g. 1GiB (quick: 512MiB, full: 2GiB)")
+    r.add_argument("--shards", type=int, default=8, metavar="N",
+                   help="shards of uniform and skewed checkpoints (default 8; single has 1, "
+                        "many-small 64)")
+    r.add_argument("--skew", type=float, default=4.0, metavar="X",
+                   help="first shard of a skewed checkpoint is X times the others (default 4)")
+    r.add_argument("--dtypes", type=_csv, default=["bf16", "fp16", "fp8_e4m3"], metavar="LIST",
+                   help="tensor dtypes (default bf16,fp16,fp8_e4m3)")
+    r.add_argument("--seed", type=int, default=0, help="checkpoint data seed (default 0)")
+    r.add_argument("--configs", type=_configs, metavar="LIST",
+                   help="configurations (see below; quick: none,sglang,ours)")
+    r.add_argument("--scenario", type=_csv, metavar="LIST",
+                   help="scenarios: cold, sweep, bigger-than-memory (quick: cold; full: all)")
+    r.add_argument("--memory-limit", type=_size, default=1 << 30, metavar="SIZE",
+                   help="memory cgroup limit of the bigger-than-memory scenario (default 1GiB)")
+    r.add_argument("--btm-size", type=_size, default=3 << 30, metavar="SIZE",
+                   help="checkpoint size of the bigger-than-memory scenario (default 3GiB)")
+    r.add_argument("--repeats", type=int, default=3, metavar="N",
+                   help="samples per measurement; median and spread (default 3)")
+    r.add_argument("--warmup", type=int, default=1, metavar="N",
+                   help="untimed cold raw reads before each group (default 1)")
+    r.add_argument("--no-fio", action="store_true", help="skip the fio floor")
+    r.add_argument("--no-hot", action="store_true", help="skip the hot-cache load")
+    r.add_argument("--launcher", choices=("forkserver", "subprocess"), default="forkserver",
+                   help="how rank processes start: forked from a server that imported torch "
+                        "once (default), or a new interpreter each (slower to start; the "
+                        "timing starts after imports either way)")
+    r.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="longest one measurement may take (default 600 s)")
+    r.add_argument("--workdir", type=Path, metavar="DIR",
+                   help="where checkpoints are made and reused "
+                        "(default ~/.cache/ckpt-prefetch-bench)")
+    r.add_argument("--out", type=Path, default=Path("bench-results"), metavar="DIR",
+                   help="directory for the JSON and PNG (default ./bench-results)")
+    r.add_argument("--json", type=Path, metavar="PATH",
+                   help="results JSON (default DIR/<suite>.json, e.g. bench-results/quick.json;"
+                        " an earlier run of the same suite is replaced: give --json to keep "
+                        "both for compare)")
+    r.add_argument("--plot", type=Path, metavar="PATH",
+                   help="plot PNG (default: the JSON's path with .png, e.g. "
+                        "bench-results/quick.png)")
+    r.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the suite's scenarios and number of measurements, run nothing")
+
+    m = sub.add_parser("make", help="write a synthetic safetensors checkpoint",
+                       description="Write a deterministic synthetic checkpoint (shards plus "
+                                   "model.safetensors.index.json).")
+    m.add_argument("dir", type=Path, help="output directory")
+    m.add_argument("--size", type=_size, default=4 << 30, metavar="SIZE",
+                   help="tensor data size (default 4GiB)")
+    m.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="number of shards (default 8; single: 1; many-small: 64)")
+    m.add_argument("--skew", type=float, default=4.0, metavar="X",
+                   help="skewed: first shard is X times the others (default 4)")
+    m.add_argument("--dtypes", type=_csv, default=["bf16", "fp16", "fp8_e4m3"], metavar="LIST",
+                   help="dtypes (default bf16,fp16,fp8_e4m3)")
+    m.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    m.add_argument("--shape", default="uniform",
+                   choices=("uniform", "skewed", "single", "many-small"),
+                   help="checkpoint shape (default uniform)")
+
+    s = sub.add_parser("show", help="print the table (and plot) of a stored results JSON")
+    s.add_argument("json", type=Path, help="a results JSON")
+    s.add_argument("--plot", type=Path, metavar="PATH", help="also draw the plot to PATH")
+
+    c = sub.add_parser("compare", help="compare two results JSON files (ratios B / A)")
+    c.add_argument("a", type=Path, help="reference results JSON")
+    c.add_argument("b", type=Path, help="results JSON to compare with it")
+    return p
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Any:
+    from bench import run as brun
+
+    base = brun.full_suite() if args.full else brun.quick_suite()
+    scenarios = args.scenario or (["cold", "sweep", "bigger-than-memory"] if args.full
+                                  else ["cold"])
+    known = {"cold", "sweep", "bigger-than-memory"}
+    bad = [s for s in scenarios if s not in known]
+    if bad:
+        raise ValueError(f"unknown scenario(s) {', '.join(bad)}: use {', '.join(sorted(known))}")
+    catalogue = {m.scenario: m for m in brun.full_suite().matrices}
+    catalogue.update({m.scenario: m for m in base.matrices})
+    mats = []
+    for name in scenarios:
+        mat = catalogue[name]
+        repl: dict[str, Any] = {}
+        if args.fs:
+            repl["fs"] = tuple(args.fs)
+        if args.ranks:
+            repl["ranks"] = tuple(args.ranks)
+        if args.shapes:
+            repl["shapes"] = tuple(args.shapes)
+        if name == "cold":
+            if args.configs:
+                repl["configs"] = tuple(args.configs)
+            if args.size:
+                repl["size_bytes"] = args.size
+        if name == "sweep" and args.size:
+            repl["size_bytes"] = args.size
+        if name == "bigger-than-memory":
+            repl["memory_limit_bytes"] = args.memory_limit
+            repl["size_bytes"] = args.btm_size
+        if args.no_fio:
+            repl["fio"] = False
+        if args.no_hot:
+            repl["hot"] = False
+        mats.append(dataclasses.replace(mat, **repl))
+    name = base.name
+    if any(getattr(args, k) for k in ("fs", "ranks", "shapes", "size", "configs", "scenario")):
+        name = f"{name}-custom"
+    return dataclasses.replace(
+        base, name=name, matrices=tuple(mats), repeats=args.repeats, warmup=args.warmup,
+        workdir=args.workdir or brun.default_workdir(), shards=args.shards, skew=args.skew,
+        dtypes=tuple(args.dtypes), seed=args.seed, launcher=args.launcher,
+        timeout_s=args.timeout, argv=tuple(argv),
+    )
+
+
+class _Progress:
+    """A rich progress bar on a terminal, plain lines otherwise (CI logs)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.bar: Any = None
+        self.task: Any = None
+        self.t0 = time.monotonic()
+
+    def __enter__(self) -> _Progress:
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(),
+                                console=Console(file=self.stream), transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("starting", total=None)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, ev: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=ev.total, completed=ev.done,
+                            description=ev.description)
+            if ev.finished:
+                self.bar.console.print(f"  {ev.finished}", highlight=False)
+        elif ev.finished:
+            elapsed = time.monotonic() - self.t0
+            self.stream.write(f"[{ev.done}/{ev.total} {elapsed:5.0f}s] {ev.finished}\n")
+            self.stream.flush()
+
+
+def _stdout_console() -> Any:
+    """A console on stdout; wide when stdout is not a terminal (CI logs, files)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from rich.console import Console
+
+    from bench import report, results
+    from bench.run import BenchError, ChecksumMismatch, run_suite
+
+    suite = _build_suite(args, argv)
+    if args.dry_run:
+        return _dry_run(suite)
+    json_path = args.json or args.out / f"{suite.name}.json"
+    plot_path = args.plot or json_path.with_suffix(".png")
+    err = Console(stderr=True)
+    code = 0
+    try:
+        with _Progress(sys.stderr) as progress:
+            doc = run_suite(suite, progress=progress)
+    except ChecksumMismatch as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        doc, code = exc.document, 3
+    except BenchError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        doc, code = exc.document, 1
+    if doc is None:
+        return code or 1
+    if code:
+        partial = json_path.with_name(json_path.stem + "-partial.json")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        import json
+
+        partial.write_text(json.dumps(doc, indent=1))
+        err.print(f"partial results (not validated) in {partial}")
+        return code
+    # Files first: a closed stdout (``| head``) must not lose a run of minutes.
+    results.save(doc, json_path)
+    plotted = False
+    if not args.no_plot:
+        try:
+            report.plot(doc, plot_path)
+            plotted = True
+        except Exception as exc:  # a plot failure must not lose the results
+            err.print(f"[yellow]warning:[/] plot failed: {exc}", highlight=False)
+    report.print_report(doc, _stdout_console())
+    err.print(f"results: {json_path}", highlight=False)
+    if plotted:
+        err.print(f"plot:    {plot_path}", highlight=False)
+    return 0
+
+
+def _dry_run(suite: Any) -> int:
+    from bench import netfs
+    from bench.run import _count_steps
+
+    fuse_ok, why = netfs.fuse_available()
+    print(f"suite {suite.name}: repeats {suite.repeats}, warm-up {suite.warmup}, "
+          f"workdir {suite.workdir}, launcher {suite.launcher}")
+    for m in suite.matrices:
+        limit = f", memory limit {m.memory_limit_bytes >> 20} MiB" if m.memory_limit_bytes else ""
+        print(f"  {m.scenario}: fs {','.join(m.fs)} x ranks {','.join(map(str, m.ranks))} x "
+              f"shapes {','.join(m.shapes)} x configs {','.join(m.configs)}, "
+              f"{m.size_bytes >> 20} MiB{limit}")
+    print(f"{_count_steps(suite, fuse_ok)} steps (loads, floors, warm-ups, checkpoints)"
+          + ("" if fuse_ok else f"; FUSE unavailable ({why}): netfs runs on local disk"))
+    return 0
+
+
+def _cmd_make(args: argparse.Namespace) -> int:
+    from bench.checkpoint import make_checkpoint
+
+    t0 = time.monotonic()
+    shards = args.shards
+    if shards is None and args.shape != "many-small":
+        shards = 8
+    info = make_checkpoint(args.dir, size_bytes=args.size, shards=shards, shape=args.shape,
+                           dtypes=tuple(args.dtypes), seed=args.seed, skew=args.skew)
+    dt = time.monotonic() - t0
+    print(f"{info.directory}: {len(info.files)} files, {info.total_bytes / (1 << 20):.1f} MiB, "
+          f"{info.tensor_count} tensors ({info.shape}), written in {dt:.1f} s")
+    for f in info.files:
+        print(f"  {f.name}  {os.path.getsize(f) / (1 << 20):.1f} MiB")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+
+    from bench import report, results
+
+    doc = results.load(args.json)
+    report.print_report(doc, _stdout_console())
+    if args.plot:
+        report.plot(doc, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+
+    from bench import report, results
+
+    a, b = results.load(args.a), results.load(args.b)
+    _stdout_console().print(report.compare_table(a, b, names=(args.a.stem, args.b.stem)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ckpt-prefetch-bench``.
+
+    Args:
+        argv: arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 ok, 1 error, 2 usage, 3 checksum mismatch.
+
+    Example:
+        >>> main(["compare", "a.json", "b.json"])  # doctest: +SKIP
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v", "-vv",
+                                                               "--verbose")):
+        argv = ["run", *argv]
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args([*argv, "run"])
+    logging.basicConfig(
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(2, args.verbose)],
+        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+    )
+    commands: dict[str, Callable[[], int]] = {
+        "run": lambda: _cmd_run(args, argv),
+        "make": lambda: _cmd_make(args),
+        "show": lambda: _cmd_show(args),
+        "compare": lambda: _cmd_compare(args),
+    }
+    try:
+        return commands[args.command]()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from bench.results import ResultsError
+
+        if isinstance(exc, ResultsError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""The physical floor: how fast the storage can hand over the checkpoint's bytes at all.
+
+Three reference figures appear in every report, next to the configurations:
+
+``floor:raw``  (the floor; every "/floor" ratio divides by it)
+    The same files, cold, read by W processes (W = the rank count of the row) x 4
+    threads with ``os.preadv`` into one reused 16 MiB buffer per thread, no parsing:
+    the files are cut into 16 MiB pieces, piece i goes to process i mod W, and each
+    byte is read once. It runs through the same machinery as a load (fresh processes,
+    cold cache, release together), see `raw_read_share`.
+``floor:fio``
+    ``fio`` (when installed) reading the same cold files once with io_uring, queue depth
+    32, 1 MiB buffered reads: the device's (or mount's) sequential-read limit.
+``hot``
+    The ``none`` load with every byte already in the page cache: the parse + copy cost
+    that no prefetch can remove.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["FIO_AVAILABLE", "fio_read", "raw_pieces", "raw_read_share"]
+
+log = logging.getLogger(__name__)
+
+#: Whether the ``fio`` binary is on PATH.
+FIO_AVAILABLE = shutil.which("fio") is not None
+
+
+def raw_pieces(
+    sizes: Sequence[tuple[str, int]], rank: int, world: int, chunk_bytes: int = 16 << 20
+) -> list[tuple[str, int, int]]:
+    """The (path, offset, length) pieces raw reader `rank` of `world` reads.
+
+    Files are taken in the given order and cut into `chunk_bytes` pieces (a file's last
+    piece may be shorter); piece i, counted over all files, belongs to rank i mod world.
+
+    Args:
+        sizes: (path, size) of every file.
+        rank: this reader, 0 <= rank < world.
+        world: number of reader processes.
+        chunk_bytes: piece size.
+
+    Returns:
+        This rank's pieces in file order.
+
+    Example:
+        >>> raw_pieces([("a", 10), ("b", 5)], 1, 2, chunk_bytes=4)
+        [('a', 4, 4), ('b', 0, 4)]
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank} world={world}")
+    if chunk_bytes < 1:
+        raise ValueError("chunk_bytes must be >= 1")
+    out: list[tuple[str, int, int]] = []
+    i = 0
+    for path, size in sizes:
+        for off in range(0, size, chunk_bytes):
+            if i % world == rank:
+                out.append((path, off, min(chunk_bytes, size - off)))
+            i += 1
+    return out
+
+
+def raw_read_share(
+    files: Sequence[str | os.PathLike[str]],
+    rank: int,
+    world: int,
+    *,
+    threads: int = 4,
+    chunk_bytes: int = 16 << 20,
+) -> int:
+    """Read this rank's share of the files with `threads` threads, no parsing.
+
+    Each thread reads whole pieces (see `raw_pieces`, files sorted) with ``os.preadv``
+    into its own reused buffer.
+
+    Args:
+        files: the checkpoint files.
+        rank: this reader, 0 <= rank < world.
+        world: number of reader processes.
+        threads: reader threads in this process.
+        chunk_bytes: piece size and buffer size.
+
+    Returns:
+        The bytes read.
+
+    Raises:
+        OSError: the first read error (the floor must read every byte).
+
+    Example:
+        >>> raw_read_share(["model.safetensors"], 0, 1)  # doctest: +SKIP
+        1073741824
+    """
+    paths = sorted(os.fspath(f) for f in files)
+    fds = {p: os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths}
+    try:
+        sizes = [(p, os.fstat(fds[p]).st_size) for p in paths]
+        pieces = raw_pieces(sizes, rank, world, chunk_bytes)
+        lock = threading.Lock()
+        state = {"next": 0, "bytes": 0}
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            buf = bytearray(chunk_bytes)
+            view = memoryview(buf)
+            got = 0
+            try:
+                while True:
+                    with lock:
+                        k = state["next"]
+                        state["next"] = k + 1
+                    if k >= len(pieces) or errors:
+                        break
+                    path, off, length = pieces[k]
+                    done = 0
+                    while done < length:
+                        n = os.preadv(fds[path], [view[: length - done]], off + done)
+                        if n == 0:
+                            break
+                        done += n
+                    got += done
+            except BaseException as exc:  # reported by the caller
+                errors.append(exc)
+            with lock:
+                state["bytes"] += got
+
+        workers = [
+            threading.Thread(target=reader, name=f"raw-{i}", daemon=True)
+            for i in range(max(1, threads))
+        ]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        if errors:
+            raise errors[0]
+        return state["bytes"]
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _fio_filename(paths: Sequence[str]) -> str:
+    # fio separates file names with ':'; a literal ':' in a name is written '\:'.
+    return ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in paths)
+
+
+def fio_read(
+    files: Sequence[str | os.PathLike[str]],
+    *,
+    iodepth: int = 32,
+    block: str = "1M",
+    ioengine: str = "io_uring",
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Read the files once with fio (buffered, sequential) and return time and bytes.
+
+    The caller makes the files cold first. fio's own ``invalidate`` is left on.
+
+    Args:
+        files: the files to read.
+        iodepth: queue depth.
+        block: block size (fio syntax).
+        ioengine: fio's I/O engine; ``psync`` is tried when `ioengine` fails.
+        timeout: seconds before fio is killed.
+
+    Returns:
+        ``{"seconds", "bytes", "ioengine", "command"}``; seconds is the wall time of the
+        fio process (startup included, about 10 ms), bytes what fio reports as read.
+
+    Raises:
+        RuntimeError: when fio is missing or fails with every engine tried.
+
+    Example:
+        >>> fio_read(["model.safetensors"])["bytes"]  # doctest: +SKIP
+        1073741824
+    """
+    if not FIO_AVAILABLE:
+        raise RuntimeError("fio is not installed")
+    paths = sorted(os.fspath(f) for f in files)
+    last_error = ""
+    for engine in dict.fromkeys((ioengine, "psync")):
+        cmd = [
+            "fio",
+            "--name=floor",
+            f"--ioengine={engine}",
+            f"--iodepth={iodepth}",
+            f"--bs={block}",
+            "--direct=0",
+            "--rw=read",
+            "--numjobs=1",
+            f"--filename={_fio_filename(paths)}",
+            "--output-format=json",
+        ]
+        t0 = time.monotonic()
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            last_error = f"fio timed out after {timeout:.0f} s"
+            continue
+        seconds = time.monotonic() - t0
+        if out.returncode != 0:
+            last_error = (out.stderr or out.stdout).strip()[-400:]
+            log.info("fio with ioengine=%s failed: %s", engine, last_error)
+            continue
+        try:
+            text = out.stdout[out.stdout.index("{") :]
+            data = json.loads(text)
+            job = data["jobs"][0]["read"]
+            io_bytes = int(job["io_bytes"])
+            runtime_s = float(job.get("runtime", 0)) / 1000.0
+        except (ValueError, KeyError, IndexError) as exc:
+            last_error = f"cannot parse fio output: {exc}"
+            continue
+        return {
+            "seconds": seconds,
+            "fio_runtime_s": runtime_s,
+            "bytes": io_bytes,
+            "ioengine": engine,
+            "command": " ".join(cmd),
+        }
+    raise RuntimeError(f"fio failed: {last_error}")

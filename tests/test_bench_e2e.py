@@ -1,0 +1,170 @@
+"""The bench end to end in a reduced size: real rank processes, real loads, real counters.
+
+The quick suite's shape (none / sglang / ours, floor, fio, hot) on a 64 MiB checkpoint
+with 2 ranks and 1 repeat, on local disk and through the simulated network filesystem.
+Assertions are about behaviour and counts (the JSON validates, the checksums agree,
+each byte is served once), never about wall-clock time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fuse_support import require_fuse
+
+from bench import results
+from bench.cli import main
+from bench.run import (
+    BenchError,
+    Matrix,
+    Suite,
+    _ckpt_id,
+    _ForkserverLauncher,
+    _open_fs,
+    _SubprocessLauncher,
+    ensure_checkpoint,
+    run_suite,
+)
+from bench.worker import parse_config
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+CONFIGS = ("none", "sglang", "ours")
+
+pytestmark = pytest.mark.slow
+
+
+def _suite(workdir: Path, fs: tuple[str, ...], **kw: Any) -> Suite:
+    m = Matrix(scenario="cold", fs=fs, ranks=(2,), shapes=("uniform", "single"),
+               configs=kw.pop("configs", CONFIGS), size_bytes=SIZE)
+    return Suite(name="test", matrices=(m,), repeats=1, warmup=1, workdir=workdir, shards=4,
+                 timeout_s=120, **kw)
+
+
+def _check_document(doc: dict[str, Any], fs: str) -> None:
+    results.validate(doc)
+    assert doc["schema_version"] == results.SCHEMA_VERSION
+    assert doc["host"]["cpu_count"] >= 1 and doc["host"]["kernel"]
+    assert set(doc["checkpoints"]) == {_ckpt_id("uniform", SIZE), _ckpt_id("single", SIZE)}
+    for cid, ckpt in doc["checkpoints"].items():
+        mine = [r for r in doc["results"] if r["checkpoint"] == cid and r["fs"] == fs]
+        loads = [r for r in mine if r["kind"] in ("load", "hot")]
+        assert sorted(r["config"] for r in loads) == sorted([*CONFIGS, "hot"])
+        # one checksum for every configuration, every rank, every sample
+        sums = {rk["checksum"] for r in loads for s in r["samples"] for rk in s["ranks"]}
+        assert sums == {ckpt["checksum"]} and ckpt["checksum"]
+        for r in loads:
+            for s in r["samples"]:
+                assert [rk["tensors"] for rk in s["ranks"]] == [ckpt["tensor_count"]] * 2
+                assert s["resident_before"] < 0.01 or r["kind"] == "hot"
+                assert len(s["rank_s"]) == 2 and s["wall_s"] == pytest.approx(max(s["rank_s"]))
+                assert all(rk["bytes_consumed"] > 0.99 * ckpt["total_bytes"]
+                           for rk in s["ranks"])
+        kinds = {r["kind"] for r in mine}
+        assert {"load", "floor-raw", "hot"} <= kinds
+
+
+def test_quick_suite_reduced_local(tmp_path: Path) -> None:
+    doc = run_suite(_suite(tmp_path / "work", ("local",)))
+    _check_document(doc, "local")
+    assert doc["filesystems"]["local"]["kind"] == "local"
+    for r in doc["results"]:
+        if r["kind"] == "hot":  # everything was cached: no storage reads by the ranks
+            assert r["summary"]["bytes_served_ratio"] == 0
+
+
+@pytest.mark.fuse
+def test_quick_suite_reduced_netfs(tmp_path: Path) -> None:
+    require_fuse()
+    doc = run_suite(_suite(tmp_path / "work", ("slow-nfs",)))
+    _check_document(doc, "slow-nfs")
+    for r in doc["results"]:
+        served = r["summary"]["bytes_served_ratio"]
+        if r["kind"] == "hot":
+            assert served == 0
+        elif r["kind"] in ("load", "floor-raw"):
+            # the node reads each byte from storage once, whichever configuration
+            assert 0.999 <= served <= 1.02, (r["config"], served)
+
+
+@pytest.mark.fuse
+def test_cli_run_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    require_fuse()
+    out = tmp_path / "r.json"
+    code = main(["run", "--fs", "slow-nfs", "--ranks", "2", "--shapes", "single", "--size",
+                 "32MiB", "--configs", "none,ours-files,ours-c1-64m", "--repeats", "2",
+                 "--warmup", "0", "--workdir", str(tmp_path / "w"), "--json", str(out),
+                 "--no-fio"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    doc = results.load(out)
+    assert out.with_suffix(".png").exists()
+    assert {r["config"] for r in doc["results"]} == {"none", "ours-files", "ours-c1-64m",
+                                                     "floor:raw", "hot"}
+    assert all(len(r["samples"]) == 2 for r in doc["results"])
+    assert doc["settings"]["argv"][0] == "run"
+    for needle in ("ours-c1-64m", "vs none", "floor:raw", "served"):
+        assert needle in captured.out
+    assert "[" in captured.err  # plain progress lines when stderr is not a terminal
+
+
+def test_subprocess_launcher_gives_the_same_checksum(tmp_path: Path) -> None:
+    ckpt, _ = ensure_checkpoint(tmp_path, shape="uniform", size_bytes=16 * MiB, shards=3)
+    from bench.run import _measure
+
+    sums = []
+    for launcher in (_SubprocessLauncher(), _ForkserverLauncher()):
+        try:
+            with _open_fs("local", ckpt) as fs:
+                s = _measure(launcher, fs, ckpt, parse_config("sglang"), 2, hot=False,
+                             timeout=120, cgroup=None)
+        finally:
+            launcher.close()
+        assert len({r["checksum"] for r in s["ranks"]}) == 1
+        sums.append(s["checksum"])
+    assert sums[0] == sums[1] and sums[0] is not None
+
+
+def test_a_failing_rank_fails_the_measurement_and_the_server_recovers(tmp_path: Path) -> None:
+    ckpt, _ = ensure_checkpoint(tmp_path, shape="single", size_bytes=8 * MiB)
+    from bench.run import _measure
+
+    launcher = _ForkserverLauncher()
+    try:
+        with _open_fs("local", ckpt) as fs:
+            with pytest.raises(BenchError, match="unknown backend"):
+                _measure(launcher, fs, ckpt, parse_config("ours:backend=nope"), 2, hot=False,
+                         timeout=60, cgroup=None)
+            s = _measure(launcher, fs, ckpt, parse_config("none"), 2, hot=False, timeout=60,
+                         cgroup=None)
+            assert s["checksum"]
+    finally:
+        launcher.close()
+
+
+def test_partial_results_are_kept_on_failure(tmp_path: Path) -> None:
+    suite = _suite(tmp_path / "work", ("local",), configs=("none", "ours:backend=nope"))
+    with pytest.raises(BenchError) as exc:
+        run_suite(suite)
+    doc = exc.value.document
+    assert doc is not None and any(r["config"] == "none" or r["kind"] == "floor-raw"
+                                   for r in doc["results"])
+    json.dumps(doc)
+
+
+def test_without_fuse_netfs_falls_back_to_local_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import netfs
+
+    monkeypatch.setattr(netfs, "fuse_available", lambda: (False, "no /dev/fuse here"))
+    m = Matrix(scenario="cold", fs=("slow-nfs", "fast-nfs"), ranks=(1,), shapes=("single",),
+               configs=("none",), size_bytes=8 * MiB, fio=False, hot=False)
+    doc = run_suite(Suite(name="test", matrices=(m,), repeats=1, warmup=0, workdir=tmp_path))
+    assert {r["fs"] for r in doc["results"]} == {"local"}
+    assert any("FUSE is unavailable" in w and "no /dev/fuse here" in w
+               for w in doc["warnings"])
+    assert doc["host"]["fuse"] == {"available": False, "reason": "no /dev/fuse here"}

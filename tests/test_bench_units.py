@@ -1,0 +1,426 @@
+"""The bench's pieces without running a suite: configs, plans, checksums, results, report, CLI.
+
+Nothing here asserts a wall-clock threshold; the stored results document is built in
+the test, so table, plot and compare run on a known input.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench import report, results
+from bench.baselines import SGLangStylePrefetcher, load_plain, load_sglang, sglang_plan
+from bench.cli import main
+from bench.floor import raw_pieces, raw_read_share
+from bench.run import (
+    BenchError,
+    ChecksumMismatch,
+    Matrix,
+    Suite,
+    _ckpt_id,
+    _run_group,
+    block_device,
+    ensure_checkpoint,
+    scan_checkpoint,
+)
+from bench.worker import Config, Consumer, Job, parse_config
+
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------------------
+# Configurations
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "spec"),
+    [
+        ("none", "none", "none"),
+        ("sglang", "sglang", "sglang"),
+        ("ours", "ours", "ours"),
+        ("ours-files", "ours", "ours:strategy=files"),
+        ("ours-c1-64m", "ours", "ours:chunk_mb=64,concurrency=1"),
+        ("ours-pread", "ours", "ours:backend=pread"),
+        ("ours-nowindow", "ours", "ours:window=off"),
+        ("ours:window=auto,backend=pread,concurrency=2,chunk_mb=32",
+         "ours", "ours:backend=pread,chunk_mb=32,concurrency=2,window=auto"),
+        ("sglang:threads=8,block_mb=32", "sglang", "sglang:block_mb=32,threads=8"),
+        ("raw:threads=2", "raw", "raw:threads=2"),
+    ],
+)
+def test_parse_config(text: str, kind: str, spec: str) -> None:
+    cfg = parse_config(text)
+    assert (cfg.name, cfg.kind, cfg.spec) == (text, kind, spec)
+    assert parse_config(cfg.spec).spec == spec  # the canonical form parses to itself
+
+
+@pytest.mark.parametrize(
+    "text", ["", "fast", "none:threads=2", "ours:bogus=1", "ours:concurrency=0",
+             "sglang:threads=x", "ours:chunk_mb=-1", "ours:window=lots", "ours:concurrency"],
+)
+def test_parse_config_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_config(text)
+
+
+def test_loader_options_map_to_engine_names() -> None:
+    cfg = parse_config("ours:chunk_mb=64,concurrency=1,window=off,skip_cached=off")
+    opts = cfg.loader_options()
+    assert opts == {"prefetch": True, "chunk_bytes": 64 * MiB, "concurrency": 1,
+                    "window_bytes": None, "skip_cached": False}
+    assert "window_bytes" not in parse_config("ours:window=auto").loader_options()
+    assert parse_config("ours:window=512MiB").loader_options()["window_bytes"] == 512 * MiB
+    assert parse_config("ours-noprefetch").loader_options()["prefetch"] is False
+
+
+def test_job_roundtrip() -> None:
+    job = Job("ours", ["/a", "/b"], 4, max_tensor_bytes=10, cgroup="/x", checksum=False)
+    assert Job.from_json(job.to_json()) == job
+
+
+# --------------------------------------------------------------------------------------
+# Plans: SGLang-style and the raw floor
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("nfiles", [1, 3, 8, 9])
+def test_sglang_plan_is_sorted_round_robin(world: int, nfiles: int) -> None:
+    files = [f"/ckpt/model-{i:05d}.safetensors" for i in range(nfiles)]
+    shuffled = files[::-1]
+    plans = [sglang_plan(shuffled, r, world) for r in range(world)]
+    assert plans == [sorted(files)[r::world] for r in range(world)]
+    assert sorted(p for plan in plans for p in plan) == sorted(files)
+
+
+def test_sglang_plan_rejects_bad_rank() -> None:
+    with pytest.raises(ValueError):
+        sglang_plan(["a"], 2, 2)
+
+
+def test_sglang_prefetcher_reads_exactly_its_files(make_file: Any) -> None:
+    files = [str(make_file(f"f{i}.bin", (i + 1) * MiB + 17)) for i in range(5)]
+    for rank in range(2):
+        plan = sglang_plan(files, rank, 2)
+        pf = SGLangStylePrefetcher(plan, threads=4, block_bytes=MiB // 2).start()
+        assert pf._thread is not None and pf._thread.daemon
+        pf._thread.join(timeout=30)
+        stats = pf.stats()
+        assert stats["finished"] and not stats["errors"]
+        assert stats["bytes_read"] == sum(os.path.getsize(f) for f in plan)
+        assert stats["files"] == len(plan)
+
+
+def test_sglang_prefetcher_records_errors(tmp_path: Path) -> None:
+    pf = SGLangStylePrefetcher([str(tmp_path / "missing")]).start()
+    assert pf._thread is not None
+    pf._thread.join(timeout=10)
+    assert pf.stats()["errors"] and pf.stats()["bytes_read"] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 100), min_size=1, max_size=6),
+       world=st.integers(1, 6), chunk=st.integers(1, 17))
+def test_raw_pieces_cover_every_byte_once(sizes: list[int], world: int, chunk: int) -> None:
+    files = [(f"f{i}", s) for i, s in enumerate(sizes)]
+    seen: dict[str, list[tuple[int, int]]] = {}
+    for rank in range(world):
+        for path, off, length in raw_pieces(files, rank, world, chunk):
+            assert 0 < length <= chunk
+            seen.setdefault(path, []).append((off, off + length))
+    for path, size in files:
+        spans = sorted(seen.get(path, []))
+        pos = 0
+        for lo, hi in spans:
+            assert lo == pos
+            pos = hi
+        assert pos == size
+
+
+def test_raw_read_share_reads_everything_once(make_file: Any) -> None:
+    files = [str(make_file(f"r{i}.bin", 3 * MiB + i)) for i in range(3)]
+    total = sum(os.path.getsize(f) for f in files)
+    got = sum(raw_read_share(files, r, 3, threads=2, chunk_bytes=MiB) for r in range(3))
+    assert got == total
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and the consumer's checksum
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    work = tmp_path_factory.mktemp("work")
+    ckpt, made = ensure_checkpoint(work, shape="uniform", size_bytes=8 * MiB, shards=3)
+    assert made
+    return ckpt
+
+
+def test_ensure_checkpoint_reuses(small_ckpt: Any) -> None:
+    again, made = ensure_checkpoint(small_ckpt.directory.parent.parent, shape="uniform",
+                                    size_bytes=8 * MiB, shards=3)
+    assert not made and again == small_ckpt
+    count, largest = scan_checkpoint(small_ckpt.files)
+    assert (count, largest) == (small_ckpt.tensor_count, small_ckpt.max_tensor_bytes)
+    assert len(small_ckpt.files) == 3
+
+
+def _checksum(files: list[Path], *, reverse: bool = False, tamper: bool = False) -> str:
+    import torch
+    from safetensors import safe_open
+
+    consumer = Consumer(torch.empty(16, dtype=torch.uint8))  # grows as needed
+    items = []
+    for f in sorted(files):
+        with safe_open(str(f), framework="pt") as h:
+            items += [(n, h.get_tensor(n).clone()) for n in h.keys()]  # noqa: SIM118
+    if reverse:
+        items.reverse()
+    if tamper:
+        name, t = items[-1]
+        t.view(-1).view(torch.uint8)[-1] ^= 1
+    for name, t in items:
+        consumer(name, t)
+    assert consumer.tensors == len(items)
+    assert consumer.checksum is not None
+    return consumer.checksum
+
+
+def test_checksum_is_order_independent_and_catches_a_flipped_bit(small_ckpt: Any) -> None:
+    files = list(small_ckpt.files)
+    a = _checksum(files)
+    assert _checksum(files, reverse=True) == a
+    assert _checksum(files, tamper=True) != a
+
+
+def test_plain_and_sglang_loads_see_the_same_tensors(small_ckpt: Any) -> None:
+    import torch
+
+    names: list[list[str]] = [[], []]
+    c0 = Consumer(torch.empty(small_ckpt.max_tensor_bytes, dtype=torch.uint8))
+    c1 = Consumer(torch.empty(small_ckpt.max_tensor_bytes, dtype=torch.uint8))
+    load_plain(small_ckpt.files, lambda n, t: (names[0].append(n), c0(n, t)))
+    pf = load_sglang(small_ckpt.files, 1, 2, lambda n, t: (names[1].append(n), c1(n, t)))
+    assert pf.files == sorted(str(f) for f in small_ckpt.files)[1::2]
+    assert names[0] == names[1] and len(names[0]) == small_ckpt.tensor_count
+    assert c0.checksum == c1.checksum
+
+
+def test_block_device_of_a_regular_path() -> None:
+    dev = block_device("/")
+    assert dev is None or (Path("/sys/block") / dev / "stat").exists()
+
+
+# --------------------------------------------------------------------------------------
+# The checksum check fails loudly
+
+
+class _FakeLauncher:
+    """Returns made-up rank results: a per-config checksum lets a test inject a mismatch."""
+
+    def __init__(self, checksums: dict[str, str], tensors: int) -> None:
+        self.checksums = checksums
+        self.tensors = tensors
+
+    def run(self, job: Job, world: int, timeout: float) -> tuple[float, list[dict[str, Any]]]:
+        cfg = parse_config(job.config)
+        out = []
+        for rank in range(world):
+            out.append({
+                "rank": rank, "t_release": 0.0, "t_done": 1.0 + rank / 10, "wall_s": 1.0,
+                "cpu_s": 0.5, "peak_rss_bytes": 1 << 20, "peak_anon_bytes": 1 << 20,
+                "bytes_consumed": 1000, "tensors": self.tensors if cfg.kind != "raw" else 0,
+                "checksum": self.checksums.get(cfg.kind) if cfg.kind != "raw" else None,
+                "io_read_bytes": 10, "prefetch": None,
+            })
+        return 100.0, [dict(r, t_done=100.0 + r["t_done"]) for r in out]
+
+    def close(self) -> None:
+        pass
+
+
+def _group(ckpt: Any, checksums: dict[str, str], configs: tuple[str, ...]) -> dict[str, Any]:
+    suite = Suite(name="t", matrices=(), repeats=2, warmup=1, workdir=Path("/nonexistent"))
+    m = Matrix("cold", ("local",), (2,), (ckpt.shape,), configs, 8 * MiB, fio=False)
+    doc = results.new_document(settings={"suite": "t", "repeats": 2, "warmup": 1,
+                                         "launcher": "forkserver"})
+    doc["checkpoints"][_ckpt_id(ckpt.shape, 8 * MiB)] = ckpt.to_json()
+    _run_group(suite, m, ckpt, "local", _FakeLauncher(checksums, ckpt.tensor_count), doc, {},
+               lambda *a, **k: None)
+    return doc
+
+
+def test_run_group_records_samples(small_ckpt: Any) -> None:
+    doc = _group(small_ckpt, {"none": "aa", "sglang": "aa", "ours": "aa"},
+                 ("none", "sglang", "ours"))
+    kinds = sorted((r["kind"], r["config"], len(r["samples"])) for r in doc["results"])
+    assert kinds == [("floor-raw", "floor:raw", 2), ("hot", "hot", 2), ("load", "none", 2),
+                     ("load", "ours", 2), ("load", "sglang", 2)]
+    for r in doc["results"]:
+        assert r["samples"][0]["wall_s"] == pytest.approx(1.1)  # release -> last rank
+        assert r["samples"][0]["rank_s"] == pytest.approx([1.0, 1.1])
+
+
+def test_checksum_mismatch_fails_loudly(small_ckpt: Any) -> None:
+    with pytest.raises(ChecksumMismatch, match=r"CHECKSUM MISMATCH.*sglang"):
+        _group(small_ckpt, {"none": "aa", "sglang": "bb"}, ("none", "sglang"))
+    assert issubclass(ChecksumMismatch, BenchError)
+
+
+# --------------------------------------------------------------------------------------
+# Results, table, plot, compare on a stored document
+
+
+def _sample(wall: float, served: float, checksum: str = "c-1") -> dict[str, Any]:
+    return {
+        "wall_s": wall, "rank_s": [wall * 0.98, wall], "cpu_s": 1.0, "cpu_s_per_gb": 0.5,
+        "bytes_served": int(served * 1024), "bytes_served_ratio": served,
+        "resident_before": 0.0, "checksum": checksum,
+        "ranks": [{"rank": r, "wall_s": wall, "cpu_s": 0.5, "peak_rss_bytes": 300 * MiB,
+                   "peak_anon_bytes": 100 * MiB, "tensors": 1, "checksum": checksum}
+                  for r in range(2)],
+        "detail": None,
+    }
+
+
+def stored_document() -> dict[str, Any]:
+    """A small results document as `run_suite` writes it (two shapes, all kinds)."""
+    doc = results.new_document(settings={"suite": "quick", "repeats": 3, "warmup": 1,
+                                         "launcher": "forkserver"})
+    for shape in ("uniform", "single"):
+        cid = f"{shape}-512MiB"
+        doc["checkpoints"][cid] = {
+            "shape": shape, "total_bytes": 1024, "tensor_count": 1, "max_tensor_bytes": 512,
+            "files": [{"name": "model.safetensors", "size": 1024}], "checksum": "c-1"}
+        for kind, cfg, walls in (("load", "none", (8.0, 8.2, 8.1)),
+                                 ("load", "sglang", (5.0, 5.1, 5.2)),
+                                 ("load", "ours", (4.0, 4.1, 4.9)),
+                                 ("floor-raw", "floor:raw", (3.9, 3.8, 3.9)),
+                                 ("floor-fio", "floor:fio", (3.7,)),
+                                 ("hot", "hot", (1.0, 1.0, 1.1))):
+            samples = [_sample(w, 1.0 if kind != "hot" else 0.0) for w in walls]
+            doc["results"].append({
+                "scenario": "cold", "kind": kind, "fs": "slow-nfs", "shape": shape,
+                "checkpoint": cid, "ranks": 1 if kind == "floor-fio" else 4, "config": cfg,
+                "spec": cfg, "memory_limit_bytes": None, "samples": samples,
+                "summary": results.summarize(samples, total_bytes=1024)})
+    doc["filesystems"]["slow-nfs"] = {"kind": "netfs", "label": "slow-nfs: simulated"}
+    doc["duration_s"] = 12.0
+    return doc
+
+
+def test_stored_document_validates_and_roundtrips(tmp_path: Path) -> None:
+    doc = stored_document()
+    path = results.save(doc, tmp_path / "a.json")
+    assert results.load(path) == json.loads(json.dumps(doc))
+    bad = copy.deepcopy(doc)
+    del bad["results"][0]["summary"]
+    with pytest.raises(results.ResultsError, match="summary"):
+        results.validate(bad)
+    newer = dict(doc, schema_version=99)
+    with pytest.raises(results.ResultsError, match="schema_version"):
+        results.validate(newer)
+
+
+def test_summary_median_spread_unstable() -> None:
+    s = results.summarize([_sample(4.0, 1.0), _sample(4.1, 1.0), _sample(4.9, 1.02)],
+                          total_bytes=1024)
+    assert s["median_s"] == 4.1
+    assert s["spread"] == pytest.approx(0.9 / 4.1)
+    assert s["unstable"] is True
+    assert s["bytes_served_ratio"] == pytest.approx(1.0, abs=0.001)
+    assert s["peak_rss_mib"] == 300
+    one = results.summarize([_sample(4.0, 1.0)], total_bytes=1024)
+    assert one["spread"] == 0 and one["unstable"] is False
+
+
+def test_rows_ratios() -> None:
+    rows = {(r.shape, r.config): r for r in report.rows(stored_document())}
+    ours = rows[("uniform", "ours")]
+    assert ours.vs_none == pytest.approx(8.1 / 4.1)
+    assert ours.vs_sglang == pytest.approx(5.1 / 4.1)
+    assert ours.vs_floor == pytest.approx(4.1 / 3.9)
+    assert ours.unstable
+    assert rows[("uniform", "floor:raw")].vs_floor == 1.0
+    assert rows[("uniform", "floor:fio")].ranks == 4  # shown in the group of its checkpoint
+    order = [r.config for r in report.rows(stored_document()) if r.shape == "single"]
+    assert order == ["none", "sglang", "ours", "floor:raw", "floor:fio", "hot"]
+
+
+def test_table_and_plot(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    doc = stored_document()
+    console = Console(record=True, width=200)
+    report.print_report(doc, console)
+    text = console.export_text()
+    for needle in ("ours", "sglang", "floor:raw", "hot", "vs sglang", "/floor", "served",
+                   "1.98×", "slow-nfs: simulated"):
+        assert needle in text
+    png = report.plot(doc, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare(tmp_path: Path) -> None:
+    a = stored_document()
+    b = copy.deepcopy(a)
+    for r in b["results"]:
+        if r["config"] == "ours":
+            for s in r["samples"]:
+                s["wall_s"] /= 2
+            r["summary"] = results.summarize(r["samples"], total_bytes=1024)
+    b["results"].append(dict(b["results"][0], config="ours-files"))
+    rows, only_a, only_b = results.compare(a, b)
+    by = {(row.key[2], row.key[4]): row for row in rows}
+    assert by[("uniform-512MiB", "ours")].ratio == pytest.approx(0.5)
+    assert by[("uniform-512MiB", "ours")].significant
+    assert by[("uniform-512MiB", "none")].ratio == 1.0
+    assert not by[("uniform-512MiB", "none")].significant
+    assert only_a == [] and len(only_b) == 1
+    pa, pb = results.save(a, tmp_path / "a.json"), results.save(b, tmp_path / "b.json")
+    assert main(["compare", str(pa), str(pb)]) == 0
+    assert main(["show", str(pa), "--plot", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").exists()
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--quick", "--full", "--fs", "--ranks", "--shapes", "--size", "--configs",
+                 "--repeats", "--out", "--json", "--plot", "--workdir", "--launcher",
+                 "--memory-limit", "--scenario", "ours-c1-64m", "sorted(files)[rank::world]"):
+        assert flag in out
+
+
+def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["run", "--configs", "nonsense"], ["run", "--ranks", "0"],
+                 ["run", "--size", "lots"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    assert main(["run", "--fs", "nfs-of-dreams", "--workdir", "/tmp/unused"]) == 1
+    assert "unknown filesystem" in capsys.readouterr().err
+
+
+def test_cli_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make", str(tmp_path / "c"), "--size", "4MiB", "--shards", "2",
+                 "--shape", "skewed", "--skew", "3", "--dtypes", "bf16,fp8_e4m3"]) == 0
+    assert "2 files" in capsys.readouterr().out
+    assert (tmp_path / "c" / "model.safetensors.index.json").exists()
+
+
+def test_config_dataclass_is_hashable() -> None:
+    assert len({parse_config("ours"), parse_config("ours"), Config("x", "none")}) == 2
