@@ -75,8 +75,9 @@ def _ints(text: str) -> list[int]:
     try:
         out = [int(p) for p in _csv(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not out or any(v < 1 for v in out):
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return out
@@ -107,95 +108,210 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ckpt-prefetch-bench",
         description="Measure how fast N rank processes load a safetensors checkpoint from a "
-                    "(simulated) network filesystem: no prefetch, the SGLang-style prefetch, "
-                    "and ckpt-prefetch, against the physical floor.",
+        "(simulated) network filesystem: no prefetch, the SGLang-style prefetch, "
+        "and ckpt-prefetch, against the physical floor.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Start with:  ckpt-prefetch-bench run     (the quick suite, < 3 minutes)",
     )
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log more (-v: INFO, -vv: DEBUG) to stderr")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (-v: INFO, -vv: DEBUG) to stderr",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run a benchmark suite (default: --quick)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_EPILOG_RUN,
-                       description="Run a benchmark suite and print a table; write JSON and "
-                                   "a PNG plot.")
+    r = sub.add_parser(
+        "run",
+        help="run a benchmark suite (default: --quick)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG_RUN,
+        description="Run a benchmark suite and print a table; write JSON and a PNG plot.",
+    )
     mode = r.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true",
-                      help="the quick suite (default): under 3 minutes")
-    mode.add_argument("--full", action="store_true",
-                      help="the full suite (about 2-3 hours, see below)")
-    r.add_argument("--fs", type=_csv, metavar="LIST",
-                   help="filesystems: local and/or netfs profiles "
-                        "(fast-nfs, slow-nfs, lustre-like, local-fuse); quick: slow-nfs")
-    r.add_argument("--ranks", type=_ints, metavar="LIST",
-                   help="rank counts, e.g. 1,4 (quick: 4)")
-    r.add_argument("--shapes", type=_csv, metavar="LIST",
-                   help="checkpoint shapes: uniform, skewed, single, many-small "
-                        "(quick: uniform,skewed,single)")
-    r.add_argument("--size", type=_size, metavar="SIZE",
-                   help="checkpoint size, e.g. 1GiB (quick: 512MiB, full: 2GiB)")
-    r.add_argument("--shards", type=int, default=8, metavar="N",
-                   help="shards of uniform and skewed checkpoints (default 8; single has 1, "
-                        "many-small 64)")
-    r.add_argument("--skew", type=float, default=4.0, metavar="X",
-                   help="first shard of a skewed checkpoint is X times the others (default 4)")
-    r.add_argument("--dtypes", type=_csv, default=["bf16", "fp16", "fp8_e4m3"], metavar="LIST",
-                   help="tensor dtypes (default bf16,fp16,fp8_e4m3)")
+    mode.add_argument(
+        "--quick", action="store_true", help="the quick suite (default): under 3 minutes"
+    )
+    mode.add_argument(
+        "--full", action="store_true", help="the full suite (about 2-3 hours, see below)"
+    )
+    r.add_argument(
+        "--fs",
+        type=_csv,
+        metavar="LIST",
+        help="filesystems: local and/or netfs profiles "
+        "(fast-nfs, slow-nfs, lustre-like, local-fuse); quick: slow-nfs",
+    )
+    r.add_argument("--ranks", type=_ints, metavar="LIST", help="rank counts, e.g. 1,4 (quick: 4)")
+    r.add_argument(
+        "--shapes",
+        type=_csv,
+        metavar="LIST",
+        help="checkpoint shapes: uniform, skewed, single, many-small "
+        "(quick: uniform,skewed,single)",
+    )
+    r.add_argument(
+        "--size",
+        type=_size,
+        metavar="SIZE",
+        help="checkpoint size, e.g. 1GiB (quick: 512MiB, full: 2GiB)",
+    )
+    r.add_argument(
+        "--shards",
+        type=int,
+        default=8,
+        metavar="N",
+        help="shards of uniform and skewed checkpoints (default 8; single has 1, many-small 64)",
+    )
+    r.add_argument(
+        "--skew",
+        type=float,
+        default=4.0,
+        metavar="X",
+        help="first shard of a skewed checkpoint is X times the others (default 4)",
+    )
+    r.add_argument(
+        "--dtypes",
+        type=_csv,
+        default=["bf16", "fp16", "fp8_e4m3"],
+        metavar="LIST",
+        help="tensor dtypes (default bf16,fp16,fp8_e4m3)",
+    )
     r.add_argument("--seed", type=int, default=0, help="checkpoint data seed (default 0)")
-    r.add_argument("--configs", type=_configs, metavar="LIST",
-                   help="configurations (see below; quick: none,sglang,ours)")
-    r.add_argument("--scenario", type=_csv, metavar="LIST",
-                   help="scenarios: cold, sweep, bigger-than-memory (quick: cold; full: all)")
-    r.add_argument("--memory-limit", type=_size, default=1 << 30, metavar="SIZE",
-                   help="memory cgroup limit of the bigger-than-memory scenario (default 1GiB)")
-    r.add_argument("--btm-size", type=_size, default=3 << 30, metavar="SIZE",
-                   help="checkpoint size of the bigger-than-memory scenario (default 3GiB)")
-    r.add_argument("--repeats", type=int, default=3, metavar="N",
-                   help="samples per measurement; median and spread (default 3)")
-    r.add_argument("--warmup", type=int, default=1, metavar="N",
-                   help="untimed cold raw reads before each group (default 1)")
+    r.add_argument(
+        "--configs",
+        type=_configs,
+        metavar="LIST",
+        help="configurations (see below; quick: none,sglang,ours)",
+    )
+    r.add_argument(
+        "--scenario",
+        type=_csv,
+        metavar="LIST",
+        help="scenarios: cold, sweep, bigger-than-memory (quick: cold; full: all)",
+    )
+    r.add_argument(
+        "--memory-limit",
+        type=_size,
+        default=1 << 30,
+        metavar="SIZE",
+        help="memory cgroup limit of the bigger-than-memory scenario (default 1GiB)",
+    )
+    r.add_argument(
+        "--btm-size",
+        type=_size,
+        default=3 << 30,
+        metavar="SIZE",
+        help="checkpoint size of the bigger-than-memory scenario (default 3GiB)",
+    )
+    r.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        metavar="N",
+        help="samples per measurement; median and spread (default 3)",
+    )
+    r.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        metavar="N",
+        help="untimed cold raw reads before each group (default 1)",
+    )
     r.add_argument("--no-fio", action="store_true", help="skip the fio floor")
     r.add_argument("--no-hot", action="store_true", help="skip the hot-cache load")
-    r.add_argument("--launcher", choices=("forkserver", "subprocess"), default="forkserver",
-                   help="how rank processes start: forked from a server that imported torch "
-                        "once (default), or a new interpreter each (slower to start; the "
-                        "timing starts after imports either way)")
-    r.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                   help="longest one measurement may take (default 600 s)")
-    r.add_argument("--workdir", type=Path, metavar="DIR",
-                   help="where checkpoints are made and reused "
-                        "(default ~/.cache/ckpt-prefetch-bench)")
-    r.add_argument("--out", type=Path, default=Path("bench-results"), metavar="DIR",
-                   help="directory for the JSON and PNG (default ./bench-results)")
-    r.add_argument("--json", type=Path, metavar="PATH",
-                   help="results JSON (default DIR/<suite>.json, e.g. bench-results/quick.json;"
-                        " an earlier run of the same suite is replaced: give --json to keep "
-                        "both for compare)")
-    r.add_argument("--plot", type=Path, metavar="PATH",
-                   help="plot PNG (default: the JSON's path with .png, e.g. "
-                        "bench-results/quick.png)")
+    r.add_argument(
+        "--launcher",
+        choices=("forkserver", "subprocess"),
+        default="forkserver",
+        help="how rank processes start: forked from a server that imported torch "
+        "once (default), or a new interpreter each (slower to start; the "
+        "timing starts after imports either way)",
+    )
+    r.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="longest one measurement may take (default 600 s)",
+    )
+    r.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="where checkpoints are made and reused (default ~/.cache/ckpt-prefetch-bench)",
+    )
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        metavar="DIR",
+        help="directory for the JSON and PNG (default ./bench-results)",
+    )
+    r.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="results JSON (default DIR/<suite>.json, e.g. bench-results/quick.json;"
+        " an earlier run of the same suite is replaced: give --json to keep "
+        "both for compare)",
+    )
+    r.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="plot PNG (default: the JSON's path with .png, e.g. bench-results/quick.png)",
+    )
     r.add_argument("--no-plot", action="store_true", help="do not draw the plot")
-    r.add_argument("--dry-run", action="store_true",
-                   help="print the suite's scenarios and number of measurements, run nothing")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the suite's scenarios and number of measurements, run nothing",
+    )
 
-    m = sub.add_parser("make", help="write a synthetic safetensors checkpoint",
-                       description="Write a deterministic synthetic checkpoint (shards plus "
-                                   "model.safetensors.index.json).")
+    m = sub.add_parser(
+        "make",
+        help="write a synthetic safetensors checkpoint",
+        description="Write a deterministic synthetic checkpoint (shards plus "
+        "model.safetensors.index.json).",
+    )
     m.add_argument("dir", type=Path, help="output directory")
-    m.add_argument("--size", type=_size, default=4 << 30, metavar="SIZE",
-                   help="tensor data size (default 4GiB)")
-    m.add_argument("--shards", type=int, default=None, metavar="N",
-                   help="number of shards (default 8; single: 1; many-small: 64)")
-    m.add_argument("--skew", type=float, default=4.0, metavar="X",
-                   help="skewed: first shard is X times the others (default 4)")
-    m.add_argument("--dtypes", type=_csv, default=["bf16", "fp16", "fp8_e4m3"], metavar="LIST",
-                   help="dtypes (default bf16,fp16,fp8_e4m3)")
+    m.add_argument(
+        "--size",
+        type=_size,
+        default=4 << 30,
+        metavar="SIZE",
+        help="tensor data size (default 4GiB)",
+    )
+    m.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of shards (default 8; single: 1; many-small: 64)",
+    )
+    m.add_argument(
+        "--skew",
+        type=float,
+        default=4.0,
+        metavar="X",
+        help="skewed: first shard is X times the others (default 4)",
+    )
+    m.add_argument(
+        "--dtypes",
+        type=_csv,
+        default=["bf16", "fp16", "fp8_e4m3"],
+        metavar="LIST",
+        help="dtypes (default bf16,fp16,fp8_e4m3)",
+    )
     m.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
-    m.add_argument("--shape", default="uniform",
-                   choices=("uniform", "skewed", "single", "many-small"),
-                   help="checkpoint shape (default uniform)")
+    m.add_argument(
+        "--shape",
+        default="uniform",
+        choices=("uniform", "skewed", "single", "many-small"),
+        help="checkpoint shape (default uniform)",
+    )
 
     s = sub.add_parser("show", help="print the table (and plot) of a stored results JSON")
     s.add_argument("json", type=Path, help="a results JSON")
@@ -214,8 +330,9 @@ def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     from bench import run as brun
 
     base = brun.full_suite() if args.full else brun.quick_suite()
-    scenarios = args.scenario or (["cold", "sweep", "bigger-than-memory"] if args.full
-                                  else ["cold"])
+    scenarios = args.scenario or (
+        ["cold", "sweep", "bigger-than-memory"] if args.full else ["cold"]
+    )
     known = {"cold", "sweep", "bigger-than-memory"}
     bad = [s for s in scenarios if s not in known]
     if bad:
@@ -251,10 +368,19 @@ def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     if any(getattr(args, k) for k in ("fs", "ranks", "shapes", "size", "configs", "scenario")):
         name = f"{name}-custom"
     return dataclasses.replace(
-        base, name=name, matrices=tuple(mats), repeats=args.repeats, warmup=args.warmup,
-        workdir=args.workdir or brun.default_workdir(), shards=args.shards, skew=args.skew,
-        dtypes=tuple(args.dtypes), seed=args.seed, launcher=args.launcher,
-        timeout_s=args.timeout, argv=tuple(argv),
+        base,
+        name=name,
+        matrices=tuple(mats),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        workdir=args.workdir or brun.default_workdir(),
+        shards=args.shards,
+        skew=args.skew,
+        dtypes=tuple(args.dtypes),
+        seed=args.seed,
+        launcher=args.launcher,
+        timeout_s=args.timeout,
+        argv=tuple(argv),
     )
 
 
@@ -279,9 +405,14 @@ class _Progress:
                 TimeElapsedColumn,
             )
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), TimeElapsedColumn(),
-                                console=Console(file=self.stream), transient=True)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(file=self.stream),
+                transient=True,
+            )
             self.bar.__enter__()
             self.task = self.bar.add_task("starting", total=None)
         return self
@@ -292,8 +423,9 @@ class _Progress:
 
     def __call__(self, ev: Any) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, total=ev.total, completed=ev.done,
-                            description=ev.description)
+            self.bar.update(
+                self.task, total=ev.total, completed=ev.done, description=ev.description
+            )
             if ev.finished:
                 self.bar.console.print(f"  {ev.finished}", highlight=False)
         elif ev.finished:
@@ -362,15 +494,21 @@ def _dry_run(suite: Any) -> int:
     from bench.run import _count_steps
 
     fuse_ok, why = netfs.fuse_available()
-    print(f"suite {suite.name}: repeats {suite.repeats}, warm-up {suite.warmup}, "
-          f"workdir {suite.workdir}, launcher {suite.launcher}")
+    print(
+        f"suite {suite.name}: repeats {suite.repeats}, warm-up {suite.warmup}, "
+        f"workdir {suite.workdir}, launcher {suite.launcher}"
+    )
     for m in suite.matrices:
         limit = f", memory limit {m.memory_limit_bytes >> 20} MiB" if m.memory_limit_bytes else ""
-        print(f"  {m.scenario}: fs {','.join(m.fs)} x ranks {','.join(map(str, m.ranks))} x "
-              f"shapes {','.join(m.shapes)} x configs {','.join(m.configs)}, "
-              f"{m.size_bytes >> 20} MiB{limit}")
-    print(f"{_count_steps(suite, fuse_ok)} steps (loads, floors, warm-ups, checkpoints)"
-          + ("" if fuse_ok else f"; FUSE unavailable ({why}): netfs runs on local disk"))
+        print(
+            f"  {m.scenario}: fs {','.join(m.fs)} x ranks {','.join(map(str, m.ranks))} x "
+            f"shapes {','.join(m.shapes)} x configs {','.join(m.configs)}, "
+            f"{m.size_bytes >> 20} MiB{limit}"
+        )
+    print(
+        f"{_count_steps(suite, fuse_ok)} steps (loads, floors, warm-ups, checkpoints)"
+        + ("" if fuse_ok else f"; FUSE unavailable ({why}): netfs runs on local disk")
+    )
     return 0
 
 
@@ -381,11 +519,20 @@ def _cmd_make(args: argparse.Namespace) -> int:
     shards = args.shards
     if shards is None and args.shape != "many-small":
         shards = 8
-    info = make_checkpoint(args.dir, size_bytes=args.size, shards=shards, shape=args.shape,
-                           dtypes=tuple(args.dtypes), seed=args.seed, skew=args.skew)
+    info = make_checkpoint(
+        args.dir,
+        size_bytes=args.size,
+        shards=shards,
+        shape=args.shape,
+        dtypes=tuple(args.dtypes),
+        seed=args.seed,
+        skew=args.skew,
+    )
     dt = time.monotonic() - t0
-    print(f"{info.directory}: {len(info.files)} files, {info.total_bytes / (1 << 20):.1f} MiB, "
-          f"{info.tensor_count} tensors ({info.shape}), written in {dt:.1f} s")
+    print(
+        f"{info.directory}: {len(info.files)} files, {info.total_bytes / (1 << 20):.1f} MiB, "
+        f"{info.tensor_count} tensors ({info.shape}), written in {dt:.1f} s"
+    )
     for f in info.files:
         print(f"  {f.name}  {os.path.getsize(f) / (1 << 20):.1f} MiB")
     return 0
@@ -427,15 +574,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v", "-vv",
-                                                               "--verbose")):
+    if not argv or (
+        argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v", "-vv", "--verbose")
+    ):
         argv = ["run", *argv]
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args([*argv, "run"])
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(2, args.verbose)],
-        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     commands: dict[str, Callable[[], int]] = {
         "run": lambda: _cmd_run(args, argv),

@@ -110,24 +110,33 @@ def rows(doc: Mapping[str, Any]) -> list[Row]:
         if f is not None:
             members = [*members, f]
         by_cfg = {m["config"]: m["summary"]["median_s"] for m in members if m["kind"] == "load"}
-        floor = next((m["summary"]["median_s"] for m in members if m["kind"] == "floor-raw"),
-                     None)
+        floor = next((m["summary"]["median_s"] for m in members if m["kind"] == "floor-raw"), None)
         base_none, base_sglang = by_cfg.get("none"), by_cfg.get("sglang")
         for m in sorted(members, key=lambda m: _FLOOR_ORDER.get(m["kind"], 9)):
             s = m["summary"]
             t = s["median_s"]
             is_load = m["kind"] in ("load", "hot")
-            out.append(Row(
-                scenario=m["scenario"], fs=m["fs"], shape=m["shape"], ranks=key[3],
-                config=m["config"], kind=m["kind"], median_s=t, spread=s["spread"],
-                unstable=s["unstable"],
-                vs_none=base_none / t if is_load and base_none and t > 0 else None,
-                vs_sglang=base_sglang / t if is_load and base_sglang and t > 0 else None,
-                vs_floor=t / floor if floor and m["kind"] != "floor-raw" else
-                (1.0 if m["kind"] == "floor-raw" else None),
-                served=s.get("bytes_served_ratio"), cpu_s_per_gb=s.get("cpu_s_per_gb"),
-                rss_mib=s.get("peak_rss_mib"),
-            ))
+            out.append(
+                Row(
+                    scenario=m["scenario"],
+                    fs=m["fs"],
+                    shape=m["shape"],
+                    ranks=key[3],
+                    config=m["config"],
+                    kind=m["kind"],
+                    median_s=t,
+                    spread=s["spread"],
+                    unstable=s["unstable"],
+                    vs_none=base_none / t if is_load and base_none and t > 0 else None,
+                    vs_sglang=base_sglang / t if is_load and base_sglang and t > 0 else None,
+                    vs_floor=t / floor
+                    if floor and m["kind"] != "floor-raw"
+                    else (1.0 if m["kind"] == "floor-raw" else None),
+                    served=s.get("bytes_served_ratio"),
+                    cpu_s_per_gb=s.get("cpu_s_per_gb"),
+                    rss_mib=s.get("peak_rss_mib"),
+                )
+            )
     return out
 
 
@@ -152,14 +161,28 @@ def table(doc: Mapping[str, Any]) -> Any:
     from rich.table import Table
 
     scenarios = {r["scenario"] for r in doc["results"]}
-    t = Table(title=_title(doc), caption=CAPTION, caption_justify="left",
-              show_lines=False, header_style="bold")
+    t = Table(
+        title=_title(doc),
+        caption=CAPTION,
+        caption_justify="left",
+        show_lines=False,
+        header_style="bold",
+    )
     if len(scenarios) > 1:
         t.add_column("scenario")
-    for name, justify in (("config", "left"), ("fs", "left"), ("shape", "left"),
-                          ("ranks", "right"), ("time s", "right"), ("vs none", "right"),
-                          ("vs sglang", "right"), ("/floor", "right"), ("served", "right"),
-                          ("CPU s/GB", "right"), ("RSS MiB", "right")):
+    for name, justify in (
+        ("config", "left"),
+        ("fs", "left"),
+        ("shape", "left"),
+        ("ranks", "right"),
+        ("time s", "right"),
+        ("vs none", "right"),
+        ("vs sglang", "right"),
+        ("/floor", "right"),
+        ("served", "right"),
+        ("CPU s/GB", "right"),
+        ("RSS MiB", "right"),
+    ):
         t.add_column(name, justify=justify, no_wrap=True)
     prev: tuple[str, str, str, int] | None = None
     for r in rows(doc):
@@ -167,15 +190,22 @@ def table(doc: Mapping[str, Any]) -> Any:
         if prev is not None and key != prev:
             t.add_section()
         prev = key
-        style = "dim" if r.kind != "load" else ("bold green" if r.config.startswith("ours")
-                                                 else None)
+        style = (
+            "dim" if r.kind != "load" else ("bold green" if r.config.startswith("ours") else None)
+        )
         flag = "!" if r.unstable else ""
         cells = [
-            r.config, r.fs, r.shape, str(r.ranks),
+            r.config,
+            r.fs,
+            r.shape,
+            str(r.ranks),
             f"{r.median_s:.2f} ±{r.spread:.0%}{flag}",
-            _fmt(r.vs_none, ".2f", "×"), _fmt(r.vs_sglang, ".2f", "×"),
-            _fmt(r.vs_floor, ".2f", "×"), _fmt(r.served, ".2f", "×"),
-            _fmt(r.cpu_s_per_gb, ".3f"), _fmt(r.rss_mib, ".0f"),
+            _fmt(r.vs_none, ".2f", "×"),
+            _fmt(r.vs_sglang, ".2f", "×"),
+            _fmt(r.vs_floor, ".2f", "×"),
+            _fmt(r.served, ".2f", "×"),
+            _fmt(r.cpu_s_per_gb, ".3f"),
+            _fmt(r.rss_mib, ".0f"),
         ]
         if len(scenarios) > 1:
             cells.insert(0, r.scenario)
@@ -187,9 +217,11 @@ def _title(doc: Mapping[str, Any]) -> str:
     host = doc["host"]
     s = doc["settings"]
     mem = host.get("mem_total_bytes", 0) / (1 << 30)
-    return (f"ckpt-prefetch-bench {s.get('suite')} — {host.get('cpu_count')} CPUs, "
-            f"{mem:.0f} GiB, kernel {host.get('kernel')}, repeats {s.get('repeats')}, "
-            f"{doc['created']}")
+    return (
+        f"ckpt-prefetch-bench {s.get('suite')} — {host.get('cpu_count')} CPUs, "
+        f"{mem:.0f} GiB, kernel {host.get('kernel')}, repeats {s.get('repeats')}, "
+        f"{doc['created']}"
+    )
 
 
 def print_report(doc: Mapping[str, Any], console: Any = None) -> None:
@@ -208,7 +240,9 @@ def print_report(doc: Mapping[str, Any], console: Any = None) -> None:
     for cid, c in doc.get("checkpoints", {}).items():
         console.print(
             f"[bold]{cid}[/]: {len(c['files'])} files, {c['total_bytes'] / (1 << 20):.0f} MiB,"
-            f" {c['tensor_count']} tensors, checksum {c.get('checksum')}", highlight=False)
+            f" {c['tensor_count']} tensors, checksum {c.get('checksum')}",
+            highlight=False,
+        )
     if doc.get("duration_s") is not None:
         console.print(f"suite took {doc['duration_s']:.0f} s", highlight=False)
     for w in doc.get("warnings", []):
@@ -242,14 +276,21 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     configs = list(dict.fromkeys(r["config"] for r in results if r["kind"] == "load"))
     if not row_keys or not col_keys:
         raise ValueError("the document has no results to plot")
-    fig, axes = plt.subplots(len(row_keys), len(col_keys), squeeze=False,
-                             figsize=(4.2 * len(col_keys) + 1, 3.4 * len(row_keys) + 0.6))
+    fig, axes = plt.subplots(
+        len(row_keys),
+        len(col_keys),
+        squeeze=False,
+        figsize=(4.2 * len(col_keys) + 1, 3.4 * len(row_keys) + 0.6),
+    )
     cmap = plt.get_cmap("tab10")
     for i, (scen, fs) in enumerate(row_keys):
         for j, ck in enumerate(col_keys):
             ax = axes[i][j]
-            sel = [r for r in results if (r["scenario"], r["fs"]) == (scen, fs)
-                   and r.get("checkpoint", r["shape"]) == ck]
+            sel = [
+                r
+                for r in results
+                if (r["scenario"], r["fs"]) == (scen, fs) and r.get("checkpoint", r["shape"]) == ck
+            ]
             ranks = sorted({int(r["ranks"]) for r in sel})
             if not sel:
                 ax.set_visible(False)
@@ -258,8 +299,14 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
             for k, cfg in enumerate(configs):
                 xs, ys, lo, hi = [], [], [], []
                 for x, rk in enumerate(ranks):
-                    m = next((r for r in sel if r["config"] == cfg and r["kind"] == "load"
-                              and int(r["ranks"]) == rk), None)
+                    m = next(
+                        (
+                            r
+                            for r in sel
+                            if r["config"] == cfg and r["kind"] == "load" and int(r["ranks"]) == rk
+                        ),
+                        None,
+                    )
                     if m is None:
                         continue
                     s = m["summary"]
@@ -268,17 +315,31 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
                     lo.append(s["median_s"] - s["min_s"])
                     hi.append(s["max_s"] - s["median_s"])
                 if xs:
-                    ax.bar(xs, ys, width * 0.9, yerr=[lo, hi], capsize=2, color=cmap(k % 10),
-                           label=cfg if (i, j) == (0, 0) else None)
-            for kind, color, label in (("floor-raw", "black", "floor (raw cold read)"),
-                                       ("hot", "grey", "hot cache")):
+                    ax.bar(
+                        xs,
+                        ys,
+                        width * 0.9,
+                        yerr=[lo, hi],
+                        capsize=2,
+                        color=cmap(k % 10),
+                        label=cfg if (i, j) == (0, 0) else None,
+                    )
+            for kind, color, label in (
+                ("floor-raw", "black", "floor (raw cold read)"),
+                ("hot", "grey", "hot cache"),
+            ):
                 for x, rk in enumerate(ranks):
-                    m = next((r for r in sel if r["kind"] == kind and int(r["ranks"]) == rk),
-                             None)
+                    m = next((r for r in sel if r["kind"] == kind and int(r["ranks"]) == rk), None)
                     if m is not None:
-                        ax.hlines(m["summary"]["median_s"], x - 0.45, x + 0.45, colors=color,
-                                  linestyles="--" if kind == "hot" else "-", linewidth=1.5,
-                                  label=label if (i, j, x) == (0, 0, 0) else None)
+                        ax.hlines(
+                            m["summary"]["median_s"],
+                            x - 0.45,
+                            x + 0.45,
+                            colors=color,
+                            linestyles="--" if kind == "hot" else "-",
+                            linewidth=1.5,
+                            label=label if (i, j, x) == (0, 0, 0) else None,
+                        )
             ax.set_xticks(range(len(ranks)), [f"{rk} ranks" for rk in ranks])
             ax.set_ylabel("load time (s)")
             ax.set_title(f"{ck} — {fs}" + (f" [{scen}]" if scen != "cold" else ""), fontsize=9)
@@ -290,8 +351,9 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
             if ll not in labels:
                 handles.append(hh)
                 labels.append(ll)
-    fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8,
-               frameon=False)
+    fig.legend(
+        handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, frameon=False
+    )
     fig.suptitle(_title(doc), fontsize=8, y=0.01, va="bottom")
     height = fig.get_figheight()
     fig.tight_layout(rect=(0, 0.25 / height, 1, 1 - 0.45 / height))
@@ -302,8 +364,9 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def compare_table(a: Mapping[str, Any], b: Mapping[str, Any],
-                  names: Sequence[str] = ("A", "B")) -> Any:
+def compare_table(
+    a: Mapping[str, Any], b: Mapping[str, Any], names: Sequence[str] = ("A", "B")
+) -> Any:
     """A rich Table of the ratios B / A for the measurements present in both runs.
 
     Args:
@@ -320,23 +383,48 @@ def compare_table(a: Mapping[str, Any], b: Mapping[str, Any],
     from rich.table import Table
 
     matched, only_a, only_b = compare(a, b)
-    t = Table(title=f"{names[1]} vs {names[0]} (ratio = {names[1]} / {names[0]}; "
-                    "below 1.00 = faster)",
-              caption=f"* = change larger than the spread of both runs "
-                      f"(spread threshold for 'unstable' is {UNSTABLE_SPREAD:.0%}). "
-                      f"Only in {names[0]}: {len(only_a)}; only in {names[1]}: {len(only_b)}.",
-              caption_justify="left", header_style="bold")
-    for name in ("scenario", "fs", "shape", "ranks", "config", f"{names[0]} s", f"{names[1]} s",
-                 "ratio", f"served {names[0]}", f"served {names[1]}"):
-        t.add_column(name, justify="right" if name not in ("scenario", "fs", "shape", "config")
-                     else "left", no_wrap=True)
+    t = Table(
+        title=f"{names[1]} vs {names[0]} (ratio = {names[1]} / {names[0]}; below 1.00 = faster)",
+        caption=f"* = change larger than the spread of both runs "
+        f"(spread threshold for 'unstable' is {UNSTABLE_SPREAD:.0%}). "
+        f"Only in {names[0]}: {len(only_a)}; only in {names[1]}: {len(only_b)}.",
+        caption_justify="left",
+        header_style="bold",
+    )
+    for name in (
+        "scenario",
+        "fs",
+        "shape",
+        "ranks",
+        "config",
+        f"{names[0]} s",
+        f"{names[1]} s",
+        "ratio",
+        f"served {names[0]}",
+        f"served {names[1]}",
+    ):
+        t.add_column(
+            name,
+            justify="right" if name not in ("scenario", "fs", "shape", "config") else "left",
+            no_wrap=True,
+        )
     for row in matched:
         scen, fs, shape, ranks, cfg = row.key
         mark = "*" if row.significant else ""
         style = None
         if row.significant:
             style = "green" if row.ratio < 1 else "red"
-        t.add_row(scen, fs, shape, str(ranks), cfg, f"{row.a_s:.2f}", f"{row.b_s:.2f}",
-                  f"{row.ratio:.2f}×{mark}", _fmt(row.a_served, ".2f", "×"),
-                  _fmt(row.b_served, ".2f", "×"), style=style)
+        t.add_row(
+            scen,
+            fs,
+            shape,
+            str(ranks),
+            cfg,
+            f"{row.a_s:.2f}",
+            f"{row.b_s:.2f}",
+            f"{row.ratio:.2f}×{mark}",
+            _fmt(row.a_served, ".2f", "×"),
+            _fmt(row.b_served, ".2f", "×"),
+            style=style,
+        )
     return t

@@ -184,9 +184,14 @@ def quick_suite(**overrides: Any) -> Suite:
         >>> quick_suite().matrices[0].fs
         ('slow-nfs',)
     """
-    m = Matrix(scenario="cold", fs=("slow-nfs",), ranks=(4,),
-               shapes=("uniform", "skewed", "single"), configs=QUICK_CONFIGS,
-               size_bytes=512 << 20)
+    m = Matrix(
+        scenario="cold",
+        fs=("slow-nfs",),
+        ranks=(4,),
+        shapes=("uniform", "skewed", "single"),
+        configs=QUICK_CONFIGS,
+        size_bytes=512 << 20,
+    )
     base = {"name": "quick", "matrices": (m,), "repeats": 3, "warmup": 1}
     base.update(overrides)
     return Suite(**base)
@@ -211,13 +216,35 @@ def full_suite(**overrides: Any) -> Suite:
 
     fss = ("local", *netfs.PROFILES)
     mats = (
-        Matrix("cold", fss, (1, 2, 4, 8), ("uniform", "skewed", "single", "many-small"),
-               FULL_CONFIGS, 2 << 30),
-        Matrix("sweep", ("slow-nfs",), (4,), ("uniform",), ("sglang", "ours", *SWEEP_CONFIGS),
-               2 << 30, hot=False, fio=False),
-        Matrix("bigger-than-memory", ("slow-nfs",), (4,), ("uniform",),
-               ("none", "sglang", "ours-window", "ours-nowindow"), 3 << 30,
-               memory_limit_bytes=1 << 30, hot=False, fio=False),
+        Matrix(
+            "cold",
+            fss,
+            (1, 2, 4, 8),
+            ("uniform", "skewed", "single", "many-small"),
+            FULL_CONFIGS,
+            2 << 30,
+        ),
+        Matrix(
+            "sweep",
+            ("slow-nfs",),
+            (4,),
+            ("uniform",),
+            ("sglang", "ours", *SWEEP_CONFIGS),
+            2 << 30,
+            hot=False,
+            fio=False,
+        ),
+        Matrix(
+            "bigger-than-memory",
+            ("slow-nfs",),
+            (4,),
+            ("uniform",),
+            ("none", "sglang", "ours-window", "ours-nowindow"),
+            3 << 30,
+            memory_limit_bytes=1 << 30,
+            hot=False,
+            fio=False,
+        ),
     )
     base = {"name": "full", "matrices": mats, "repeats": 3, "warmup": 1}
     base.update(overrides)
@@ -243,9 +270,12 @@ class Checkpoint:
     def to_json(self) -> dict[str, Any]:
         """The ``checkpoints`` entry of a results document (checksum added later)."""
         return {
-            "shape": self.shape, "total_bytes": self.total_bytes,
-            "tensor_count": self.tensor_count, "max_tensor_bytes": self.max_tensor_bytes,
-            "directory": str(self.directory), "params": dict(self.params),
+            "shape": self.shape,
+            "total_bytes": self.total_bytes,
+            "tensor_count": self.tensor_count,
+            "max_tensor_bytes": self.max_tensor_bytes,
+            "directory": str(self.directory),
+            "params": dict(self.params),
             "files": [{"name": f.name, "size": f.stat().st_size} for f in self.files],
             "checksum": None,
         }
@@ -316,35 +346,71 @@ def ensure_checkpoint(
     from bench.checkpoint import make_checkpoint
 
     n = _shards_for(shape, shards)
-    params = {"shape": shape, "size_bytes": int(size_bytes), "shards": n,
-              "skew": float(skew) if shape == "skewed" else None,
-              "dtypes": list(dtypes), "seed": int(seed)}
-    tag = "-".join([shape, f"{size_bytes}", f"s{n if n is not None else 'd'}",
-                    f"k{skew:g}" if shape == "skewed" else "k-", "+".join(dtypes),
-                    f"seed{seed}"])
+    params = {
+        "shape": shape,
+        "size_bytes": int(size_bytes),
+        "shards": n,
+        "skew": float(skew) if shape == "skewed" else None,
+        "dtypes": list(dtypes),
+        "seed": int(seed),
+    }
+    tag = "-".join(
+        [
+            shape,
+            f"{size_bytes}",
+            f"s{n if n is not None else 'd'}",
+            f"k{skew:g}" if shape == "skewed" else "k-",
+            "+".join(dtypes),
+            f"seed{seed}",
+        ]
+    )
     directory = Path(workdir) / "checkpoints" / tag
     marker = directory / _MARKER
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         saved = json.loads(marker.read_text())
         files = tuple(directory / name for name in saved["files"])
-        if saved["params"] == params and len(files) == len(saved["sizes"]) and all(
-            f.is_file() and f.stat().st_size == s
-            for f, s in zip(files, saved["sizes"], strict=True)
+        if (
+            saved["params"] == params
+            and len(files) == len(saved["sizes"])
+            and all(
+                f.is_file() and f.stat().st_size == s
+                for f, s in zip(files, saved["sizes"], strict=True)
+            )
         ):
-            return Checkpoint(shape, directory, files, int(saved["total_bytes"]),
-                              int(saved["tensor_count"]), int(saved["max_tensor_bytes"]),
-                              params), False
+            return Checkpoint(
+                shape,
+                directory,
+                files,
+                int(saved["total_bytes"]),
+                int(saved["tensor_count"]),
+                int(saved["max_tensor_bytes"]),
+                params,
+            ), False
     marker.unlink(missing_ok=True)
-    info = make_checkpoint(directory, size_bytes=size_bytes, shards=n, shape=shape,
-                           dtypes=tuple(dtypes), seed=seed,
-                           **({"skew": skew} if shape == "skewed" else {}))
+    info = make_checkpoint(
+        directory,
+        size_bytes=size_bytes,
+        shards=n,
+        shape=shape,
+        dtypes=tuple(dtypes),
+        seed=seed,
+        **({"skew": skew} if shape == "skewed" else {}),
+    )
     files = tuple(sorted(Path(f) for f in info.files))
     count, largest = scan_checkpoint(files)
-    marker.write_text(json.dumps({
-        "params": params, "files": [f.name for f in files],
-        "sizes": [f.stat().st_size for f in files], "total_bytes": info.total_bytes,
-        "tensor_count": count, "max_tensor_bytes": largest,
-    }, indent=1))
+    marker.write_text(
+        json.dumps(
+            {
+                "params": params,
+                "files": [f.name for f in files],
+                "sizes": [f.stat().st_size for f in files],
+                "total_bytes": info.total_bytes,
+                "tensor_count": count,
+                "max_tensor_bytes": largest,
+            },
+            indent=1,
+        )
+    )
     return Checkpoint(shape, directory, files, info.total_bytes, count, largest, params), True
 
 
@@ -454,11 +520,15 @@ class _LocalFS(_FS):
     def describe(self) -> dict[str, Any]:
         fstype, source = _mount_of(os.path.dirname(self.files[0]))
         dev = self.dev or "no block device"
-        return {"kind": "local", "fstype": fstype, "device": self.dev,
-                "label": f"local disk ({fstype or '?'} on {dev}); bytes served = storage "
-                         "reads of the rank processes (/proc/<pid>/io read_bytes), device "
-                         "sectors read (whole node) kept in each sample's detail",
-                "source": source}
+        return {
+            "kind": "local",
+            "fstype": fstype,
+            "device": self.dev,
+            "label": f"local disk ({fstype or '?'} on {dev}); bytes served = storage "
+            "reads of the rank processes (/proc/<pid>/io read_bytes), device "
+            "sectors read (whole node) kept in each sample's detail",
+            "source": source,
+        }
 
 
 class _NetFS(_FS):
@@ -478,8 +548,13 @@ class _NetFS(_FS):
 
     def describe(self) -> dict[str, Any]:
         prof = dataclasses.asdict(self.mount.profile)
-        return {"kind": "netfs", "fstype": "fuse", "device": None, "profile": prof,
-                "label": f"{self.name}: {prof.get('description', '')}"}
+        return {
+            "kind": "netfs",
+            "fstype": "fuse",
+            "device": None,
+            "profile": prof,
+            "label": f"{self.name}: {prof.get('description', '')}",
+        }
 
 
 @contextlib.contextmanager
@@ -519,13 +594,17 @@ class _ForkserverLauncher(_Launcher):
     def _start(self, deadline: float) -> subprocess.Popen[bytes]:
         if self.proc is not None and self.proc.poll() is None:
             return self.proc
-        env = {**os.environ,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO),
-                                                           os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])),
+        }
         self.buf = b""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.worker", "--fork-server"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
             start_new_session=True,
         )
         self._expect("server-ready", deadline)
@@ -596,13 +675,16 @@ class _ForkserverLauncher(_Launcher):
             for rank in range(world):
                 path = Path(tmp) / f"rank-{rank}.json"
                 if not path.exists():
-                    errors.append(f"rank {rank} exited with status {done['status'][rank]} and "
-                                  f"no result (killed? out of memory?)\n{self._tail()}")
+                    errors.append(
+                        f"rank {rank} exited with status {done['status'][rank]} and "
+                        f"no result (killed? out of memory?)\n{self._tail()}"
+                    )
                     continue
                 out = json.loads(path.read_text())
                 if not out.get("ok"):
-                    errors.append(f"rank {rank} failed: {out.get('error')}\n"
-                                  f"{out.get('traceback', '')}")
+                    errors.append(
+                        f"rank {rank} failed: {out.get('error')}\n{out.get('traceback', '')}"
+                    )
                     continue
                 results.append(out["result"])
             if errors or math.isnan(t_release):
@@ -628,9 +710,10 @@ class _SubprocessLauncher(_Launcher):
     """Ranks as ``python -m bench.worker``: a new interpreter each (slow to start)."""
 
     def run(self, job: Job, world: int, timeout: float) -> tuple[float, list[dict[str, Any]]]:
-        env = {**os.environ,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO),
-                                                           os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])),
+        }
         procs: list[subprocess.Popen[bytes]] = []
         logs: list[Any] = []
         deadline = time.monotonic() + timeout
@@ -638,11 +721,24 @@ class _SubprocessLauncher(_Launcher):
             for rank in range(world):
                 err = tempfile.TemporaryFile()  # noqa: SIM115  (closed in finally)
                 logs.append(err)
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "bench.worker", "--job", job.to_json(),
-                     "--rank", str(rank), "--barrier"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
-                ))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "bench.worker",
+                            "--job",
+                            job.to_json(),
+                            "--rank",
+                            str(rank),
+                            "--barrier",
+                        ],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=err,
+                        env=env,
+                    )
+                )
             ready = self._lines(procs, logs, deadline, "ready")
             del ready
             t_release = time.monotonic()
@@ -667,8 +763,9 @@ class _SubprocessLauncher(_Launcher):
                 f.close()
 
     @staticmethod
-    def _lines(procs: Sequence[subprocess.Popen[bytes]], logs: Sequence[Any], deadline: float,
-               want: str) -> list[dict[str, Any]]:
+    def _lines(
+        procs: Sequence[subprocess.Popen[bytes]], logs: Sequence[Any], deadline: float, want: str
+    ) -> list[dict[str, Any]]:
         sel = selectors.DefaultSelector()
         bufs: dict[int, bytes] = {}
         out: dict[int, dict[str, Any]] = {}
@@ -694,8 +791,10 @@ class _SubprocessLauncher(_Launcher):
                         bufs[rank] = rest
                         msg = json.loads(line)
                         if msg.get("event") == "error":
-                            raise BenchError(f"rank {rank} failed: {msg.get('error')}\n"
-                                             f"{msg.get('traceback', '')}")
+                            raise BenchError(
+                                f"rank {rank} failed: {msg.get('error')}\n"
+                                f"{msg.get('traceback', '')}"
+                            )
                         out[rank] = msg
                         sel.unregister(key.fileobj)
         finally:
@@ -739,8 +838,15 @@ def _make_hot(fs: _FS, total: int) -> float:
 
 
 def _measure(
-    launcher: _Launcher, fs: _FS, ckpt: Checkpoint, cfg: Config, ranks: int, *,
-    hot: bool, timeout: float, cgroup: Any | None,
+    launcher: _Launcher,
+    fs: _FS,
+    ckpt: Checkpoint,
+    cfg: Config,
+    ranks: int,
+    *,
+    hot: bool,
+    timeout: float,
+    cgroup: Any | None,
 ) -> dict[str, Any]:
     """One sample: cold (or hot) cache, fresh ranks, release, collect."""
     resident = _make_hot(fs, ckpt.total_bytes) if hot else _make_cold(fs, ckpt.total_bytes)
@@ -748,15 +854,21 @@ def _measure(
         log.warning("hot-cache run on %s: only %.1f%% cached", fs.name, 100 * resident)
     if cgroup is not None:
         cgroup.reset_peak()
-    job = Job(config=cfg.spec, files=list(fs.files), world=ranks,
-              max_tensor_bytes=ckpt.max_tensor_bytes,
-              cgroup=str(cgroup.path) if cgroup is not None else None,
-              checksum=cfg.kind != "raw")
+    job = Job(
+        config=cfg.spec,
+        files=list(fs.files),
+        world=ranks,
+        max_tensor_bytes=ckpt.max_tensor_bytes,
+        cgroup=str(cgroup.path) if cgroup is not None else None,
+        checksum=cfg.kind != "raw",
+    )
     fs.start_count()
     t_release, ranks_out = launcher.run(job, ranks, timeout)
     served = fs.served()
-    detail: dict[str, Any] = {"hot": hot, "cpu_s_per_gb_definition":
-                              "CPU seconds of all ranks / GB consumed by all ranks"}
+    detail: dict[str, Any] = {
+        "hot": hot,
+        "cpu_s_per_gb_definition": "CPU seconds of all ranks / GB consumed by all ranks",
+    }
     if isinstance(fs, _LocalFS):
         # The device's counters see every process on the node (noisy on a shared
         # machine); the ranks' own read_bytes (/proc/<pid>/io, all threads) see only the
@@ -798,10 +910,16 @@ def _measure_fio(fs: _FS, ckpt: Checkpoint) -> dict[str, Any]:
         out["device_bytes_read"] = served  # whole node: not comparable, kept as detail
         served = None
     return {
-        "wall_s": out["seconds"], "rank_s": [out["seconds"]], "cpu_s": 0.0,
-        "cpu_s_per_gb": None, "bytes_served": served,
+        "wall_s": out["seconds"],
+        "rank_s": [out["seconds"]],
+        "cpu_s": 0.0,
+        "cpu_s_per_gb": None,
+        "bytes_served": served,
         "bytes_served_ratio": served / ckpt.total_bytes if served is not None else None,
-        "resident_before": resident, "checksum": None, "ranks": [], "detail": out,
+        "resident_before": resident,
+        "checksum": None,
+        "ranks": [],
+        "detail": out,
     }
 
 
@@ -871,8 +989,9 @@ def _validate_suite(suite: Suite) -> None:
     for m in suite.matrices:
         for name in m.fs:
             if name != "local" and name not in netfs.PROFILES:
-                raise ValueError(f"unknown filesystem {name!r}: use local or one of "
-                                 f"{', '.join(netfs.PROFILES)}")
+                raise ValueError(
+                    f"unknown filesystem {name!r}: use local or one of {', '.join(netfs.PROFILES)}"
+                )
         for shape in m.shapes:
             if shape not in SHAPES:
                 raise ValueError(f"unknown shape {shape!r}: use {', '.join(SHAPES)}")
@@ -888,7 +1007,8 @@ def _validate_suite(suite: Suite) -> None:
                     f"memory limit {_fmt_size(m.memory_limit_bytes)} is too small for "
                     f"{max(m.ranks)} ranks: the SGLang-style prefetch and the raw floor "
                     f"hold up to 4 x 16 MiB of read buffers per rank; use at least "
-                    f"{_fmt_size(need)}")
+                    f"{_fmt_size(need)}"
+                )
 
 
 def run_suite(
@@ -916,20 +1036,29 @@ def run_suite(
     _validate_suite(suite)
     fuse_ok, fuse_why = netfs.fuse_available()
     settings = {
-        "suite": suite.name, "argv": list(suite.argv) if suite.argv is not None else None,
-        "repeats": suite.repeats, "warmup": suite.warmup, "launcher": suite.launcher,
-        "workdir": str(suite.workdir), "shards": suite.shards, "skew": suite.skew,
-        "dtypes": list(suite.dtypes), "seed": suite.seed, "timeout_s": suite.timeout_s,
+        "suite": suite.name,
+        "argv": list(suite.argv) if suite.argv is not None else None,
+        "repeats": suite.repeats,
+        "warmup": suite.warmup,
+        "launcher": suite.launcher,
+        "workdir": str(suite.workdir),
+        "shards": suite.shards,
+        "skew": suite.skew,
+        "dtypes": list(suite.dtypes),
+        "seed": suite.seed,
+        "timeout_s": suite.timeout_s,
         "matrices": [dataclasses.asdict(m) for m in suite.matrices],
         "floor_definition": "floor:raw = cold read of every byte by W processes x 4 "
-                            "threads (preadv, 16 MiB pieces, no parsing), W = ranks",
+        "threads (preadv, 16 MiB pieces, no parsing), W = ranks",
     }
     doc = res.new_document(settings=settings, host=res.host_metadata(fuse=(fuse_ok, fuse_why)))
     t_start = time.monotonic()
     wants_netfs = any(n != "local" for m in suite.matrices for n in m.fs)
     if wants_netfs and not fuse_ok:
-        msg = (f"FUSE is unavailable ({fuse_why}): the simulated network filesystems are "
-               "replaced by local disk")
+        msg = (
+            f"FUSE is unavailable ({fuse_why}): the simulated network filesystems are "
+            "replaced by local disk"
+        )
         log.warning("%s", msg)
         doc["warnings"].append(msg)
 
@@ -954,14 +1083,22 @@ def run_suite(
                     tick(desc)
                     t0 = time.monotonic()
                     ckpt, made = ensure_checkpoint(
-                        suite.workdir, shape=shape, size_bytes=m.size_bytes,
-                        shards=suite.shards, skew=suite.skew, dtypes=suite.dtypes,
-                        seed=suite.seed)
+                        suite.workdir,
+                        shape=shape,
+                        size_bytes=m.size_bytes,
+                        shards=suite.shards,
+                        skew=suite.skew,
+                        dtypes=suite.dtypes,
+                        seed=suite.seed,
+                    )
                     checkpoints[key] = ckpt
                     doc["checkpoints"][_ckpt_id(shape, m.size_bytes)] = ckpt.to_json()
-                    tick(desc, f"{desc}: {'made' if made else 'reused'} in "
-                               f"{time.monotonic() - t0:.1f} s ({len(ckpt.files)} files)",
-                         advance=True)
+                    tick(
+                        desc,
+                        f"{desc}: {'made' if made else 'reused'} in "
+                        f"{time.monotonic() - t0:.1f} s ({len(ckpt.files)} files)",
+                        advance=True,
+                    )
                 ckpt = checkpoints[key]
                 for fs_name in _effective_fs(m.fs, fuse_ok):
                     _run_group(suite, m, ckpt, fs_name, launcher, doc, reference, tick)
@@ -977,9 +1114,11 @@ def _finish(doc: dict[str, Any], t_start: float, *, validate: bool = True) -> di
     doc["duration_s"] = time.monotonic() - t_start
     for r in doc["results"]:
         if r["summary"]["unstable"]:
-            msg = (f"unstable: {r['config']} on {r['fs']}/{r['shape']}/{r['ranks']} ranks "
-                   f"spread {r['summary']['spread']:.0%} > "
-                   f"{res.UNSTABLE_SPREAD:.0%} (add --repeats)")
+            msg = (
+                f"unstable: {r['config']} on {r['fs']}/{r['shape']}/{r['ranks']} ranks "
+                f"spread {r['summary']['spread']:.0%} > "
+                f"{res.UNSTABLE_SPREAD:.0%} (add --repeats)"
+            )
             if msg not in doc["warnings"]:
                 doc["warnings"].append(msg)
     if validate:
@@ -999,8 +1138,13 @@ def _ckpt_id(shape: str, size_bytes: int) -> str:
 
 
 def _run_group(
-    suite: Suite, m: Matrix, ckpt: Checkpoint, fs_name: str, launcher: _Launcher,
-    doc: dict[str, Any], reference: dict[str, tuple[str, str]],
+    suite: Suite,
+    m: Matrix,
+    ckpt: Checkpoint,
+    fs_name: str,
+    launcher: _Launcher,
+    doc: dict[str, Any],
+    reference: dict[str, tuple[str, str]],
     tick: Callable[..., None],
 ) -> None:
     cg_ctx: Any = contextlib.nullcontext(None)
@@ -1018,29 +1162,48 @@ def _run_group(
 
         def add(kind: str, cfg: Config, ranks: int, sample: dict[str, Any]) -> None:
             for r in doc["results"]:
-                if (r["scenario"], r["kind"], r["fs"], r["checkpoint"], r["ranks"],
-                        r["config"]) == (m.scenario, kind, fs_name, ckpt_id, ranks, cfg.name):
+                if (
+                    r["scenario"],
+                    r["kind"],
+                    r["fs"],
+                    r["checkpoint"],
+                    r["ranks"],
+                    r["config"],
+                ) == (m.scenario, kind, fs_name, ckpt_id, ranks, cfg.name):
                     r["samples"].append(sample)
                     r["summary"] = res.summarize(r["samples"], total_bytes=ckpt.total_bytes)
                     return
-            doc["results"].append({
-                "scenario": m.scenario, "kind": kind, "fs": fs_name, "shape": ckpt.shape,
-                "checkpoint": ckpt_id, "ranks": ranks, "config": cfg.name, "spec": cfg.spec,
-                "memory_limit_bytes": m.memory_limit_bytes, "samples": [sample],
-                "summary": res.summarize([sample], total_bytes=ckpt.total_bytes),
-            })
+            doc["results"].append(
+                {
+                    "scenario": m.scenario,
+                    "kind": kind,
+                    "fs": fs_name,
+                    "shape": ckpt.shape,
+                    "checkpoint": ckpt_id,
+                    "ranks": ranks,
+                    "config": cfg.name,
+                    "spec": cfg.spec,
+                    "memory_limit_bytes": m.memory_limit_bytes,
+                    "samples": [sample],
+                    "summary": res.summarize([sample], total_bytes=ckpt.total_bytes),
+                }
+            )
 
         def check(cfg: Config, ranks: int, sample: dict[str, Any]) -> None:
             got = {r["checksum"] for r in sample["ranks"]}
             if len(got) != 1:
                 per = ", ".join(f"rank {r['rank']}: {r['checksum']}" for r in sample["ranks"])
-                raise ChecksumMismatch(f"{cfg.name} on {where} with {ranks} ranks: ranks "
-                                       f"loaded different bytes ({per})")
+                raise ChecksumMismatch(
+                    f"{cfg.name} on {where} with {ranks} ranks: ranks "
+                    f"loaded different bytes ({per})"
+                )
             value = got.pop()
             tensors = {r["tensors"] for r in sample["ranks"]}
             if tensors != {ckpt.tensor_count}:
-                raise ChecksumMismatch(f"{cfg.name} on {where}: loaded {sorted(tensors)} "
-                                       f"tensors, the checkpoint has {ckpt.tensor_count}")
+                raise ChecksumMismatch(
+                    f"{cfg.name} on {where}: loaded {sorted(tensors)} "
+                    f"tensors, the checkpoint has {ckpt.tensor_count}"
+                )
             ref = reference.get(ckpt_id)
             if ref is None:
                 reference[ckpt_id] = (value, f"{cfg.name} on {fs_name} with {ranks} ranks")
@@ -1049,13 +1212,16 @@ def _run_group(
                 raise ChecksumMismatch(
                     f"CHECKSUM MISMATCH on checkpoint {ckpt_id}: {cfg.name} on {fs_name} "
                     f"with {ranks} ranks loaded {value}, but {ref[1]} loaded {ref[0]}. "
-                    "The tensors differ between configurations: this is a bug.")
+                    "The tensors differ between configurations: this is a bug."
+                )
 
-        def one(kind: str, cfg: Config, ranks: int, label: str, *, hot: bool = False,
-                keep: bool = True) -> None:
+        def one(
+            kind: str, cfg: Config, ranks: int, label: str, *, hot: bool = False, keep: bool = True
+        ) -> None:
             tick(label)
-            sample = _measure(launcher, fs, ckpt, cfg, ranks, hot=hot, timeout=suite.timeout_s,
-                              cgroup=cgroup)
+            sample = _measure(
+                launcher, fs, ckpt, cfg, ranks, hot=hot, timeout=suite.timeout_s, cgroup=cgroup
+            )
             if cfg.kind != "raw":
                 check(cfg, ranks, sample)
             served = sample["bytes_served_ratio"]
@@ -1070,13 +1236,21 @@ def _run_group(
             try:
                 sample = _measure_fio(fs, ckpt)
                 fio_cfg = Config(name="floor:fio", kind="raw")
-                doc["results"].append({
-                    "scenario": m.scenario, "kind": "floor-fio", "fs": fs_name,
-                    "shape": ckpt.shape, "checkpoint": ckpt_id, "ranks": 1, "config": "floor:fio",
-                    "spec": fio_cfg.spec + ":fio", "memory_limit_bytes": m.memory_limit_bytes,
-                    "samples": [sample],
-                    "summary": res.summarize([sample], total_bytes=ckpt.total_bytes),
-                })
+                doc["results"].append(
+                    {
+                        "scenario": m.scenario,
+                        "kind": "floor-fio",
+                        "fs": fs_name,
+                        "shape": ckpt.shape,
+                        "checkpoint": ckpt_id,
+                        "ranks": 1,
+                        "config": "floor:fio",
+                        "spec": fio_cfg.spec + ":fio",
+                        "memory_limit_bytes": m.memory_limit_bytes,
+                        "samples": [sample],
+                        "summary": res.summarize([sample], total_bytes=ckpt.total_bytes),
+                    }
+                )
                 tick(label, f"{label}: {sample['wall_s']:.2f} s", advance=True)
             except RuntimeError as exc:
                 doc["warnings"].append(f"fio on {where}: {exc}")
@@ -1088,7 +1262,8 @@ def _run_group(
                 one("floor-raw", raw_cfg, ranks, f"{grp}: warm-up {i + 1}", keep=False)
             floor_cfg = Config(name="floor:raw", kind="raw")
             order: list[tuple[str, Config]] = [("floor-raw", floor_cfg)] + [
-                ("load", c) for c in configs]
+                ("load", c) for c in configs
+            ]
             for rep in range(suite.repeats):
                 k = rep % len(order)
                 for kind, cfg in order[k:] + order[:k]:

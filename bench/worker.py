@@ -529,8 +529,16 @@ def run_rank(job: Job, rank: int, wait_release: Callable[[], None]) -> dict[str,
 # Entry points: forkserver child, and ``python -m bench.worker``
 
 
-_PRELOAD = ("torch", "safetensors.torch", "numpy", "loader_adapter", "bench.baselines",
-            "bench.floor", "bench.cgroup", "bench.checkpoint")
+_PRELOAD = (
+    "torch",
+    "safetensors.torch",
+    "numpy",
+    "loader_adapter",
+    "bench.baselines",
+    "bench.floor",
+    "bench.cgroup",
+    "bench.checkpoint",
+)
 
 
 def _send(stream: Any, obj: Mapping[str, Any]) -> None:
@@ -538,8 +546,9 @@ def _send(stream: Any, obj: Mapping[str, Any]) -> None:
     stream.flush()
 
 
-def _fork_rank(job: Job, rank: int, ready_w: int, release_r: int, out_path: str,
-               server_fds: Sequence[int]) -> int:
+def _fork_rank(
+    job: Job, rank: int, ready_w: int, release_r: int, out_path: str, server_fds: Sequence[int]
+) -> int:
     """Fork one rank; the child never returns (it leaves with ``os._exit``)."""
     pid = os.fork()
     if pid:
@@ -563,8 +572,11 @@ def _fork_rank(job: Job, rank: int, ready_w: int, release_r: int, out_path: str,
             import traceback
 
             code = 1
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                      "traceback": traceback.format_exc()}
+            result = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
             with contextlib.suppress(OSError):
                 os.write(ready_w, b"x")  # fail fast if it failed before the release
         tmp = out_path + ".tmp"
@@ -613,9 +625,17 @@ def forkserver_main() -> int:
         world = int(cmd["world"])
         ready_r, ready_w = os.pipe()
         release_r, release_w = os.pipe()
-        pids = [_fork_rank(job, r, ready_w, release_r,
-                           os.path.join(cmd["dir"], f"rank-{r}.json"), (ready_r, release_w))
-                for r in range(world)]
+        pids = [
+            _fork_rank(
+                job,
+                r,
+                ready_w,
+                release_r,
+                os.path.join(cmd["dir"], f"rank-{r}.json"),
+                (ready_r, release_w),
+            )
+            for r in range(world)
+        ]
         os.close(ready_w)
         os.close(release_r)
         got = b""
@@ -679,8 +699,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--fork-server", action="store_true",
-                   help="run the fork server that bench.run talks to (internal)")
+    p.add_argument(
+        "--fork-server",
+        action="store_true",
+        help="run the fork server that bench.run talks to (internal)",
+    )
     p.add_argument("--job", help="a JSON job (as written by the orchestrator)")
     p.add_argument("--config", default="none", help="configuration (default: none)")
     p.add_argument("--rank", type=int, default=0, help="this rank (default 0)")

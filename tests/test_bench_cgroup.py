@@ -100,12 +100,21 @@ def test_bigger_than_memory_scenario(tmp_path: Path) -> None:
     # The limit must leave room for the readers' buffers (the SGLang-style prefetch and
     # the raw floor hold up to 4 x 16 MiB per rank), and be well below the checkpoint.
     limit = 192 * MiB
-    m = Matrix("bigger-than-memory", ("fast-nfs",), (2,), ("uniform",),
-               ("none", "sglang", "ours-window", "ours-nowindow"), 512 * MiB,
-               memory_limit_bytes=limit, hot=False, fio=False)
+    m = Matrix(
+        "bigger-than-memory",
+        ("fast-nfs",),
+        (2,),
+        ("uniform",),
+        ("none", "sglang", "ours-window", "ours-nowindow"),
+        512 * MiB,
+        memory_limit_bytes=limit,
+        hot=False,
+        fio=False,
+    )
     before = {p.name for p in CGROUP_V1_MEMORY.iterdir() if p.is_dir()}
-    doc = run_suite(Suite("test", (m,), repeats=1, warmup=0, workdir=tmp_path, shards=4,
-                          timeout_s=300))
+    doc = run_suite(
+        Suite("test", (m,), repeats=1, warmup=0, workdir=tmp_path, shards=4, timeout_s=300)
+    )
     results.validate(doc)
     loads = [r for r in doc["results"] if r["kind"] == "load"]
     assert {r["config"] for r in loads} == {"none", "sglang", "ours-window", "ours-nowindow"}

@@ -38,10 +38,24 @@ pytestmark = pytest.mark.slow
 
 
 def _suite(workdir: Path, fs: tuple[str, ...], **kw: Any) -> Suite:
-    m = Matrix(scenario="cold", fs=fs, ranks=(2,), shapes=("uniform", "single"),
-               configs=kw.pop("configs", CONFIGS), size_bytes=SIZE)
-    return Suite(name="test", matrices=(m,), repeats=1, warmup=1, workdir=workdir, shards=4,
-                 timeout_s=120, **kw)
+    m = Matrix(
+        scenario="cold",
+        fs=fs,
+        ranks=(2,),
+        shapes=("uniform", "single"),
+        configs=kw.pop("configs", CONFIGS),
+        size_bytes=SIZE,
+    )
+    return Suite(
+        name="test",
+        matrices=(m,),
+        repeats=1,
+        warmup=1,
+        workdir=workdir,
+        shards=4,
+        timeout_s=120,
+        **kw,
+    )
 
 
 def _check_document(doc: dict[str, Any], fs: str) -> None:
@@ -61,8 +75,7 @@ def _check_document(doc: dict[str, Any], fs: str) -> None:
                 assert [rk["tensors"] for rk in s["ranks"]] == [ckpt["tensor_count"]] * 2
                 assert s["resident_before"] < 0.01 or r["kind"] == "hot"
                 assert len(s["rank_s"]) == 2 and s["wall_s"] == pytest.approx(max(s["rank_s"]))
-                assert all(rk["bytes_consumed"] > 0.99 * ckpt["total_bytes"]
-                           for rk in s["ranks"])
+                assert all(rk["bytes_consumed"] > 0.99 * ckpt["total_bytes"] for rk in s["ranks"])
         kinds = {r["kind"] for r in mine}
         assert {"load", "floor-raw", "hot"} <= kinds
 
@@ -94,16 +107,41 @@ def test_quick_suite_reduced_netfs(tmp_path: Path) -> None:
 def test_cli_run_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     require_fuse()
     out = tmp_path / "r.json"
-    code = main(["run", "--fs", "slow-nfs", "--ranks", "2", "--shapes", "single", "--size",
-                 "32MiB", "--configs", "none,ours-files,ours-c1-64m", "--repeats", "2",
-                 "--warmup", "0", "--workdir", str(tmp_path / "w"), "--json", str(out),
-                 "--no-fio"])
+    code = main(
+        [
+            "run",
+            "--fs",
+            "slow-nfs",
+            "--ranks",
+            "2",
+            "--shapes",
+            "single",
+            "--size",
+            "32MiB",
+            "--configs",
+            "none,ours-files,ours-c1-64m",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+            "--no-fio",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     doc = results.load(out)
     assert out.with_suffix(".png").exists()
-    assert {r["config"] for r in doc["results"]} == {"none", "ours-files", "ours-c1-64m",
-                                                     "floor:raw", "hot"}
+    assert {r["config"] for r in doc["results"]} == {
+        "none",
+        "ours-files",
+        "ours-c1-64m",
+        "floor:raw",
+        "hot",
+    }
     assert all(len(r["samples"]) == 2 for r in doc["results"])
     assert doc["settings"]["argv"][0] == "run"
     for needle in ("ours-c1-64m", "vs none", "floor:raw", "served"):
@@ -119,8 +157,16 @@ def test_subprocess_launcher_gives_the_same_checksum(tmp_path: Path) -> None:
     for launcher in (_SubprocessLauncher(), _ForkserverLauncher()):
         try:
             with _open_fs("local", ckpt) as fs:
-                s = _measure(launcher, fs, ckpt, parse_config("sglang"), 2, hot=False,
-                             timeout=120, cgroup=None)
+                s = _measure(
+                    launcher,
+                    fs,
+                    ckpt,
+                    parse_config("sglang"),
+                    2,
+                    hot=False,
+                    timeout=120,
+                    cgroup=None,
+                )
         finally:
             launcher.close()
         assert len({r["checksum"] for r in s["ranks"]}) == 1
@@ -136,10 +182,19 @@ def test_a_failing_rank_fails_the_measurement_and_the_server_recovers(tmp_path: 
     try:
         with _open_fs("local", ckpt) as fs:
             with pytest.raises(BenchError, match="unknown backend"):
-                _measure(launcher, fs, ckpt, parse_config("ours:backend=nope"), 2, hot=False,
-                         timeout=60, cgroup=None)
-            s = _measure(launcher, fs, ckpt, parse_config("none"), 2, hot=False, timeout=60,
-                         cgroup=None)
+                _measure(
+                    launcher,
+                    fs,
+                    ckpt,
+                    parse_config("ours:backend=nope"),
+                    2,
+                    hot=False,
+                    timeout=60,
+                    cgroup=None,
+                )
+            s = _measure(
+                launcher, fs, ckpt, parse_config("none"), 2, hot=False, timeout=60, cgroup=None
+            )
             assert s["checksum"]
     finally:
         launcher.close()
@@ -150,8 +205,9 @@ def test_partial_results_are_kept_on_failure(tmp_path: Path) -> None:
     with pytest.raises(BenchError) as exc:
         run_suite(suite)
     doc = exc.value.document
-    assert doc is not None and any(r["config"] == "none" or r["kind"] == "floor-raw"
-                                   for r in doc["results"])
+    assert doc is not None and any(
+        r["config"] == "none" or r["kind"] == "floor-raw" for r in doc["results"]
+    )
     json.dumps(doc)
 
 
@@ -161,10 +217,17 @@ def test_without_fuse_netfs_falls_back_to_local_with_a_warning(
     from bench import netfs
 
     monkeypatch.setattr(netfs, "fuse_available", lambda: (False, "no /dev/fuse here"))
-    m = Matrix(scenario="cold", fs=("slow-nfs", "fast-nfs"), ranks=(1,), shapes=("single",),
-               configs=("none",), size_bytes=8 * MiB, fio=False, hot=False)
+    m = Matrix(
+        scenario="cold",
+        fs=("slow-nfs", "fast-nfs"),
+        ranks=(1,),
+        shapes=("single",),
+        configs=("none",),
+        size_bytes=8 * MiB,
+        fio=False,
+        hot=False,
+    )
     doc = run_suite(Suite(name="test", matrices=(m,), repeats=1, warmup=0, workdir=tmp_path))
     assert {r["fs"] for r in doc["results"]} == {"local"}
-    assert any("FUSE is unavailable" in w and "no /dev/fuse here" in w
-               for w in doc["warnings"])
+    assert any("FUSE is unavailable" in w and "no /dev/fuse here" in w for w in doc["warnings"])
     assert doc["host"]["fuse"] == {"available": False, "reason": "no /dev/fuse here"}

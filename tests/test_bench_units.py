@@ -50,8 +50,11 @@ MiB = 1 << 20
         ("ours-c1-64m", "ours", "ours:chunk_mb=64,concurrency=1"),
         ("ours-pread", "ours", "ours:backend=pread"),
         ("ours-nowindow", "ours", "ours:window=off"),
-        ("ours:window=auto,backend=pread,concurrency=2,chunk_mb=32",
-         "ours", "ours:backend=pread,chunk_mb=32,concurrency=2,window=auto"),
+        (
+            "ours:window=auto,backend=pread,concurrency=2,chunk_mb=32",
+            "ours",
+            "ours:backend=pread,chunk_mb=32,concurrency=2,window=auto",
+        ),
         ("sglang:threads=8,block_mb=32", "sglang", "sglang:block_mb=32,threads=8"),
         ("raw:threads=2", "raw", "raw:threads=2"),
     ],
@@ -63,8 +66,18 @@ def test_parse_config(text: str, kind: str, spec: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "fast", "none:threads=2", "ours:bogus=1", "ours:concurrency=0",
-             "sglang:threads=x", "ours:chunk_mb=-1", "ours:window=lots", "ours:concurrency"],
+    "text",
+    [
+        "",
+        "fast",
+        "none:threads=2",
+        "ours:bogus=1",
+        "ours:concurrency=0",
+        "sglang:threads=x",
+        "ours:chunk_mb=-1",
+        "ours:window=lots",
+        "ours:concurrency",
+    ],
 )
 def test_parse_config_rejects(text: str) -> None:
     with pytest.raises(ValueError):
@@ -74,8 +87,13 @@ def test_parse_config_rejects(text: str) -> None:
 def test_loader_options_map_to_engine_names() -> None:
     cfg = parse_config("ours:chunk_mb=64,concurrency=1,window=off,skip_cached=off")
     opts = cfg.loader_options()
-    assert opts == {"prefetch": True, "chunk_bytes": 64 * MiB, "concurrency": 1,
-                    "window_bytes": None, "skip_cached": False}
+    assert opts == {
+        "prefetch": True,
+        "chunk_bytes": 64 * MiB,
+        "concurrency": 1,
+        "window_bytes": None,
+        "skip_cached": False,
+    }
     assert "window_bytes" not in parse_config("ours:window=auto").loader_options()
     assert parse_config("ours:window=512MiB").loader_options()["window_bytes"] == 512 * MiB
     assert parse_config("ours-noprefetch").loader_options()["prefetch"] is False
@@ -126,8 +144,11 @@ def test_sglang_prefetcher_records_errors(tmp_path: Path) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(sizes=st.lists(st.integers(0, 100), min_size=1, max_size=6),
-       world=st.integers(1, 6), chunk=st.integers(1, 17))
+@given(
+    sizes=st.lists(st.integers(0, 100), min_size=1, max_size=6),
+    world=st.integers(1, 6),
+    chunk=st.integers(1, 17),
+)
 def test_raw_pieces_cover_every_byte_once(sizes: list[int], world: int, chunk: int) -> None:
     files = [(f"f{i}", s) for i, s in enumerate(sizes)]
     seen: dict[str, list[tuple[int, int]]] = {}
@@ -164,8 +185,9 @@ def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_ensure_checkpoint_reuses(small_ckpt: Any) -> None:
-    again, made = ensure_checkpoint(small_ckpt.directory.parent.parent, shape="uniform",
-                                    size_bytes=8 * MiB, shards=3)
+    again, made = ensure_checkpoint(
+        small_ckpt.directory.parent.parent, shape="uniform", size_bytes=8 * MiB, shards=3
+    )
     assert not made and again == small_ckpt
     count, largest = scan_checkpoint(small_ckpt.files)
     assert (count, largest) == (small_ckpt.tensor_count, small_ckpt.max_tensor_bytes)
@@ -233,13 +255,22 @@ class _FakeLauncher:
         cfg = parse_config(job.config)
         out = []
         for rank in range(world):
-            out.append({
-                "rank": rank, "t_release": 0.0, "t_done": 1.0 + rank / 10, "wall_s": 1.0,
-                "cpu_s": 0.5, "peak_rss_bytes": 1 << 20, "peak_anon_bytes": 1 << 20,
-                "bytes_consumed": 1000, "tensors": self.tensors if cfg.kind != "raw" else 0,
-                "checksum": self.checksums.get(cfg.kind) if cfg.kind != "raw" else None,
-                "io_read_bytes": 10, "prefetch": None,
-            })
+            out.append(
+                {
+                    "rank": rank,
+                    "t_release": 0.0,
+                    "t_done": 1.0 + rank / 10,
+                    "wall_s": 1.0,
+                    "cpu_s": 0.5,
+                    "peak_rss_bytes": 1 << 20,
+                    "peak_anon_bytes": 1 << 20,
+                    "bytes_consumed": 1000,
+                    "tensors": self.tensors if cfg.kind != "raw" else 0,
+                    "checksum": self.checksums.get(cfg.kind) if cfg.kind != "raw" else None,
+                    "io_read_bytes": 10,
+                    "prefetch": None,
+                }
+            )
         return 100.0, [dict(r, t_done=100.0 + r["t_done"]) for r in out]
 
     def close(self) -> None:
@@ -249,20 +280,35 @@ class _FakeLauncher:
 def _group(ckpt: Any, checksums: dict[str, str], configs: tuple[str, ...]) -> dict[str, Any]:
     suite = Suite(name="t", matrices=(), repeats=2, warmup=1, workdir=Path("/nonexistent"))
     m = Matrix("cold", ("local",), (2,), (ckpt.shape,), configs, 8 * MiB, fio=False)
-    doc = results.new_document(settings={"suite": "t", "repeats": 2, "warmup": 1,
-                                         "launcher": "forkserver"})
+    doc = results.new_document(
+        settings={"suite": "t", "repeats": 2, "warmup": 1, "launcher": "forkserver"}
+    )
     doc["checkpoints"][_ckpt_id(ckpt.shape, 8 * MiB)] = ckpt.to_json()
-    _run_group(suite, m, ckpt, "local", _FakeLauncher(checksums, ckpt.tensor_count), doc, {},
-               lambda *a, **k: None)
+    _run_group(
+        suite,
+        m,
+        ckpt,
+        "local",
+        _FakeLauncher(checksums, ckpt.tensor_count),
+        doc,
+        {},
+        lambda *a, **k: None,
+    )
     return doc
 
 
 def test_run_group_records_samples(small_ckpt: Any) -> None:
-    doc = _group(small_ckpt, {"none": "aa", "sglang": "aa", "ours": "aa"},
-                 ("none", "sglang", "ours"))
+    doc = _group(
+        small_ckpt, {"none": "aa", "sglang": "aa", "ours": "aa"}, ("none", "sglang", "ours")
+    )
     kinds = sorted((r["kind"], r["config"], len(r["samples"])) for r in doc["results"])
-    assert kinds == [("floor-raw", "floor:raw", 2), ("hot", "hot", 2), ("load", "none", 2),
-                     ("load", "ours", 2), ("load", "sglang", 2)]
+    assert kinds == [
+        ("floor-raw", "floor:raw", 2),
+        ("hot", "hot", 2),
+        ("load", "none", 2),
+        ("load", "ours", 2),
+        ("load", "sglang", 2),
+    ]
     for r in doc["results"]:
         assert r["samples"][0]["wall_s"] == pytest.approx(1.1)  # release -> last rank
         assert r["samples"][0]["rank_s"] == pytest.approx([1.0, 1.1])
@@ -280,37 +326,69 @@ def test_checksum_mismatch_fails_loudly(small_ckpt: Any) -> None:
 
 def _sample(wall: float, served: float, checksum: str = "c-1") -> dict[str, Any]:
     return {
-        "wall_s": wall, "rank_s": [wall * 0.98, wall], "cpu_s": 1.0, "cpu_s_per_gb": 0.5,
-        "bytes_served": int(served * 1024), "bytes_served_ratio": served,
-        "resident_before": 0.0, "checksum": checksum,
-        "ranks": [{"rank": r, "wall_s": wall, "cpu_s": 0.5, "peak_rss_bytes": 300 * MiB,
-                   "peak_anon_bytes": 100 * MiB, "tensors": 1, "checksum": checksum}
-                  for r in range(2)],
+        "wall_s": wall,
+        "rank_s": [wall * 0.98, wall],
+        "cpu_s": 1.0,
+        "cpu_s_per_gb": 0.5,
+        "bytes_served": int(served * 1024),
+        "bytes_served_ratio": served,
+        "resident_before": 0.0,
+        "checksum": checksum,
+        "ranks": [
+            {
+                "rank": r,
+                "wall_s": wall,
+                "cpu_s": 0.5,
+                "peak_rss_bytes": 300 * MiB,
+                "peak_anon_bytes": 100 * MiB,
+                "tensors": 1,
+                "checksum": checksum,
+            }
+            for r in range(2)
+        ],
         "detail": None,
     }
 
 
 def stored_document() -> dict[str, Any]:
     """A small results document as `run_suite` writes it (two shapes, all kinds)."""
-    doc = results.new_document(settings={"suite": "quick", "repeats": 3, "warmup": 1,
-                                         "launcher": "forkserver"})
+    doc = results.new_document(
+        settings={"suite": "quick", "repeats": 3, "warmup": 1, "launcher": "forkserver"}
+    )
     for shape in ("uniform", "single"):
         cid = f"{shape}-512MiB"
         doc["checkpoints"][cid] = {
-            "shape": shape, "total_bytes": 1024, "tensor_count": 1, "max_tensor_bytes": 512,
-            "files": [{"name": "model.safetensors", "size": 1024}], "checksum": "c-1"}
-        for kind, cfg, walls in (("load", "none", (8.0, 8.2, 8.1)),
-                                 ("load", "sglang", (5.0, 5.1, 5.2)),
-                                 ("load", "ours", (4.0, 4.1, 4.9)),
-                                 ("floor-raw", "floor:raw", (3.9, 3.8, 3.9)),
-                                 ("floor-fio", "floor:fio", (3.7,)),
-                                 ("hot", "hot", (1.0, 1.0, 1.1))):
+            "shape": shape,
+            "total_bytes": 1024,
+            "tensor_count": 1,
+            "max_tensor_bytes": 512,
+            "files": [{"name": "model.safetensors", "size": 1024}],
+            "checksum": "c-1",
+        }
+        for kind, cfg, walls in (
+            ("load", "none", (8.0, 8.2, 8.1)),
+            ("load", "sglang", (5.0, 5.1, 5.2)),
+            ("load", "ours", (4.0, 4.1, 4.9)),
+            ("floor-raw", "floor:raw", (3.9, 3.8, 3.9)),
+            ("floor-fio", "floor:fio", (3.7,)),
+            ("hot", "hot", (1.0, 1.0, 1.1)),
+        ):
             samples = [_sample(w, 1.0 if kind != "hot" else 0.0) for w in walls]
-            doc["results"].append({
-                "scenario": "cold", "kind": kind, "fs": "slow-nfs", "shape": shape,
-                "checkpoint": cid, "ranks": 1 if kind == "floor-fio" else 4, "config": cfg,
-                "spec": cfg, "memory_limit_bytes": None, "samples": samples,
-                "summary": results.summarize(samples, total_bytes=1024)})
+            doc["results"].append(
+                {
+                    "scenario": "cold",
+                    "kind": kind,
+                    "fs": "slow-nfs",
+                    "shape": shape,
+                    "checkpoint": cid,
+                    "ranks": 1 if kind == "floor-fio" else 4,
+                    "config": cfg,
+                    "spec": cfg,
+                    "memory_limit_bytes": None,
+                    "samples": samples,
+                    "summary": results.summarize(samples, total_bytes=1024),
+                }
+            )
     doc["filesystems"]["slow-nfs"] = {"kind": "netfs", "label": "slow-nfs: simulated"}
     doc["duration_s"] = 12.0
     return doc
@@ -330,8 +408,9 @@ def test_stored_document_validates_and_roundtrips(tmp_path: Path) -> None:
 
 
 def test_summary_median_spread_unstable() -> None:
-    s = results.summarize([_sample(4.0, 1.0), _sample(4.1, 1.0), _sample(4.9, 1.02)],
-                          total_bytes=1024)
+    s = results.summarize(
+        [_sample(4.0, 1.0), _sample(4.1, 1.0), _sample(4.9, 1.02)], total_bytes=1024
+    )
     assert s["median_s"] == 4.1
     assert s["spread"] == pytest.approx(0.9 / 4.1)
     assert s["unstable"] is True
@@ -361,8 +440,17 @@ def test_table_and_plot(tmp_path: Path) -> None:
     console = Console(record=True, width=200)
     report.print_report(doc, console)
     text = console.export_text()
-    for needle in ("ours", "sglang", "floor:raw", "hot", "vs sglang", "/floor", "served",
-                   "1.98×", "slow-nfs: simulated"):
+    for needle in (
+        "ours",
+        "sglang",
+        "floor:raw",
+        "hot",
+        "vs sglang",
+        "/floor",
+        "served",
+        "1.98×",
+        "slow-nfs: simulated",
+    ):
         assert needle in text
     png = report.plot(doc, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -399,15 +487,34 @@ def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> No
         main(["run", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--quick", "--full", "--fs", "--ranks", "--shapes", "--size", "--configs",
-                 "--repeats", "--out", "--json", "--plot", "--workdir", "--launcher",
-                 "--memory-limit", "--scenario", "ours-c1-64m", "sorted(files)[rank::world]"):
+    for flag in (
+        "--quick",
+        "--full",
+        "--fs",
+        "--ranks",
+        "--shapes",
+        "--size",
+        "--configs",
+        "--repeats",
+        "--out",
+        "--json",
+        "--plot",
+        "--workdir",
+        "--launcher",
+        "--memory-limit",
+        "--scenario",
+        "ours-c1-64m",
+        "sorted(files)[rank::world]",
+    ):
         assert flag in out
 
 
 def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["run", "--configs", "nonsense"], ["run", "--ranks", "0"],
-                 ["run", "--size", "lots"]):
+    for argv in (
+        ["run", "--configs", "nonsense"],
+        ["run", "--ranks", "0"],
+        ["run", "--size", "lots"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
@@ -416,8 +523,25 @@ def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["make", str(tmp_path / "c"), "--size", "4MiB", "--shards", "2",
-                 "--shape", "skewed", "--skew", "3", "--dtypes", "bf16,fp8_e4m3"]) == 0
+    assert (
+        main(
+            [
+                "make",
+                str(tmp_path / "c"),
+                "--size",
+                "4MiB",
+                "--shards",
+                "2",
+                "--shape",
+                "skewed",
+                "--skew",
+                "3",
+                "--dtypes",
+                "bf16,fp8_e4m3",
+            ]
+        )
+        == 0
+    )
     assert "2 files" in capsys.readouterr().out
     assert (tmp_path / "c" / "model.safetensors.index.json").exists()
 
