@@ -20,7 +20,7 @@ from engine.backends import BACKENDS
 from engine.engine import MAX_CONCURRENCY, PrefetchReport, Progress
 from engine.errors import Failure
 from engine.handle import start_prefetch
-from engine.plan import DEFAULT_CHUNK_BYTES, STRATEGIES, resolve_files
+from engine.plan import STRATEGIES, resolve_files
 from engine.residency import evict, resident_bytes
 from engine.units import format_bytes, parse_size
 
@@ -36,6 +36,15 @@ def _env_int(name: str, default: int) -> int:
         return int(value) if value not in (None, "") else default
     except ValueError:
         return default
+
+
+def _auto_or_int(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     warm.add_argument(
         "--chunk",
-        default=f"{DEFAULT_CHUNK_BYTES >> 20}MiB",
-        help="stripe unit and largest read, at least 4KiB (default: %(default)s)",
+        default="auto",
+        help="stripe unit and largest read, at least 4KiB, or auto: 16MiB on network/FUSE "
+        "filesystems, 64MiB on local ones (default: %(default)s)",
     )
     warm.add_argument(
         "--no-skip-cached",
@@ -180,7 +190,7 @@ def _print_failures(failures: Sequence[Failure]) -> None:
 
 def _cmd_warm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        chunk = parse_size(args.chunk)
+        chunk = "auto" if args.chunk == "auto" else parse_size(args.chunk)
     except ValueError as exc:
         parser.error(str(exc))
     files, failures = expand_paths(args.paths, args.pattern)

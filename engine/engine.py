@@ -26,7 +26,6 @@ from engine.cursor import ConsumerCursor
 from engine.errors import Failure
 from engine.memory import auto_window
 from engine.plan import (
-    DEFAULT_CHUNK_BYTES,
     Extent,
     Order,
     ResolvedFile,
@@ -38,13 +37,12 @@ from engine.plan import (
 )
 from engine.pool import DaemonPool
 from engine.residency import resident_bytes_fd
+from engine.tuning import NODE_STREAMS, auto_tuning
 
 __all__ = ["PrefetchReport", "Prefetcher", "Progress", "prefetch_async"]
 
 log = logging.getLogger(__name__)
 
-#: Extents in flight by default (worker threads of one rank).
-DEFAULT_CONCURRENCY = 8
 #: The most worker threads one prefetch may ask for.
 MAX_CONCURRENCY = 256
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
@@ -92,6 +90,8 @@ class PrefetchReport:
         world: the number of local ranks.
         strategy: the partition strategy used.
         backend: the read backend really used (a fallback says so).
+        concurrency: extents in flight at most (resolved when ``"auto"``).
+        chunk_bytes: the stripe unit (resolved when ``"auto"``).
         files: regular files in the plan (after de-duplication).
         planned_bytes: bytes of this rank's share.
         warmed_bytes: bytes read into the page cache by this rank.
@@ -109,6 +109,8 @@ class PrefetchReport:
     world: int
     strategy: str
     backend: str
+    concurrency: int
+    chunk_bytes: int
     files: int
     planned_bytes: int
     warmed_bytes: int
@@ -149,8 +151,8 @@ class Options:
     strategy: Strategy
     backend: Backend
     backend_reason: str
-    concurrency: int
-    chunk_bytes: int
+    concurrency: int | Literal["auto"]
+    chunk_bytes: int | Literal["auto"]
     skip_cached: bool
     window_bytes: int | Literal["auto"] | None
     order: Order
@@ -164,8 +166,8 @@ class Options:
         *,
         strategy: str | Strategy = "balanced",
         backend: str | Backend = "auto",
-        concurrency: int = DEFAULT_CONCURRENCY,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        concurrency: int | Literal["auto"] = "auto",
+        chunk_bytes: int | Literal["auto"] = "auto",
         skip_cached: bool = True,
         window_bytes: int | Literal["auto"] | None = None,
         order: str | Order = "sorted",
@@ -173,14 +175,16 @@ class Options:
     ) -> Options:
         """Check every option; raise ValueError naming the valid values."""
         check_rank_world(rank, world)
-        check_chunk_bytes(chunk_bytes)
-        if (
+        if chunk_bytes != "auto":
+            check_chunk_bytes(chunk_bytes)
+        if concurrency != "auto" and (
             isinstance(concurrency, bool)
             or not isinstance(concurrency, int)
             or not 1 <= concurrency <= MAX_CONCURRENCY
         ):
             raise ValueError(
-                f"concurrency must be an integer in [1, {MAX_CONCURRENCY}], got {concurrency!r}"
+                f"concurrency must be 'auto' or an integer in [1, {MAX_CONCURRENCY}], "
+                f"got {concurrency!r}"
             )
         if (
             window_bytes is not None
@@ -345,6 +349,8 @@ class Prefetcher:
         self._progress_cb = options.progress
         self._window: int | None = None
         self._pool: DaemonPool | None = None
+        self._chunk = 0  # resolved stripe size and concurrency (known once planned)
+        self._concurrency = 0
 
     # ----------------------------------------------------------------- progress
     def progress(self) -> Progress:
@@ -405,7 +411,9 @@ class Prefetcher:
         """
         self._t0 = time.monotonic()
         opt = self.opt
-        pool = self._pool = DaemonPool(opt.concurrency)
+        pool = self._pool = DaemonPool(
+            NODE_STREAMS if opt.concurrency == "auto" else opt.concurrency
+        )
         loop_cpu0 = time.thread_time()
         files: dict[str, _File] = {}
         pending: collections.deque[Extent] = collections.deque()
@@ -420,13 +428,22 @@ class Prefetcher:
             for failure in failures:
                 self._record(failure)
             self._file_count = len(resolved)
+            tuning_reason = "given"
+            self._chunk = opt.chunk_bytes if opt.chunk_bytes != "auto" else 0
+            self._concurrency = opt.concurrency if opt.concurrency != "auto" else 0
+            if not (self._chunk and self._concurrency):  # statfs may block: on the pool
+                first = resolved[0].path if resolved else None
+                tuning = await pool.run(auto_tuning, first, opt.world)
+                self._chunk = self._chunk or tuning.chunk_bytes
+                self._concurrency = self._concurrency or tuning.concurrency
+                tuning_reason = tuning.reason
             pending.extend(
                 plan(
                     resolved,
                     opt.rank,
                     opt.world,
                     strategy=opt.strategy,
-                    chunk_bytes=opt.chunk_bytes,
+                    chunk_bytes=self._chunk,
                 )
             )
             counts: dict[str, int] = {}
@@ -443,7 +460,7 @@ class Prefetcher:
             self._window = self._resolve_window(sum(m.size for m in resolved))
             log.info(
                 "prefetch rank %d/%d: %d files, %d bytes planned, strategy=%s, backend=%s (%s), "
-                "concurrency=%d, chunk=%d, window=%s",
+                "concurrency=%d, chunk=%d MiB (%s), window=%s",
                 opt.rank,
                 opt.world,
                 len(resolved),
@@ -451,9 +468,10 @@ class Prefetcher:
                 opt.strategy.value,
                 opt.backend.name,
                 opt.backend_reason,
-                opt.concurrency,
-                opt.chunk_bytes,
-                opt.window_bytes,
+                self._concurrency,
+                self._chunk >> 20,
+                tuning_reason,
+                self._window,
             )
             await self._schedule(pool, pending, files, starts, wake)
         except asyncio.CancelledError:
@@ -489,7 +507,7 @@ class Prefetcher:
         if opt.window_bytes != "auto":
             return opt.window_bytes
         # Two stripe units per rank, so every rank always has something to read.
-        window, reason = auto_window(checkpoint_bytes, min_bytes=2 * opt.chunk_bytes * opt.world)
+        window, reason = auto_window(checkpoint_bytes, min_bytes=2 * self._chunk * opt.world)
         log.info("prefetch rank %d/%d: %s", opt.rank, opt.world, reason)
         return window
 
@@ -536,7 +554,7 @@ class Prefetcher:
             consumer = 0
             if cursor is not None:
                 consumer = 1 << 62 if cursor.finished else cursor.position(starts)
-            while pending and self._in_flight < opt.concurrency:
+            while pending and self._in_flight < self._concurrency:
                 ext = pending[0]
                 if cursor is not None and ext.end <= consumer:
                     # The loader is already past this extent: reading it now is waste.
@@ -593,6 +611,8 @@ class Prefetcher:
             world=opt.world,
             strategy=opt.strategy.value,
             backend=opt.backend.label,
+            concurrency=self._concurrency,
+            chunk_bytes=self._chunk,
             files=self._file_count,
             planned_bytes=self._total,
             warmed_bytes=self._warmed,
@@ -614,8 +634,8 @@ async def prefetch_async(
     *,
     strategy: str = "balanced",
     backend: str | Backend = "auto",
-    concurrency: int = DEFAULT_CONCURRENCY,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    concurrency: int | Literal["auto"] = "auto",
+    chunk_bytes: int | Literal["auto"] = "auto",
     skip_cached: bool = True,
     window_bytes: int | Literal["auto"] | None = None,
     order: str = "sorted",
@@ -633,8 +653,10 @@ async def prefetch_async(
         world: number of local ranks sharing the node's page cache.
         strategy: ``"balanced"`` (byte stripes) or ``"files"`` (whole files round-robin).
         backend: ``"auto"``, one of `engine.BACKENDS`, or a `Backend` instance.
-        concurrency: extents in flight at once (worker threads), 1..256.
-        chunk_bytes: stripe unit and largest read, at least 4096.
+        concurrency: extents in flight at once (worker threads), 1..256, or ``"auto"``:
+            8 per node split among the ranks (`engine.tuning`).
+        chunk_bytes: stripe unit and largest read, at least 4096, or ``"auto"``: 16 MiB on
+            network/FUSE filesystems, 64 MiB on local ones (`engine.tuning`).
         skip_cached: skip extents already fully resident in the page cache.
         window_bytes: warm at most this many bytes (on the whole checkpoint's axis) ahead
             of `consumer`; None = no limit; ``"auto"`` = none when the checkpoint fits in

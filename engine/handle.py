@@ -22,8 +22,7 @@ from typing import Literal
 
 from engine.backends import Backend
 from engine.cursor import ConsumerCursor
-from engine.engine import DEFAULT_CONCURRENCY, Options, Prefetcher, PrefetchReport, Progress
-from engine.plan import DEFAULT_CHUNK_BYTES
+from engine.engine import Options, Prefetcher, PrefetchReport, Progress
 
 __all__ = ["PrefetchHandle", "start_prefetch"]
 
@@ -169,8 +168,8 @@ def start_prefetch(
     *,
     strategy: str = "balanced",
     backend: str | Backend = "auto",
-    concurrency: int = DEFAULT_CONCURRENCY,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    concurrency: int | Literal["auto"] = "auto",
+    chunk_bytes: int | Literal["auto"] = "auto",
     skip_cached: bool = True,
     window_bytes: int | Literal["auto"] | None = None,
     order: str = "sorted",
@@ -188,8 +187,8 @@ def start_prefetch(
         world: number of local ranks.
         strategy: ``"balanced"`` or ``"files"``.
         backend: ``"auto"``, one of `engine.BACKENDS`, or a `Backend` instance.
-        concurrency: extents in flight at once.
-        chunk_bytes: stripe unit and largest read.
+        concurrency: extents in flight at once, or ``"auto"`` (8 per node / world).
+        chunk_bytes: stripe unit and largest read, or ``"auto"`` (by filesystem).
         skip_cached: skip extents already resident.
         window_bytes: most bytes warmed ahead of the consumer; None = no limit;
             ``"auto"`` = from the memory budget (see `engine.memory.auto_window`).

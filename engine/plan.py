@@ -29,11 +29,8 @@ __all__ = [
     "resolve_files",
 ]
 
-#: Default stripe unit. Measured on this project's 2-core VM (ext4, read_ahead_kb=8192,
-#: 1 GiB cold, sendfile, 8 in flight): 8 MiB 0.10-0.13 CPU-s/GB, 16 MiB 0.06-0.07,
-#: 64 MiB 0.035-0.037, at the same throughput: every stripe boundary costs a read-ahead
-#: ramp that overlaps the neighbour's stripe. The DESIGN's end-to-end run agrees (64 MiB).
-DEFAULT_CHUNK_BYTES = 64 << 20
+#: Stripe unit when `plan` is called without one (the engine picks its own: `engine.tuning`).
+DEFAULT_CHUNK_BYTES = 16 << 20
 #: The smallest stripe unit accepted: one page.
 MIN_CHUNK_BYTES = 4096
 #: The largest stripe unit accepted (larger values are almost certainly a unit mistake).

@@ -8,14 +8,13 @@ type name for the log line (``fuse.sshfs`` says more than ``fuse``).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine import memory_budget
+from engine.fstype import LOCAL_FILESYSTEMS, NETWORK_FILESYSTEMS, filesystem_type
 
 __all__ = [
     "LOCAL_FILESYSTEMS",
@@ -28,87 +27,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: statfs f_type magic numbers of network, cluster and FUSE filesystems (prefetch on).
-NETWORK_FILESYSTEMS: dict[int, str] = {
-    0x6969: "nfs",
-    0x517B: "smb",
-    0xFF534D42: "cifs",
-    0xFE534D42: "smb2",
-    0x0BD00BD0: "lustre",
-    0x47504653: "gpfs",
-    0x00C36400: "ceph",
-    0x01021997: "9p",
-    0x19830326: "beegfs",
-    0x65735546: "fuse",  # also fuseblk, virtiofs, sshfs, s3fs, gcsfuse, JuiceFS, GlusterFS...
-    0x5346414F: "afs",
-    0x6B414653: "kafs",
-    0x73757245: "coda",
-    0x564C: "ncp",
-    0xAAD7AAEA: "panfs",
-    0x20030528: "orangefs",
-    0x01161970: "gfs2",
-    0x7461636F: "ocfs2",
-    0x786F4256: "vboxsf",
-}
-
-#: statfs f_type magic numbers of local filesystems (prefetch off), for the log line.
-LOCAL_FILESYSTEMS: dict[int, str] = {
-    0xEF53: "ext2/3/4",
-    0x58465342: "xfs",
-    0x9123683E: "btrfs",
-    0x01021994: "tmpfs",
-    0x858458F6: "ramfs",
-    0x958458F6: "hugetlbfs",
-    0x794C7630: "overlayfs",
-    0x2FC12FC1: "zfs",
-    0xF2F52010: "f2fs",
-    0xCA451A4E: "bcachefs",
-    0x73717368: "squashfs",
-    0xE0F5E1E2: "erofs",
-    0x4D44: "vfat",
-    0x2011BAB0: "exfat",
-    0x5346544E: "ntfs",
-    0x3153464A: "jfs",
-    0x52654973: "reiserfs",
-    0x3434: "nilfs",
-}
-
-
-class _Statfs(ctypes.Structure):
-    # struct statfs on 64-bit Linux; f_type is the first field on every architecture.
-    # The padding leaves room for the rest of the struct on any ABI.
-    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def filesystem_type(path: str | os.PathLike[str]) -> int:
-    """Return ``statfs(path).f_type`` as an unsigned 32-bit magic number.
-
-    Args:
-        path: any existing path on the filesystem.
-
-    Returns:
-        The filesystem's magic number (for example 0xEF53 for ext4).
-
-    Raises:
-        OSError: statfs failed (missing path, permission).
-
-    Example:
-        >>> hex(filesystem_type("/proc"))
-        '0x9fa0'
-    """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    buf = _Statfs()
-    if _libc.statfs(os.fsencode(os.fspath(path)), ctypes.byref(buf)) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), os.fspath(path))
-    return buf.f_type & 0xFFFFFFFF
-
 
 def _unescape(field: str) -> str:
     """Undo mountinfo's octal escapes (``\\040`` is a space)."""
