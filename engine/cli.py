@@ -7,6 +7,7 @@ listed), 2 for usage errors, 130 when interrupted (a partial summary is printed)
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.backends import BACKENDS
+from engine.checkpoint_files import expand_checkpoint_files
 from engine.engine import MAX_CONCURRENCY, PrefetchReport, Progress
 from engine.errors import Failure
 from engine.handle import start_prefetch
@@ -30,12 +32,9 @@ log = logging.getLogger("ckpt_prefetch.cli")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    try:
-        return int(value) if value not in (None, "") else default
-    except ValueError:
-        return default
+def _env_default(name: str, default: str) -> str:
+    """The value of environment variable `name` (validated later by argparse), or `default`."""
+    return os.environ.get(name) or default
 
 
 def _auto_or_int(text: str) -> int | str:
@@ -69,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--pattern",
-            default="*.safetensors",
-            help="file name pattern used inside directories (default: %(default)s)",
+            default=None,
+            help="search directories recursively for this glob (e.g. '*.bin') instead of "
+            "taking the safetensors checkpoint in them (its index.json, else *.safetensors)",
         )
         p.add_argument("--json", action="store_true", help="print a JSON document on stdout")
 
@@ -84,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument(
         "--rank",
         type=int,
-        default=_env_int("LOCAL_RANK", 0),
+        default=_env_default("LOCAL_RANK", "0"),
         help="local rank (default: $LOCAL_RANK, else 0)",
     )
     warm.add_argument(
         "--world",
         type=int,
-        default=_env_int("LOCAL_WORLD_SIZE", 1),
+        default=_env_default("LOCAL_WORLD_SIZE", "1"),
         help="number of local ranks (default: $LOCAL_WORLD_SIZE, else 1)",
     )
     warm.add_argument(
@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     warm.add_argument(
         "--concurrency",
-        type=int,
-        default=8,
-        help=f"reads in flight, 1..{MAX_CONCURRENCY} (default: %(default)s)",
+        type=_auto_or_int,
+        default="auto",
+        help=f"reads in flight per rank, 1..{MAX_CONCURRENCY}, or auto: 8 per node split "
+        "among the ranks (default: %(default)s)",
     )
     warm.add_argument(
         "--chunk",
@@ -147,27 +148,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def expand_paths(paths: Sequence[str], pattern: str) -> tuple[list[str], list[Failure]]:
-    """Expand directories into the files under them that match `pattern`.
+def expand_paths(paths: Sequence[str], pattern: str | None) -> tuple[list[str], list[Failure]]:
+    """Turn the command line's paths into checkpoint files, as the loader would.
 
     Args:
-        paths: files or directories.
-        pattern: a glob pattern for file names inside directories.
+        paths: files, directories or ``*.safetensors.index.json`` files.
+        pattern: when given, directories are searched recursively for this glob instead
+            (for checkpoints that are not safetensors).
 
     Returns:
         ``(files, failures)``; a directory with no matching file is a failure.
+
+    Example:
+        >>> expand_paths(["/etc/hostname"], None)
+        (['/etc/hostname'], [])
     """
     files: list[str] = []
     failures: list[Failure] = []
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob(pattern) if f.is_file())
-            if not found:
-                failures.append(Failure(raw, 0, 0, None, f"no file matching {pattern!r}"))
-            files.extend(found)
-        else:
-            files.append(raw)
+        try:
+            if pattern is not None and p.is_dir():
+                found = sorted(str(f) for f in p.rglob(pattern) if f.is_file())
+                if not found:
+                    raise FileNotFoundError(errno.ENOENT, f"no file matching {pattern!r}")
+                files.extend(found)
+            else:
+                files.extend(expand_checkpoint_files(raw))
+        except (OSError, ValueError) as exc:
+            code = getattr(exc, "errno", None)
+            failures.append(Failure(raw, 0, 0, code, getattr(exc, "strerror", None) or str(exc)))
     return files, failures
 
 

@@ -28,6 +28,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 def _unescape(field: str) -> str:
     """Undo mountinfo's octal escapes (``\\040`` is a space)."""
     if "\\" not in field:

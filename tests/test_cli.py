@@ -111,3 +111,35 @@ def test_ctrl_c_exits_130_with_a_partial_summary(tmp_path):
     assert proc.returncode == 130, err
     assert time.monotonic() - t0 < 5
     assert "interrupted" in out
+
+
+def test_bad_rank_in_environment_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_RANK", "abc")
+    assert main(["warm", "/etc/hostname"]) == 2
+    assert "invalid int value" in capsys.readouterr().err
+
+
+def test_directory_follows_its_index_like_the_loader(make_file, tmp_path, capsys):
+    import json as _json
+
+    make_file("d/model-00001-of-00002.safetensors", MiB)
+    make_file("d/model-00002-of-00002.safetensors", MiB)
+    make_file("d/consolidated.safetensors", 3 * MiB)  # not in the index: not loaded
+    (tmp_path / "d" / "model.safetensors.index.json").write_text(
+        _json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                    "b": "model-00002-of-00002.safetensors"}})
+    )  # fmt: skip
+    assert main(["warm", str(tmp_path / "d"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["planned_bytes"] == 2 * MiB
+    make_file("d/sub/extra.bin", MiB)
+    assert main(["warm", str(tmp_path / "d"), "--pattern", "*.bin", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["planned_bytes"] == MiB
+
+
+def test_concurrency_auto_and_explicit(make_file, capsys):
+    path = make_file("c.safetensors", MiB)
+    assert main(["warm", str(path), "--concurrency", "auto", "--world", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["concurrency"] == 2
+    assert main(["warm", str(path), "--concurrency", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["concurrency"] == 3
+    assert main(["warm", str(path), "--concurrency", "many"]) == 2
