@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.blockdev import block_device, sectors_read
 from engine import evict, resident_bytes
 from engine.units import format_bytes, parse_size
 
@@ -92,16 +93,6 @@ def evict_all(files: Sequence[Path]) -> None:
         raise RuntimeError(f"eviction failed: {left} of {total} bytes still resident")
 
 
-def block_device_sectors(path: Path) -> tuple[str, int]:
-    """(device name, sectors read so far) of the block device holding `path`."""
-    st = os.stat(path)
-    sys_dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve()
-    if (sys_dev / "partition").exists():
-        sys_dev = sys_dev.parent
-    fields = (sys_dev / "stat").read_text().split()
-    return sys_dev.name, int(fields[2])
-
-
 def run_worker(files: Sequence[Path], *, backend: str, rank: int, world: int) -> subprocess.Popen:
     """Start one warming process (fresh interpreter)."""
     return subprocess.Popen(
@@ -160,12 +151,13 @@ def measure(files: Sequence[Path], *, backend: str, repeats: int) -> dict[str, A
         samples["rss_growth"].append(cold["rss_growth"])
 
         evict_all(files)
-        dev, before = block_device_sectors(files[0])
+        dev = block_device(files[0]) or "?"
+        before = sectors_read(dev)
         t0 = time.perf_counter()
         procs = [run_worker(files, backend=backend, rank=r, world=4) for r in range(4)]
         results = [collect(p) for p in procs]
         wall = time.perf_counter() - t0
-        _, after = block_device_sectors(files[0])
+        after = sectors_read(dev)
         if not all(r["ok"] for r in results):
             raise RuntimeError(f"a rank failed: {results}")
         samples["ranks4_read_ratio"].append((after - before) * 512 / total)

@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.residency import evict
+
 __all__ = [
     "PROFILES",
     "Counters",
@@ -457,7 +459,7 @@ class NetFS:
                 rel = os.path.relpath(backing, self.backing_dir)
                 for target in (os.path.join(self.path, rel), backing):
                     try:
-                        _fadvise_dontneed(target)
+                        evict(target)
                     except OSError as exc:
                         log.debug("evict %s: %s", target, exc)
 
@@ -472,14 +474,6 @@ class NetFS:
             self._control.close()
             self._control = None
         _teardown(self._proc, str(self.path))
-
-
-def _fadvise_dontneed(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _stop_server(proc: subprocess.Popen[bytes], grace_s: float) -> None:

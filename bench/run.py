@@ -50,7 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import results as res
+from bench.blockdev import block_device, sectors_read
 from bench.worker import Config, Job, parse_config
+from engine.residency import evict
 
 __all__ = [
     "BenchError",
@@ -434,45 +436,6 @@ def _mount_of(path: str) -> tuple[str | None, str | None]:
     return fstype, source
 
 
-def block_device(path: str | os.PathLike[str]) -> str | None:
-    """The whole-disk block device (``vda``) holding `path`, or None (tmpfs, FUSE, ...).
-
-    Follows st_dev to ``/sys/dev/block/MAJ:MIN``, and from a partition to its disk.
-
-    Args:
-        path: a file or directory.
-
-    Returns:
-        The device name under ``/sys/block``, or None.
-
-    Example:
-        >>> block_device("/")  # doctest: +SKIP
-        'vda'
-    """
-    st = os.stat(path)
-    sys_dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
-    if not sys_dev.exists():
-        return None
-    real = sys_dev.resolve()
-    if (real / "partition").exists():
-        real = real.parent
-    name = real.name
-    return name if Path("/sys/block", name, "stat").exists() else None
-
-
-def _sectors_read(dev: str) -> int:
-    with open(f"/sys/block/{dev}/stat", encoding="ascii") as f:
-        return int(f.read().split()[2])
-
-
-def _evict_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _resident(files: Sequence[str]) -> int:
     from engine import resident_bytes
 
@@ -507,15 +470,15 @@ class _LocalFS(_FS):
 
     def evict(self) -> None:
         for f in self.files:
-            _evict_file(f)
+            evict(f)
 
     def start_count(self) -> None:
-        self._start = _sectors_read(self.dev) if self.dev else None
+        self._start = sectors_read(self.dev) if self.dev else None
 
     def served(self) -> int | None:
         if self.dev is None or self._start is None:
             return None
-        return (_sectors_read(self.dev) - self._start) * 512
+        return (sectors_read(self.dev) - self._start) * 512
 
     def describe(self) -> dict[str, Any]:
         fstype, source = _mount_of(os.path.dirname(self.files[0]))
