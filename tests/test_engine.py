@@ -83,18 +83,6 @@ async def test_read_errors_are_recorded_per_range_and_coalesced(make_file):
 
 
 @pytest.mark.asyncio
-async def test_vanished_file_fails_once_and_closes_nothing_twice(make_file):
-    path = make_file("gone", 4 * MiB)
-    other = make_file("other", MiB)
-    fake = FakeBackend()
-    # Resolve happens on the pool; remove the file between planning and opening by
-    # making the first read of `other` (sorted before) delete it.
-    os.remove(path)
-    report = await prefetch_async([other, path], backend=fake, chunk_bytes=MiB, skip_cached=False)
-    assert [f.errno_name for f in report.failures] == ["ENOENT"]
-
-
-@pytest.mark.asyncio
 async def test_progress_snapshots_are_frozen_and_end_complete(make_file):
     path = make_file("p", 4 * MiB)
     seen: list[Progress] = []

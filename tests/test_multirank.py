@@ -15,8 +15,8 @@ MiB = 1 << 20
 WORKER = """
 import json, sys
 from engine import start_prefetch
-rank, world, *files = sys.argv[1:]
-report = start_prefetch(files, int(rank), int(world), chunk_bytes=4 << 20).wait()
+rank, world, strategy, *files = sys.argv[1:]
+report = start_prefetch(files, int(rank), int(world), strategy=strategy, chunk_bytes=4 << 20).wait()
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 print(json.dumps({"planned": report.planned_bytes, "warmed": report.warmed_bytes,
                   "cached": report.cached_bytes, "ok": report.ok,
@@ -24,19 +24,19 @@ print(json.dumps({"planned": report.planned_bytes, "warmed": report.warmed_bytes
 """
 
 
-@pytest.mark.parametrize("strategy_world", [4, 3])
-def test_ranks_read_each_byte_once_and_everything_ends_resident(make_file, strategy_world):
+@pytest.mark.parametrize(("strategy", "world"), [("balanced", 4), ("balanced", 3), ("files", 4)])
+def test_ranks_read_each_byte_once_and_everything_ends_resident(make_file, strategy, world):
     sizes = [40 * MiB, 9 * MiB, 3 * MiB + 4097, 17 * MiB]  # skewed, unaligned
     files = [str(make_file(f"m{i}.safetensors", s, seed=i)) for i, s in enumerate(sizes)]
     total = sum(sizes)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(r), str(strategy_world), *files],
+            [sys.executable, "-c", WORKER, str(r), str(world), strategy, *files],
             stdout=subprocess.PIPE,
             text=True,
             cwd=os.getcwd(),
         )
-        for r in range(strategy_world)
+        for r in range(world)
     ]
     results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)

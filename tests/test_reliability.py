@@ -151,9 +151,15 @@ def test_thousand_start_cancel_cycles_leak_nothing(make_file):
     for _ in range(50):  # let allocator pools settle before the baseline
         start_prefetch(files, backend=FakeBackend(), skip_cached=False).cancel()
     fds0, threads0, rss0 = snapshot()
+    cancelled = 0
     for _ in range(1000):
-        h = start_prefetch(files, backend=FakeBackend(), skip_cached=False, chunk_bytes=MiB)
-        h.cancel()
+        # Each read takes 2 ms, so the cancel lands while reads are in flight.
+        fake = FakeBackend(delay_s=0.002)
+        h = start_prefetch(files, backend=fake, skip_cached=False, chunk_bytes=MiB)
+        fake.started.wait(5)
+        report = h.cancel()
+        cancelled += bool(report and report.cancelled)
+    assert cancelled >= 900, f"only {cancelled} of 1000 cancels hit a running prefetch"
     fds1, threads1, rss1 = snapshot()
     assert fds1 == fds0
     assert threads1 == threads0 == 0
