@@ -91,7 +91,11 @@ def _from_torch_distributed() -> tuple[int, int] | None:
     key = (me, size, host)
     if key not in _cache:
         hosts: list[object] = [None] * size
-        dist.all_gather_object(hosts, host)
+        # Exchange host names over gloo: under NCCL, all_gather_object would stage the
+        # objects on the current CUDA device, which is often cuda:0 on every rank before
+        # the server has picked its GPU. new_group is a collective every rank reaches here.
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        dist.all_gather_object(hosts, host, group=group)
         same = [r for r, h in enumerate(hosts) if h == host]
         _cache[key] = (same.index(me), len(same))
         log.debug("torch.distributed: rank %d of %d, hosts %s", me, size, hosts)
