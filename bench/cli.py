@@ -38,7 +38,9 @@ suites:
                      'cold' = local disk and every netfs profile x ranks 1,2,4,8 x
                      shapes uniform, skewed, single, many-small x none, sglang, ours,
                      ours-files (2 GiB); 'sweep' = slow-nfs, 4 ranks, uniform,
-                     concurrency 1/2/4/8 x chunk 16/64 MiB; 'bigger-than-memory' =
+                     concurrency 1/2/4/8 x chunk 16/64 MiB; 'backends' = local and
+                     slow-nfs, 4 ranks, uniform, every read backend + ours-files;
+                     'bigger-than-memory' =
                      slow-nfs, 4 ranks, 3 GiB in a 1 GiB memory cgroup, none / sglang /
                      ours-window / ours-nowindow.
   Flags given explicitly replace the suite's values: --fs, --ranks, --shapes in every
@@ -189,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
         "--scenario",
         type=_csv,
         metavar="LIST",
-        help="scenarios: cold, sweep, bigger-than-memory (quick: cold; full: all)",
+        help="scenarios: cold, sweep, backends, bigger-than-memory (quick: cold; full: all)",
     )
     r.add_argument(
         "--memory-limit",
@@ -331,9 +333,9 @@ def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Any:
 
     base = brun.full_suite() if args.full else brun.quick_suite()
     scenarios = args.scenario or (
-        ["cold", "sweep", "bigger-than-memory"] if args.full else ["cold"]
+        ["cold", "sweep", "backends", "bigger-than-memory"] if args.full else ["cold"]
     )
-    known = {"cold", "sweep", "bigger-than-memory"}
+    known = {"cold", "sweep", "backends", "bigger-than-memory"}
     bad = [s for s in scenarios if s not in known]
     if bad:
         raise ValueError(f"unknown scenario(s) {', '.join(bad)}: use {', '.join(sorted(known))}")
@@ -354,7 +356,7 @@ def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Any:
                 repl["configs"] = tuple(args.configs)
             if args.size:
                 repl["size_bytes"] = args.size
-        if name == "sweep" and args.size:
+        if name in ("sweep", "backends") and args.size:
             repl["size_bytes"] = args.size
         if name == "bigger-than-memory":
             repl["memory_limit_bytes"] = args.memory_limit

@@ -52,6 +52,7 @@ from typing import Any
 from bench import results as res
 from bench.blockdev import block_device, sectors_read
 from bench.worker import Config, Job, parse_config
+from engine.backends import BACKENDS
 from engine.residency import evict
 
 __all__ = [
@@ -200,11 +201,13 @@ def quick_suite(**overrides: Any) -> Suite:
 
 
 def full_suite(**overrides: Any) -> Suite:
-    """The full suite (about 2-3 hours on 2 cores, estimated): three matrices.
+    """The full suite (about 2-3 hours on 2 cores, estimated): four matrices.
 
     ``cold``: local disk and every netfs profile x ranks 1, 2, 4, 8 x shapes uniform,
     skewed, single, many-small x none, sglang, ours, ours-files, 2 GiB.
     ``sweep``: slow-nfs, 4 ranks, uniform, concurrency 1/2/4/8 x chunk 16/64 MiB.
+    ``backends``: local and slow-nfs, 4 ranks, uniform: every read backend and the
+    ``files`` strategy through the loader.
     ``bigger-than-memory``: slow-nfs, 4 ranks, a 3 GiB uniform checkpoint in a memory
     cgroup limited to 1 GiB: none, sglang, ours (window auto), ours-nowindow.
 
@@ -232,6 +235,16 @@ def full_suite(**overrides: Any) -> Suite:
             (4,),
             ("uniform",),
             ("sglang", "ours", *SWEEP_CONFIGS),
+            2 << 30,
+            hot=False,
+            fio=False,
+        ),
+        Matrix(
+            "backends",
+            ("local", "slow-nfs"),
+            (4,),
+            ("uniform",),
+            (*tuple(f"ours-{b}" for b in BACKENDS), "ours-files"),
             2 << 30,
             hot=False,
             fio=False,
