@@ -397,14 +397,10 @@ def _load(
         it = safetensors_weights_iterator(
             files, prefetch=prefetch, rank=rank, world=world, **kwargs
         )
-        try:
+        with it:
             for name, tensor in it:
                 consume(name, tensor)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-        return _prefetch_report(it)
+        return it.report.to_dict() if it.report is not None else None
     if cfg.kind == "raw":
         from bench.floor import raw_read_share
 
@@ -417,35 +413,6 @@ def _load(
         )
         return {"bytes_read": n}
     raise ValueError(f"unknown kind {cfg.kind!r}")
-
-
-def _prefetch_report(it: Any) -> dict[str, Any] | None:
-    """The engine's report from the iterator, when the loader adapter exposes one."""
-    for attr in ("report", "prefetch_report"):
-        rep = getattr(it, attr, None)
-        if callable(rep):
-            with contextlib.suppress(Exception):
-                rep = rep()
-        if rep is None:
-            continue
-        to_dict = getattr(rep, "to_dict", None)
-        if callable(to_dict):
-            with contextlib.suppress(Exception):
-                return _jsonable(to_dict())
-        if isinstance(rep, Mapping):
-            return _jsonable(dict(rep))
-    return None
-
-
-def _jsonable(value: Any) -> Any:
-    """Best-effort conversion to JSON types (unknown objects become strings)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def run_rank(job: Job, rank: int, wait_release: Callable[[], None]) -> dict[str, Any]:
