@@ -11,7 +11,7 @@ Example:
 from engine.backends import BACKENDS, Backend, resolve_backend
 from engine.cursor import ConsumerCursor
 from engine.engine import PrefetchReport, Progress, prefetch_async
-from engine.errors import Failure, PrefetchError
+from engine.errors import Failure, InvalidOptionError, PrefetchError
 from engine.handle import PrefetchHandle, start_prefetch
 from engine.memory import MemoryBudget, auto_window, memory_budget
 from engine.plan import STRATEGIES, Extent, ResolvedFile, plan, resolve_files
@@ -42,5 +42,6 @@ __all__ = [
     "resident_bytes",
     # errors
     "Failure",
+    "InvalidOptionError",
     "PrefetchError",
 ]

@@ -17,6 +17,7 @@ import threading
 from typing import ClassVar
 
 from engine import _libc
+from engine.errors import InvalidOptionError
 from engine.residency import resident_bytes_fd
 
 __all__ = [
@@ -296,7 +297,7 @@ def resolve_backend(backend: str | Backend) -> tuple[Backend, str]:
         return SendfileBackend(), "auto: " + SendfileBackend.description
     cls = _CLASSES.get(backend) if isinstance(backend, str) else None
     if cls is None:
-        raise ValueError(
+        raise InvalidOptionError(
             f"unknown backend {backend!r}; valid backends: auto, {', '.join(BACKENDS)}"
         )
     return cls(), "chosen: " + cls.description

@@ -6,11 +6,18 @@ import errno as _errno
 import os
 from dataclasses import dataclass
 
-__all__ = ["Failure", "PrefetchError"]
+__all__ = ["Failure", "InvalidOptionError", "PrefetchError"]
 
 
 class PrefetchError(Exception):
     """Base class of the exceptions this package raises on purpose."""
+
+
+class InvalidOptionError(PrefetchError, ValueError):
+    """An option or argument is invalid (a programmer error, raised before any I/O).
+
+    A `ValueError`, so ``except ValueError`` works; the message names the valid values.
+    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from engine.errors import Failure
+from engine.errors import Failure, InvalidOptionError
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -51,7 +51,7 @@ class Strategy(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"unknown strategy {value!r}; valid strategies: {', '.join(STRATEGIES)}"
             ) from None
 
@@ -68,7 +68,7 @@ class Order(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"unknown order {value!r}; valid orders: {', '.join(o.value for o in cls)}"
             ) from None
 
@@ -112,9 +112,9 @@ class Extent:
 def check_rank_world(rank: int, world: int) -> None:
     """Raise ValueError unless ``0 <= rank < world``."""
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise ValueError(f"world must be an integer >= 1, got {world!r}")
+        raise InvalidOptionError(f"world must be an integer >= 1, got {world!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
-        raise ValueError(f"rank must be an integer in [0, {world}), got {rank!r}")
+        raise InvalidOptionError(f"rank must be an integer in [0, {world}), got {rank!r}")
 
 
 def check_chunk_bytes(chunk_bytes: int) -> None:
@@ -124,7 +124,7 @@ def check_chunk_bytes(chunk_bytes: int) -> None:
         or not isinstance(chunk_bytes, int)
         or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES
     ):
-        raise ValueError(
+        raise InvalidOptionError(
             f"chunk_bytes must be an integer in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], "
             f"got {chunk_bytes!r}"
         )
@@ -167,7 +167,7 @@ def plan(
     ]
     for path, size in pairs:
         if size < 0:
-            raise ValueError(f"negative size {size} for {path!r}")
+            raise InvalidOptionError(f"negative size {size} for {path!r}")
 
     extents: list[Extent] = []
     if strat is Strategy.FILES:

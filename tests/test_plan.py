@@ -153,3 +153,11 @@ def test_resolve_files_records_bad_paths_without_opening(tmp_path: Path):
         "ENOENT",
         "ELOOP",
     ]
+
+
+def test_invalid_options_are_one_family_and_value_errors():
+    from engine import InvalidOptionError, PrefetchError
+
+    with pytest.raises(InvalidOptionError) as info:
+        plan([("a", 1)], 0, 0)
+    assert isinstance(info.value, PrefetchError) and isinstance(info.value, ValueError)
