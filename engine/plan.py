@@ -234,10 +234,16 @@ def resolve_files(
         (True, [])
     """
     ordering = Order.parse(order)
+    if isinstance(files, (str, bytes, os.PathLike)):  # one path, not its characters
+        files = [files]
     by_key: dict[tuple[int, int], ResolvedFile] = {}
     failures: list[Failure] = []
     for raw in files:
-        name = os.fsdecode(raw) if isinstance(raw, bytes) else os.fspath(raw)
+        try:
+            name = os.fsdecode(raw) if isinstance(raw, bytes) else os.fspath(raw)
+        except TypeError as exc:  # not a path at all (None, a number, ...)
+            failures.append(Failure(repr(raw), 0, 0, errno.EINVAL, f"not a path: {exc}"))
+            continue
         try:
             real = os.path.realpath(name, strict=True)
             st = os.stat(real)
@@ -246,6 +252,9 @@ def resolve_files(
             continue
         except RuntimeError as exc:  # symlink loop on some Python versions
             failures.append(Failure(name, 0, 0, errno.ELOOP, str(exc)))
+            continue
+        except ValueError as exc:  # an embedded NUL byte
+            failures.append(Failure(repr(name), 0, 0, errno.EINVAL, str(exc)))
             continue
         if stat.S_ISDIR(st.st_mode):
             failures.append(Failure(name, 0, 0, errno.EISDIR, "is a directory"))

@@ -161,3 +161,13 @@ def test_invalid_options_are_one_family_and_value_errors():
     with pytest.raises(InvalidOptionError) as info:
         plan([("a", 1)], 0, 0)
     assert isinstance(info.value, PrefetchError) and isinstance(info.value, ValueError)
+
+
+def test_resolve_files_records_what_is_not_a_path_and_takes_one_path(tmp_path):
+    good = tmp_path / "g"
+    good.write_bytes(b"x")
+    resolved, failures = resolve_files([good, None, "/a\0b", 7])
+    assert [f.path for f in resolved] == [str(good)]
+    assert [f.errno_name for f in failures] == ["EINVAL", "EINVAL", "EINVAL"]
+    one, none = resolve_files(str(good))  # a single path is not a list of characters
+    assert [f.path for f in one] == [str(good)] and none == []
