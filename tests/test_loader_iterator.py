@@ -496,12 +496,20 @@ def _corrupt(kind: str, good: bytes) -> bytes:
         return good[: len(good) - 100]
     if kind == "too-short":
         return good[:5]
+    if kind == "offsets-out-of-range":
+        header = json.loads(good[8 : 8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        start = header[name]["data_offsets"][0]
+        header[name]["data_offsets"] = [start, len(good) * 8]  # past the end of the data
+        raw = json.dumps(header).encode()
+        return struct.pack("<Q", len(raw)) + raw + good[8 + n :]
     raise AssertionError(kind)
 
 
 @pytest.mark.usefixtures("warmed_up")
 @pytest.mark.parametrize(
-    "kind", ["header-beyond-file", "invalid-json", "truncated-data", "too-short"]
+    "kind",
+    ["header-beyond-file", "invalid-json", "truncated-data", "too-short", "offsets-out-of-range"],
 )
 def test_corrupt_file_same_error_with_and_without_prefetch(tmp_path: Path, kind: str) -> None:
     info = make_checkpoint(tmp_path / "ck", size_bytes=2 * MiB, shards=3)
