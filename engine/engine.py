@@ -3,13 +3,15 @@
 The event loop only decides what to submit and when; every system call (stat, open,
 residency check, read) runs on a bounded pool of daemon threads (`engine.pool`). At most
 `concurrency` extents are in flight, and with a window at most `window_bytes` are warmed
-ahead of the consumer's position. Failures are recorded per file, never raised.
+ahead of the consumer's position, and bytes more than a trail behind it are dropped from
+the page cache (`engine.memory` says why). Failures are recorded per file, never raised.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import functools
 import logging
@@ -22,9 +24,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from engine.backends import AiofilesBackend, Backend, resolve_backend
-from engine.cursor import ConsumerCursor
+from engine.cursor import ConsumerCursor, RankBoard
 from engine.errors import Failure
-from engine.memory import auto_window
+from engine.memory import auto_window, trail_bytes
 from engine.plan import (
     Extent,
     Order,
@@ -46,7 +48,10 @@ log = logging.getLogger(__name__)
 #: The most worker threads one prefetch may ask for.
 MAX_CONCURRENCY = 256
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _PROGRESS_EVERY_S = 0.1
+#: How often a window held back by a slower rank looks at the other ranks' positions.
+_BOARD_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,8 @@ class Progress:
         skipped_bytes: bytes whose turn had passed (the consumer was already beyond them).
         failed_bytes: bytes that could not be read.
         in_flight: extents being read now.
+        dropped_bytes: bytes behind the consumer dropped from the page cache (window only).
+        window_bytes: the window in effect (None: no window, or not resolved yet).
         elapsed_s: seconds since the prefetch started.
         rate_bps: warmed bytes per second so far.
     """
@@ -74,6 +81,8 @@ class Progress:
     in_flight: int = 0
     elapsed_s: float = 0.0
     rate_bps: float = 0.0
+    dropped_bytes: int = 0
+    window_bytes: int | None = None
 
     @property
     def fraction(self) -> float:
@@ -103,6 +112,9 @@ class PrefetchReport:
         elapsed_s: wall seconds from start to end.
         cpu_s: CPU seconds spent by the prefetch's threads.
         cancelled: whether the prefetch was cancelled before it finished.
+        dropped_bytes: bytes (all ranks' stripes, on the checkpoint's axis) that this rank
+            asked the kernel to drop because the consumer was a trail past them (with a
+            window only; pages some process still maps stay cached).
     """
 
     rank: int
@@ -122,6 +134,7 @@ class PrefetchReport:
     elapsed_s: float
     cpu_s: float
     cancelled: bool = False
+    dropped_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -277,6 +290,67 @@ class _AlreadyFailed(Exception):
     """The file failed to open before; the extent is skipped without a new attempt."""
 
 
+class _Trail:
+    """Drops from the page cache what the consumer has left more than `lag` bytes behind.
+
+    Only with a window: a checkpoint that needs one does not fit, and what the loader has
+    consumed would otherwise crowd out what was warmed ahead of it (see `engine.memory`).
+    Every rank drops the whole axis (not just its stripes) behind the slowest rank's
+    position (`RankBoard`; its own when the board cannot be made): a page that a rank still
+    maps is skipped by the kernel, and a later drop of another rank takes it.
+    One drop runs at a time, on the pool; each opens the files it needs and closes them.
+    """
+
+    def __init__(self, files: Sequence[ResolvedFile], lag: int, step: int) -> None:
+        self.lag = lag
+        self.step = step
+        self.done = 0  # drops were issued for the axis below this position
+        self.busy = False
+        self.dropped = 0
+        self._spans: list[tuple[int, ResolvedFile]] = []
+        pos = 0
+        for meta in files:
+            self._spans.append((pos, meta))
+            pos += meta.size
+        self._failed = False
+
+    def wants(self, consumer: int) -> bool:
+        """Whether a drop could be due with the consumer at `consumer` (cheap check)."""
+        return not self.busy and consumer - self.lag - self.done >= self.step
+
+    def due(self, consumer: int) -> tuple[int, int] | None:
+        """The axis range to drop now that the slowest rank is at `consumer`, or None."""
+        if not self.wants(consumer):
+            return None
+        lo, self.done = self.done, consumer - self.lag
+        return lo, self.done
+
+    def drop(self, lo: int, hi: int) -> int:
+        """Runs on a worker thread: ``posix_fadvise(DONTNEED)`` on [lo, hi) of the axis."""
+        n = 0
+        for start, meta in self._spans:
+            end = start + meta.size
+            if end <= lo or meta.size == 0:
+                continue
+            if start >= hi:
+                break
+            a, b = max(lo, start) - start, min(hi, end) - start
+            a -= a % _PAGE  # the kernel keeps partial pages: take the one left last time
+            try:
+                fd = os.open(meta.path, _OPEN_FLAGS)
+                try:
+                    os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+            except OSError as exc:  # only an optimisation: say it once, go on
+                if not self._failed:
+                    self._failed = True
+                    log.info("could not drop consumed bytes of %s: %s", meta.path, exc)
+                continue
+            n += b - a
+        return n
+
+
 # Outcomes of one extent, returned by the worker.
 _WARMED, _CACHED, _FAILED, _DUPLICATE_FAILURE = range(4)
 
@@ -348,6 +422,7 @@ class Prefetcher:
         self._last_progress = 0.0
         self._progress_cb = options.progress
         self._window: int | None = None
+        self._trail: _Trail | None = None
         self._pool: DaemonPool | None = None
         self._chunk = 0  # resolved stripe size and concurrency (known once planned)
         self._concurrency = 0
@@ -367,6 +442,8 @@ class Prefetcher:
             in_flight=self._in_flight,
             elapsed_s=elapsed,
             rate_bps=self._warmed / elapsed if elapsed > 0 else 0.0,
+            dropped_bytes=self._trail.dropped if self._trail is not None else 0,
+            window_bytes=self._window,
         )
 
     def _emit_progress(self, *, force: bool = False) -> None:
@@ -458,9 +535,14 @@ class Prefetcher:
                     files[meta.path] = _File(meta, counts[meta.path])
             self._total = sum(e.length for e in pending)
             self._window = self._resolve_window(sum(m.size for m in resolved))
+            if self._window is not None and self.cursor is not None:
+                lag = trail_bytes(self._window, chunk_bytes=self._chunk, world=opt.world)
+                self._trail = _Trail(resolved, lag, step=max(self._chunk, lag // 4))
+                if opt.world > 1:
+                    await self._share_position(pool, resolved, starts)
             log.info(
                 "prefetch rank %d/%d: %d files, %d bytes planned, strategy=%s, backend=%s (%s), "
-                "concurrency=%d, chunk=%d MiB (%s), window=%s",
+                "concurrency=%d, chunk=%d MiB (%s), window=%s, trail=%s",
                 opt.rank,
                 opt.world,
                 len(resolved),
@@ -472,6 +554,7 @@ class Prefetcher:
                 self._chunk >> 20,
                 tuning_reason,
                 self._window,
+                self._trail.lag if self._trail is not None else None,
             )
             await self._schedule(pool, pending, files, starts, wake)
         except asyncio.CancelledError:
@@ -501,6 +584,25 @@ class Prefetcher:
         pool.shutdown(wait_s=timeout)
         return pool.alive() == 0
 
+    async def _share_position(
+        self, pool: DaemonPool, resolved: list[ResolvedFile], starts: dict[str, int]
+    ) -> None:
+        """Publish the consumer's position for the other local ranks (`RankBoard`)."""
+        opt = self.opt
+        assert self.cursor is not None
+        try:
+            board = await pool.run(RankBoard.open, resolved, opt.rank, opt.world)
+        except (OSError, ValueError) as exc:
+            log.info(
+                "prefetch rank %d/%d: cannot share positions with the other ranks (%s); "
+                "consumed bytes are dropped behind this rank's own position",
+                opt.rank,
+                opt.world,
+                exc,
+            )
+            return
+        self.cursor.share(board, starts)
+
     def _resolve_window(self, checkpoint_bytes: int) -> int | None:
         """The window in bytes: as given, or chosen from the memory budget for "auto"."""
         opt = self.opt
@@ -522,7 +624,15 @@ class Prefetcher:
         opt = self.opt
         cursor = self.cursor
         window = self._window
+        trail = self._trail
         use_async = isinstance(opt.backend, AiofilesBackend)
+
+        def on_dropped(fut: asyncio.Future[int]) -> None:
+            assert trail is not None
+            trail.busy = False
+            if not fut.cancelled() and fut.exception() is None:
+                trail.dropped += fut.result()
+            wake.set()
 
         def on_done(fut: asyncio.Future[tuple[int, int, Failure | None]], ext: Extent) -> None:
             self._in_flight -= 1
@@ -550,10 +660,25 @@ class Prefetcher:
                 self._record(failure)
             self._emit_progress()
 
-        while pending or self._in_flight:
+        while pending or self._in_flight or (trail is not None and trail.busy):
             consumer = 0
             if cursor is not None:
                 consumer = 1 << 62 if cursor.finished else cursor.position(starts)
+            # The window and the trail follow the slowest local rank (`RankBoard`), so that
+            # the bytes kept cached stay within about trail + window even when ranks drift
+            # apart; `slowest` is None when a rank may still need everything: nothing is
+            # dropped then, and the window follows this rank alone.
+            slowest = None
+            if trail is not None and consumer < 1 << 62:
+                assert cursor is not None
+                slowest = cursor.slowest(starts)
+                if slowest is not None:
+                    due = trail.due(min(consumer, slowest))
+                    if due is not None:
+                        trail.busy = True
+                        pool.run(trail.drop, *due).add_done_callback(on_dropped)
+            front = consumer if slowest is None else min(consumer, slowest)
+            held_by_other = False
             while pending and self._in_flight < self._concurrency:
                 ext = pending[0]
                 if cursor is not None and ext.end <= consumer:
@@ -562,7 +687,8 @@ class Prefetcher:
                     self._skipped += ext.length
                     files[ext.path].release()
                     continue
-                if window is not None and ext.end > consumer + max(window, ext.length):
+                if window is not None and ext.end > front + max(window, ext.length):
+                    held_by_other = front < consumer
                     break  # too far ahead of the consumer: wait for it to move
                 pending.popleft()
                 f = files[ext.path]
@@ -572,10 +698,14 @@ class Prefetcher:
                     fut = pool.run(_warm_extent, f, ext, opt.backend, opt.skip_cached)
                 self._in_flight += 1
                 fut.add_done_callback(functools.partial(on_done, ext=ext))
-            if not pending and not self._in_flight:
+            if not pending and not self._in_flight and not (trail is not None and trail.busy):
                 break
             wake.clear()
-            await wake.wait()
+            if held_by_other:  # other ranks do not wake this loop: look again soon
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), _BOARD_POLL_S)
+            else:
+                await wake.wait()
 
     async def _warm_async(self, f: _File, ext: Extent) -> tuple[int, int, Failure | None]:
         """The aiofiles path: residency and open checks on the pool, the read via aiofiles."""
@@ -624,6 +754,7 @@ class Prefetcher:
             elapsed_s=time.monotonic() - self._t0,
             cpu_s=pool.cpu_s + loop_cpu_s,
             cancelled=cancelled,
+            dropped_bytes=self._trail.dropped if self._trail is not None else 0,
         )
 
 
@@ -661,7 +792,12 @@ async def prefetch_async(
         window_bytes: warm at most this many bytes (on the whole checkpoint's axis) ahead
             of `consumer`; None = no limit; ``"auto"`` = none when the checkpoint fits in
             the memory budget, else half of it (`engine.memory`). With a window, somebody
-            must advance the consumer, or warming stops there.
+            must advance the consumer, or warming stops there; and bytes more than a
+            trail (`engine.memory.trail_bytes`) behind the slowest local rank are dropped
+            from the page cache. With ``world > 1`` the ranks learn each other's positions
+            from a small shared-memory file (`engine.cursor.RankBoard`); where it cannot
+            be made, a rank's own position stands for the slowest's (all ranks consume
+            the same order).
         order: ``"sorted"`` (by resolved path; every rank agrees) or ``"given"``.
         progress: called on the event loop with `Progress` snapshots (about 10 per second).
         consumer: the loader's position; extents it has passed are skipped.

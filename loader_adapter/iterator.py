@@ -6,10 +6,17 @@ pages arrive. Files are consumed in the engine's order (``engine.resolve_files``
 tensors of a file by data offset, so the prefetch front, which follows the same order,
 stays ahead of the loader. After each tensor is consumed (when the next one is asked for)
 the prefetch learns the loader's position, which moves its window forward.
+
+With a prefetch window, the pages of tensors the caller has let go (no tensor, view or
+array of them is left) are unmapped from this process's safetensors mapping
+(`engine.release_mapped`): the page cache keeps them, but a page that no rank maps can be
+dropped by the prefetch's trail when the checkpoint is larger than memory (`engine.memory`
+explains why that matters). A tensor the caller keeps is never touched.
 """
 
 from __future__ import annotations
 
+import collections
 import inspect
 import json
 import logging
@@ -25,6 +32,7 @@ import torch
 from safetensors import safe_open
 
 from engine import PrefetchHandle, PrefetchReport, ResolvedFile, resolve_files, start_prefetch
+from engine.memory import release_mapped
 from loader_adapter.discovery import discover_local_rank
 from loader_adapter.files import CheckpointFiles, expand_checkpoint_files
 from loader_adapter.fsdetect import decide_auto
@@ -52,6 +60,9 @@ _ENGINE_OPTIONS = frozenset(
 STALL_TIMEOUT_S = 30.0
 #: The loader's position is reported to the prefetch when it moved at least this much.
 _REPORT_EVERY_BYTES = 256 << 10
+#: Pages of consumed tensors are unmapped in pieces of at least this many bytes.
+_RELEASE_MIN_BYTES = 8 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def tensor_order(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
@@ -95,11 +106,20 @@ class _Prefetch:
         self._handle: PrefetchHandle | None = handle
         #: The final report, once stopped (None until then, or if the thread hung).
         self.report: PrefetchReport | None = None
+        self._windowed = False
 
     def advance_to(self, path: str, offset: int) -> None:
         h = self._handle
         if h is not None:
             h.advance_to(path, offset)
+
+    def windowed(self) -> bool:
+        """Whether the prefetch runs with a window (and so drops what the loader left)."""
+        if self._windowed:
+            return True
+        h = self._handle
+        self._windowed = h is not None and h.progress().window_bytes is not None
+        return self._windowed
 
     def wait(self, *, stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
         """Wait for the prefetch to end, giving up when it makes no progress for a while."""
@@ -162,6 +182,107 @@ class _Prefetch:
                 report.planned_bytes,
                 report.elapsed_s,
             )
+
+
+def _storage_weakref(tensor: torch.Tensor) -> Any:
+    """A weak reference to the tensor's storage (``expired()`` once no tensor uses it)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(tensor.untyped_storage())
+
+
+def _file_mapping(address: int, path: str) -> tuple[int, int] | None:
+    """(start, end) of this process's mapping of `path` at file offset 0 holding `address`."""
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 5:
+                    continue
+                lo, _, hi = fields[0].partition("-")
+                start, end = int(lo, 16), int(hi, 16)
+                if start <= address < end:
+                    same = (fields[2], fields[3], int(fields[4])) == ("00000000", dev, st.st_ino)
+                    return (start, end) if same else None
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class _Releaser:
+    """Unmaps the pages of one file's tensors that the caller has let go.
+
+    Each tracked tensor is looked at once, after the caller has asked for the tensor after
+    it: if no tensor, view or array of its storage is left, its bytes can no longer be read
+    or written through Python, so ``madvise(MADV_DONTNEED)`` on them is invisible (even on
+    copy-on-write pages); if it is still alive, the caller keeps it and it is never
+    touched. Runs of consecutive let-go tensors are unmapped together, whole pages only,
+    so a page shared with a kept tensor stays. Anything unexpected (a tensor not backed by
+    one mapping of this file at offset 0, a failed call) turns it off for the file.
+    """
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.base: int | None = None
+        self.pending: collections.deque[tuple[int, int, Any]] = collections.deque()
+        self.run: tuple[int, int] | None = None  # [lo, hi): let-go bytes not yet unmapped
+        self.on = True
+
+    def add(self, tensor: torch.Tensor, end: int) -> None:
+        """Track a tensor about to be yielded; `end` is its data's end in the file."""
+        if not self.on:
+            return
+        try:
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes == 0:
+                return
+            start, ptr = end - nbytes, tensor.data_ptr()
+            storage = tensor.untyped_storage()
+            if storage.nbytes() != nbytes or storage.data_ptr() != ptr or ptr - start < 0:
+                raise ValueError("tensor is not its own slice of the file mapping")
+            if self.base is None:
+                span = _file_mapping(ptr, self.path)
+                if span is None or span[0] != ptr - start or span[1] - span[0] < self.size:
+                    raise ValueError("no mapping of the whole file at offset 0")
+                self.base = ptr - start
+            elif ptr - start != self.base:
+                raise ValueError("tensor outside the file's mapping")
+            self.pending.append((start, end, _storage_weakref(tensor)))
+        except Exception as exc:  # an optimisation only: never fail the load
+            log.debug("not releasing mapped pages of %s: %r", self.path, exc)
+            self.on = False
+            self.pending.clear()
+
+    def release(self) -> None:
+        """Look at every tracked tensor but the last one yielded; unmap the let-go ones."""
+        while self.on and len(self.pending) > 1:
+            start, end, ref = self.pending.popleft()
+            if not ref.expired():  # kept by the caller: end the run before it
+                self._unmap(final=True)
+                self.run = None
+                continue
+            if self.run is not None and self.run[1] == start:
+                self.run = (self.run[0], end)
+            else:
+                self._unmap(final=True)
+                self.run = (start, end)
+            if self.run[1] - self.run[0] >= _RELEASE_MIN_BYTES:
+                self._unmap(final=False)
+
+    def _unmap(self, *, final: bool) -> None:
+        """Unmap the whole pages of the run; unless `final`, keep its last partial page."""
+        if self.run is None or self.base is None:
+            return
+        lo, hi = self.run
+        top = hi - hi % _PAGE
+        if release_mapped(self.base + lo, top - lo) is False:
+            log.debug("madvise failed on %s; not releasing its pages any more", self.path)
+            self.on = False
+        if not final:
+            self.run = (top, hi)
 
 
 @dataclass
@@ -239,11 +360,19 @@ def _tensors(
     try:
         for f in files:
             reported = 0
+            releaser = _Releaser(f.path, f.size) if prefetch is not None else None
             with safe_open(f.path, framework="pt") as st:
                 for name, end in tensor_order(f.path):
-                    yield name, st.get_tensor(name)
+                    tensor = st.get_tensor(name)
+                    # Only with a window is anything dropped: only then unmap what was used.
+                    if releaser is not None and prefetch is not None and prefetch.windowed():
+                        releaser.add(tensor, end)
+                    yield name, tensor
+                    del tensor  # the caller's references alone decide when it is released
                     # Each report wakes the prefetch's loop: batch small tensors.
                     if prefetch is not None and end - reported >= _REPORT_EVERY_BYTES:
+                        if releaser is not None:
+                            releaser.release()
                         prefetch.advance_to(f.path, end)
                         reported = end
             if prefetch is not None:
