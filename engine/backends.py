@@ -10,6 +10,7 @@ Errors are raised as OSError; the scheduler records them.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import errno
 import logging
 import os
@@ -239,26 +240,40 @@ def read_ahead_bytes(dev: int) -> int:
 class AiofilesBackend(PreadBackend):
     """Reads through `aiofiles` (the project card's package) on the event loop.
 
-    aiofiles runs each call in the loop's default executor, whose worker threads are
-    joined at interpreter exit: a stalled server can then delay exit. Opt-in only.
-    The synchronous `read_into_cache` (used when called off the loop) is `pread`.
+    aiofiles' calls run on the engine's daemon pool (passed as its executor), one await
+    per piece: more CPU than sendfile for the same bytes. Opt-in only. The synchronous
+    `read_into_cache` (used when called off the loop) is `pread`.
     """
 
     name = "aiofiles"
-    description = "aiofiles readinto on the loop's default executor (opt-in)"
+    description = "aiofiles readinto, awaited on the event loop (opt-in)"
 
     def __init__(self, *, buffer_bytes: int = PIECE_BYTES) -> None:
         super().__init__(buffer_bytes=buffer_bytes)
         self._free: list[memoryview] = []  # buffers reused across extents (loop thread only)
 
-    async def aread_into_cache(self, path: str, offset: int, length: int) -> int:
-        """Read [offset, offset+length) of `path` with aiofiles; return the bytes read."""
+    async def aread_into_cache(
+        self,
+        fd: int,
+        offset: int,
+        length: int,
+        *,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> int:
+        """Read [offset, offset+length) of the open file `fd` with aiofiles.
+
+        The file is opened again through ``/proc/self/fd`` (the same file, even if its
+        path was replaced, with an offset of its own). `executor` runs aiofiles' calls
+        (the engine passes its daemon pool, so a stalled read never holds up exit).
+        """
         import aiofiles  # imported lazily: only this backend needs it
 
         buf = self._free.pop() if self._free else memoryview(bytearray(self._buffer_bytes))
         done = 0
         try:
-            async with aiofiles.open(path, "rb", buffering=0) as f:
+            async with aiofiles.open(
+                f"/proc/self/fd/{fd}", "rb", buffering=0, executor=executor
+            ) as f:
                 await f.seek(offset)
                 while done < length:
                     n = await f.readinto(buf[: min(length - done, len(buf))])

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.errors import InvalidOptionError
 from engine.plan import ResolvedFile
 
 __all__ = ["ConsumerCursor", "RankBoard"]
@@ -151,7 +152,8 @@ class ConsumerCursor:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bytes = 0
-        self._latest: tuple[str, int] | None = None  # the loader moves forward only
+        # (path as given, resolved path, offset): the loader moves forward only
+        self._latest: tuple[str, str, int] | None = None
         self._best = 0
         self._real: dict[str, str] = {}
         self._finished = False
@@ -163,7 +165,7 @@ class ConsumerCursor:
     def advance(self, nbytes: int) -> None:
         """Move the position forward by `nbytes` on the concatenated axis."""
         if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+            raise InvalidOptionError(f"nbytes must be >= 0, got {nbytes}")
         with self._lock:
             self._bytes += nbytes
         self._publish()
@@ -171,9 +173,14 @@ class ConsumerCursor:
 
     def advance_to(self, path: str | os.PathLike[str], offset: int) -> None:
         """Record that the loader has consumed file `path` up to byte `offset`."""
+        if offset < 0:
+            raise InvalidOptionError(f"offset must be >= 0, got {offset}")
         key = os.fspath(path)
+        real = self._real.get(key)
+        if real is None:  # on the caller's thread: a stalled server never blocks the loop
+            real = self._real[key] = os.path.realpath(key)
         with self._lock:
-            self._latest = (key, offset)
+            self._latest = (key, real, offset)
         self._publish()
         self._wake()
 
@@ -225,12 +232,9 @@ class ConsumerCursor:
             latest = self._latest
             best = max(self._best, self._bytes)
         if latest is not None:
-            path, offset = latest
+            path, real, offset = latest
             start = file_starts.get(path)
             if start is None:
-                real = self._real.get(path)
-                if real is None:
-                    real = self._real[path] = os.path.realpath(path)
                 start = file_starts.get(real)
             if start is not None:
                 best = max(best, start + offset)

@@ -355,34 +355,50 @@ class _Trail:
 _WARMED, _CACHED, _FAILED, _DUPLICATE_FAILURE = range(4)
 
 
+def _prepare(
+    f: _File, ext: Extent, skip_cached: bool
+) -> tuple[int, tuple[int, int, Failure | None] | None]:
+    """Runs on a worker thread: open the file (once) and check residency.
+
+    Returns ``(fd, outcome)``: the outcome is set when nothing is left to read (the file
+    failed, or the extent is already resident); ``fd`` is -1 then.
+    """
+    try:
+        fd = f.acquire()
+    except _AlreadyFailed:
+        return -1, (_DUPLICATE_FAILURE, 0, None)
+    except OSError as exc:
+        failure = Failure.from_os_error(ext.path, 0, 0, exc)
+        return -1, ((_FAILED if f.fail(failure) else _DUPLICATE_FAILURE), 0, failure)
+    if skip_cached:
+        try:
+            if resident_bytes_fd(fd, ext.offset, ext.length) >= ext.length:
+                return -1, (_CACHED, ext.length, None)
+        except OSError:  # residency unknown (e.g. no cachestat, no mmap): just read
+            pass
+    return fd, None
+
+
+def _read_outcome(ext: Extent, n: int) -> tuple[int, int, Failure | None]:
+    """The outcome of reading `n` bytes of `ext` (fewer: the file ended early)."""
+    if n >= ext.length:
+        return _WARMED, n, None
+    missing = Failure(
+        ext.path, ext.offset + n, ext.length - n, None,
+        "file ended early (truncated since planning?)",
+    )  # fmt: skip
+    return _WARMED, n, missing
+
+
 def _warm_extent(
     f: _File, ext: Extent, backend: Backend, skip_cached: bool
 ) -> tuple[int, int, Failure | None]:
     """Runs on a worker thread: warm one extent; return (outcome, bytes, failure)."""
     try:
-        try:
-            fd = f.acquire()
-        except _AlreadyFailed:
-            return _DUPLICATE_FAILURE, 0, None
-        except OSError as exc:
-            failure = Failure.from_os_error(ext.path, 0, 0, exc)
-            return (_FAILED if f.fail(failure) else _DUPLICATE_FAILURE), 0, failure
-        if skip_cached and resident_bytes_fd(fd, ext.offset, ext.length) >= ext.length:
-            return _CACHED, ext.length, None
-        n = backend.read_into_cache(fd, ext.offset, ext.length)
-        if n < ext.length:
-            return (
-                _WARMED,
-                n,
-                Failure(
-                    ext.path,
-                    ext.offset + n,
-                    ext.length - n,
-                    None,
-                    "file ended early (truncated since planning?)",
-                ),
-            )
-        return _WARMED, n, None
+        fd, done = _prepare(f, ext, skip_cached)
+        if done is not None:
+            return done
+        return _read_outcome(ext, backend.read_into_cache(fd, ext.offset, ext.length))
     except OSError as exc:
         return _FAILED, 0, Failure.from_os_error(ext.path, ext.offset, ext.length, exc)
     finally:
@@ -424,6 +440,7 @@ class Prefetcher:
         self._window: int | None = None
         self._trail: _Trail | None = None
         self._pool: DaemonPool | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()  # aiofiles reads in flight
         self._chunk = 0  # resolved stripe size and concurrency (known once planned)
         self._concurrency = 0
 
@@ -462,18 +479,22 @@ class Prefetcher:
 
     # ---------------------------------------------------------------- recording
     def _record(self, failure: Failure) -> None:
-        prev = self._failures[-1] if self._failures else None
-        if (
-            prev is not None
-            and prev.path == failure.path
-            and prev.errno == failure.errno
-            and prev.length
-            and prev.offset + prev.length == failure.offset
-        ):  # coalesce adjacent failed ranges of one file into one entry
-            self._failures[-1] = Failure(
-                prev.path, prev.offset, prev.length + failure.length, prev.errno, prev.message
-            )
-            return
+        """Record a failure; ranges of one file and errno that touch merge into one entry.
+
+        Extents finish out of order, so any earlier entry may be the neighbour. Ranges
+        that do not touch (other ranks' stripes lie between) stay separate and exact.
+        """
+        for i, prev in enumerate(self._failures):
+            if prev.path != failure.path or prev.errno != failure.errno:
+                continue
+            if not (prev.length and failure.length):
+                return  # the whole file failed already (or now): one entry is enough
+            lo, hi = prev.offset, prev.offset + prev.length
+            if failure.offset <= hi and lo <= failure.offset + failure.length:
+                lo = min(lo, failure.offset)
+                hi = max(hi, failure.offset + failure.length)
+                self._failures[i] = Failure(prev.path, lo, hi - lo, prev.errno, prev.message)
+                return
         if not any(f.path == failure.path for f in self._failures):
             log.warning("prefetch could not warm %s", failure)
         self._failures.append(failure)
@@ -560,7 +581,16 @@ class Prefetcher:
         except asyncio.CancelledError:
             cancelled = True
             raise
+        except Exception as exc:  # a bug of ours: recorded and logged, never raised
+            log.exception("prefetch stopped by an internal error")
+            self._failures.append(
+                Failure("<prefetch>", 0, 0, None, f"internal error: {type(exc).__name__}: {exc}")
+            )
         finally:
+            if self._tasks:  # aiofiles reads: cancel them (their executor threads are daemons)
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             for ext in pending:  # never submitted: give back their references (closes fds)
                 f = files.get(ext.path)
                 if f is not None:
@@ -626,6 +656,7 @@ class Prefetcher:
         window = self._window
         trail = self._trail
         use_async = isinstance(opt.backend, AiofilesBackend)
+        tasks = self._tasks
 
         def on_dropped(fut: asyncio.Future[int]) -> None:
             assert trail is not None
@@ -693,7 +724,9 @@ class Prefetcher:
                 pending.popleft()
                 f = files[ext.path]
                 if use_async:
-                    fut = asyncio.ensure_future(self._warm_async(f, ext))
+                    fut = asyncio.ensure_future(self._warm_async(pool, f, ext))
+                    tasks.add(fut)
+                    fut.add_done_callback(tasks.discard)
                 else:
                     fut = pool.run(_warm_extent, f, ext, opt.backend, opt.skip_cached)
                 self._in_flight += 1
@@ -707,28 +740,18 @@ class Prefetcher:
             else:
                 await wake.wait()
 
-    async def _warm_async(self, f: _File, ext: Extent) -> tuple[int, int, Failure | None]:
-        """The aiofiles path: residency and open checks on the pool, the read via aiofiles."""
+    async def _warm_async(
+        self, pool: DaemonPool, f: _File, ext: Extent
+    ) -> tuple[int, int, Failure | None]:
+        """The aiofiles path: open and residency checks on the pool, the read via aiofiles."""
         backend = self.opt.backend
         assert isinstance(backend, AiofilesBackend)
         try:
-            if f.error is not None:
-                return _DUPLICATE_FAILURE, 0, None
-            if self.opt.skip_cached:
-                fd = await asyncio.to_thread(f.acquire)
-                try:
-                    if resident_bytes_fd(fd, ext.offset, ext.length) >= ext.length:
-                        return _CACHED, ext.length, None
-                except OSError:
-                    pass
-            n = await backend.aread_into_cache(f.meta.path, ext.offset, ext.length)
-            if n < ext.length:
-                return (
-                    _WARMED,
-                    n,
-                    Failure(ext.path, ext.offset + n, ext.length - n, None, "file ended early"),
-                )
-            return _WARMED, n, None
+            fd, done = await pool.run(_prepare, f, ext, self.opt.skip_cached)
+            if done is not None:
+                return done
+            n = await backend.aread_into_cache(fd, ext.offset, ext.length, executor=pool.executor)
+            return _read_outcome(ext, n)
         except OSError as exc:
             return _FAILED, 0, Failure.from_os_error(ext.path, ext.offset, ext.length, exc)
         finally:

@@ -8,6 +8,8 @@ blocked one is abandoned at exit, and `shutdown()` never waits for it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import queue
 import threading
@@ -20,6 +22,18 @@ __all__ = ["DaemonPool"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _STOP = None
+
+
+class _PoolExecutor(concurrent.futures.Executor):
+    """Submits to a `DaemonPool` (whose threads never hold up interpreter exit)."""
+
+    def __init__(self, pool: DaemonPool) -> None:
+        self._pool = pool
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Any:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._pool._enqueue((functools.partial(fn, *args, **kwargs), (), fut, None))
+        return fut
 
 
 class DaemonPool:
@@ -61,6 +75,18 @@ class DaemonPool:
             raise RuntimeError("pool is shut down")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        self._enqueue((fn, args, fut, loop))
+        return fut
+
+    @property
+    def executor(self) -> concurrent.futures.Executor:
+        """A `concurrent.futures.Executor` view of the pool (for libraries that take one).
+
+        Its calls run on the same daemon threads, within the same `size` bound.
+        """
+        return _PoolExecutor(self)
+
+    def _enqueue(self, item: tuple[Any, ...]) -> None:
         with self._lock:
             if self._idle > 0:
                 self._idle -= 1  # that worker is spoken for
@@ -70,8 +96,7 @@ class DaemonPool:
                 )
                 self.threads.append(t)
                 t.start()
-        self._queue.put((fn, args, fut, loop))
-        return fut
+        self._queue.put(item)
 
     def _work(self) -> None:
         while True:
@@ -80,12 +105,21 @@ class DaemonPool:
                 return
             fn, args, fut, loop = item
             t0 = time.thread_time()
+            if loop is None and not fut.set_running_or_notify_cancel():
+                fn = None  # a concurrent future cancelled before it ran
             try:
-                result = fn(*args)
+                result = fn(*args) if fn is not None else None
             except BaseException as exc:  # delivered to the awaiting coroutine
-                self._deliver(loop, fut, None, exc)
+                if loop is None:
+                    fut.set_exception(exc)
+                else:
+                    self._deliver(loop, fut, None, exc)
             else:
-                self._deliver(loop, fut, result, None)
+                if loop is None:
+                    if fn is not None:
+                        fut.set_result(result)
+                else:
+                    self._deliver(loop, fut, result, None)
             finally:
                 dt = time.thread_time() - t0
                 with self._lock:

@@ -181,3 +181,17 @@ async def test_real_backend_end_to_end(make_file):
     assert report.ok and report.warmed_bytes + report.cached_bytes == 10 * MiB + 1
     assert resident_bytes(path) == 10 * MiB + 1
     assert report.to_dict()["failures"] == []
+
+
+@pytest.mark.asyncio
+async def test_an_internal_error_is_reported_never_raised(make_file, monkeypatch):
+    import engine.engine as eng
+
+    def broken_plan(*args, **kwargs):
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(eng, "plan", broken_plan)
+    report = await prefetch_async([make_file("x", MiB)])
+    assert not report.ok
+    assert report.failures[0].path == "<prefetch>"
+    assert "RuntimeError: planner bug" in report.failures[0].message

@@ -62,12 +62,13 @@ def test_eio_on_one_range_is_reported_and_the_rest_warmed(backing, tmp_path):
         assert "model-1.safetensors" in out.stderr and "EIO" in out.stderr
 
 
-def test_cancel_returns_within_a_second_on_a_stalled_server(backing, tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "aiofiles"])
+def test_cancel_returns_within_a_second_on_a_stalled_server(backing, tmp_path, backend):
     with mounted(backing, profile="local-fuse", mountpoint=tmp_path / "mnt") as fs:
         files = sorted(str(p) for p in fs.path.iterdir())
         fs.evict()
         fs.stall(30)
-        h = start_prefetch(files, chunk_bytes=MiB, concurrency=2)
+        h = start_prefetch(files, chunk_bytes=MiB, concurrency=2, backend=backend)
         deadline = time.monotonic() + 10
         while fs.counters().stalled == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -79,7 +80,8 @@ def test_cancel_returns_within_a_second_on_a_stalled_server(backing, tmp_path):
         fs.unstall()
 
 
-def test_process_exits_promptly_while_a_worker_is_blocked_in_a_read(backing, tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "aiofiles"])
+def test_process_exits_promptly_while_a_worker_is_blocked_in_a_read(backing, tmp_path, backend):
     with mounted(backing, profile="local-fuse", mountpoint=tmp_path / "mnt") as fs:
         files = sorted(str(p) for p in fs.path.iterdir())
         fs.evict()
@@ -88,7 +90,8 @@ def test_process_exits_promptly_while_a_worker_is_blocked_in_a_read(backing, tmp
             f"""
             import json, sys, time
             from engine import start_prefetch
-            h = start_prefetch({files!r}, chunk_bytes=1 << 20, concurrency=2)
+            h = start_prefetch({files!r}, chunk_bytes=1 << 20, concurrency=2,
+                               backend={backend!r})
             time.sleep(1.0)              # the reads are now blocked in the server
             print(json.dumps([h.progress().in_flight, time.time()]), flush=True)
             """  # the work is done: the interpreter must exit although a read blocks
