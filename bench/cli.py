@@ -106,6 +106,25 @@ def _configs(text: str) -> list[str]:
     return out
 
 
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape a synthetic checkpoint's data (shared by `run` and `make`)."""
+    parser.add_argument(
+        "--skew",
+        type=float,
+        default=4.0,
+        metavar="X",
+        help="first shard of a skewed checkpoint is X times the others (default 4)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=_csv,
+        default=["bf16", "fp16", "fp8_e4m3"],
+        metavar="LIST",
+        help="tensor dtypes (default bf16,fp16,fp8_e4m3)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="checkpoint data seed (default 0)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ckpt-prefetch-bench",
@@ -166,21 +185,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="shards of uniform and skewed checkpoints (default 8; single has 1, many-small 64)",
     )
-    r.add_argument(
-        "--skew",
-        type=float,
-        default=4.0,
-        metavar="X",
-        help="first shard of a skewed checkpoint is X times the others (default 4)",
-    )
-    r.add_argument(
-        "--dtypes",
-        type=_csv,
-        default=["bf16", "fp16", "fp8_e4m3"],
-        metavar="LIST",
-        help="tensor dtypes (default bf16,fp16,fp8_e4m3)",
-    )
-    r.add_argument("--seed", type=int, default=0, help="checkpoint data seed (default 0)")
+    _add_data_args(r)
     r.add_argument(
         "--configs",
         type=_configs,
@@ -293,21 +298,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="number of shards (default 8; single: 1; many-small: 64)",
     )
-    m.add_argument(
-        "--skew",
-        type=float,
-        default=4.0,
-        metavar="X",
-        help="skewed: first shard is X times the others (default 4)",
-    )
-    m.add_argument(
-        "--dtypes",
-        type=_csv,
-        default=["bf16", "fp16", "fp8_e4m3"],
-        metavar="LIST",
-        help="dtypes (default bf16,fp16,fp8_e4m3)",
-    )
-    m.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    _add_data_args(m)
     m.add_argument(
         "--shape",
         default="uniform",
