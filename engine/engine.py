@@ -735,7 +735,7 @@ class Prefetcher:
                 break
             wake.clear()
             if held_by_other:  # other ranks do not wake this loop: look again soon
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError only from 3.11
                     await asyncio.wait_for(wake.wait(), _BOARD_POLL_S)
             else:
                 await wake.wait()
