@@ -47,7 +47,15 @@ def _auto_or_int(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `ckpt-prefetch` (exposed for documentation and tests)."""
+    """The argument parser of `ckpt-prefetch` (exposed for documentation and tests).
+
+    Returns:
+        The parser with the ``warm``, ``status`` and ``evict`` commands.
+
+    Example:
+        >>> build_parser().parse_args(["status", "/etc/hostname"]).command
+        'status'
+    """
     parser = argparse.ArgumentParser(
         prog="ckpt-prefetch",
         description=(

@@ -133,15 +133,40 @@ class PrefetchHandle:
         return self.report
 
     def advance(self, nbytes: int) -> None:
-        """Tell the prefetch the loader consumed `nbytes` more, in plan order."""
+        """Tell the prefetch the loader consumed `nbytes` more, in plan order.
+
+        Args:
+            nbytes: bytes consumed since the last call (>= 0), on the axis of all files
+                concatenated in consumption order.
+
+        Example:
+            >>> with start_prefetch(["/etc/hostname"]) as h:
+            ...     h.advance(4096)
+        """
         self._cursor.advance(nbytes)
 
     def advance_to(self, path: str | os.PathLike[str], offset: int) -> None:
-        """Tell the prefetch the loader consumed file `path` up to byte `offset`."""
+        """Tell the prefetch the loader consumed file `path` up to byte `offset`.
+
+        Extents the loader has passed are skipped; with a window, warming moves on.
+
+        Args:
+            path: one of the checkpoint's files (as given, or resolved).
+            offset: the byte of that file the loader has reached (>= 0).
+
+        Example:
+            >>> with start_prefetch(["/etc/hostname"]) as h:
+            ...     h.advance_to("/etc/hostname", 1)
+        """
         self._cursor.advance_to(path, offset)
 
     def finish_consuming(self) -> None:
-        """Tell the prefetch the loader is done: nothing left is worth reading."""
+        """Tell the prefetch the loader is done: nothing left is worth reading.
+
+        Example:
+            >>> with start_prefetch(["/etc/hostname"]) as h:
+            ...     h.finish_consuming()
+        """
         self._cursor.finish()
 
     def __enter__(self) -> PrefetchHandle:

@@ -117,7 +117,15 @@ def resident_bytes(path: str | os.PathLike[str], offset: int = 0, length: int | 
 
 
 def evict_fd(fd: int) -> None:
-    """Drop the clean, unmapped cached pages of the open file `fd`."""
+    """Drop the clean, unmapped cached pages of the open file `fd` (see `evict`).
+
+    Args:
+        fd: an open file descriptor.
+
+    Example:
+        >>> with open("/etc/hostname", "rb") as f:
+        ...     evict_fd(f.fileno())
+    """
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
