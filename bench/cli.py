@@ -34,7 +34,7 @@ suites:
                      floor (raw cold read), fio and the hot-cache load. About 2.5 minutes
                      on a 2-core machine, making the checkpoints included (they are
                      reused from --workdir afterwards).
-  --full             about 2-3 hours (estimated; 1595 steps, see run --full --dry-run):
+  --full             about 1.5-2 hours (extrapolated; 1639 steps, see run --full --dry-run):
                      'cold' = local disk and every netfs profile x ranks 1,2,4,8 x
                      shapes uniform, skewed, single, many-small x none, sglang, ours,
                      ours-files (2 GiB); 'sweep' = slow-nfs, 4 ranks, uniform,
@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="the quick suite (default): under 3 minutes"
     )
     mode.add_argument(
-        "--full", action="store_true", help="the full suite (about 2-3 hours, see below)"
+        "--full", action="store_true", help="the full suite (about 1.5-2 hours, see below)"
     )
     r.add_argument(
         "--fs",

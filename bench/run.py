@@ -201,7 +201,7 @@ def quick_suite(**overrides: Any) -> Suite:
 
 
 def full_suite(**overrides: Any) -> Suite:
-    """The full suite (about 2-3 hours on 2 cores, estimated): four matrices.
+    """The full suite (about 1.5-2 hours on 2 cores, extrapolated from a partial run).
 
     ``cold``: local disk and every netfs profile x ranks 1, 2, 4, 8 x shapes uniform,
     skewed, single, many-small x none, sglang, ours, ours-files, 2 GiB.
