@@ -239,17 +239,7 @@ def _cmd_warm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     all_failures = [*failures, *report.failures]
     if args.json:
         doc = report.to_dict()
-        doc["failures"] = [
-            dict(
-                path=f.path,
-                offset=f.offset,
-                length=f.length,
-                errno=f.errno,
-                errno_name=f.errno_name,
-                message=f.message,
-            )
-            for f in all_failures
-        ]
+        doc["failures"] = [f.to_dict() for f in all_failures]
         doc["interrupted"] = interrupted
         print(json.dumps(doc, indent=2))
     else:

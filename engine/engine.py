@@ -149,7 +149,7 @@ class PrefetchReport:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (failures as dicts, with the errno's name)."""
         d = asdict(self)
-        d["failures"] = [dict(asdict(f), errno_name=f.errno_name) for f in self.failures]
+        d["failures"] = [f.to_dict() for f in self.failures]
         d["notes"] = list(self.notes)
         d["throughput_bps"] = self.throughput_bps
         return d

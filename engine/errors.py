@@ -48,6 +48,13 @@ class Failure:
         text = exc.strerror or (os.strerror(code) if code else str(exc))
         return cls(path, offset, length, code, text)
 
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict of the fields, with the errno's symbolic name."""
+        return {
+            "path": self.path, "offset": self.offset, "length": self.length,
+            "errno": self.errno, "errno_name": self.errno_name, "message": self.message,
+        }  # fmt: skip
+
     @property
     def errno_name(self) -> str:
         """The symbolic errno (``"EIO"``), or ``""``."""
