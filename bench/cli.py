@@ -438,7 +438,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rich.console import Console
 
     from bench import report, results
-    from bench.run import BenchError, ChecksumMismatch, run_suite
+    from bench.run import BenchError, BenchInterrupted, ChecksumMismatch, run_suite
 
     suite = _build_suite(args, argv)
     if args.dry_run:
@@ -453,6 +453,9 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except ChecksumMismatch as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         doc, code = exc.document, 3
+    except BenchInterrupted as exc:
+        err.print(f"{exc}", highlight=False)
+        doc, code = exc.document, 130
     except BenchError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         doc, code = exc.document, 1

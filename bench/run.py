@@ -96,6 +96,10 @@ class ChecksumMismatch(BenchError):
     """Two configurations or ranks loaded different bytes: a correctness bug."""
 
 
+class BenchInterrupted(BenchError):
+    """The run was interrupted (Ctrl-C, SIGINT); ``document`` holds what was measured."""
+
+
 # --------------------------------------------------------------------------------------
 # Suites
 
@@ -1003,6 +1007,8 @@ def run_suite(
         ChecksumMismatch: two loads gave different bytes (the run stops at once).
         BenchError: a rank failed or timed out, or the cache could not be made cold;
             ``exc.document`` holds the results gathered so far.
+        BenchInterrupted: Ctrl-C (SIGINT) stopped the run; ``exc.document`` holds
+            the results gathered so far.
 
     Example:
         >>> doc = run_suite(quick_suite(repeats=1))  # doctest: +SKIP
@@ -1081,6 +1087,10 @@ def run_suite(
     except BenchError as exc:
         exc.document = _finish(doc, t_start, validate=False)
         raise
+    except KeyboardInterrupt as exc:
+        stop = BenchInterrupted("interrupted: the results so far are kept")
+        stop.document = _finish(doc, t_start, validate=False)
+        raise stop from exc
     finally:
         launcher.close()
     return _finish(doc, t_start)

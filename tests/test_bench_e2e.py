@@ -211,6 +211,24 @@ def test_partial_results_are_kept_on_failure(tmp_path: Path) -> None:
     json.dumps(doc)
 
 
+def test_ctrl_c_keeps_the_results_measured_so_far(tmp_path: Path) -> None:
+    from bench.run import BenchInterrupted
+
+    suite = _suite(tmp_path / "work", ("local",), configs=("none", "ours"))
+
+    def interrupt_after_first_load(event: Any) -> None:
+        if event.finished is not None and "none #1" in event.finished:
+            raise KeyboardInterrupt
+
+    with pytest.raises(BenchInterrupted) as exc:
+        run_suite(suite, progress=interrupt_after_first_load)
+    doc = exc.value.document
+    assert doc is not None
+    assert [r["config"] for r in doc["results"] if r["kind"] == "load"] == ["none"]
+    assert doc["duration_s"] > 0
+    json.dumps(doc)
+
+
 def test_without_fuse_netfs_falls_back_to_local_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
