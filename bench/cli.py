@@ -467,7 +467,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         import json
 
         partial.write_text(json.dumps(doc, indent=1))
-        err.print(f"partial results (not validated) in {partial}")
+        err.print(f"partial results in {partial}")
         return code
     # Files first: a closed stdout (``| head``) must not lose a run of minutes.
     results.save(doc, json_path)

@@ -1085,10 +1085,12 @@ def run_suite(
                 for fs_name in _effective_fs(m.fs, fuse_ok):
                     _run_group(suite, m, ckpt, fs_name, launcher, doc, reference, tick)
     except BenchError as exc:
+        doc["warnings"].append(f"partial: stopped after {state['done']} of {total} steps: {exc}")
         exc.document = _finish(doc, t_start, validate=False)
         raise
     except KeyboardInterrupt as exc:
         stop = BenchInterrupted("interrupted: the results so far are kept")
+        doc["warnings"].append(f"partial: interrupted after {state['done']} of {total} steps")
         stop.document = _finish(doc, t_start, validate=False)
         raise stop from exc
     finally:
