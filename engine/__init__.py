@@ -11,7 +11,7 @@ Example:
 from engine.backends import BACKENDS, Backend, resolve_backend
 from engine.cursor import ConsumerCursor
 from engine.engine import PrefetchReport, Progress, prefetch_async
-from engine.errors import Failure, InvalidOptionError, PrefetchError
+from engine.errors import Failure, InvalidOptionError, PrefetchError, ResidencyUnknownError
 from engine.handle import PrefetchHandle, start_prefetch
 from engine.memory import MemoryBudget, auto_window, memory_budget
 from engine.plan import STRATEGIES, Extent, ResolvedFile, plan, resolve_files
@@ -44,4 +44,5 @@ __all__ = [
     "Failure",
     "InvalidOptionError",
     "PrefetchError",
+    "ResidencyUnknownError",
 ]

@@ -18,7 +18,7 @@ import threading
 from typing import ClassVar
 
 from engine import _libc
-from engine.errors import InvalidOptionError
+from engine.errors import InvalidOptionError, ResidencyUnknownError
 from engine.residency import resident_bytes_fd
 
 __all__ = [
@@ -214,7 +214,11 @@ class FadviseBackend(Backend):
             n = min(piece, have - done)
             os.posix_fadvise(fd, offset + done, n, os.POSIX_FADV_WILLNEED)
             done += n
-        if have and resident_bytes_fd(fd, offset, have) < have:
+        try:
+            missing = have and resident_bytes_fd(fd, offset, have) < have
+        except ResidencyUnknownError:  # cannot check the hint: read it all
+            missing = True
+        if missing:
             return self._pread.read_into_cache(fd, offset, have)
         return have
 

@@ -6,7 +6,7 @@ import errno as _errno
 import os
 from dataclasses import dataclass
 
-__all__ = ["Failure", "InvalidOptionError", "PrefetchError"]
+__all__ = ["Failure", "InvalidOptionError", "PrefetchError", "ResidencyUnknownError"]
 
 
 class PrefetchError(Exception):
@@ -17,6 +17,16 @@ class InvalidOptionError(PrefetchError, ValueError):
     """An option or argument is invalid (a programmer error, raised before any I/O).
 
     A `ValueError`, so ``except ValueError`` works; the message names the valid values.
+    """
+
+
+class ResidencyUnknownError(PrefetchError, OSError):
+    """The kernel will not say which pages of this file are cached (``EPERM``).
+
+    Linux answers `cachestat` and `mincore` truthfully only for a file the caller owns
+    or may write; for others `cachestat` fails with EPERM and `mincore` claims every page
+    is cached. A shared read-only checkpoint owned by another user is such a file.
+    An `OSError` with errno EPERM, so ``except OSError`` works.
     """
 
 

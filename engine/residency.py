@@ -2,16 +2,23 @@
 
 `cachestat` (syscall 451, Linux >= 6.5) answers for gigabytes in well under a
 millisecond; older kernels fall back to `mincore` over a temporary mapping.
+
+Both answer only for a file the caller owns or may write (or as root): otherwise
+`cachestat` fails with EPERM and `mincore` pretends every page is cached, a guard against
+page-cache side channels. Such files raise `ResidencyUnknownError` here, never a made-up
+figure; the engine then simply reads them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 
 from engine import _libc
+from engine.errors import ResidencyUnknownError
 
 __all__ = ["evict", "evict_fd", "resident_bytes", "resident_bytes_fd"]
 
@@ -19,8 +26,37 @@ log = logging.getLogger(__name__)
 _cachestat_works: bool | None = None
 
 
+def _unknown(fd: int) -> ResidencyUnknownError:
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        name = f"fd {fd}"
+    return ResidencyUnknownError(
+        errno.EPERM,
+        "page-cache residency is reported only for files the caller owns or may write",
+        name,
+    )
+
+
+def _mincore_tells_truth(fd: int) -> bool:
+    """Whether mincore reports this file's pages truthfully (the kernel's can_do_mincore)."""
+    if os.geteuid() == 0:
+        return True
+    if os.fstat(fd).st_uid == os.geteuid():
+        return True
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+        return True
+    return os.access(
+        f"/proc/self/fd/{fd}", os.W_OK, effective_ids=os.access in os.supports_effective_ids
+    )
+
+
 def _cachestat(fd: int, offset: int, length: int) -> int | None:
-    """Resident pages in the range via cachestat, or None when the syscall is missing."""
+    """Resident pages in the range via cachestat, or None when the syscall is missing.
+
+    Raises:
+        ResidencyUnknownError: the kernel refuses to answer for this file (EPERM).
+    """
     global _cachestat_works
     if _cachestat_works is False:
         return None
@@ -35,7 +71,9 @@ def _cachestat(fd: int, offset: int, length: int) -> int | None:
     )
     if ret != 0:
         code = ctypes.get_errno()
-        if code in (errno.ENOSYS, errno.EPERM):
+        if code == errno.EPERM:  # this file only: not ours to inspect
+            raise _unknown(fd)
+        if code == errno.ENOSYS:
             if _cachestat_works is None:
                 log.info("cachestat unavailable (%s); using mincore", os.strerror(code))
             _cachestat_works = False
@@ -46,7 +84,13 @@ def _cachestat(fd: int, offset: int, length: int) -> int | None:
 
 
 def _mincore(fd: int, offset: int, length: int) -> int:
-    """Resident pages in the range via mmap + mincore."""
+    """Resident pages in the range via mmap + mincore.
+
+    Raises:
+        ResidencyUnknownError: mincore would claim every page of this file is cached.
+    """
+    if not _mincore_tells_truth(fd):
+        raise _unknown(fd)
     addr, map_len, _ = _libc.map_range(fd, offset, length)
     try:
         pages = (map_len + _libc.PAGE_SIZE - 1) // _libc.PAGE_SIZE
@@ -70,6 +114,10 @@ def resident_bytes_fd(fd: int, offset: int = 0, length: int | None = None) -> in
 
     Returns:
         The resident bytes, between 0 and the range's length.
+
+    Raises:
+        ResidencyUnknownError: the kernel reports residency only to the file's owner, a
+            user who may write it, or root (an `OSError`, errno EPERM).
 
     Example:
         >>> with open("/etc/hostname", "rb") as f:
@@ -104,6 +152,9 @@ def resident_bytes(path: str | os.PathLike[str], offset: int = 0, length: int | 
 
     Returns:
         The resident bytes.
+
+    Raises:
+        ResidencyUnknownError: see `resident_bytes_fd`.
 
     Example:
         >>> resident_bytes("/etc/hostname") >= 0
