@@ -66,6 +66,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SERVER = Path(__file__).with_name("_netfs_server.py")
+_CONTROL_TIMEOUT_S = 20.0  # per control request; one retry (see _ControlClient)
 _MiB = 1 << 20
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
@@ -272,21 +273,41 @@ def _unmount(path: str) -> bool:
 
 
 class _ControlClient:
-    """JSON lines over the server's Unix socket; one request at a time."""
+    """JSON lines over the server's Unix socket; one request at a time.
+
+    Every operation is idempotent (read counters, reset them, set a fault), so a request
+    that times out (a Python server starved of CPU on a busy machine) is sent once more
+    over a new connection: a socket file that timed out cannot be read again, and a late
+    reply on the old connection must not be taken for the next request's.
+    """
 
     def __init__(self, sock_path: str, timeout: float) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        self._sock.connect(sock_path)
-        self._stream = self._sock.makefile("rwb")
+        self._path, self._timeout = sock_path, timeout
         self._lock = threading.Lock()
+        self._connect()
+
+    def _connect(self) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(self._timeout)
+        self._sock.connect(self._path)
+        self._stream = self._sock.makefile("rwb")
+
+    def _exchange(self, request: bytes) -> bytes:
+        self._stream.write(request)
+        self._stream.flush()
+        return self._stream.readline()
 
     def call(self, op: str, **args: Any) -> Any:
+        request = json.dumps({"op": op, **args}).encode() + b"\n"
         with self._lock:
             try:
-                self._stream.write(json.dumps({"op": op, **args}).encode() + b"\n")
-                self._stream.flush()
-                line = self._stream.readline()
+                try:
+                    line = self._exchange(request)
+                except TimeoutError:
+                    log.warning("netfs control: %r took over %.0f s; retrying", op, self._timeout)
+                    self.close()
+                    self._connect()
+                    line = self._exchange(request)
             except OSError as exc:
                 raise NetFSError(f"control channel failed during {op!r}: {exc}") from exc
         if not line:
@@ -634,7 +655,7 @@ def mounted(
         _wait_for_mount(proc, str(mp), startup_timeout, log_path)
         if resolved.read_ahead_kb is not None:
             _set_read_ahead(str(mp), resolved.read_ahead_kb)
-        control = _ControlClient(config["control"], timeout=10.0)
+        control = _ControlClient(config["control"], timeout=_CONTROL_TIMEOUT_S)
         fs = NetFS(mp, backing, resolved, proc, control)
         log.info("mounted %s at %s (%s, server pid %d)", backing, mp, resolved.name, proc.pid)
         yield fs

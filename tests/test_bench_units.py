@@ -548,3 +548,42 @@ def test_cli_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_config_dataclass_is_hashable() -> None:
     assert len({parse_config("ours"), parse_config("ours"), Config("x", "none")}) == 2
+
+
+# --------------------------------------------------------------------------------------
+# netfs control channel
+
+
+def test_control_request_that_times_out_is_retried_on_a_new_connection(tmp_path: Path) -> None:
+    """A starved server (no reply within the timeout) costs a retry, not the whole run."""
+    import socket
+    import threading
+
+    from bench.netfs import _ControlClient
+
+    path = str(tmp_path / "ctl.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen()
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        silent, _ = srv.accept()  # first connection: reads the request, never answers
+        silent.recv(4096)
+        conn, _ = srv.accept()
+        with conn, conn.makefile("rwb") as f:
+            seen.append(f.readline())
+            f.write(b'{"ok": true, "result": {"bytes_served": 7}}\n')
+            f.flush()
+        silent.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    client = _ControlClient(path, timeout=0.3)
+    try:
+        assert client.call("counters") == {"bytes_served": 7}
+    finally:
+        client.close()
+        srv.close()
+    t.join(5)
+    assert seen == [b'{"op": "counters"}\n']
