@@ -1088,6 +1088,11 @@ def run_suite(
         doc["warnings"].append(f"partial: stopped after {state['done']} of {total} steps: {exc}")
         exc.document = _finish(doc, t_start, validate=False)
         raise
+    except Exception as exc:  # a mount or an eviction failed: keep what was measured
+        stop = BenchError(f"{type(exc).__name__}: {exc}")
+        doc["warnings"].append(f"partial: stopped after {state['done']} of {total} steps: {stop}")
+        stop.document = _finish(doc, t_start, validate=False)
+        raise stop from exc
     except KeyboardInterrupt as exc:
         stop = BenchInterrupted("interrupted: the results so far are kept")
         doc["warnings"].append(f"partial: interrupted after {state['done']} of {total} steps")
@@ -1135,6 +1140,8 @@ def _run_group(
     reference: dict[str, tuple[str, str]],
     tick: Callable[..., None],
 ) -> None:
+    from bench.netfs import NetFSError
+
     cg_ctx: Any = contextlib.nullcontext(None)
     if m.memory_limit_bytes is not None:
         from bench.cgroup import memory_cgroup
@@ -1212,6 +1219,13 @@ def _run_group(
             )
             if cfg.kind != "raw":
                 check(cfg, ranks, sample)
+            else:
+                read = sum(r["bytes_consumed"] for r in sample["ranks"])
+                if read != ckpt.total_bytes:
+                    raise BenchError(
+                        f"{label}: the raw readers read {read} bytes of {ckpt.total_bytes} "
+                        "(a short read would make the floor look faster than it is)"
+                    )
             served = sample["bytes_served_ratio"]
             served_txt = f", served {served:.2f}x" if served is not None else ""
             if keep:
@@ -1223,6 +1237,10 @@ def _run_group(
             tick(label)
             try:
                 sample = _measure_fio(fs, ckpt)
+                if sample["detail"].get("bytes") != ckpt.total_bytes:
+                    raise RuntimeError(
+                        f"fio read {sample['detail'].get('bytes')} bytes of {ckpt.total_bytes}"
+                    )
                 fio_cfg = Config(name="floor:fio", kind="raw")
                 doc["results"].append(
                     {
@@ -1240,6 +1258,8 @@ def _run_group(
                     }
                 )
                 tick(label, f"{label}: {sample['wall_s']:.2f} s", advance=True)
+            except NetFSError:
+                raise  # the mount failed, not fio
             except RuntimeError as exc:
                 doc["warnings"].append(f"fio on {where}: {exc}")
                 tick(label, f"{label}: failed ({exc})", advance=True)

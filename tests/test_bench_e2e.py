@@ -8,6 +8,7 @@ each byte is served once), never about wall-clock time.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,35 @@ def test_ctrl_c_keeps_the_results_measured_so_far(tmp_path: Path) -> None:
     assert doc["duration_s"] > 0
     assert any(w.startswith("partial: interrupted after") for w in doc["warnings"])
     results.validate(doc)  # `show` can read it
+
+
+def test_any_failure_keeps_the_results_measured_so_far(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.run
+
+    def broken(*_a: Any, **_k: Any) -> float:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(bench.run, "_make_hot", broken)  # the hot load runs last
+    with pytest.raises(BenchError) as exc:
+        run_suite(_suite(tmp_path / "work", ("local",), configs=("none",)))
+    doc = exc.value.document
+    assert doc is not None and [r["config"] for r in doc["results"] if r["kind"] == "load"]
+    assert any("OSError" in w and "Input/output error" in w for w in doc["warnings"])
+    results.validate(doc)
+
+
+def test_a_short_raw_floor_read_stops_the_run(tmp_path: Path) -> None:
+    suite = _suite(tmp_path / "work", ("local",), configs=("none",))
+
+    def shrink_a_shard(event: Any) -> None:
+        if event.finished is None and event.description.endswith("floor:raw #1"):
+            shard = sorted((tmp_path / "work").rglob("*.safetensors"))[0]
+            os.truncate(shard, shard.stat().st_size - MiB)
+
+    with pytest.raises(BenchError, match="raw readers read"):
+        run_suite(suite, progress=shrink_a_shard)
 
 
 def test_without_fuse_netfs_falls_back_to_local_with_a_warning(
