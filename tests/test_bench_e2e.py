@@ -280,3 +280,21 @@ def test_without_fuse_netfs_falls_back_to_local_with_a_warning(
     assert {r["fs"] for r in doc["results"]} == {"local"}
     assert any("FUSE is unavailable" in w and "no /dev/fuse here" in w for w in doc["warnings"])
     assert doc["host"]["fuse"] == {"available": False, "reason": "no /dev/fuse here"}
+
+
+@pytest.mark.fuse
+def test_cold_means_the_backing_files_too(tmp_path: Path) -> None:
+    """A mount whose server reads from a warm backing cache is not cold storage."""
+    import mmap
+
+    from bench.run import _make_cold, _open_fs
+
+    require_fuse()
+    ckpt, _ = ensure_checkpoint(tmp_path, shape="single", size_bytes=8 * MiB)
+    with _open_fs("local-fuse", ckpt) as fs:
+        assert _make_cold(fs, ckpt.total_bytes) < 0.01
+        with open(ckpt.files[0], "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            sum(m[i] for i in range(0, len(m), 4096))  # mapped pages survive DONTNEED
+            with pytest.raises(BenchError, match="cannot make the checkpoint cold"):
+                _make_cold(fs, ckpt.total_bytes)
+        assert _make_cold(fs, ckpt.total_bytes) < 0.01
