@@ -44,7 +44,8 @@ suites:
                      slow-nfs, 4 ranks, 3 GiB in a 1 GiB memory cgroup, none / sglang /
                      ours-window / ours-nowindow.
   Flags given explicitly replace the suite's values: --fs, --ranks, --shapes in every
-  scenario; --configs and --size in the 'cold' scenario.
+  scenario; --configs in the 'cold' scenario; --size in 'cold', 'sweep' and
+  'backends' (--btm-size in 'bigger-than-memory').
 
 configurations (--configs, comma separated):
   none          safe_open + get_tensor in keys() order: mmap page faults, no prefetch
@@ -67,6 +68,13 @@ a warning).
 
 exit status: 0 ok, 1 error, 2 usage, 3 checksum mismatch (different tensors).
 """
+
+
+DEFAULT_SKEW = 4.0
+
+
+class UsageError(ValueError):
+    """Arguments that cannot work together or name unknown things: exit status 2."""
 
 
 def _csv(text: str) -> list[str]:
@@ -111,9 +119,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skew",
         type=float,
-        default=4.0,
+        default=None,
         metavar="X",
-        help="first shard of a skewed checkpoint is X times the others (default 4)",
+        help=f"first shard of a skewed checkpoint is X times the others (default "
+        f"{DEFAULT_SKEW:g}; for make, --skew alone means --shape skewed)",
     )
     parser.add_argument(
         "--dtypes",
@@ -301,9 +310,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_args(m)
     m.add_argument(
         "--shape",
-        default="uniform",
+        default=None,
         choices=("uniform", "skewed", "single", "many-small"),
-        help="checkpoint shape (default uniform)",
+        help="checkpoint shape (default uniform, or skewed when --skew is given)",
     )
 
     s = sub.add_parser("show", help="print the table (and plot) of a stored results JSON")
@@ -368,7 +377,7 @@ def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         warmup=args.warmup,
         workdir=args.workdir or brun.default_workdir(),
         shards=args.shards,
-        skew=args.skew,
+        skew=args.skew if args.skew is not None else DEFAULT_SKEW,
         dtypes=tuple(args.dtypes),
         seed=args.seed,
         launcher=args.launcher,
@@ -438,9 +447,13 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rich.console import Console
 
     from bench import report, results
-    from bench.run import BenchError, BenchInterrupted, ChecksumMismatch, run_suite
+    from bench.run import BenchError, BenchInterrupted, ChecksumMismatch, _validate_suite, run_suite
 
-    suite = _build_suite(args, argv)
+    try:
+        suite = _build_suite(args, argv)
+        _validate_suite(suite)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     if args.dry_run:
         return _dry_run(suite)
     json_path = args.json or args.out / f"{suite.name}.json"
@@ -511,18 +524,21 @@ def _dry_run(suite: Any) -> int:
 def _cmd_make(args: argparse.Namespace) -> int:
     from bench.checkpoint import make_checkpoint
 
+    shape = args.shape or ("skewed" if args.skew is not None else "uniform")
+    if args.skew is not None and shape != "skewed":
+        raise UsageError(f"--skew applies to --shape skewed, not {shape}")
     t0 = time.monotonic()
     shards = args.shards
-    if shards is None and args.shape != "many-small":
+    if shards is None and shape != "many-small":
         shards = 8
     info = make_checkpoint(
         args.dir,
         size_bytes=args.size,
         shards=shards,
-        shape=args.shape,
+        shape=shape,
         dtypes=tuple(args.dtypes),
         seed=args.seed,
-        skew=args.skew,
+        skew=args.skew if args.skew is not None else DEFAULT_SKEW,
     )
     dt = time.monotonic() - t0
     print(
@@ -593,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -518,8 +518,23 @@ def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
-    assert main(["run", "--fs", "nfs-of-dreams", "--workdir", "/tmp/unused"]) == 1
-    assert "unknown filesystem" in capsys.readouterr().err
+    for argv, says in (
+        (["run", "--fs", "nfs-of-dreams"], "unknown filesystem"),
+        (["run", "--shapes", "cube"], "unknown shape"),
+        (["run", "--scenario", "marathon"], "unknown scenario"),
+        (["run", "--dry-run", "--scenario", "bigger-than-memory", "--memory-limit", "1MiB"],
+         "too small"),
+        (["make", "/tmp/unused", "--shape", "single", "--skew", "3"], "--skew applies"),
+    ):  # fmt: skip
+        assert main([*argv, "--workdir", "/tmp/unused"] if argv[0] == "run" else argv) == 2
+        assert says in capsys.readouterr().err, argv
+
+
+def test_cli_make_skew_alone_means_skewed(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    assert main(["make", str(out), "--size", "8MiB", "--shards", "2", "--skew", "3"]) == 0
+    sizes = sorted(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert sizes[1] > 2.5 * sizes[0]
 
 
 def test_cli_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
