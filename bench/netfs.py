@@ -332,6 +332,9 @@ class NetFS:
         backing_dir: The directory it serves.
         profile: The settings it was mounted with (overrides applied).
         pid: Process id of the server.
+        read_ahead_kb: The mount's readahead window as the kernel reports it after
+            mounting (``profile.read_ahead_kb`` only when setting it worked, e.g. as
+            root); None when unreadable.
     """
 
     def __init__(
@@ -349,6 +352,7 @@ class NetFS:
         self._proc = proc
         self._control: _ControlClient | None = control
         self._final: Counters | None = None
+        self.read_ahead_kb = _read_ahead_of(str(path))
 
     def __repr__(self) -> str:
         state = "mounted" if self._control is not None else "unmounted"
@@ -562,9 +566,21 @@ def _resolve_profile(profile: str | NetFSProfile, overrides: dict[str, Any]) -> 
     return resolved
 
 
-def _set_read_ahead(mountpoint: str, read_ahead_kb: int) -> None:
+def _bdi_read_ahead_path(mountpoint: str) -> str:
     dev = os.stat(mountpoint).st_dev
-    bdi = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    return f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+
+
+def _read_ahead_of(mountpoint: str) -> int | None:
+    try:
+        with open(_bdi_read_ahead_path(mountpoint), encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _set_read_ahead(mountpoint: str, read_ahead_kb: int) -> None:
+    bdi = _bdi_read_ahead_path(mountpoint)
     try:
         with open(bdi, "w", encoding="ascii") as f:
             f.write(str(int(read_ahead_kb)))

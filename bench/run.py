@@ -544,6 +544,7 @@ class _NetFS(_FS):
             "fstype": "fuse",
             "device": None,
             "profile": prof,
+            "read_ahead_kb": self.mount.read_ahead_kb,
             "label": f"{self.name}: {prof.get('description', '')}",
         }
 

@@ -408,3 +408,16 @@ def test_server_cleans_up_when_its_parent_dies(backing: tuple[Path, dict[str, by
     wait_until(lambda: not _is_mounted(mountpoint), timeout=20)
     wait_until(lambda: not Path(f"/proc/{server_pid}").exists(), timeout=20)
     shutil.rmtree(Path(mountpoint).parent, ignore_errors=True)
+
+
+@pytest.mark.fuse
+def test_read_ahead_is_reported_as_the_kernel_has_it(
+    backing: tuple[Path, dict[str, bytes]],
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root may set a mount's read_ahead_kb")
+    root, _ = backing
+    with mounted(root, profile="local-fuse") as fs:
+        default = fs.read_ahead_kb
+    with mounted(root, profile="local-fuse", read_ahead_kb=2 * (default or 128)) as fs:
+        assert default is not None and fs.read_ahead_kb == 2 * default
