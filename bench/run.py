@@ -527,15 +527,32 @@ class _NetFS(_FS):
         self.mount = mount
         self.files = [str(Path(mount.path) / f.name) for f in ckpt.files]
         self.cache_layers = [self.files, [str(f) for f in ckpt.files]]
+        self.last_counters: dict[str, int] = {}
 
     def evict(self) -> None:
+        self._quiet()  # a read still in the server would refill what is evicted
         self.mount.evict()
 
     def start_count(self) -> None:
+        self._quiet()
         self.mount.reset_counters()
 
     def served(self) -> int | None:
-        return int(self.mount.counters().bytes_served)
+        c = self._quiet()
+        self.last_counters = {"requests": c.requests, "opens": c.opens, "errors": c.errors}
+        return int(c.bytes_served)
+
+    def _quiet(self, timeout: float = 10.0) -> Any:
+        """Wait until no read request is in the server; return its counters."""
+        deadline = time.monotonic() + timeout
+        while True:
+            c = self.mount.counters()
+            busy = c.inflight + c.stalled
+            if busy == 0 or time.monotonic() > deadline:
+                if busy:
+                    log.warning("%s: %d read requests still in the server", self.name, busy)
+                return c
+            time.sleep(0.01)
 
     def describe(self) -> dict[str, Any]:
         prof = dataclasses.asdict(self.mount.profile)
@@ -878,6 +895,8 @@ def _measure(
     consumed = sum(r.get("bytes_consumed", 0) for r in ranks_out)
     if cgroup is not None:
         detail["cgroup"] = cgroup.stats()
+    if isinstance(fs, _NetFS):
+        detail["netfs"] = dict(fs.last_counters)  # to tell a cache hit from a miscount
     for r in ranks_out:
         r["wall_s"] = r["t_done"] - t_release
     checksums = {r["checksum"] for r in ranks_out}

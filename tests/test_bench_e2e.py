@@ -298,3 +298,30 @@ def test_cold_means_the_backing_files_too(tmp_path: Path) -> None:
             with pytest.raises(BenchError, match="cannot make the checkpoint cold"):
                 _make_cold(fs, ckpt.total_bytes)
         assert _make_cold(fs, ckpt.total_bytes) < 0.01
+
+
+@pytest.mark.fuse
+def test_served_waits_for_reads_still_in_the_server(tmp_path: Path) -> None:
+    import threading
+
+    from bench.run import _open_fs
+
+    require_fuse()
+    ckpt, _ = ensure_checkpoint(tmp_path, shape="single", size_bytes=4 * MiB)
+    with _open_fs("local-fuse", ckpt) as fs:
+        fs.evict()
+        fs.start_count()
+        fs.mount.stall()
+
+        def read() -> None:
+            with open(fs.files[0], "rb") as f:
+                f.read(4096)  # one request (and its readahead)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        while fs.mount.counters().stalled == 0:
+            pass
+        threading.Timer(0.3, fs.mount.unstall).start()
+        assert fs.served() >= 4096  # counted after the stall lifted, not 0 at once
+        assert fs.last_counters["requests"] >= 1
+        reader.join(10)
