@@ -253,8 +253,10 @@ class _FakeLauncher:
 
     def run(self, job: Job, world: int, timeout: float) -> tuple[float, list[dict[str, Any]]]:
         cfg = parse_config(job.config)
+        total = sum(os.path.getsize(f) for f in job.files)
         out = []
         for rank in range(world):
+            share = total // world + (total % world if rank == 0 else 0)
             out.append(
                 {
                     "rank": rank,
@@ -264,7 +266,7 @@ class _FakeLauncher:
                     "cpu_s": 0.5,
                     "peak_rss_bytes": 1 << 20,
                     "peak_anon_bytes": 1 << 20,
-                    "bytes_consumed": 1000,
+                    "bytes_consumed": share if cfg.kind == "raw" else 1000,
                     "tensors": self.tensors if cfg.kind != "raw" else 0,
                     "checksum": self.checksums.get(cfg.kind) if cfg.kind != "raw" else None,
                     "io_read_bytes": 10,
