@@ -11,7 +11,14 @@ import os
 
 from engine._libc import libc
 
-__all__ = ["LOCAL_FILESYSTEMS", "NETWORK_FILESYSTEMS", "filesystem_type", "is_network_fs"]
+__all__ = [
+    "LOCAL_FILESYSTEMS",
+    "NETWORK_FILESYSTEMS",
+    "OVERLAYFS_MAGIC",
+    "filesystem_type",
+    "filesystem_type_fd",
+    "is_network_fs",
+]
 
 #: statfs f_type magic numbers of network, cluster and FUSE filesystems (prefetch on).
 NETWORK_FILESYSTEMS: dict[int, str] = {
@@ -59,6 +66,10 @@ LOCAL_FILESYSTEMS: dict[int, str] = {
 }
 
 
+#: statfs f_type of overlayfs: its page cache lives in the real (upper/lower) file.
+OVERLAYFS_MAGIC = 0x794C7630
+
+
 class _Statfs(ctypes.Structure):
     # struct statfs on 64-bit Linux; f_type is the first field on every architecture.
     # The padding leaves room for the rest of the struct on any ABI.
@@ -85,6 +96,30 @@ def filesystem_type(path: str | os.PathLike[str]) -> int:
     if libc.statfs(os.fsencode(os.fspath(path)), ctypes.byref(buf)) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), os.fspath(path))
+    return buf.f_type & 0xFFFFFFFF
+
+
+def filesystem_type_fd(fd: int) -> int:
+    """Return ``fstatfs(fd).f_type`` as an unsigned 32-bit magic number.
+
+    Args:
+        fd: an open file descriptor.
+
+    Returns:
+        The magic number of the filesystem the open file lives on.
+
+    Raises:
+        OSError: fstatfs failed.
+
+    Example:
+        >>> with open("/proc/self/status") as f:
+        ...     hex(filesystem_type_fd(f.fileno()))
+        '0x9fa0'
+    """
+    buf = _Statfs()
+    if libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
     return buf.f_type & 0xFFFFFFFF
 
 

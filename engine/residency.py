@@ -1,7 +1,9 @@
 """What part of a file is in the page cache, and how to drop it.
 
 `cachestat` (syscall 451, Linux >= 6.5) answers for gigabytes in well under a
-millisecond; older kernels fall back to `mincore` over a temporary mapping.
+millisecond; older kernels (or a seccomp policy that denies it) fall back to `mincore`
+over a temporary mapping. On overlayfs `cachestat` sees the overlay's own, always empty,
+mapping, so `mincore` (which goes through to the real file) answers there.
 
 Both answer only for a file the caller owns or may write (or as root): otherwise
 `cachestat` fails with EPERM and `mincore` pretends every page is cached, a guard against
@@ -14,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 
@@ -38,17 +41,40 @@ def _unknown(fd: int) -> ResidencyUnknownError:
     )
 
 
-def _mincore_tells_truth(fd: int) -> bool:
-    """Whether mincore reports this file's pages truthfully (the kernel's can_do_mincore)."""
-    if os.geteuid() == 0:
-        return True
-    if os.fstat(fd).st_uid == os.geteuid():
-        return True
+@functools.cache
+def _overflow_uid() -> int:
+    try:
+        with open("/proc/sys/kernel/overflowuid", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65534
+
+
+def _may_inspect(fd: int) -> bool:
+    """Whether the kernel reports this file's residency truthfully to us.
+
+    Mirrors the kernel's check for `mincore` and `cachestat`: the file is open for
+    writing, or the caller owns it, or may write it. Never more permissive than the
+    kernel: "root" alone is not enough (capabilities may be dropped, or root may be
+    mapped in a user namespace), and an owner shown as the overflow uid is nobody's.
+    """
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+        return True
+    uid = os.fstat(fd).st_uid
+    if uid == os.geteuid() and uid != _overflow_uid():
         return True
     return os.access(
         f"/proc/self/fd/{fd}", os.W_OK, effective_ids=os.access in os.supports_effective_ids
     )
+
+
+def _on_overlayfs(fd: int) -> bool:
+    from engine.fstype import OVERLAYFS_MAGIC, filesystem_type_fd
+
+    try:
+        return filesystem_type_fd(fd) == OVERLAYFS_MAGIC
+    except OSError:
+        return False
 
 
 def _cachestat(fd: int, offset: int, length: int) -> int | None:
@@ -71,9 +97,9 @@ def _cachestat(fd: int, offset: int, length: int) -> int | None:
     )
     if ret != 0:
         code = ctypes.get_errno()
-        if code == errno.EPERM:  # this file only: not ours to inspect
+        if code == errno.EPERM and not _may_inspect(fd):  # this file is not ours to inspect
             raise _unknown(fd)
-        if code == errno.ENOSYS:
+        if code in (errno.ENOSYS, errno.EPERM):  # missing, or denied by a seccomp policy
             if _cachestat_works is None:
                 log.info("cachestat unavailable (%s); using mincore", os.strerror(code))
             _cachestat_works = False
@@ -89,7 +115,7 @@ def _mincore(fd: int, offset: int, length: int) -> int:
     Raises:
         ResidencyUnknownError: mincore would claim every page of this file is cached.
     """
-    if not _mincore_tells_truth(fd):
+    if not _may_inspect(fd):
         raise _unknown(fd)
     addr, map_len, _ = _libc.map_range(fd, offset, length)
     try:
@@ -132,7 +158,7 @@ def resident_bytes_fd(fd: int, offset: int = 0, length: int | None = None) -> in
     page = _libc.PAGE_SIZE
     start = offset - offset % page
     stop = -(-end // page) * page
-    pages = _cachestat(fd, start, stop - start)
+    pages = None if _on_overlayfs(fd) else _cachestat(fd, start, stop - start)
     if pages is None:
         pages = _mincore(fd, start, end - start)
     total_pages = (stop - start) // page

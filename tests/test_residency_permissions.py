@@ -119,3 +119,109 @@ def test_status_cli_says_unknown_instead_of_cached(shared_dir: Path) -> None:
 def test_the_error_is_an_oserror_with_eperm() -> None:
     exc = ResidencyUnknownError(1, "x", "/p")
     assert isinstance(exc, OSError) and exc.errno == 1 and exc.filename == "/p"
+
+
+def _run_wrapped(wrapper: list[str], body: str) -> dict:
+    """Run `body` under `wrapper` (unshare, setpriv) with /usr/bin/python3; JSON back."""
+    script = (
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {os.getcwd()!r})\n"
+        "import engine, engine.residency\n" + body
+    )
+    out = subprocess.run(
+        [*wrapper, "/usr/bin/python3", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    if out.returncode != 0 and "Operation not permitted" in out.stderr and "unshare" in out.stderr:
+        pytest.skip(f"{wrapper[0]} is not allowed here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_PROBE = (
+    "engine.residency._cachestat_works = False  # a kernel before 6.5: mincore only\n"
+    "caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0].split()[1]\n"
+    "try:\n"
+    "    r = {'resident': engine.resident_bytes(sys.argv[1] if len(sys.argv) > 1 else P)}\n"
+    "except engine.ResidencyUnknownError:\n"
+    "    r = {'unknown': True}\n"
+    "print(json.dumps({**r, 'caps': caps, 'euid': os.geteuid()}))\n"
+)
+
+
+@pytest.mark.parametrize(
+    "wrapper",
+    [
+        ["unshare", "--user", "--map-root-user"],  # root in a user namespace
+        ["setpriv", "--bounding-set=-all", "--inh-caps=-all"],  # root without capabilities
+    ],
+    ids=["userns-root", "root-without-caps"],
+)
+def test_root_that_cannot_inspect_gets_unknown_on_old_kernels(
+    shared_dir: Path, wrapper: list[str]
+) -> None:
+    if not Path("/usr/bin/python3").exists() or not shutil.which(wrapper[0]):
+        pytest.skip(f"needs /usr/bin/python3 and {wrapper[0]}")
+    p = _cold_shared_file(shared_dir)
+    os.chown(p, 1234, 1234)  # someone else's shared checkpoint
+    got = _run_wrapped(wrapper, f"P = {str(p)!r}\n" + _PROBE)
+    assert got["euid"] == 0
+    if wrapper[0] == "setpriv" and int(got["caps"], 16) != 0:
+        pytest.skip("setpriv kept effective capabilities here")
+    assert got.get("unknown") is True, got  # mincore would claim all 8 MiB
+
+
+def test_cachestat_denied_by_policy_falls_back_to_mincore(
+    make_file, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seccomp profile may answer EPERM for every file: then mincore answers (we own it)."""
+    import ctypes
+    import errno
+
+    from engine import _libc, residency
+
+    p = make_file("own.bin", 4 * MiB)
+    with open(p, "rb") as f:
+        f.read(MiB)
+
+    def denied(*_args: object) -> int:
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    monkeypatch.setattr(residency, "_cachestat_works", None)
+    monkeypatch.setattr(_libc.libc, "syscall", denied)
+    assert MiB <= resident_bytes(p) < 4 * MiB
+    assert residency._cachestat_works is False
+
+
+def test_overlayfs_residency_is_the_real_files(shared_dir: Path) -> None:
+    """cachestat on an overlay file sees an empty mapping; the pages live in the real file."""
+    if not shutil.which("unshare") or not Path("/usr/bin/python3").exists():
+        pytest.skip("needs unshare and /usr/bin/python3")
+    lower, upper, work, merged = (shared_dir / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    p = _cold_shared_file(lower)
+    script = (
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {os.getcwd()!r})\n"
+        "import engine\n"
+        "f = sys.argv[1]\n"
+        "with open(f, 'rb') as fh:\n"
+        "    fh.read(2 << 20)\n"
+        "print(json.dumps({'resident': engine.resident_bytes(f)}))\n"
+    )
+    mount = (
+        f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper},workdir={work} "
+        f'{merged} && /usr/bin/python3 -c "$0" {merged / p.name}'
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", mount, script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if out.returncode != 0 and "overlay" in out.stderr and "mount" in out.stderr:
+        pytest.skip(f"cannot mount overlayfs here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 2 * MiB <= got["resident"] < 8 * MiB
