@@ -73,8 +73,9 @@ class RankBoard:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                 raise OSError(f"{path} is not a regular file of this user")
-            if st.st_size < size:
-                os.ftruncate(fd, size)
+            # Allocate, not just extend: on a full tmpfs a write to a page that has no
+            # backing kills the process with SIGBUS, where fallocate fails with ENOSPC.
+            os.posix_fallocate(fd, 0, size)
             self._map: mmap.mmap | None = mmap.mmap(fd, size)
         finally:
             os.close(fd)

@@ -128,6 +128,36 @@ def test_board_of_a_dead_rank_stops_the_drops(tmp_path: Path) -> None:
         r0.finish()
 
 
+def test_board_on_a_full_dev_shm_is_an_error_not_sigbus(tmp_path: Path) -> None:
+    """Docker's default 64 MiB /dev/shm is often full (NCCL): the load goes on unwindowed."""
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        pytest.skip("needs root and unshare for a private tiny /dev/shm")
+    f = tmp_path / "z"
+    f.write_bytes(b"z" * 100_000)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from engine import start_prefetch\n"
+        "from engine.cursor import RankBoard; from engine.plan import resolve_files\n"
+        "try:\n"
+        "    RankBoard.open(resolve_files([sys.argv[2]])[0], 0, 2)\n"
+        "except OSError as e:\n"
+        "    print('board:', e.errno)\n"
+        "r = start_prefetch([sys.argv[2]], 0, 2, window_bytes=8192, skip_cached=False).wait(20)\n"
+        "print('report:', r is not None and not r.failures)\n"
+    )
+    shell = (
+        "mount -t tmpfs -o size=64k tmpfs /dev/shm && "
+        "(cat /dev/zero > /dev/shm/fill 2>/dev/null; true) && "
+        f'{sys.executable} -c "$0" {REPO} {f}'
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", shell, code], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr)  # -7 / 135 was SIGBUS
+    assert "board: 28" in out.stdout  # ENOSPC
+    assert "report: True" in out.stdout
+
+
 # ------------------------------------------------------------------- releasing mapped pages
 
 
