@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from engine.backends import AiofilesBackend, Backend, resolve_backend
 from engine.cursor import ConsumerCursor, RankBoard
-from engine.errors import Failure
+from engine.errors import Failure, InvalidOptionError
 from engine.memory import auto_window, trail_bytes
 from engine.plan import (
     Extent,
@@ -830,7 +830,8 @@ async def prefetch_async(
         while it ran (other work on the same thread is included).
 
     Raises:
-        ValueError: an invalid option (before any thread starts).
+        ValueError: an invalid option (before any thread starts), also a window without
+            a consumer.
 
     Example:
         >>> import asyncio
@@ -851,5 +852,9 @@ async def prefetch_async(
         progress=progress,
     )
     if window_bytes is not None and consumer is None:
-        consumer = ConsumerCursor()
+        # Nobody could advance a cursor made here: warming would stop at the window.
+        raise InvalidOptionError(
+            f"window_bytes={window_bytes!r} needs a consumer: pass consumer=ConsumerCursor() "
+            "and advance it as the loader reads (start_prefetch's handle does this)"
+        )
     return await Prefetcher(files, opts, cursor=consumer).run()

@@ -195,3 +195,11 @@ async def test_an_internal_error_is_reported_never_raised(make_file, monkeypatch
     assert not report.ok
     assert report.failures[0].path == "<prefetch>"
     assert "RuntimeError: planner bug" in report.failures[0].message
+
+
+@pytest.mark.parametrize("window", [8192, "auto"])
+def test_a_window_without_a_consumer_is_refused_not_a_hang(make_file, window) -> None:
+    """Nobody could advance a cursor prefetch_async made itself: it would wait forever."""
+    path = make_file("w", 1 << 20)
+    with pytest.raises(ValueError, match="needs a consumer"):
+        asyncio.run(asyncio.wait_for(prefetch_async([path], window_bytes=window), 10))
