@@ -94,8 +94,18 @@ class DaemonPool:
                 t = threading.Thread(
                     target=self._work, name=f"{self._name}-{len(self.threads)}", daemon=True
                 )
-                self.threads.append(t)
-                t.start()
+                try:
+                    t.start()
+                except RuntimeError:  # "can't start new thread": a pids limit, TasksMax
+                    if not self.threads:
+                        raise
+                    log.warning(
+                        "cannot start another worker thread; going on with %d",
+                        len(self.threads),
+                    )
+                    self._size = len(self.threads)
+                else:
+                    self.threads.append(t)
         self._queue.put(item)
 
     def _work(self) -> None:

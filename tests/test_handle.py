@@ -123,3 +123,31 @@ def test_interpreter_exit_is_not_blocked_by_a_stuck_read(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "blocked" in out.stdout
     assert time.monotonic() - t0 < 20  # generous: a hang would hit the 30 s timeout
+
+
+def test_a_thread_limit_leaves_fewer_workers_not_a_failed_prefetch(
+    make_file, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pids cgroup limit may refuse the 2nd thread: the first one does all the reads."""
+    import threading
+
+    import engine.pool
+
+    real_start = threading.Thread.start
+    started: list[str] = []
+
+    class Limited(threading.Thread):
+        def start(self) -> None:
+            if self.name.startswith("ckpt-prefetch-io") and started:
+                raise RuntimeError("can't start new thread")
+            if self.name.startswith("ckpt-prefetch-io"):
+                started.append(self.name)
+            real_start(self)
+
+    monkeypatch.setattr(engine.pool.threading, "Thread", Limited)
+    files = [make_file(f"t{i}", 2 << 20) for i in range(3)]
+    handle = start_prefetch(files, concurrency=4, chunk_bytes=1 << 20, skip_cached=False)
+    report = handle.wait(30)
+    assert report is not None and report.failures == ()
+    assert report.warmed_bytes == 6 << 20 and len(started) == 1
+    handle.cancel()  # joins only threads that started
