@@ -236,7 +236,7 @@ def resolve_files(
     ordering = Order.parse(order)
     if isinstance(files, (str, bytes, os.PathLike)):  # one path, not its characters
         files = [files]
-    by_key: dict[tuple[int, int], ResolvedFile] = {}
+    by_key: dict[tuple[int, int, int, int], ResolvedFile] = {}
     failures: list[Failure] = []
     for raw in files:
         try:
@@ -262,7 +262,10 @@ def resolve_files(
         if not stat.S_ISREG(st.st_mode):
             failures.append(Failure(name, 0, 0, errno.EINVAL, "not a regular file"))
             continue
-        key = (st.st_dev, st.st_ino)
+        # The same file reached twice (symlinks, hard links). Size and mtime too: some
+        # filesystems (9p without multidevs, CIFS across DFS) reuse inode numbers for
+        # different files, and dropping one of those would drop its tensors.
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         prev = by_key.get(key)
         if prev is None:
             by_key[key] = ResolvedFile(real, st.st_size, st.st_dev, st.st_ino)

@@ -171,3 +171,27 @@ def test_resolve_files_records_what_is_not_a_path_and_takes_one_path(tmp_path):
     assert [f.errno_name for f in failures] == ["EINVAL", "EINVAL", "EINVAL"]
     one, none = resolve_files(str(good))  # a single path is not a list of characters
     assert [f.path for f in one] == [str(good)] and none == []
+
+
+def test_files_that_share_an_inode_number_but_differ_are_both_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """9p without multidevs, CIFS across DFS: one inode number, two files, two shards."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"a" * 100)
+    b.write_bytes(b"b" * 200)
+    real_stat = os.stat
+
+    def same_inode(path, *args, **kw):
+        st = real_stat(path, *args, **kw)
+        fields = list(st)
+        fields[1] = 42  # st_ino
+        return os.stat_result(fields, {"st_mtime_ns": st.st_mtime_ns})
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "stat", same_inode)
+        resolved, failures = resolve_files([a, b])
+    assert failures == []
+    assert [(Path(f.path).name, f.size) for f in resolved] == [
+        ("a.safetensors", 100), ("b.safetensors", 200),
+    ]  # fmt: skip
