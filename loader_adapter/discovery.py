@@ -127,6 +127,12 @@ def discover_local_rank(rank: int | None = None, world: int | None = None) -> Lo
     env_rank, env_world = _env_int("LOCAL_RANK"), _env_int("LOCAL_WORLD_SIZE")
     if env_rank is not None and env_world is not None:
         return _check(env_rank, env_world, "environment")
+    if (env_rank is None) != (env_world is None):
+        log.warning(
+            "only one of LOCAL_RANK and LOCAL_WORLD_SIZE is set (%s); ignoring it: set both, "
+            "or pass rank= and world=",
+            "LOCAL_RANK" if env_world is None else "LOCAL_WORLD_SIZE",
+        )
     found = _from_torch_distributed()
     if found is not None:
         return _check(found[0], found[1], "torch.distributed")

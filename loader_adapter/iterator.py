@@ -326,7 +326,14 @@ def _setup(
     if prefetch is False:
         return _Setup(resolved, None)
 
-    local = discover_local_rank(rank, world)  # a collective under torch.distributed
+    try:
+        local = discover_local_rank(rank, world)  # a collective under torch.distributed
+    except ValueError as exc:
+        if rank is not None or world is not None:
+            raise  # the caller's arguments: a programmer error
+        # A launcher's environment the loader cannot use must not fail the load.
+        log.warning("cannot tell this process's local rank (%s); loading without prefetch", exc)
+        return _Setup(resolved, None)
     total = sum(f.size for f in resolved)
     if prefetch == "auto" and not decide_auto([f.path for f in resolved], total).enabled:
         return _Setup(resolved, None)

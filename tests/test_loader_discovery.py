@@ -36,9 +36,35 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert discover_local_rank() == LocalRank(3, 8, "environment")
 
 
-def test_environment_needs_both(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_needs_both(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert discover_local_rank() == LocalRank(0, 1, "default")
+    with caplog.at_level("WARNING"):
+        assert discover_local_rank() == LocalRank(0, 1, "default")
+    assert "only one of LOCAL_RANK and LOCAL_WORLD_SIZE is set (LOCAL_RANK)" in caplog.text
+
+
+@pytest.mark.parametrize("prefetch", [True, "auto"])
+def test_an_unusable_launcher_environment_loads_without_prefetch(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, prefetch
+) -> None:
+    """LOCAL_RANK=2 of LOCAL_WORLD_SIZE=2 is the launcher's mistake, not a reason to fail."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loader_adapter import safetensors_weights_iterator
+
+    f = tmp_path / "m.safetensors"
+    save_file({"a": torch.arange(4.0), "b": torch.ones(2, 2)}, str(f))
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with caplog.at_level("WARNING"):
+        got = dict(safetensors_weights_iterator([f], prefetch=prefetch))
+    assert sorted(got) == ["a", "b"] and torch.equal(got["a"], torch.arange(4.0))
+    assert "loading without prefetch" in caplog.text
+    with pytest.raises(ValueError, match="rank"):  # the caller's own arguments still raise
+        dict(safetensors_weights_iterator([f], prefetch=True, rank=2, world=2))
 
 
 def test_default_single_process() -> None:
