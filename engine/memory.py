@@ -5,9 +5,11 @@ of it evicts the first shards before the loader reaches them. The window keeps t
 bytes ahead of the loader below what fits. The budget is the smaller of:
 
 - ``MemAvailable`` from ``/proc/meminfo`` (free memory plus reclaimable cache), and
-- for each memory cgroup from this process's up to the root, its limit minus its anonymous
-  memory (cgroup v1 ``memory.limit_in_bytes`` with ``rss`` from ``memory.stat``; v2
-  ``memory.max`` with ``anon``): page cache is charged to the cgroup that reads it.
+- for each memory cgroup from this process's up to the root, its limit minus the memory
+  it cannot reclaim (cgroup v1 ``memory.limit_in_bytes`` with ``total_rss`` +
+  ``total_shmem`` from ``memory.stat``, which count its children too; v2 the smaller of
+  ``memory.max`` and ``memory.high`` with ``anon`` + ``shmem``): page cache is charged to
+  the cgroup that reads it.
 
 A window alone does not bound the page cache: what the loader has consumed stays cached,
 and the kernel reclaims it *last*. Measured in a 1 GiB memory cgroup (3 GiB checkpoint,
@@ -147,12 +149,24 @@ def memory_budget(
     avail = _mem_available(meminfo)
     best = MemoryBudget(avail, avail, None, None, "MemAvailable")
     for d, version in _cgroup_dirs(proc_cgroup, cgroup_root):
+        stat_file = d / "memory.stat"
         if version == "v1":
             limit = _read_int(d / "memory.limit_in_bytes")
-            anon = _stat_value(d / "memory.stat", "rss")
+            # total_*: this cgroup and its children (rss alone counts only its own tasks)
+            rss = _stat_value(stat_file, "total_rss")
+            if rss is None:
+                rss = _stat_value(stat_file, "rss")
+            shmem = _stat_value(stat_file, "total_shmem")
+            if shmem is None:
+                shmem = _stat_value(stat_file, "shmem")
         else:
-            limit = _read_int(d / "memory.max")
-            anon = _stat_value(d / "memory.stat", "anon")
+            limits = [_read_int(d / "memory.max"), _read_int(d / "memory.high")]
+            known = [v for v in limits if v is not None]
+            limit = min(known) if known else None  # above memory.high the kernel reclaims
+            rss = _stat_value(stat_file, "anon")
+            shmem = _stat_value(stat_file, "shmem")
+        # shmem (/dev/shm, tmpfs) is page cache that cannot be dropped: as good as anon
+        anon = None if rss is None and shmem is None else (rss or 0) + (shmem or 0)
         if limit is None or limit >= _UNLIMITED or limit >= 1 << 62:
             continue
         room = max(0, limit - (anon or 0))

@@ -48,6 +48,37 @@ def test_cgroup_v2_memory_max(tmp_path):
     assert b.available_bytes == 2 * GiB - GiB // 4
 
 
+def test_cgroup_v1_counts_the_children_and_shmem(tmp_path):
+    """A job's limit sits on a parent whose tasks live in children: rss alone reads 0."""
+    root = tmp_path / "cg"
+    leaf = root / "memory" / "job" / "task"
+    leaf.mkdir(parents=True)
+    (root / "memory" / "job" / "memory.limit_in_bytes").write_text(str(8 * GiB))
+    (root / "memory" / "job" / "memory.stat").write_text(
+        f"rss 0\nshmem 0\ntotal_rss {6 * GiB}\ntotal_shmem {GiB // 2}\n"
+    )
+    (leaf / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (leaf / "memory.stat").write_text(f"rss {6 * GiB}\ntotal_rss {6 * GiB}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/job/task\n")
+    b = memory_budget(proc_cgroup=proc, cgroup_root=root, meminfo=_meminfo(tmp_path, 20 * GiB))
+    assert b.available_bytes == 8 * GiB - 6 * GiB - GiB // 2
+
+
+def test_cgroup_v2_memory_high_and_shmem(tmp_path):
+    root = tmp_path / "cg"
+    leaf = root / "pod"
+    leaf.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("memory\n")
+    (leaf / "memory.max").write_text("max\n")
+    (leaf / "memory.high").write_text(str(4 * GiB))
+    (leaf / "memory.stat").write_text(f"anon {GiB}\nshmem {GiB // 4}\nfile 7\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/pod\n")
+    b = memory_budget(proc_cgroup=proc, cgroup_root=root, meminfo=_meminfo(tmp_path, 20 * GiB))
+    assert b.available_bytes == 4 * GiB - GiB - GiB // 4
+
+
 def test_unlimited_cgroup_falls_back_to_memavailable(tmp_path):
     root = tmp_path / "cg"
     (root / "pod").mkdir(parents=True)
