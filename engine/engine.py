@@ -251,7 +251,13 @@ class _File:
             if self.error is not None:
                 raise _AlreadyFailed
             if self.fd < 0:
-                fd = os.open(self.meta.path, _OPEN_FLAGS)
+                try:
+                    fd = os.open(self.meta.path, _OPEN_FLAGS)
+                except OSError as exc:
+                    if exc.errno not in _TRANSIENT_OPEN_ERRORS:
+                        raise
+                    time.sleep(_OPEN_RETRY_S)  # out of fds for a moment, a soft mount
+                    fd = os.open(self.meta.path, _OPEN_FLAGS)  # once more, then it is final
                 try:
                     st = os.fstat(fd)
                     if not stat.S_ISREG(st.st_mode):
@@ -284,6 +290,13 @@ class _File:
             if self.remaining <= 0 and self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+
+
+#: open() errors worth one more try before the whole file counts as failed.
+_TRANSIENT_OPEN_ERRORS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.EINTR, errno.EAGAIN, errno.ENOMEM, errno.ETIMEDOUT}
+)
+_OPEN_RETRY_S = 0.05
 
 
 class _AlreadyFailed(Exception):

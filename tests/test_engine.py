@@ -203,3 +203,27 @@ def test_a_window_without_a_consumer_is_refused_not_a_hang(make_file, window) ->
     path = make_file("w", 1 << 20)
     with pytest.raises(ValueError, match="needs a consumer"):
         asyncio.run(asyncio.wait_for(prefetch_async([path], window_bytes=window), 10))
+
+
+@pytest.mark.parametrize(("failures", "failed"), [(1, False), (2, True)])
+def test_a_transient_open_error_is_tried_once_more(
+    make_file, monkeypatch: pytest.MonkeyPatch, failures: int, failed: bool
+) -> None:
+    """EMFILE for a moment (another library's fds) must not cost a whole file's prefetch."""
+    import engine.engine as eng
+
+    path = make_file("t", 2 << 20)
+    real_open = os.open
+    calls: list[str] = []
+
+    def flaky(p, *args, **kw):
+        if str(p) == str(path) and len(calls) < failures:
+            calls.append("EMFILE")
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(p, *args, **kw)
+
+    monkeypatch.setattr(eng.os, "open", flaky)
+    report = asyncio.run(prefetch_async([path], skip_cached=False))
+    monkeypatch.undo()
+    assert [f.errno_name for f in report.failures] == (["EMFILE"] if failed else [])
+    assert report.warmed_bytes == (0 if failed else 2 << 20)
