@@ -28,6 +28,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from engine.units import parse_size
+
 __all__ = ["FIO_AVAILABLE", "fio_read", "raw_pieces", "raw_read_share"]
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,29 @@ def _fio_filename(paths: Sequence[str]) -> str:
     return ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in paths)
 
 
+_FIO_OPTION_MAX = 4000  # fio refuses an option value over 4096 characters
+
+
+def _fio_jobs(paths: Sequence[str]) -> list[str]:
+    """Job options reading `paths` in order: relative to their common directory, split
+    into jobs run one after another (``stonewall``) so each file list fits fio's limit."""
+    base = os.path.commonpath([os.path.dirname(p) for p in paths])
+    names = [os.path.relpath(p, base) for p in paths]
+    groups: list[list[str]] = [[]]
+    for name in names:
+        if groups[-1] and len(_fio_filename([*groups[-1], name])) > _FIO_OPTION_MAX:
+            groups.append([])
+        groups[-1].append(name)
+    args = [f"--directory={_fio_filename([base])}"]
+    for i, group in enumerate(groups):
+        if len(_fio_filename(group)) > _FIO_OPTION_MAX:
+            raise RuntimeError(f"a file name is too long for fio: {group[0][:80]}...")
+        args += [f"--name=floor{i}", f"--filename={_fio_filename(group)}"]
+        if i:
+            args.append("--stonewall")
+    return args
+
+
 def fio_read(
     files: Sequence[str | os.PathLike[str]],
     *,
@@ -175,8 +200,10 @@ def fio_read(
         timeout: seconds before fio is killed.
 
     Returns:
-        ``{"seconds", "bytes", "ioengine", "command"}``; seconds is the wall time of the
-        fio process (startup included, about 10 ms), bytes what fio reports as read.
+        ``{"seconds", "bytes", "whole_block_bytes", "ioengine", "command"}``; seconds is
+        the wall time of the fio process (startup included, about 10 ms), bytes what fio
+        reports as read, whole_block_bytes what it should read (fio skips each file's
+        tail past its last whole block: under 1 MiB a file).
 
     Raises:
         RuntimeError: when fio is missing or fails with every engine tried.
@@ -188,19 +215,21 @@ def fio_read(
     if not FIO_AVAILABLE:
         raise RuntimeError("fio is not installed")
     paths = sorted(os.fspath(f) for f in files)
+    block_bytes = parse_size(block)
+    # fio reads whole blocks only: the tail of each file past the last one is not read.
+    whole_blocks = sum(os.path.getsize(p) // block_bytes * block_bytes for p in paths)
     last_error = ""
     for engine in dict.fromkeys((ioengine, "psync")):
         cmd = [
             "fio",
-            "--name=floor",
             f"--ioengine={engine}",
             f"--iodepth={iodepth}",
             f"--bs={block}",
             "--direct=0",
             "--rw=read",
             "--numjobs=1",
-            f"--filename={_fio_filename(paths)}",
             "--output-format=json",
+            *_fio_jobs(paths),
         ]
         t0 = time.monotonic()
         try:
@@ -210,15 +239,15 @@ def fio_read(
             continue
         seconds = time.monotonic() - t0
         if out.returncode != 0:
-            last_error = (out.stderr or out.stdout).strip()[-400:]
+            last_error = (out.stderr or out.stdout).strip()[:400]
             log.info("fio with ioengine=%s failed: %s", engine, last_error)
             continue
         try:
             text = out.stdout[out.stdout.index("{") :]
             data = json.loads(text)
-            job = data["jobs"][0]["read"]
-            io_bytes = int(job["io_bytes"])
-            runtime_s = float(job.get("runtime", 0)) / 1000.0
+            reads = [job["read"] for job in data["jobs"]]
+            io_bytes = sum(int(r["io_bytes"]) for r in reads)
+            runtime_s = sum(float(r.get("runtime", 0)) for r in reads) / 1000.0
         except (ValueError, KeyError, IndexError) as exc:
             last_error = f"cannot parse fio output: {exc}"
             continue
@@ -226,6 +255,7 @@ def fio_read(
             "seconds": seconds,
             "fio_runtime_s": runtime_s,
             "bytes": io_bytes,
+            "whole_block_bytes": whole_blocks,
             "ioengine": engine,
             "command": " ".join(cmd),
         }

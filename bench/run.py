@@ -1272,10 +1272,9 @@ def _run_group(
             tick(label)
             try:
                 sample = _measure_fio(fs, ckpt)
-                if sample["detail"].get("bytes") != ckpt.total_bytes:
-                    raise RuntimeError(
-                        f"fio read {sample['detail'].get('bytes')} bytes of {ckpt.total_bytes}"
-                    )
+                got, want = sample["detail"]["bytes"], sample["detail"]["whole_block_bytes"]
+                if got != want:
+                    raise RuntimeError(f"fio read {got} bytes of {want}")
                 fio_cfg = Config(name="floor:fio", kind="raw")
                 doc["results"].append(
                     {

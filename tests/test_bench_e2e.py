@@ -9,6 +9,7 @@ each byte is served once), never about wall-clock time.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ def _check_document(doc: dict[str, Any], fs: str) -> None:
                 assert all(rk["bytes_consumed"] > 0.99 * ckpt["total_bytes"] for rk in s["ranks"])
         kinds = {r["kind"] for r in mine}
         assert {"load", "floor-raw", "hot"} <= kinds
+        if shutil.which("fio"):  # installed by scripts/setup.sh: its floor must be there
+            assert "floor-fio" in kinds, [w for w in doc["warnings"] if "fio" in w]
 
 
 def test_quick_suite_reduced_local(tmp_path: Path) -> None:

@@ -604,3 +604,21 @@ def test_control_request_that_times_out_is_retried_on_a_new_connection(tmp_path:
         srv.close()
     t.join(5)
     assert seen == [b'{"op": "counters"}\n']
+
+
+def test_fio_reads_many_files_with_long_names(tmp_path: Path) -> None:
+    """fio refuses an option over 4096 characters: 64 shards in a deep directory passed it."""
+    import shutil
+
+    from bench.floor import fio_read
+
+    if not shutil.which("fio"):
+        pytest.skip("fio is not installed (scripts/setup.sh installs it)")
+    deep = tmp_path / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    names = [deep / f"model-{i:05d}-of-00064-with-a-long-name.safetensors" for i in range(64)]
+    for i, f in enumerate(names):
+        f.write_bytes(bytes([i]) * (MiB + 4096 * i))  # tails past the last whole MiB
+    assert len(":".join(map(str, names))) > 4096
+    out = fio_read(names, ioengine="psync")
+    assert out["bytes"] == out["whole_block_bytes"] == 64 * MiB
