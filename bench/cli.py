@@ -34,7 +34,7 @@ suites:
                      floor (raw cold read), fio and the hot-cache load. About 2.5 minutes
                      on a 2-core machine, making the checkpoints included (they are
                      reused from --workdir afterwards).
-  --full             about 1.5-2 hours (extrapolated; 1639 steps, see run --full --dry-run):
+  --full             2 hours on a 2-core machine (7145 s measured; 1639 steps, see --dry-run):
                      'cold' = local disk and every netfs profile x ranks 1,2,4,8 x
                      shapes uniform, skewed, single, many-small x none, sglang, ours,
                      ours-files (2 GiB); 'sweep' = slow-nfs, 4 ranks, uniform,
@@ -164,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="the quick suite (default): under 3 minutes"
     )
     mode.add_argument(
-        "--full", action="store_true", help="the full suite (about 1.5-2 hours, see below)"
+        "--full", action="store_true", help="the full suite (2 hours on 2 cores, see below)"
     )
     r.add_argument(
         "--fs",
