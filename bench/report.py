@@ -272,31 +272,47 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
 
     results = [r for r in doc["results"] if r["kind"] != "floor-fio"]
     row_keys = list(dict.fromkeys((r["scenario"], r["fs"]) for r in results))
-    col_keys = list(dict.fromkeys(r.get("checkpoint", r["shape"]) for r in results))
+    # each row's panels from the left: the checkpoints measured in that row
+    row_cols = {
+        key: list(
+            dict.fromkeys(
+                r.get("checkpoint", r["shape"]) for r in results if (r["scenario"], r["fs"]) == key
+            )
+        )
+        for key in row_keys
+    }
     configs = list(dict.fromkeys(r["config"] for r in results if r["kind"] == "load"))
-    if not row_keys or not col_keys:
+    if not row_keys:
         raise ValueError("the document has no results to plot")
+    ncols = max(len(c) for c in row_cols.values())
     fig, axes = plt.subplots(
         len(row_keys),
-        len(col_keys),
+        ncols,
         squeeze=False,
-        figsize=(4.2 * len(col_keys) + 1, 3.4 * len(row_keys) + 0.6),
+        figsize=(4.2 * ncols + 1, 3.4 * len(row_keys) + 0.6 + 0.15 * len(configs) / 6),
     )
-    cmap = plt.get_cmap("tab10")
+    # one colour per configuration across the figure (tab20 has 20 distinct ones)
+    cmap = plt.get_cmap("tab10" if len(configs) <= 10 else "tab20")
+    labelled: set[str] = set()
     for i, (scen, fs) in enumerate(row_keys):
-        for j, ck in enumerate(col_keys):
+        for j in range(ncols):
             ax = axes[i][j]
+            if j >= len(row_cols[(scen, fs)]):
+                ax.set_visible(False)
+                continue
+            ck = row_cols[(scen, fs)][j]
             sel = [
                 r
                 for r in results
                 if (r["scenario"], r["fs"]) == (scen, fs) and r.get("checkpoint", r["shape"]) == ck
             ]
             ranks = sorted({int(r["ranks"]) for r in sel})
-            if not sel:
-                ax.set_visible(False)
-                continue
-            width = 0.8 / max(1, len(configs))
-            for k, cfg in enumerate(configs):
+            here = [
+                c for c in configs if any(r["config"] == c and r["kind"] == "load" for r in sel)
+            ]
+            width = 0.8 / max(1, len(here))
+            for slot, cfg in enumerate(here):
+                k = configs.index(cfg)
                 xs, ys, lo, hi = [], [], [], []
                 for x, rk in enumerate(ranks):
                     m = next(
@@ -310,7 +326,7 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
                     if m is None:
                         continue
                     s = m["summary"]
-                    xs.append(x - 0.4 + width * (k + 0.5))
+                    xs.append(x - 0.4 + width * (slot + 0.5))
                     ys.append(s["median_s"])
                     lo.append(s["median_s"] - s["min_s"])
                     hi.append(s["max_s"] - s["median_s"])
@@ -321,9 +337,10 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
                         width * 0.9,
                         yerr=[lo, hi],
                         capsize=2,
-                        color=cmap(k % 10),
-                        label=cfg if (i, j) == (0, 0) else None,
+                        color=cmap(k % cmap.N),
+                        label=cfg if cfg not in labelled else None,
                     )
+                    labelled.add(cfg)
             for kind, color, label in (
                 ("floor-raw", "black", "floor (raw cold read)"),
                 ("hot", "grey", "hot cache"),

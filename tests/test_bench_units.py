@@ -622,3 +622,27 @@ def test_fio_reads_many_files_with_long_names(tmp_path: Path) -> None:
     assert len(":".join(map(str, names))) > 4096
     out = fio_read(names, ioengine="psync")
     assert out["bytes"] == out["whole_block_bytes"] == 64 * MiB
+
+
+def test_plot_labels_every_configuration_of_every_scenario(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sweep and backend bars were drawn in colours the legend did not name."""
+    import matplotlib.figure
+
+    doc = stored_document()
+    extra = copy.deepcopy(next(r for r in doc["results"] if r["config"] == "ours"))
+    extra.update(scenario="sweep", config="ours-c1-64m")
+    doc["results"].append(extra)
+    seen: list[str] = []
+    real_legend = matplotlib.figure.Figure.legend
+
+    def spy(self, handles, labels, *a, **kw):
+        seen.extend(labels)
+        return real_legend(self, handles, labels, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", spy)
+    report.plot(doc, tmp_path / "plot.png")
+    loads = {r["config"] for r in doc["results"] if r["kind"] == "load"}
+    assert loads <= set(seen) and "ours-c1-64m" in seen
+    assert len(seen) == len(set(seen))
