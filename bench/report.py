@@ -307,9 +307,8 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
                 if (r["scenario"], r["fs"]) == (scen, fs) and r.get("checkpoint", r["shape"]) == ck
             ]
             ranks = sorted({int(r["ranks"]) for r in sel})
-            here = [
-                c for c in configs if any(r["config"] == c and r["kind"] == "load" for r in sel)
-            ]
+            loaded = {r["config"] for r in sel if r["kind"] == "load"}
+            here = [c for c in configs if c in loaded]
             width = 0.8 / max(1, len(here))
             for slot, cfg in enumerate(here):
                 k = configs.index(cfg)

@@ -534,8 +534,7 @@ class _NetFS(_FS):
         self.mount.evict()
 
     def start_count(self) -> None:
-        self._quiet()
-        self.mount.reset_counters()
+        self.mount.reset_counters()  # `evict` (always just before) waited for quiet
 
     def served(self) -> int | None:
         c = self._quiet()
@@ -1119,19 +1118,23 @@ def run_suite(
                 ckpt = checkpoints[key]
                 for fs_name in _effective_fs(m.fs, fuse_ok):
                     _run_group(suite, m, ckpt, fs_name, launcher, doc, reference, tick)
-    except BenchError as exc:
-        doc["warnings"].append(f"partial: stopped after {state['done']} of {total} steps: {exc}")
-        exc.document = _finish(doc, t_start, validate=False)
-        raise
-    except Exception as exc:  # a mount or an eviction failed: keep what was measured
-        stop = BenchError(f"{type(exc).__name__}: {exc}")
-        doc["warnings"].append(f"partial: stopped after {state['done']} of {total} steps: {stop}")
+    except BaseException as exc:
+        # Keep what was measured: a rank failed (BenchError), a mount or an eviction
+        # failed (anything else), or Ctrl-C.
+        if isinstance(exc, KeyboardInterrupt):
+            stop: BenchError = BenchInterrupted("interrupted: the results so far are kept")
+            verb, why = "interrupted", ""
+        elif isinstance(exc, BenchError):
+            stop, verb, why = exc, "stopped", f": {exc}"
+        elif isinstance(exc, Exception):
+            stop = BenchError(f"{type(exc).__name__}: {exc}")
+            verb, why = "stopped", f": {stop}"
+        else:
+            raise  # SystemExit, GeneratorExit: not ours to wrap
+        doc["warnings"].append(f"partial: {verb} after {state['done']} of {total} steps{why}")
         stop.document = _finish(doc, t_start, validate=False)
-        raise stop from exc
-    except KeyboardInterrupt as exc:
-        stop = BenchInterrupted("interrupted: the results so far are kept")
-        doc["warnings"].append(f"partial: interrupted after {state['done']} of {total} steps")
-        stop.document = _finish(doc, t_start, validate=False)
+        if stop is exc:
+            raise
         raise stop from exc
     finally:
         launcher.close()

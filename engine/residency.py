@@ -22,6 +22,7 @@ import os
 
 from engine import _libc
 from engine.errors import ResidencyUnknownError
+from engine.fstype import OVERLAYFS_MAGIC, filesystem_type_fd
 
 __all__ = ["evict", "evict_fd", "resident_bytes", "resident_bytes_fd"]
 
@@ -69,8 +70,6 @@ def _may_inspect(fd: int) -> bool:
 
 
 def _on_overlayfs(fd: int) -> bool:
-    from engine.fstype import OVERLAYFS_MAGIC, filesystem_type_fd
-
     try:
         return filesystem_type_fd(fd) == OVERLAYFS_MAGIC
     except OSError:

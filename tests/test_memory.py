@@ -35,16 +35,23 @@ def test_cgroup_v1_limit_minus_anon_sets_the_budget(tmp_path):
     assert b.cgroup_limit == 3 * GiB and b.source.endswith("jobs")
 
 
-def test_cgroup_v2_memory_max(tmp_path):
+def _v2_pod_budget(tmp_path: Path, files: dict[str, str]):
+    """The budget inside a fake cgroup v2 tree whose leaf ``pod`` holds `files`."""
     root = tmp_path / "cg"
     leaf = root / "pod"
     leaf.mkdir(parents=True)
     (root / "cgroup.controllers").write_text("memory\n")
-    (leaf / "memory.max").write_text(str(2 * GiB))
-    (leaf / "memory.stat").write_text(f"anon {GiB // 4}\nfile 7\n")
+    for name, text in files.items():
+        (leaf / name).write_text(text)
     proc = tmp_path / "cgroup"
     proc.write_text("0::/pod\n")
-    b = memory_budget(proc_cgroup=proc, cgroup_root=root, meminfo=_meminfo(tmp_path, 20 * GiB))
+    return memory_budget(proc_cgroup=proc, cgroup_root=root, meminfo=_meminfo(tmp_path, 20 * GiB))
+
+
+def test_cgroup_v2_memory_max(tmp_path):
+    b = _v2_pod_budget(
+        tmp_path, {"memory.max": str(2 * GiB), "memory.stat": f"anon {GiB // 4}\nfile 7\n"}
+    )
     assert b.available_bytes == 2 * GiB - GiB // 4
 
 
@@ -66,16 +73,14 @@ def test_cgroup_v1_counts_the_children_and_shmem(tmp_path):
 
 
 def test_cgroup_v2_memory_high_and_shmem(tmp_path):
-    root = tmp_path / "cg"
-    leaf = root / "pod"
-    leaf.mkdir(parents=True)
-    (root / "cgroup.controllers").write_text("memory\n")
-    (leaf / "memory.max").write_text("max\n")
-    (leaf / "memory.high").write_text(str(4 * GiB))
-    (leaf / "memory.stat").write_text(f"anon {GiB}\nshmem {GiB // 4}\nfile 7\n")
-    proc = tmp_path / "cgroup"
-    proc.write_text("0::/pod\n")
-    b = memory_budget(proc_cgroup=proc, cgroup_root=root, meminfo=_meminfo(tmp_path, 20 * GiB))
+    b = _v2_pod_budget(
+        tmp_path,
+        {
+            "memory.max": "max\n",
+            "memory.high": str(4 * GiB),
+            "memory.stat": f"anon {GiB}\nshmem {GiB // 4}\nfile 7\n",
+        },
+    )
     assert b.available_bytes == 4 * GiB - GiB - GiB // 4
 
 
