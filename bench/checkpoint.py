@@ -375,8 +375,23 @@ def write_safetensors(
                     chunk[a - pos : b - pos] &= 1
             f.write(chunk)
             pos = end
+        # Durable now: a file whose pages are still dirty cannot be evicted, and the bench
+        # must make it cold right after making it (the disk may still be busy with an
+        # install's writes).
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     return len(header) + data_len
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_checkpoint(

@@ -822,23 +822,66 @@ def _launcher(name: str) -> _Launcher:
 # One measurement
 
 
+#: Pauses between eviction attempts: several seconds in all, for a disk still writing.
+_COLD_BACKOFF_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+
+
 def _make_cold(fs: _FS, total: int) -> float:
     """Evict, check residency of every cache layer; return the largest fraction cached.
 
+    Eviction writes dirty pages to storage first (`engine.evict`); pages under writeback
+    or held by an exiting rank's mapping may still need a moment, so the check is
+    retried with a bounded back-off.
+
     Raises:
-        BenchError: 1% or more is still cached after three attempts.
+        BenchError: 1% or more is still cached after every attempt; the message says
+            what holds the pages (dirty or writeback pages, processes mapping the files).
     """
     frac = 1.0
-    for _attempt in range(3):
+    t0 = time.monotonic()
+    for pause in (*_COLD_BACKOFF_S, None):
         fs.evict()
         frac = max(_resident(layer) for layer in fs.cache_layers) / total if total else 0.0
-        if frac < COLD_RESIDENT_MAX:
-            return frac
-        time.sleep(0.2)  # a rank that just exited may still hold a mapping for a moment
+        if frac < COLD_RESIDENT_MAX or pause is None:
+            break
+        time.sleep(pause)
+    if frac < COLD_RESIDENT_MAX:
+        return frac
     raise BenchError(
         f"cannot make the checkpoint cold on {fs.name}: {frac:.1%} still cached after "
-        "eviction (is another process mapping these files?)"
+        f"{time.monotonic() - t0:.1f} s of eviction; {_why_cached(fs.cache_layers)}"
     )
+
+
+def _why_cached(layers: Sequence[Sequence[str]]) -> str:
+    """What keeps pages of these files in the page cache, in words."""
+    from engine.residency import cache_status, processes_mapping
+
+    files = [f for layer in layers for f in layer]
+    dirty = writeback = 0
+    known = False
+    for f in files:
+        with contextlib.suppress(OSError):
+            st = cache_status(f)
+            if st is not None:
+                known = True
+                dirty += st.dirty_bytes
+                writeback += st.writeback_bytes
+    reasons = []
+    if dirty or writeback:
+        reasons.append(
+            f"{_fmt_size(dirty)} dirty and {_fmt_size(writeback)} under writeback "
+            "(the disk has not written them yet)"
+        )
+    holders = processes_mapping(files)
+    if holders:
+        names = ", ".join(f"{pid} ({comm})" for pid, comm in sorted(holders.items()))
+        reasons.append(f"mapped by process {names}")
+    if reasons:
+        return "; ".join(reasons)
+    if known:
+        return "no page is dirty, under writeback or mapped (the kernel kept them anyway)"
+    return "no process maps them (cachestat is unavailable to tell dirty pages)"
 
 
 def _make_hot(fs: _FS, total: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,3 +39,25 @@ def make_file(tmp_path: Path) -> Callable[..., Path]:
         return write_random(p, size, seed=seed)
 
     return make
+
+
+@pytest.fixture
+def write_pressure(tmp_path):
+    """Another writer keeps the disk's writeback queue busy, as an install does."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        block = os.urandom(4 << 20)
+        n = 0
+        while not stop.is_set() and n < 64:
+            p = tmp_path / f"pressure-{n % 4}.bin"
+            with open(p, "wb") as f:
+                for _ in range(16):
+                    f.write(block)
+            n += 1
+
+    t = threading.Thread(target=churn, daemon=True)
+    t.start()
+    yield
+    stop.set()
+    t.join(60)

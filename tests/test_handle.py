@@ -69,7 +69,8 @@ def test_context_manager_leaves_no_thread_or_fd(make_file):
     while len(_engine_threads()) > threads and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(_engine_threads()) == threads
-    assert len(os.listdir("/proc/self/fd")) == fds
+    # Another test's leftovers may close descriptors meanwhile, never open ours.
+    assert len(os.listdir("/proc/self/fd")) <= fds
 
 
 def test_background_errors_do_not_leak_into_the_caller(make_file):
