@@ -1,0 +1,222 @@
+"""Run-time adaptation of a prefetch: how many reads to keep in flight, and how large.
+
+No fixed setting is right for every filesystem client. A latency-bound link (NFS over a
+long round trip, a throttled object-store mount) needs many reads in flight to fill it; a
+client that costs the node CPU (sshfs: encryption and FUSE round trips in user space)
+loses when extra streams compete with the ranks that parse and copy tensors; a loader
+that is behind the warmed frontier gains nothing from more streams at all. So the
+controller measures while the prefetch runs and climbs only while climbing pays:
+
+- it starts at the cheapest setting (one stream, whole-stripe reads);
+- when the loader waits at the frontier (or nobody consumes yet) and the node's CPU has
+  room, it tries one more stream; the trial is kept only when the node's warming rate
+  rises by at least `GAIN`, otherwise it steps back and holds that ceiling a while;
+- when the node's CPU is saturated it sheds a stream (the prefetch must not slow the
+  ranks it serves); when the loader is far behind the frontier it returns to the
+  cheapest setting, since warming further ahead buys nothing.
+
+Reads stay large: the stripe is split among the streams (``stripe / streams``, at least
+`MIN_READ_BYTES`), so more streams read neighbouring pieces of the same stripe, which keeps
+the access pattern sequential for the server's and the client's read-ahead.
+
+This module is pure: `decide` maps a state and one interval's measurements to the next
+state. The engine measures and applies; tests feed numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = [
+    "BUSY_CPU",
+    "GAIN",
+    "MIN_READ_BYTES",
+    "Controller",
+    "Measurement",
+    "Setting",
+    "decide",
+    "read_bytes_for",
+    "start",
+]
+
+#: Relative gain of the node's warming rate that keeps a trial with one more stream.
+GAIN = 0.10
+#: Node CPU busy fraction (of all cores) at which the prefetch sheds a stream.
+BUSY_CPU = 0.95
+#: The smallest read the controller issues.
+MIN_READ_BYTES = 4 << 20
+#: Intervals a stream count that did not pay stays out of reach before it is tried again.
+HOLD_INTERVALS = 8
+#: The loader is "far behind" when this many stripes per stream lie warmed ahead of it.
+AHEAD_STRIPES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """Reads in flight and their size, for one rank.
+
+    Attributes:
+        streams: reads in flight.
+        read_bytes: bytes per read.
+    """
+
+    streams: int
+    read_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """What one interval of a prefetch measured.
+
+    Attributes:
+        seconds: length of the interval.
+        warmed_bytes: bytes read into the page cache in the interval, by the whole node
+            when the ranks share a board, else by this rank.
+        lag_bytes: warmed frontier minus the loader's position on the plan's axis (how
+            far ahead the prefetch is); None when no loader reports a position.
+        node_busy: fraction of the node's CPU time that was busy in the interval (0-1);
+            None when unknown.
+    """
+
+    seconds: float
+    warmed_bytes: int
+    lag_bytes: int | None = None
+    node_busy: float | None = None
+
+    @property
+    def rate(self) -> float:
+        """Warmed bytes per second."""
+        return self.warmed_bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Controller:
+    """The controller's state between intervals (immutable; `decide` returns the next).
+
+    Attributes:
+        setting: what to run in the next interval.
+        max_streams: the most streams this rank may use.
+        stripe_bytes: the plan's stripe size (reads never exceed it).
+        base_rate: the rate measured at the last accepted setting (0: none yet).
+        trial_from: the setting a trial started from (None: not trying).
+        ceiling: stream counts at or above this are not tried (a trial that did not pay).
+        hold: intervals left before the ceiling lifts.
+        reason: why the current setting was chosen, in words.
+    """
+
+    setting: Setting
+    max_streams: int
+    stripe_bytes: int
+    base_rate: float = 0.0
+    trial_from: Setting | None = None
+    ceiling: int | None = None
+    hold: int = 0
+    reason: str = "start at the cheapest setting"
+
+
+def read_bytes_for(streams: int, stripe_bytes: int) -> int:
+    """The read size for `streams` reads in flight: the stripe split among them.
+
+    Args:
+        streams: reads in flight, >= 1.
+        stripe_bytes: the plan's stripe size.
+
+    Returns:
+        ``stripe_bytes / streams`` rounded down to a MiB, within [MIN_READ_BYTES, stripe].
+
+    Example:
+        >>> read_bytes_for(1, 64 << 20) >> 20, read_bytes_for(4, 64 << 20) >> 20
+        (64, 16)
+        >>> read_bytes_for(64, 64 << 20) >> 20
+        4
+    """
+    size = (stripe_bytes // max(1, streams)) >> 20 << 20
+    return max(min(MIN_READ_BYTES, stripe_bytes), min(stripe_bytes, size))
+
+
+def start(max_streams: int, stripe_bytes: int) -> Controller:
+    """The controller's first state: one stream, whole-stripe reads.
+
+    Args:
+        max_streams: the most reads in flight it may choose (>= 1).
+        stripe_bytes: the plan's stripe size.
+
+    Returns:
+        The initial `Controller`.
+
+    Example:
+        >>> start(8, 64 << 20).setting
+        Setting(streams=1, read_bytes=67108864)
+    """
+    if max_streams < 1:
+        raise ValueError("max_streams must be >= 1")
+    return Controller(Setting(1, read_bytes_for(1, stripe_bytes)), max_streams, stripe_bytes)
+
+
+def _to(state: Controller, streams: int, reason: str, **changes: object) -> Controller:
+    setting = Setting(streams, read_bytes_for(streams, state.stripe_bytes))
+    return replace(state, setting=setting, reason=reason, **changes)  # type: ignore[arg-type]
+
+
+def _pct(new: float, old: float) -> str:
+    return f"{(new / old - 1) * 100:+.0f}%" if old > 0 else "n/a"
+
+
+def decide(state: Controller, m: Measurement) -> Controller:
+    """The next state after one interval's measurements.
+
+    Args:
+        state: the current state.
+        m: what the interval measured at ``state.setting``.
+
+    Returns:
+        The next state; its ``setting`` is what to run next, its ``reason`` says why.
+
+    Example:
+        >>> s = start(4, 64 << 20)
+        >>> s = decide(s, Measurement(1.0, 100 << 20, lag_bytes=0, node_busy=0.3))
+        >>> s.setting.streams, s.reason
+        (2, 'loader waits at the frontier and the CPU has room: try 2 streams')
+        >>> s = decide(s, Measurement(1.0, 102 << 20, lag_bytes=0, node_busy=0.3))
+        >>> s.setting.streams, s.reason
+        (1, '2 streams did not pay (+2%): back to 1')
+    """
+    streams = state.setting.streams
+    hold = max(0, state.hold - 1)
+    state = replace(state, hold=hold, ceiling=state.ceiling if hold > 0 else None)
+    if m.seconds <= 0:
+        return state
+    if m.node_busy is not None and m.node_busy >= BUSY_CPU:
+        return _shed(state, m.node_busy)
+    if m.lag_bytes is not None and m.lag_bytes >= AHEAD_STRIPES * streams * state.stripe_bytes:
+        if streams == 1:
+            return replace(state, trial_from=None, base_rate=m.rate)
+        reason = "loader is far behind the frontier: back to 1 stream"
+        return _to(state, 1, reason, trial_from=None, base_rate=0.0)
+    if state.trial_from is not None:
+        back = state.trial_from.streams
+        gain = _pct(m.rate, state.base_rate)
+        if m.rate < state.base_rate * (1 + GAIN):
+            reason = f"{streams} streams did not pay ({gain}): back to {back}"
+            return _to(state, back, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS)
+        state = replace(state, trial_from=None, reason=f"{streams} streams paid ({gain})")
+    limit = (
+        state.max_streams if state.ceiling is None else min(state.max_streams, state.ceiling - 1)
+    )
+    if streams < limit:
+        waits = "loader waits at the frontier" if m.lag_bytes is not None else "no loader yet"
+        reason = f"{waits} and the CPU has room: try {streams + 1} streams"
+        return _to(state, streams + 1, reason, trial_from=state.setting, base_rate=m.rate)
+    return replace(state, base_rate=m.rate)
+
+
+def _shed(state: Controller, busy: float) -> Controller:
+    """The node's CPU is saturated: give a stream back (or end a trial), hold the ceiling."""
+    streams = state.setting.streams
+    back = state.trial_from.streams if state.trial_from is not None else max(1, streams - 1)
+    if back == streams:
+        return replace(state, base_rate=0.0)
+    reason = f"node CPU {busy:.0%} busy: back to {back} stream{'s' if back > 1 else ''}"
+    return _to(
+        state, back, reason, trial_from=None, base_rate=0.0, ceiling=streams, hold=HOLD_INTERVALS
+    )

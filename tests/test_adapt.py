@@ -1,0 +1,125 @@
+"""The run-time controller (`engine.adapt`): a pure function, fed numbers."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.adapt import (
+    HOLD_INTERVALS,
+    MIN_READ_BYTES,
+    Controller,
+    Measurement,
+    decide,
+    read_bytes_for,
+    start,
+)
+
+MiB = 1 << 20
+STRIPE = 64 * MiB
+
+
+def run(state: Controller, rate_of, *, intervals: int, lag=0, busy=0.3) -> list[int]:
+    """Feed `intervals` measurements where the node's rate depends on the stream count."""
+    seen: list[int] = []
+    for _ in range(intervals):
+        s = state.setting.streams
+        b = busy(s) if callable(busy) else busy
+        state = decide(state, Measurement(1.0, int(rate_of(s)), lag_bytes=lag, node_busy=b))
+        seen.append(state.setting.streams)
+    return seen
+
+
+@pytest.mark.parametrize("knee", [1, 2, 3, 5, 8])
+def test_climbs_to_where_more_streams_stop_paying(knee):
+    # A latency-bound link: each stream adds 100 MB/s until the link is full at `knee`.
+    seen = run(start(8, STRIPE), lambda s: min(s, knee) * 100e6, intervals=120)
+    tail = seen[40:]
+    assert max(tail) <= knee + 1  # only ever a trial one above the knee
+    assert tail.count(knee) >= 0.75 * len(tail)
+
+
+def test_a_busy_cpu_sheds_streams_down_to_one():
+    state = start(8, STRIPE)
+    for _ in range(10):  # climbs while the CPU has room and more streams pay
+        s = state.setting.streams
+        state = decide(state, Measurement(1.0, s * 100 * MiB, lag_bytes=0, node_busy=0.3))
+    assert state.setting.streams > 2
+    for _ in range(8):
+        state = decide(state, Measurement(1.0, 100 * MiB, lag_bytes=0, node_busy=0.99))
+    assert state.setting.streams == 1
+    assert "busy" in state.reason
+
+
+def test_cpu_cost_of_the_client_keeps_one_stream():
+    # sshfs-like: every extra stream pushes the node's CPU to the limit, for no gain.
+    seen = run(
+        start(8, STRIPE),
+        lambda s: 150e6,
+        intervals=60,
+        busy=lambda s: 0.8 if s == 1 else 0.99,
+    )
+    assert seen[-20:].count(1) >= 18
+
+
+def test_a_loader_far_behind_the_frontier_goes_back_to_the_cheapest_setting():
+    state = start(8, STRIPE)
+    for _ in range(6):
+        state = decide(state, Measurement(1.0, 100 * MiB * state.setting.streams, lag_bytes=0))
+    assert state.setting.streams > 1
+    state = decide(state, Measurement(1.0, 500 * MiB, lag_bytes=10 << 30))
+    assert state.setting.streams == 1
+    assert "behind the frontier" in state.reason
+    state = decide(state, Measurement(1.0, 500 * MiB, lag_bytes=10 << 30))
+    assert state.setting.streams == 1
+
+
+def test_a_trial_that_did_not_pay_is_held_off_then_tried_again():
+    seen = run(start(8, STRIPE), lambda s: 100e6, intervals=3 * (HOLD_INTERVALS + 2))
+    assert seen[0] == 2 and seen[1] == 1  # tried 2, no gain, back to 1
+    assert seen[2:HOLD_INTERVALS].count(2) == 0  # held off
+    assert 2 in seen[HOLD_INTERVALS:]  # and tried again later
+
+
+def test_no_loader_still_climbs():
+    state = start(4, STRIPE)
+    state = decide(state, Measurement(1.0, 100 * MiB, lag_bytes=None, node_busy=None))
+    assert state.setting.streams == 2 and "no loader" in state.reason
+
+
+def test_reads_split_the_stripe_and_stay_large():
+    assert read_bytes_for(1, STRIPE) == STRIPE
+    assert read_bytes_for(2, STRIPE) == 32 * MiB
+    assert read_bytes_for(3, STRIPE) == 21 * MiB
+    assert read_bytes_for(100, STRIPE) == MIN_READ_BYTES
+    assert read_bytes_for(4, 2 * MiB) == 2 * MiB  # a stripe smaller than the floor
+
+
+def test_start_refuses_zero_streams():
+    with pytest.raises(ValueError, match="max_streams"):
+        start(0, STRIPE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_streams=st.integers(1, 32),
+    stripe=st.sampled_from([MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]),
+    steps=st.lists(
+        st.tuples(
+            st.floats(0.0, 5.0),
+            st.integers(0, 4 << 30),
+            st.one_of(st.none(), st.integers(-(1 << 30), 16 << 30)),
+            st.one_of(st.none(), st.floats(0.0, 1.0)),
+        ),
+        max_size=60,
+    ),
+)
+def test_settings_always_stay_within_bounds(max_streams, stripe, steps):
+    state = start(max_streams, stripe)
+    for seconds, warmed, lag, busy in steps:
+        state = decide(state, Measurement(seconds, warmed, lag_bytes=lag, node_busy=busy))
+        assert 1 <= state.setting.streams <= max_streams
+        assert min(MIN_READ_BYTES, stripe) <= state.setting.read_bytes <= stripe
+        assert state.setting.read_bytes == read_bytes_for(state.setting.streams, stripe)
+        assert state.reason
