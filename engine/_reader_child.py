@@ -1,0 +1,135 @@
+"""The reader process: warms byte ranges of files into the page cache for its parent.
+
+A read that a FUSE client daemon (sshfs, a network filesystem's FUSE client) has taken
+cannot be interrupted: the thread sleeps uninterruptibly until the server answers, and a
+process ends only when all its threads do. Done in the serving process, one such read
+keeps it alive (a zombie) for as long as the server is gone. Done here, it keeps only this
+small process alive; the page cache is the node's, so what this process warms serves the
+parent's `mmap` just the same.
+
+Run as a script (``python -I -S _reader_child.py THREADS``) with nothing but the
+standard library, so it starts in milliseconds. Requests arrive on stdin, replies leave
+on stdout, both as fixed binary records (`REQUEST`, `REPLY`); `engine.reader_process`
+imports this module for the same records. End of stdin ends the process at once:
+requests still queued are dropped, and a read still blocked ends the process when it
+returns. The parent's death kills it too (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import queue
+import signal
+import struct
+import sys
+import threading
+
+#: id, offset, length, flags, path length; the path's bytes follow.
+REQUEST = struct.Struct("<qqqiI")
+#: id, bytes read into the cache, bytes found already cached, errno (0: success).
+REPLY = struct.Struct("<qqqi")
+#: Skip a range whose pages are all cached already.
+FLAG_SKIP_CACHED = 1
+#: sendfile moves at most this much per call, so that a cancel is seen between pieces.
+PIECE_BYTES = 8 << 20
+
+_SYS_CACHESTAT = 451
+_PR_SET_PDEATHSIG = 1
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Stat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "wb", "ev", "rev")]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _all_cached(fd: int, offset: int, length: int) -> bool:
+    start = offset - offset % _PAGE
+    end = min(offset + length, os.fstat(fd).st_size)
+    if end <= offset:
+        return True
+    rng, out = _Range(start, end - start), _Stat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(out), 0) != 0:
+        return False  # no cachestat here: read, a cached page costs little
+    return out.cache >= -(-(end - start) // _PAGE)
+
+
+def _warm(null: int, fd: int, offset: int, length: int) -> int:
+    done = 0
+    while done < length:
+        want = min(length - done, PIECE_BYTES)
+        try:
+            n = os.sendfile(null, fd, offset + done, want)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            n = len(os.pread(fd, want, offset + done))  # this filesystem cannot splice
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _serve(jobs: queue.SimpleQueue, out: int, lock: threading.Lock, null: int) -> None:
+    while True:
+        rid, path, offset, length, flags = jobs.get()
+        warmed = cached = code = 0
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if flags & FLAG_SKIP_CACHED and _all_cached(fd, offset, length):
+                    cached = length
+                else:
+                    warmed = _warm(null, fd, offset, length)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+        reply = REPLY.pack(rid, warmed, cached, code)
+        with lock:
+            os.write(out, reply)
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def main(argv: list[str]) -> None:
+    """Serve requests from stdin with `argv[1]` reader threads until stdin ends."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this ends
+    if os.getppid() == 1:
+        os._exit(0)  # the parent died before the death signal was armed
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    lock = threading.Lock()
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    for i in range(max(1, int(argv[1]))):
+        threading.Thread(
+            target=_serve, args=(jobs, 1, lock, null), name=f"reader-{i}", daemon=True
+        ).start()
+    while (head := _read_exact(0, REQUEST.size)) is not None:
+        rid, offset, length, flags, plen = REQUEST.unpack(head)
+        path = _read_exact(0, plen)
+        if path is None:
+            break
+        jobs.put((rid, path, offset, length, flags))
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

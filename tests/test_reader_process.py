@@ -1,0 +1,143 @@
+"""`engine.reader_process`: reads done in a child process warm the node's page cache."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from bench.netfs import mounted
+from engine import resident_bytes
+from engine.reader_process import ReaderGone, ReaderProcess
+from tests.conftest import write_random
+from tests.fds import fds_under
+from tests.fuse_support import require_fuse
+
+MiB = 1 << 20
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:  # a zombie awaiting its reaper is gone too
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_warms_an_evicted_file_for_this_process(make_file):
+    path = make_file("a.bin", 12 * MiB + 123)
+    r = ReaderProcess(threads=2)
+    try:
+        futures = [r.submit(path, off, 4 * MiB) for off in range(0, 13 * MiB, 4 * MiB)]
+        results = [f.result(30) for f in futures]
+    finally:
+        r.close()
+    assert sum(x.warmed_bytes for x in results) == 12 * MiB + 123
+    assert resident_bytes(path) == 12 * MiB + 123
+    assert fds_under(path) == 0  # the child opened the file, not this process
+
+
+def test_skip_cached_answers_without_reading(make_file):
+    path = make_file("b.bin", 8 * MiB)
+    path.read_bytes()
+    r = ReaderProcess(threads=1)
+    try:
+        res = r.submit(path, 0, 8 * MiB, skip_cached=True).result(30)
+    finally:
+        r.close()
+    assert (res.warmed_bytes, res.cached_bytes) == (0, 8 * MiB)
+
+
+def test_a_missing_file_fails_with_its_errno(tmp_path):
+    r = ReaderProcess(threads=1)
+    try:
+        with pytest.raises(OSError) as info:
+            r.submit(tmp_path / "nope", 0, MiB).result(30)
+    finally:
+        r.close()
+    assert info.value.errno == errno.ENOENT
+
+
+def test_abandon_fails_pending_reads_and_the_child_exits(make_file):
+    path = make_file("c.bin", MiB)
+    r = ReaderProcess(threads=1)
+    r.abandon()
+    with pytest.raises(ReaderGone):
+        r.submit(path, 0, MiB).result(5)
+    assert _gone(r.pid)
+
+
+def test_a_killed_child_fails_pending_reads(make_file):
+    r = ReaderProcess(threads=1)
+    os.kill(r.pid, signal.SIGKILL)
+    assert _gone(r.pid)
+    with pytest.raises(ReaderGone):
+        r.submit(make_file("d.bin", MiB), 0, MiB).result(5)
+    r.close()
+
+
+def test_the_child_dies_with_its_parent(tmp_path):
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from engine.reader_process import ReaderProcess
+        r = ReaderProcess(threads=1)
+        print(r.pid, flush=True)
+        os.kill(os.getpid(), 9)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+        cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    child = int(out.stdout.split()[0])
+    assert _gone(child)
+
+
+@pytest.mark.fuse
+def test_a_stalled_server_holds_only_the_child(tmp_path):
+    require_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    write_random(backing / "model.safetensors", 8 * MiB)
+    with mounted(backing, profile="local-fuse", mountpoint=tmp_path / "mnt") as fs:
+        fs.evict()
+        fs.stall(30)
+        script = textwrap.dedent(
+            f"""
+            import time
+            from engine.reader_process import ReaderProcess
+            r = ReaderProcess(threads=1)
+            fut = r.submit({str(fs.path / "model.safetensors")!r}, 0, 8 << 20)
+            time.sleep(1.0)
+            print(r.pid, int(fut.done()), time.time(), flush=True)
+            r.abandon()
+            """
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+            cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )  # fmt: skip
+        exited = time.time()
+        assert proc.returncode == 0, proc.stderr
+        child, done, work_done = proc.stdout.split()
+        assert done == "0", "the read should still be blocked in the server"
+        assert exited - float(work_done) < 2.0
+        assert fs.counters().stalled > 0
+        fs.unstall()
+        assert _gone(int(child))  # it ends by itself once the server answers
