@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from engine import _libc
 from engine.errors import InvalidOptionError, ResidencyUnknownError
+from engine.mounts import read_ahead_bytes
 from engine.residency import resident_bytes_fd
 
 __all__ = [
@@ -221,24 +222,6 @@ class FadviseBackend(Backend):
         if missing:
             return self._pread.read_into_cache(fd, offset, have)
         return have
-
-
-def read_ahead_bytes(dev: int) -> int:
-    """The read-ahead window of the block device or filesystem `dev` (128 KiB if unknown)."""
-    major, minor = os.major(dev), os.minor(dev)
-    for path in (
-        f"/sys/class/bdi/{major}:{minor}/read_ahead_kb",
-        f"/sys/dev/block/{major}:{minor}/queue/read_ahead_kb",
-        f"/sys/dev/block/{major}:{minor}/../queue/read_ahead_kb",
-    ):
-        try:
-            with open(path) as f:
-                kb = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if kb > 0:
-            return kb << 10
-    return 128 << 10
 
 
 class AiofilesBackend(PreadBackend):

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import collections
 import inspect
-import json
 import logging
 import os
-import struct
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -36,6 +34,7 @@ from engine.memory import release_mapped
 from loader_adapter.discovery import discover_local_rank
 from loader_adapter.files import CheckpointFiles, expand_checkpoint_files
 from loader_adapter.fsdetect import decide_auto
+from loader_adapter.header import read_header
 
 __all__ = [
     "PrefetchMode",
@@ -68,8 +67,9 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def tensor_order(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
     """The tensors of a safetensors file by data offset, with the file offset of each end.
 
-    Reads only the header. Call it after ``safe_open`` accepted the file: a corrupt header
-    then raises safetensors' own error first.
+    Reads only the header (`loader_adapter.header.read_header`). Call it after
+    ``safe_open`` accepted the file: a corrupt header then raises safetensors' own error
+    first.
 
     Args:
         path: a safetensors file.
@@ -85,18 +85,7 @@ def tensor_order(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
         >>> [name for name, _ in tensor_order(p)]
         ['b', 'a']
     """
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    base = 8 + n
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        entries.append((start, end, name))
-    entries.sort()
-    return [(name, base + end) for _, end, name in entries]
+    return [(t.name, t.end) for t in read_header(path).tensors]
 
 
 class _Prefetch:
