@@ -19,10 +19,11 @@ from typing import Any
 
 from engine.backends import BACKENDS
 from engine.checkpoint_files import expand_checkpoint_files
-from engine.engine import MAX_CONCURRENCY, PrefetchReport, Progress
 from engine.errors import Failure
 from engine.handle import start_prefetch
+from engine.options import MAX_CONCURRENCY
 from engine.plan import STRATEGIES, resolve_files
+from engine.report import PrefetchReport, Progress
 from engine.residency import evict, resident_bytes
 from engine.units import format_bytes, parse_size
 
