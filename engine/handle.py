@@ -29,7 +29,8 @@ __all__ = ["PrefetchHandle", "start_prefetch"]
 
 log = logging.getLogger(__name__)
 _live: weakref.WeakSet[PrefetchHandle] = weakref.WeakSet()
-#: How long `cancel()` waits for the loop thread (the issue's bound is 1 s).
+#: How long `cancel()` waits for the loop thread; the workers get what is left of it, so
+#: that `cancel()` returns within about a second even while reads block.
 CANCEL_WAIT_S = 0.8
 
 
