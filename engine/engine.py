@@ -414,16 +414,12 @@ class Prefetcher:
             chunk_bytes=tuning.chunk_bytes if tuning is not None else 0,
             files=t.files,
             planned_bytes=t.total,
-            warmed_bytes=t.warmed,
-            cached_bytes=t.cached,
-            skipped_bytes=t.skipped,
-            failed_bytes=t.failed,
             failures=tuple(t.failures),
             notes=tuple(t.notes),
             elapsed_s=t.elapsed_s,
             cpu_s=pool.cpu_s + loop_cpu_s,
             cancelled=cancelled,
-            dropped_bytes=t.dropped,
+            **t.byte_counts(),
         )
 
 

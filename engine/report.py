@@ -208,19 +208,23 @@ class Tally:
             log.warning("prefetch could not warm %s", failure)
         self.failures.append(failure)
 
+    def byte_counts(self) -> dict[str, int]:
+        """The byte counters, by the names `Progress` and `PrefetchReport` give them."""
+        return {
+            "warmed_bytes": self.warmed, "cached_bytes": self.cached,
+            "skipped_bytes": self.skipped, "failed_bytes": self.failed,
+            "dropped_bytes": self.dropped,
+        }  # fmt: skip
+
     def snapshot(self) -> Progress:
         """The counters as a frozen `Progress`."""
         elapsed = self.elapsed_s
         return Progress(
             done_bytes=self.warmed + self.cached + self.skipped + self.failed,
             total_bytes=self.total,
-            warmed_bytes=self.warmed,
-            cached_bytes=self.cached,
-            skipped_bytes=self.skipped,
-            failed_bytes=self.failed,
             in_flight=self.in_flight,
             elapsed_s=elapsed,
             rate_bps=self.warmed / elapsed if elapsed > 0 else 0.0,
-            dropped_bytes=self.dropped,
             window_bytes=self.window,
+            **self.byte_counts(),
         )
