@@ -203,9 +203,11 @@ def read_ahead_kb(dev: int) -> int | None:
         f"/sys/dev/block/{major}:{minor}/queue/read_ahead_kb",
         f"/sys/dev/block/{major}:{minor}/../queue/read_ahead_kb",
     ):
+        # Bytes, so no codec is imported: a process that dropped its privileges after
+        # starting may no longer reach the standard library's `encodings` package.
         try:
-            with open(path, encoding="ascii") as f:
-                return int(f.read().strip())
+            with open(path, "rb") as f:
+                return int(f.read())
         except (OSError, ValueError):
             continue
     return None
