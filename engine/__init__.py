@@ -10,11 +10,13 @@ Example:
 
 from engine.backends import BACKENDS, Backend, resolve_backend
 from engine.cursor import ConsumerCursor
-from engine.engine import PrefetchReport, Progress, prefetch_async
+from engine.engine import prefetch_async
 from engine.errors import Failure, InvalidOptionError, PrefetchError, ResidencyUnknownError
 from engine.handle import PrefetchHandle, start_prefetch
 from engine.memory import MemoryBudget, auto_window, memory_budget
+from engine.options import PrefetchOptions
 from engine.plan import STRATEGIES, Extent, ResolvedFile, plan, resolve_files
+from engine.report import PrefetchReport, Progress
 from engine.residency import evict, resident_bytes
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "Backend",
     "ConsumerCursor",
     "PrefetchHandle",
+    "PrefetchOptions",
     "PrefetchReport",
     "Progress",
     "prefetch_async",

@@ -4,7 +4,8 @@ Every backend implements `Backend.read_into_cache(fd, offset, length) -> int`: m
 bytes [offset, offset+length) of `fd` resident, and return how many bytes the file really
 had in that range (less than `length` only when the file ended early). Backends are
 shared by the worker threads of one prefetch, so they keep per-thread state only.
-Errors are raised as OSError; the scheduler records them.
+Errors are raised as OSError; the scheduler records them. An `AsyncBackend` also offers
+`aread_into_cache`, which the scheduler awaits on its event loop instead.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ from typing import ClassVar
 
 from engine import _libc
 from engine.errors import InvalidOptionError, ResidencyUnknownError
+from engine.mounts import read_ahead_bytes
 from engine.residency import resident_bytes_fd
 
 __all__ = [
     "BACKENDS",
     "AiofilesBackend",
+    "AsyncBackend",
     "Backend",
     "FadviseBackend",
     "PopulateBackend",
     "PreadBackend",
     "SendfileBackend",
+    "check_backend",
     "resolve_backend",
 ]
 
@@ -223,26 +227,34 @@ class FadviseBackend(Backend):
         return have
 
 
-def read_ahead_bytes(dev: int) -> int:
-    """The read-ahead window of the block device or filesystem `dev` (128 KiB if unknown)."""
-    major, minor = os.major(dev), os.minor(dev)
-    for path in (
-        f"/sys/class/bdi/{major}:{minor}/read_ahead_kb",
-        f"/sys/dev/block/{major}:{minor}/queue/read_ahead_kb",
-        f"/sys/dev/block/{major}:{minor}/../queue/read_ahead_kb",
-    ):
-        try:
-            with open(path) as f:
-                kb = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if kb > 0:
-            return kb << 10
-    return 128 << 10
+class AsyncBackend(Backend):
+    """A backend whose reads are awaited on the event loop rather than run on a worker.
+
+    The scheduler awaits `aread_into_cache` for each extent (after opening the file and
+    checking residency on a worker); `read_into_cache` stays for callers off the loop.
+    """
+
+    @abc.abstractmethod
+    async def aread_into_cache(
+        self, fd: int, offset: int, length: int, *, executor: concurrent.futures.Executor
+    ) -> int:
+        """Make [offset, offset+length) of `fd` resident; return the bytes the file had there.
+
+        Args:
+            fd: an open, readable regular file; it may be closed once this returns or is
+                cancelled, so use it only before (or open the file again, as aiofiles does).
+            offset: first byte.
+            length: bytes wanted (> 0).
+            executor: where blocking calls run (the engine's daemon pool: a read stalled
+                on a server never holds up the interpreter's exit).
+
+        Returns:
+            Bytes made resident: `length`, or less when the file ends inside the range.
+        """
 
 
-class AiofilesBackend(PreadBackend):
-    """Reads through `aiofiles` (the project card's package) on the event loop.
+class AiofilesBackend(PreadBackend, AsyncBackend):
+    """Reads through the `aiofiles` package on the event loop.
 
     aiofiles' calls run on the engine's daemon pool (passed as its executor), one await
     per piece: more CPU than sendfile for the same bytes. Opt-in only. The synchronous
@@ -268,7 +280,7 @@ class AiofilesBackend(PreadBackend):
 
         The file is opened again through ``/proc/self/fd`` (the same file, even if its
         path was replaced, with an offset of its own). `executor` runs aiofiles' calls
-        (the engine passes its daemon pool, so a stalled read never holds up exit).
+        (None: asyncio's default executor).
         """
         import aiofiles  # imported lazily: only this backend needs it
 
@@ -310,13 +322,25 @@ def resolve_backend(backend: str | Backend) -> tuple[Backend, str]:
         >>> b.name, why.startswith("auto")
         ('sendfile', True)
     """
+    check_backend(backend)
     if isinstance(backend, Backend):
         return backend, "given"
     if backend == "auto":
         return SendfileBackend(), "auto: " + SendfileBackend.description
-    cls = _CLASSES.get(backend) if isinstance(backend, str) else None
-    if cls is None:
-        raise InvalidOptionError(
-            f"unknown backend {backend!r}; valid backends: auto, {', '.join(BACKENDS)}"
-        )
+    cls = _CLASSES[backend]
     return cls(), "chosen: " + cls.description
+
+
+def check_backend(backend: object) -> None:
+    """Raise `InvalidOptionError` naming the valid backends unless `backend` is one.
+
+    Example:
+        >>> check_backend("pread")
+    """
+    if isinstance(backend, Backend) or (
+        isinstance(backend, str) and (backend == "auto" or backend in _CLASSES)
+    ):
+        return
+    raise InvalidOptionError(
+        f"unknown backend {backend!r}; valid backends: auto, {', '.join(BACKENDS)}"
+    )

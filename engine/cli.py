@@ -19,10 +19,11 @@ from typing import Any
 
 from engine.backends import BACKENDS
 from engine.checkpoint_files import expand_checkpoint_files
-from engine.engine import MAX_CONCURRENCY, PrefetchReport, Progress
 from engine.errors import Failure
 from engine.handle import start_prefetch
+from engine.options import MAX_CONCURRENCY
 from engine.plan import STRATEGIES, resolve_files
+from engine.report import PrefetchReport, Progress
 from engine.residency import evict, resident_bytes
 from engine.units import format_bytes, parse_size
 
@@ -66,28 +67,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_warm_parser(sub)
+    status = sub.add_parser(
+        "status",
+        help="show how much of each file is in the page cache",
+        description="Show how much of each file is in the page cache.",
+    )
+    _add_paths_args(status)
+    ev = sub.add_parser(
+        "evict",
+        help="drop the files' pages from the page cache (posix_fadvise DONTNEED)",
+        description="Drop the files' clean, unmapped pages from the page cache.",
+    )
+    _add_paths_args(ev)
+    return parser
 
-    def paths_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "paths",
-            nargs="+",
-            metavar="PATH",
-            help="files, or directories (searched recursively for --pattern)",
-        )
-        p.add_argument(
-            "--pattern",
-            default=None,
-            help="search directories recursively for this glob (e.g. '*.bin') instead of "
-            "taking the safetensors checkpoint in them (its index.json, else *.safetensors)",
-        )
-        p.add_argument("--json", action="store_true", help="print a JSON document on stdout")
 
+def _add_paths_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="files, or directories (searched recursively for --pattern)",
+    )
+    p.add_argument(
+        "--pattern",
+        default=None,
+        help="search directories recursively for this glob (e.g. '*.bin') instead of "
+        "taking the safetensors checkpoint in them (its index.json, else *.safetensors)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON document on stdout")
+
+
+def _add_warm_parser(sub: Any) -> None:
     warm = sub.add_parser(
         "warm",
         help="read this rank's share of the files into the page cache",
         description="Read this rank's share of the files into the page cache.",
     )
-    paths_args(warm)
+    _add_paths_args(warm)
     warm.set_defaults(subparser=warm)
     warm.add_argument(
         "--rank",
@@ -101,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_default("LOCAL_WORLD_SIZE", "1"),
         help="number of local ranks (default: $LOCAL_WORLD_SIZE, else 1)",
     )
+    _add_option_args(warm)
+    warm.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_option_args(warm: argparse.ArgumentParser) -> None:
+    """The flags that set `PrefetchOptions` fields."""
     warm.add_argument(
         "--strategy",
         choices=STRATEGIES,
@@ -139,21 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="sorted",
         help="consumption order of the files (default: %(default)s)",
     )
-    warm.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    status = sub.add_parser(
-        "status",
-        help="show how much of each file is in the page cache",
-        description="Show how much of each file is in the page cache.",
-    )
-    paths_args(status)
-    ev = sub.add_parser(
-        "evict",
-        help="drop the files' pages from the page cache (posix_fadvise DONTNEED)",
-        description="Drop the files' clean, unmapped pages from the page cache.",
-    )
-    paths_args(ev)
-    return parser
 
 
 def expand_paths(paths: Sequence[str], pattern: str | None) -> tuple[list[str], list[Failure]]:

@@ -16,19 +16,21 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Literal
+from typing import Any
 
-from engine.backends import Backend
 from engine.cursor import ConsumerCursor
-from engine.engine import Options, Prefetcher, PrefetchReport, Progress
+from engine.engine import Prefetcher
+from engine.options import PrefetchOptions, takes_prefetch_options
+from engine.report import PrefetchReport, Progress
 
 __all__ = ["PrefetchHandle", "start_prefetch"]
 
 log = logging.getLogger(__name__)
 _live: weakref.WeakSet[PrefetchHandle] = weakref.WeakSet()
-#: How long `cancel()` waits for the loop thread (the issue's bound is 1 s).
+#: How long `cancel()` waits for the loop thread; the workers get what is left of it, so
+#: that `cancel()` returns within about a second even while reads block.
 CANCEL_WAIT_S = 0.8
 
 
@@ -186,19 +188,14 @@ class PrefetchHandle:
         return f"<PrefetchHandle {state} {p.done_bytes}/{p.total_bytes} bytes>"
 
 
+@takes_prefetch_options
 def start_prefetch(
     files: Sequence[str | os.PathLike[str]],
     rank: int = 0,
     world: int = 1,
     *,
-    strategy: str = "balanced",
-    backend: str | Backend = "auto",
-    concurrency: int | Literal["auto"] = "auto",
-    chunk_bytes: int | Literal["auto"] = "auto",
-    skip_cached: bool = True,
-    window_bytes: int | Literal["auto"] | None = None,
-    order: str = "sorted",
-    progress: Callable[[Progress], object] | None = None,
+    options: PrefetchOptions | None = None,
+    **option_fields: Any,
 ) -> PrefetchHandle:
     """Start warming this rank's share of `files` on a background thread.
 
@@ -210,40 +207,24 @@ def start_prefetch(
         files: checkpoint files (the same list on every rank).
         rank: this process's local rank.
         world: number of local ranks.
-        strategy: ``"balanced"`` or ``"files"``.
-        backend: ``"auto"``, one of `engine.BACKENDS`, or a `Backend` instance.
-        concurrency: extents in flight at once, or ``"auto"`` (8 per node / world).
-        chunk_bytes: stripe unit and largest read, or ``"auto"`` (by filesystem).
-        skip_cached: skip extents already resident.
-        window_bytes: most bytes warmed ahead of the consumer; None = no limit;
-            ``"auto"`` = from the memory budget (see `engine.memory.auto_window`).
-        order: ``"sorted"`` or ``"given"``.
-        progress: called on the background thread with `Progress` snapshots.
+        options: how to prefetch (`engine.PrefetchOptions`); None for the defaults.
+            Its `progress` callback runs on the background thread.
+        **option_fields: fields of `engine.PrefetchOptions`, replacing those of `options`.
 
     Returns:
         A running `PrefetchHandle`; use it as a context manager to cancel it on exit.
 
     Raises:
         ValueError: an invalid option.
+        TypeError: an unknown option.
 
     Example:
         >>> h = start_prefetch(["/etc/hostname"], 0, 1)
         >>> h.wait(timeout=10).planned_bytes > 0
         True
     """
-    opts = Options.validate(
-        rank,
-        world,
-        strategy=strategy,
-        backend=backend,
-        concurrency=concurrency,
-        chunk_bytes=chunk_bytes,
-        skip_cached=skip_cached,
-        window_bytes=window_bytes,
-        order=order,
-        progress=progress,
-    )
-    return PrefetchHandle(Prefetcher(files, opts, cursor=ConsumerCursor()))
+    opts = PrefetchOptions.from_keywords(options, **option_fields)
+    return PrefetchHandle(Prefetcher(files, rank, world, opts, cursor=ConsumerCursor()))
 
 
 @atexit.register

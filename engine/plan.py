@@ -168,18 +168,28 @@ def plan(
     for path, size in pairs:
         if size < 0:
             raise InvalidOptionError(f"negative size {size} for {path!r}")
-
-    extents: list[Extent] = []
     if strat is Strategy.FILES:
-        mine = set(sorted(p for p, _ in pairs)[rank::world])
-        position = 0
-        for path, size in pairs:
-            if path in mine:
-                _append_pieces(extents, path, 0, size, position, chunk_bytes)
-            position += size
-        return extents
+        return _whole_files(pairs, rank, world, chunk_bytes)
+    return _balanced(pairs, rank, world, chunk_bytes)
 
-    # Balanced: unit u covers [u*chunk, (u+1)*chunk) of the concatenated stream.
+
+def _whole_files(pairs: list[tuple[str, int]], rank: int, world: int, chunk: int) -> list[Extent]:
+    """``sorted(files)[rank::world]``, each file in pieces of at most `chunk`."""
+    extents: list[Extent] = []
+    mine = set(sorted(p for p, _ in pairs)[rank::world])
+    position = 0
+    for path, size in pairs:
+        if path in mine:
+            _append_pieces(extents, path, 0, size, position, chunk)
+        position += size
+    return extents
+
+
+def _balanced(
+    pairs: list[tuple[str, int]], rank: int, world: int, chunk_bytes: int
+) -> list[Extent]:
+    """Unit u covers [u*chunk, (u+1)*chunk) of the concatenated files; it is rank u % world's."""
+    extents: list[Extent] = []
     position = 0
     for path, size in pairs:
         if size == 0:
@@ -239,29 +249,11 @@ def resolve_files(
     by_key: dict[tuple[int, int, int, int], ResolvedFile] = {}
     failures: list[Failure] = []
     for raw in files:
-        try:
-            name = os.fsdecode(raw) if isinstance(raw, bytes) else os.fspath(raw)
-        except TypeError as exc:  # not a path at all (None, a number, ...)
-            failures.append(Failure(repr(raw), 0, 0, errno.EINVAL, f"not a path: {exc}"))
+        found = _stat_regular(raw)
+        if isinstance(found, Failure):
+            failures.append(found)
             continue
-        try:
-            real = os.path.realpath(name, strict=True)
-            st = os.stat(real)
-        except OSError as exc:
-            failures.append(Failure.from_os_error(name, 0, 0, exc))
-            continue
-        except RuntimeError as exc:  # symlink loop on some Python versions
-            failures.append(Failure(name, 0, 0, errno.ELOOP, str(exc)))
-            continue
-        except ValueError as exc:  # an embedded NUL byte
-            failures.append(Failure(repr(name), 0, 0, errno.EINVAL, str(exc)))
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            failures.append(Failure(name, 0, 0, errno.EISDIR, "is a directory"))
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            failures.append(Failure(name, 0, 0, errno.EINVAL, "not a regular file"))
-            continue
+        real, st = found
         # The same file reached twice (symlinks, hard links). Size and mtime too: some
         # filesystems (9p without multidevs, CIFS across DFS) reuse inode numbers for
         # different files, and dropping one of those would drop its tensors.
@@ -275,3 +267,25 @@ def resolve_files(
     if ordering is Order.SORTED:
         resolved.sort(key=lambda f: f.path)
     return resolved, failures
+
+
+def _stat_regular(raw: str | bytes | os.PathLike[str]) -> tuple[str, os.stat_result] | Failure:
+    """``(resolved path, stat)`` of the regular file `raw` names, or why it is not one."""
+    try:
+        name = os.fsdecode(raw) if isinstance(raw, bytes) else os.fspath(raw)
+    except TypeError as exc:  # not a path at all (None, a number, ...)
+        return Failure(repr(raw), 0, 0, errno.EINVAL, f"not a path: {exc}")
+    try:
+        real = os.path.realpath(name, strict=True)
+        st = os.stat(real)
+    except OSError as exc:
+        return Failure.from_os_error(name, 0, 0, exc)
+    except RuntimeError as exc:  # symlink loop on some Python versions
+        return Failure(name, 0, 0, errno.ELOOP, str(exc))
+    except ValueError as exc:  # an embedded NUL byte
+        return Failure(repr(name), 0, 0, errno.EINVAL, str(exc))
+    if stat.S_ISDIR(st.st_mode):
+        return Failure(name, 0, 0, errno.EISDIR, "is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        return Failure(name, 0, 0, errno.EINVAL, "not a regular file")
+    return real, st

@@ -1,10 +1,14 @@
-"""Byte sizes as people write them ("16MiB", "4GB") and as the CLIs print them."""
+"""Byte sizes as people write them ("16MiB", "4GB") and as the CLIs print them.
+
+`parse_size` reads both; `format_bytes` is for people (``"3.00 GiB"``), `format_size` for
+names and options that are parsed again (``"1.5GiB"``: no space, no trailing zeros).
+"""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["format_bytes", "parse_size"]
+__all__ = ["format_bytes", "format_size", "parse_size"]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -59,3 +63,21 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def format_size(n: int) -> str:
+    """Format a byte count compactly, in the largest binary unit it reaches.
+
+    Four significant digits at most, no space: the form a size takes in a name or an
+    option, which `parse_size` reads back (exactly, for sizes of four digits or fewer).
+
+    Example:
+        >>> format_size(512 << 20), format_size(3 << 29), format_size(1000)
+        ('512MiB', '1.5GiB', '1000B')
+        >>> parse_size(format_size(3 << 29)) == 3 << 29
+        True
+    """
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.4g}{unit}"
+    return f"{n}B"

@@ -1,22 +1,31 @@
 """loader_adapter: a safetensors weights iterator with a cooperative page-cache prefetch.
 
+The iterator's names (which need torch and safetensors) are imported on first use, so
+the torch-free parts (flags, rank discovery, files, filesystems, the header parser) can
+be imported by tools that must stay light, such as a benchmark's orchestrator.
+
 Example:
     >>> from loader_adapter import safetensors_weights_iterator
     >>> for name, tensor in safetensors_weights_iterator("/ckpt", prefetch="auto"):
     ...     params[name].copy_(tensor)  # doctest: +SKIP
 """
 
+from typing import TYPE_CHECKING, Any
+
 from loader_adapter.args import add_prefetch_args, parse_window, prefetch_options_from_args
 from loader_adapter.discovery import HOST_ID_ENV, LocalRank, discover_local_rank, host_identity
 from loader_adapter.files import expand_checkpoint_files
 from loader_adapter.fsdetect import AutoDecision, decide_auto, filesystem_type
-from loader_adapter.iterator import (
-    PrefetchMode,
-    WeightsIterator,
-    load_state_dict,
-    safetensors_weights_iterator,
-    tensor_order,
-)
+from loader_adapter.header import SafetensorsHeader, TensorSpan, read_header
+
+if TYPE_CHECKING:
+    from loader_adapter.iterator import (
+        PrefetchMode,
+        WeightsIterator,
+        load_state_dict,
+        safetensors_weights_iterator,
+        tensor_order,
+    )
 
 __all__ = [
     # loading
@@ -38,5 +47,26 @@ __all__ = [
     "decide_auto",
     "expand_checkpoint_files",
     "filesystem_type",
+    # the safetensors header
+    "SafetensorsHeader",
+    "TensorSpan",
+    "read_header",
     "tensor_order",
 ]
+
+_ITERATOR_NAMES = frozenset(
+    {"PrefetchMode", "WeightsIterator", "load_state_dict", "safetensors_weights_iterator",
+     "tensor_order"}
+)  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ITERATOR_NAMES:
+        from loader_adapter import iterator
+
+        return getattr(iterator, name)
+    raise AttributeError(f"module 'loader_adapter' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _ITERATOR_NAMES)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from engine import memory_budget
 from engine.fstype import LOCAL_FILESYSTEMS, NETWORK_FILESYSTEMS, filesystem_type
+from engine.mounts import mount_of
 
 __all__ = [
     "LOCAL_FILESYSTEMS",
@@ -27,13 +28,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` is a space)."""
-    if "\\" not in field:
-        return field
-    return field.encode().decode("unicode_escape")
 
 
 def mount_fstype(path: str | os.PathLike[str]) -> str | None:
@@ -50,22 +44,8 @@ def mount_fstype(path: str | os.PathLike[str]) -> str | None:
         >>> mount_fstype("/proc")
         'proc'
     """
-    real = os.path.realpath(path)
-    best: tuple[int, str] | None = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                left, sep, right = line.partition(" - ")
-                fields = left.split()
-                if not sep or len(fields) < 5 or not right.split():
-                    continue
-                mnt = _unescape(fields[4])
-                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-                if inside and (best is None or len(mnt) >= best[0]):
-                    best = (len(mnt), right.split()[0])
-    except OSError:
-        return None
-    return best[1] if best else None
+    mount = mount_of(path)
+    return mount.fstype if mount is not None else None
 
 
 def mem_available_bytes() -> int | None:

@@ -17,11 +17,8 @@ explains why that matters). A tensor the caller keeps is never touched.
 from __future__ import annotations
 
 import collections
-import inspect
-import json
 import logging
 import os
-import struct
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -31,11 +28,20 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
-from engine import PrefetchHandle, PrefetchReport, ResolvedFile, resolve_files, start_prefetch
+from engine import (
+    PrefetchHandle,
+    PrefetchOptions,
+    PrefetchReport,
+    ResolvedFile,
+    resolve_files,
+    start_prefetch,
+)
 from engine.memory import release_mapped
+from engine.options import check_option_names
 from loader_adapter.discovery import discover_local_rank
 from loader_adapter.files import CheckpointFiles, expand_checkpoint_files
 from loader_adapter.fsdetect import decide_auto
+from loader_adapter.header import read_header
 
 __all__ = [
     "PrefetchMode",
@@ -50,12 +56,6 @@ log = logging.getLogger(__name__)
 #: ``prefetch=`` values: off, on, or on for network/FUSE filesystems only.
 PrefetchMode = bool | Literal["auto"]
 
-#: Keyword options passed through to `engine.start_prefetch`.
-_ENGINE_OPTIONS = frozenset(
-    name
-    for name, p in inspect.signature(start_prefetch).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-)
 #: `load_state_dict` gives up waiting for a prefetch that made no progress for this long.
 STALL_TIMEOUT_S = 30.0
 #: The loader's position is reported to the prefetch when it moved at least this much.
@@ -68,8 +68,9 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def tensor_order(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
     """The tensors of a safetensors file by data offset, with the file offset of each end.
 
-    Reads only the header. Call it after ``safe_open`` accepted the file: a corrupt header
-    then raises safetensors' own error first.
+    Reads only the header (`loader_adapter.header.read_header`). Call it after
+    ``safe_open`` accepted the file: a corrupt header then raises safetensors' own error
+    first.
 
     Args:
         path: a safetensors file.
@@ -85,18 +86,7 @@ def tensor_order(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
         >>> [name for name, _ in tensor_order(p)]
         ['b', 'a']
     """
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    base = 8 + n
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        entries.append((start, end, name))
-    entries.sort()
-    return [(name, base + end) for _, end, name in entries]
+    return [(t.name, t.end) for t in read_header(path).tensors]
 
 
 class _Prefetch:
@@ -303,6 +293,20 @@ def _resolve(files: CheckpointFiles, order: str) -> list[ResolvedFile]:
     return resolved
 
 
+def _prefetch_options(options: dict[str, Any], *, follow_consumer: bool) -> PrefetchOptions:
+    """The engine's options: the caller's, with the loader's default window ("auto": the
+    engine bounds the bytes warmed ahead of the loader by the memory budget)."""
+    window = options.get("window_bytes", "auto")
+    if not follow_consumer:
+        if window not in (None, "auto"):
+            raise ValueError(
+                "load_state_dict returns tensors that are read later, so no window can "
+                "follow the reader: pass window_bytes=None, or use safetensors_weights_iterator"
+            )
+        window = None
+    return PrefetchOptions.from_keywords(**{**options, "window_bytes": window})
+
+
 def _setup(
     files: CheckpointFiles,
     prefetch: PrefetchMode,
@@ -314,15 +318,8 @@ def _setup(
 ) -> _Setup:
     if not (isinstance(prefetch, bool) or prefetch == "auto"):
         raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
-    unknown = set(options) - _ENGINE_OPTIONS
-    if unknown:
-        raise TypeError(
-            f"unknown prefetch option(s) {', '.join(sorted(unknown))}; "
-            f"valid: {', '.join(sorted(_ENGINE_OPTIONS))}"
-        )
-    options = dict(options)
-    order = options.get("order", "sorted")
-    resolved = _resolve(files, order)
+    check_option_names(options)  # their values are checked only if a prefetch starts
+    resolved = _resolve(files, options.get("order", "sorted"))
     if prefetch is False:
         return _Setup(resolved, None)
 
@@ -338,19 +335,10 @@ def _setup(
     if prefetch == "auto" and not decide_auto([f.path for f in resolved], total).enabled:
         return _Setup(resolved, None)
 
-    # "auto": the engine bounds the warmed bytes ahead of the loader by the memory budget.
-    window = options.get("window_bytes", "auto")
-    if not follow_consumer:
-        if window not in (None, "auto"):
-            raise ValueError(
-                "load_state_dict returns tensors that are read later, so no window can "
-                "follow the reader: pass window_bytes=None, or use safetensors_weights_iterator"
-            )
-        window = None
-    options["window_bytes"] = window
+    opts = _prefetch_options(options, follow_consumer=follow_consumer)
     paths = [f.path for f in resolved]
     try:
-        handle = start_prefetch(paths, local.rank, local.world, **options)
+        handle = start_prefetch(paths, local.rank, local.world, options=opts)
     except (ValueError, TypeError):
         raise  # a programmer error: an invalid option
     except Exception as exc:  # prefetch is an optimisation: never fail the load
@@ -459,11 +447,12 @@ def safetensors_weights_iterator(
             ``torch.distributed`` grouped by host, then 0). With torch.distributed, every
             rank must call this with the same `prefetch`.
         world: number of ranks on this node; None discovers it with `rank`.
-        **prefetch_options: options of `engine.start_prefetch` (``strategy``, ``backend``,
-            ``concurrency``, ``chunk_bytes``, ``skip_cached``, ``window_bytes``,
-            ``order``, ``progress``). ``window_bytes`` defaults to ``"auto"``: no limit
-            when the checkpoint fits in the page cache this process can use (MemAvailable,
-            or its memory cgroup's room if smaller), else a window of half of that
+        **prefetch_options: fields of `engine.PrefetchOptions` (``strategy``,
+            ``backend``, ``concurrency``, ``chunk_bytes``, ``skip_cached``,
+            ``window_bytes``, ``order``, ``progress``); only ``order`` matters without a
+            prefetch. ``window_bytes`` defaults to ``"auto"`` here: no limit when the
+            checkpoint fits in the page cache this process can use (MemAvailable, or its
+            memory cgroup's room if smaller), else a window of half of that
             (`engine.auto_window`).
 
     Returns:
@@ -508,7 +497,8 @@ def load_state_dict(
         prefetch: False, True or ``"auto"``.
         rank: this process's local rank, or None to discover it.
         world: number of ranks on this node, or None to discover it.
-        **prefetch_options: options of `engine.start_prefetch`.
+        **prefetch_options: fields of `engine.PrefetchOptions`; ``window_bytes`` must be
+            None or ``"auto"`` (meaning None).
 
     Returns:
         ``{name: tensor}`` for every tensor of every file.

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from engine import BACKENDS, evict, residency, resident_bytes, start_prefetch
-from engine.backends import SendfileBackend, read_ahead_bytes, resolve_backend
+from engine.backends import SendfileBackend, resolve_backend
+from engine.mounts import read_ahead_bytes
 
 SIZE = 24 << 20
 

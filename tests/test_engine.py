@@ -9,7 +9,14 @@ import threading
 
 import pytest
 
-from engine import ConsumerCursor, Progress, evict, prefetch_async, resident_bytes
+from engine import (
+    ConsumerCursor,
+    PrefetchOptions,
+    Progress,
+    evict,
+    prefetch_async,
+    resident_bytes,
+)
 from tests.fakes import FakeBackend
 from tests.fds import fds_under
 
@@ -130,9 +137,9 @@ async def test_cancel_stops_submitting_and_keeps_a_partial_report(make_file):
     files = [make_file(f"c{i}", 4 * MiB) for i in range(2)]
     block = threading.Event()
     fake = FakeBackend(block=block)
-    from engine.engine import Options, Prefetcher
+    from engine.engine import Prefetcher
 
-    p = Prefetcher(files, Options.validate(0, 1, backend=fake, concurrency=2, chunk_bytes=MiB))
+    p = Prefetcher(files, 0, 1, PrefetchOptions(backend=fake, concurrency=2, chunk_bytes=MiB))
     task = asyncio.create_task(p.run())
     for _ in range(500):
         if fake.active == 2:

@@ -184,7 +184,7 @@ def test_window_auto_is_passed_to_the_engine(
     list(safetensors_weights_iterator(info.files, prefetch=True, window_bytes=None))
     list(safetensors_weights_iterator(info.files, prefetch=True, window_bytes=4 * MiB))
     load_state_dict(info.files, prefetch=True)
-    assert [c["window_bytes"] for c in calls] == ["auto", None, 4 * MiB, None]
+    assert [c["options"].window_bytes for c in calls] == ["auto", None, 4 * MiB, None]
 
 
 def test_mem_available() -> None:
