@@ -7,11 +7,11 @@ loses when extra streams compete with the ranks that parse and copy tensors; a l
 that is behind the warmed frontier gains nothing from more streams at all. So the
 controller measures while the prefetch runs and climbs only while climbing pays:
 
-- it starts at the cheapest setting (one stream, whole-stripe reads);
+- it starts where the engine tells it (the engine passes its former fixed default);
 - when the loader waits at the frontier (or nobody consumes yet) and the node's CPU has
   room, it tries one more stream; the trial is kept only when the node's warming rate
   rises by at least `GAIN`, otherwise it steps back and holds that ceiling a while;
-- when the node's CPU is saturated it sheds a stream (the prefetch must not slow the
+- when the node's CPU is saturated it halves its streams (the prefetch must not slow the
   ranks it serves); when the loader is far behind the frontier it returns to the
   cheapest setting, since warming further ahead buys nothing.
 
@@ -47,7 +47,7 @@ BUSY_CPU = 0.95
 MIN_READ_BYTES = 4 << 20
 #: Intervals a stream count that did not pay stays out of reach before it is tried again.
 HOLD_INTERVALS = 8
-#: The loader is "far behind" when this many stripes per stream lie warmed ahead of it.
+#: The loader is "far behind" when this many rounds of stripes per stream lie warmed ahead.
 AHEAD_STRIPES = 4
 
 
@@ -97,6 +97,8 @@ class Controller:
         setting: what to run in the next interval.
         max_streams: the most streams this rank may use.
         stripe_bytes: the plan's stripe size (reads never exceed it).
+        span_bytes: the axis one round of the node's stripes covers (stripe x local ranks):
+            the loader is "far behind" when several such spans lie warmed ahead of it.
         base_rate: the rate measured at the last accepted setting (0: none yet).
         trial_from: the setting a trial started from (None: not trying).
         ceiling: stream counts at or above this are not tried (a trial that did not pay).
@@ -107,11 +109,12 @@ class Controller:
     setting: Setting
     max_streams: int
     stripe_bytes: int
+    span_bytes: int
     base_rate: float = 0.0
     trial_from: Setting | None = None
     ceiling: int | None = None
     hold: int = 0
-    reason: str = "start at the cheapest setting"
+    reason: str = "start"
 
 
 def read_bytes_for(streams: int, stripe_bytes: int) -> int:
@@ -134,12 +137,16 @@ def read_bytes_for(streams: int, stripe_bytes: int) -> int:
     return max(min(MIN_READ_BYTES, stripe_bytes), min(stripe_bytes, size))
 
 
-def start(max_streams: int, stripe_bytes: int) -> Controller:
-    """The controller's first state: one stream, whole-stripe reads.
+def start(
+    max_streams: int, stripe_bytes: int, *, streams: int = 1, span_bytes: int | None = None
+) -> Controller:
+    """The controller's first state: `streams` reads in flight, the stripe split among them.
 
     Args:
         max_streams: the most reads in flight it may choose (>= 1).
         stripe_bytes: the plan's stripe size.
+        streams: where to start (clipped to 1..max_streams).
+        span_bytes: stripe x local ranks (None: one rank).
 
     Returns:
         The initial `Controller`.
@@ -150,7 +157,12 @@ def start(max_streams: int, stripe_bytes: int) -> Controller:
     """
     if max_streams < 1:
         raise ValueError("max_streams must be >= 1")
-    return Controller(Setting(1, read_bytes_for(1, stripe_bytes)), max_streams, stripe_bytes)
+    span = stripe_bytes if span_bytes is None else span_bytes
+    n = min(max(1, streams), max_streams)
+    return Controller(
+        Setting(n, read_bytes_for(n, stripe_bytes)), max_streams, stripe_bytes, span,
+        reason=f"start at {n} stream{'s' if n > 1 else ''}",
+    )  # fmt: skip
 
 
 def _to(state: Controller, streams: int, reason: str, **changes: object) -> Controller:
@@ -188,7 +200,7 @@ def decide(state: Controller, m: Measurement) -> Controller:
         return state
     if m.node_busy is not None and m.node_busy >= BUSY_CPU:
         return _shed(state, m.node_busy)
-    if m.lag_bytes is not None and m.lag_bytes >= AHEAD_STRIPES * streams * state.stripe_bytes:
+    if m.lag_bytes is not None and m.lag_bytes >= AHEAD_STRIPES * streams * state.span_bytes:
         if streams == 1:
             return replace(state, trial_from=None, base_rate=m.rate)
         reason = "loader is far behind the frontier: back to 1 stream"
@@ -213,7 +225,7 @@ def decide(state: Controller, m: Measurement) -> Controller:
 def _shed(state: Controller, busy: float) -> Controller:
     """The node's CPU is saturated: give a stream back (or end a trial), hold the ceiling."""
     streams = state.setting.streams
-    back = state.trial_from.streams if state.trial_from is not None else max(1, streams - 1)
+    back = state.trial_from.streams if state.trial_from is not None else max(1, streams // 2)
     if back == streams:
         return replace(state, base_rate=0.0)
     reason = f"node CPU {busy:.0%} busy: back to {back} stream{'s' if back > 1 else ''}"

@@ -28,6 +28,7 @@ __all__ = [
     "AiofilesBackend",
     "AsyncBackend",
     "Backend",
+    "ProcessBackend",
     "FadviseBackend",
     "PopulateBackend",
     "PreadBackend",
@@ -301,10 +302,33 @@ class AiofilesBackend(PreadBackend, AsyncBackend):
         return done
 
 
-BACKENDS: tuple[str, ...] = ("sendfile", "populate", "pread", "aiofiles", "fadvise")
+class ProcessBackend(Backend):
+    """`sendfile` in a reader process (`engine.reader_process`): opens and reads happen
+    there, so a read stuck in a stalled network filesystem client can hold only that
+    process, never the caller's. The default on network and FUSE filesystems.
+
+    The engine runs it through its own warmer (whole extents by path); it has no
+    descriptor-based `read_into_cache`.
+    """
+
+    name = "process"
+    description = "sendfile in a reader process (a stalled server cannot hold this process)"
+
+    def read_into_cache(self, fd: int, offset: int, length: int) -> int:
+        raise NotImplementedError("the process backend reads by path, in its reader process")
+
+
+BACKENDS: tuple[str, ...] = ("sendfile", "populate", "pread", "aiofiles", "fadvise", "process")
 _CLASSES: dict[str, type[Backend]] = {
     cls.name: cls
-    for cls in (SendfileBackend, PopulateBackend, PreadBackend, AiofilesBackend, FadviseBackend)
+    for cls in (
+        SendfileBackend,
+        PopulateBackend,
+        PreadBackend,
+        AiofilesBackend,
+        FadviseBackend,
+        ProcessBackend,
+    )
 }
 
 

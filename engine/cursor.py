@@ -44,10 +44,11 @@ def _alive(pid: int) -> bool:
 class RankBoard:
     """The consumer positions of the local ranks loading one checkpoint, in shared memory.
 
-    One 32-byte slot per rank in ``/dev/shm/ckpt-prefetch-<uid>-<key>.board`` (the key
+    One 40-byte slot per rank in ``/dev/shm/ckpt-prefetch-<uid>-<key>.board`` (the key
     hashes the world size and each file's device, inode and size, so every rank of a load
     finds the same file without talking to the others): pid, position, start and finish
-    times (``CLOCK_MONOTONIC`` ns, the same clock in every process of the machine). A rank
+    times (``CLOCK_MONOTONIC`` ns, the same clock in every process of the machine), and the
+    bytes the rank's prefetch has warmed (the node's rate, for `engine.adapt`). A rank
     registers when its prefetch plans, publishes its position as the loader advances, and
     marks itself finished at the end. The last rank to finish removes the file.
 
@@ -61,7 +62,7 @@ class RankBoard:
         4096
     """
 
-    _SLOT = struct.Struct("<qqqq")  # pid, position, started_ns, finished_ns
+    _SLOT = struct.Struct("<qqqqq")  # pid, position, started_ns, finished_ns, warmed
 
     def __init__(self, path: Path, rank: int, world: int) -> None:
         self.path = path
@@ -80,18 +81,20 @@ class RankBoard:
         finally:
             os.close(fd)
         self.started_ns = time.monotonic_ns()
-        self._SLOT.pack_into(self._map, rank * self._SLOT.size, os.getpid(), 0, self.started_ns, 0)
+        self._SLOT.pack_into(
+            self._map, rank * self._SLOT.size, os.getpid(), 0, self.started_ns, 0, 0
+        )
 
     @classmethod
     def open(cls, files: Sequence[ResolvedFile], rank: int, world: int) -> RankBoard:
         """The board of this checkpoint and world size; raise OSError when it cannot be made."""
-        ident = repr((world, [(f.dev, f.ino, f.size) for f in files])).encode()
+        ident = repr(("v2", world, [(f.dev, f.ino, f.size) for f in files])).encode()
         key = hashlib.sha256(ident).hexdigest()[:20]
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
         return cls(base / f"ckpt-prefetch-{os.geteuid()}-{key}.board", rank, world)
 
-    def _slot(self, r: int) -> tuple[int, int, int, int]:
+    def _slot(self, r: int) -> tuple[int, int, int, int, int]:
         assert self._map is not None
         return self._SLOT.unpack_from(self._map, r * self._SLOT.size)
 
@@ -100,13 +103,25 @@ class RankBoard:
         if self._map is not None:
             struct.pack_into("<q", self._map, self.rank * self._SLOT.size + 8, position)
 
+    def publish_warmed(self, nbytes: int) -> None:
+        """Record the bytes this rank's prefetch has warmed so far."""
+        if self._map is not None:
+            struct.pack_into("<q", self._map, self.rank * self._SLOT.size + 32, nbytes)
+
+    def warmed(self) -> tuple[int, ...]:
+        """The bytes each rank's prefetch has warmed (a slot of an earlier load may linger:
+        read differences, not totals)."""
+        if self._map is None:
+            return ()
+        return tuple(self._slot(r)[4] for r in range(self.world))
+
     def slowest(self) -> int | None:
         """The smallest position of the ranks still loading; None when one may be unknown."""
         if self._map is None:
             return None
         low: int | None = None
         for r in range(self.world):
-            pid, pos, _, finished = self._slot(r)
+            pid, pos, _, finished, _ = self._slot(r)
             if r != self.rank:
                 if pid == 0:
                     return None  # not registered yet
@@ -128,7 +143,7 @@ class RankBoard:
         struct.pack_into("<q", m, off + 24, max(1, time.monotonic_ns()))
         try:
             slots = [self._SLOT.unpack_from(m, r * self._SLOT.size) for r in range(self.world)]
-            if all(pid == 0 or fin or not _alive(pid) for pid, _, _, fin in slots):
+            if all(pid == 0 or fin or not _alive(pid) for pid, _, _, fin, _ in slots):
                 self.path.unlink(missing_ok=True)
         except OSError as exc:
             log.debug("could not remove %s: %s", self.path, exc)

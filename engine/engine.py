@@ -21,16 +21,26 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.backends import resolve_backend
+from engine.adapt import MIN_READ_BYTES
+from engine.backends import ProcessBackend, resolve_backend
 from engine.cursor import ConsumerCursor, RankBoard
 from engine.errors import Failure, InvalidOptionError
 from engine.memory import auto_window, trail_bytes
 from engine.options import PrefetchOptions, takes_prefetch_options
-from engine.plan import Extent, ResolvedFile, Strategy, check_rank_world, plan, resolve_files
+from engine.pace import INTERVAL_S, Pace
+from engine.plan import (
+    Extent,
+    ResolvedFile,
+    Strategy,
+    check_rank_world,
+    plan,
+    resolve_files,
+    split_extents,
+)
 from engine.pool import DaemonPool
 from engine.report import Outcome, OutcomeKind, PrefetchReport, Progress, Tally
 from engine.schedule import Consumer, Decision, Situation, TrailState, Wait, decide
-from engine.tuning import NODE_STREAMS, Tuning, auto_tuning
+from engine.tuning import NODE_STREAMS, Tuning, auto_tuning, max_streams
 from engine.warm import Dropper, OpenFile, Warmer, warmer_for
 
 __all__ = ["PrefetchReport", "Prefetcher", "Progress", "prefetch_async"]
@@ -54,6 +64,10 @@ class _Setup:
         tuning: the stripe size and concurrency in effect.
         window: the window in bytes, or None.
         trail: the trail's first state, or None when nothing is dropped.
+        pace: the run-time controller of reads in flight and read size (None: fixed
+            ``tuning.concurrency`` extents in flight, each read whole).
+        piece_bytes: the size the plan's stripes were cut into for `pace` (reads join
+            neighbouring pieces up to the pace's read size).
     """
 
     resolved: tuple[ResolvedFile, ...]
@@ -63,6 +77,8 @@ class _Setup:
     tuning: Tuning
     window: int | None
     trail: TrailState | None
+    pace: Pace | None = None
+    piece_bytes: int = 0
 
 
 def _files_and_starts(
@@ -81,6 +97,32 @@ def _files_and_starts(
         if meta.path in counts:
             files[meta.path] = OpenFile(meta, counts[meta.path])
     return files, starts
+
+
+def _join(extents: Sequence[Extent], read_bytes: int) -> list[tuple[Extent, int]]:
+    """Join neighbouring extents of one file into reads of at most `read_bytes` (0: none).
+
+    Returns:
+        ``(read, pieces)`` pairs in order: each read and how many extents it joins.
+
+    Example:
+        >>> ext = [Extent("f", i * 4, 4, i * 4) for i in range(3)] + [Extent("g", 0, 4, 12)]
+        >>> [(e.path, e.offset, e.length, n) for e, n in _join(ext, 8)]
+        [('f', 0, 8, 2), ('f', 8, 4, 1), ('g', 0, 4, 1)]
+    """
+    out: list[tuple[Extent, int]] = []
+    for ext in extents:
+        if out:
+            last, n = out[-1]
+            if (
+                last.path == ext.path
+                and last.offset + last.length == ext.offset
+                and last.length + ext.length <= read_bytes
+            ):
+                out[-1] = (replace(last, length=last.length + ext.length), n + 1)
+                continue
+        out.append((ext, 1))
+    return out
 
 
 class _Scheduler:
@@ -110,6 +152,7 @@ class _Scheduler:
         self._trail = setup.trail
         self._next = 0  # index of the first extent neither submitted nor skipped
         self._wake = asyncio.Event()
+        self._frontier = 0  # end on the axis of the furthest extent this rank has warmed
 
     async def run(self) -> None:
         """Schedule until every extent is read or skipped and no drop runs.
@@ -131,22 +174,49 @@ class _Scheduler:
 
     async def _schedule(self) -> None:
         while True:
+            self._adapt()
             decision = decide(self._setup.extents, self._situation())
             self._carry_out(decision)
             if decision.wait is Wait.NOTHING:
                 return
             self._wake.clear()
-            if decision.wait is Wait.POLL:  # other ranks do not wake this loop: look again soon
-                with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError only from 3.11
-                    await asyncio.wait_for(self._wake.wait(), _BOARD_POLL_S)
-            else:
+            timeout = _BOARD_POLL_S if decision.wait is Wait.POLL else None
+            if self._setup.pace is not None:  # the next decision is due even if all is quiet
+                timeout = min(timeout or INTERVAL_S, INTERVAL_S)
+            if timeout is None:
                 await self._wake.wait()
+            else:  # other ranks and the clock do not wake this loop: look again soon
+                with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError only from 3.11
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _adapt(self) -> None:
+        """Feed the pace its measurements once an interval has passed."""
+        pace = self._setup.pace
+        if pace is None:
+            return
+        warmed = self._tally.warmed
+        if not pace.due():
+            pace.publish(warmed)
+            return
+        consumer = self._consumer()
+        lag = None
+        if consumer is not None and not consumer.finished:
+            lag = self._frontier - consumer.position
+        pace.tick(warmed, lag)
+
+    def _concurrency(self) -> int:
+        """Planned extents in flight at most: fixed, or the pace's reads in pieces."""
+        pace, piece = self._setup.pace, self._setup.piece_bytes
+        if pace is None:
+            return self._setup.tuning.concurrency
+        s = pace.setting
+        return s.streams * max(1, s.read_bytes // piece) if piece else s.streams
 
     def _situation(self) -> Situation:
         return Situation(
             next=self._next,
             in_flight=self._tally.in_flight,
-            concurrency=self._setup.tuning.concurrency,
+            concurrency=self._concurrency(),
             consumer=self._consumer(),
             window=self._setup.window,
             trail=self._trail,
@@ -175,14 +245,16 @@ class _Scheduler:
         for ext in decision.skip:
             self._tally.skipped += ext.length
             files[ext.path].release()
-        for ext in decision.submit:
-            future = self._warmer.start(files[ext.path], ext)
-            self._tally.in_flight += 1
-            future.add_done_callback(functools.partial(self._on_done, ext))
+        read_bytes = self._setup.pace.setting.read_bytes if self._setup.pace else 0
+        for ext, pieces in _join(decision.submit, read_bytes):
+            future = self._warmer.start(files[ext.path], ext, pieces)
+            self._tally.in_flight += pieces
+            future.add_done_callback(functools.partial(self._on_done, ext, pieces))
         self._next = decision.next
 
-    def _on_done(self, ext: Extent, future: asyncio.Future[Outcome]) -> None:
-        self._tally.in_flight -= 1
+    def _on_done(self, ext: Extent, pieces: int, future: asyncio.Future[Outcome]) -> None:
+        self._tally.in_flight -= pieces
+        self._frontier = max(self._frontier, ext.end)
         self._wake.set()
         if future.cancelled():
             return
@@ -240,6 +312,9 @@ class Prefetcher:
         self.report: PrefetchReport | None = None
         self._tally = Tally()
         self._tuning: Tuning | None = None  # known once tuned
+        self._pace: Pace | None = None  # run-time adaptation, when concurrency is "auto"
+        self._own_board: RankBoard | None = None  # a board no cursor finishes
+        self._warmer: Warmer | None = None
         self._pool: DaemonPool | None = None
         self._progress_cb = options.progress
         self._last_progress = 0.0
@@ -273,7 +348,8 @@ class Prefetcher:
         """
         self._tally.start()
         concurrency = self.options.concurrency
-        pool = self._pool = DaemonPool(NODE_STREAMS if concurrency == "auto" else concurrency)
+        top = max_streams(self.world) if concurrency == "auto" else concurrency
+        pool = self._pool = DaemonPool(max(top, NODE_STREAMS) if concurrency == "auto" else top)
         loop_cpu0 = time.thread_time()
         cancelled = False
         try:
@@ -289,7 +365,11 @@ class Prefetcher:
             self._tally.failures.append(Failure("<prefetch>", 0, 0, None, message))
         finally:
             pool.shutdown()
+            if self._own_board is not None:
+                self._own_board.finish()
             self.report = self._make_report(pool, time.thread_time() - loop_cpu0, cancelled)
+            if self._pace is not None:
+                log.info("prefetch rank %d/%d: %s", self.rank, self.world, self._pace.summary())
             self._emit_progress(force=True)
         return self.report
 
@@ -322,24 +402,60 @@ class Prefetcher:
                 chunk_bytes=tuning.chunk_bytes,
             )
         )
+        piece = 0
+        if tuning.max_concurrency is not None and tuning.chunk_bytes > MIN_READ_BYTES:
+            piece = MIN_READ_BYTES
+            extents = tuple(split_extents(extents, piece))
         files, starts = _files_and_starts(resolved, extents)
         self._tally.total = sum(e.length for e in extents)
         window = self._tally.window = self._resolve_window(sum(m.size for m in resolved))
         trail = self._trail(window)
-        if trail is not None and self.world > 1:
-            await self._share_position(pool, resolved, starts)
-        return _Setup(tuple(resolved), extents, files, starts, tuning, window, trail)
+        board = None
+        if self.world > 1 and (trail is not None or tuning.max_concurrency is not None):
+            board = await self._open_board(pool, resolved)
+        if trail is not None and board is not None:
+            self._share_position(board, starts)
+        elif board is not None:
+            self._own_board = board  # only for the node's rate: finished with the prefetch
+        pace = None
+        if tuning.max_concurrency is not None:
+            pace = self._pace = Pace(
+                tuning.max_concurrency, tuning.chunk_bytes, self.world, board,
+                streams=tuning.concurrency,
+            )  # fmt: skip
+        return _Setup(
+            tuple(resolved), extents, files, starts, tuning, window, trail, pace, piece or 0
+        )
 
     async def _tune(self, pool: DaemonPool, resolved: Sequence[ResolvedFile]) -> Tuning:
-        """The stripe size and concurrency: as given, or chosen for the filesystem."""
+        """The stripe size and concurrency: as given, or chosen for the filesystem.
+
+        With ``concurrency="auto"`` the filesystem's default is only where run-time
+        adaptation (`engine.pace`) starts. With ``backend="auto"`` a network or FUSE
+        filesystem is read from a reader process (`engine.reader_process`).
+        """
         opt = self.options
         chunk = opt.chunk_bytes if opt.chunk_bytes != "auto" else 0
         concurrency = opt.concurrency if opt.concurrency != "auto" else 0
-        if chunk and concurrency:
-            return Tuning(chunk, concurrency, "given")
         first = resolved[0].path if resolved else None
+        if chunk and concurrency and opt.backend != "auto":
+            return Tuning(chunk, concurrency, "given")
         auto = await pool.run(auto_tuning, first, self.world)  # statfs may block: on the pool
-        return Tuning(chunk or auto.chunk_bytes, concurrency or auto.concurrency, auto.reason)
+        if opt.backend == "auto" and auto.network:
+            self.backend, self._backend_reason = (
+                ProcessBackend(),
+                ("auto: network/FUSE filesystem -> " + ProcessBackend.description),
+            )
+        if chunk and concurrency:
+            return Tuning(chunk, concurrency, "given", network=auto.network)
+        chunk = chunk or auto.chunk_bytes
+        if concurrency:
+            return Tuning(chunk, concurrency, auto.reason, network=auto.network)
+        top = max(max_streams(self.world), auto.concurrency)
+        return Tuning(
+            chunk, auto.concurrency, auto.reason + f"; adapted at run time (1..{top})",
+            max_concurrency=top, network=auto.network,
+        )  # fmt: skip
 
     def _resolve_window(self, checkpoint_bytes: int) -> int | None:
         """The window in bytes: as given, or chosen from the memory budget for "auto"."""
@@ -362,22 +478,24 @@ class Prefetcher:
         lag = trail_bytes(window, chunk_bytes=chunk, world=self.world)
         return TrailState(lag, step=max(chunk, lag // 4))
 
-    async def _share_position(
-        self, pool: DaemonPool, resolved: list[ResolvedFile], starts: dict[str, int]
-    ) -> None:
-        """Publish the consumer's position for the other local ranks (`RankBoard`)."""
-        assert self.cursor is not None
+    async def _open_board(self, pool: DaemonPool, resolved: list[ResolvedFile]) -> RankBoard | None:
+        """The local ranks' shared board (`RankBoard`), or None where it cannot be made."""
         try:
-            board = await pool.run(RankBoard.open, resolved, self.rank, self.world)
+            return await pool.run(RankBoard.open, resolved, self.rank, self.world)
         except (OSError, ValueError) as exc:
             log.info(
-                "prefetch rank %d/%d: cannot share positions with the other ranks (%s); "
-                "consumed bytes are dropped behind this rank's own position",
+                "prefetch rank %d/%d: cannot share positions and rates with the other "
+                "ranks (%s); consumed bytes are dropped behind this rank's own position, "
+                "and the pace follows this rank's own rate",
                 self.rank,
                 self.world,
                 exc,
             )
-            return
+            return None
+
+    def _share_position(self, board: RankBoard, starts: dict[str, int]) -> None:
+        """Publish the consumer's position for the other local ranks."""
+        assert self.cursor is not None
         self.cursor.share(board, starts)
 
     def _log_setup(self, setup: _Setup) -> None:
@@ -400,8 +518,17 @@ class Prefetcher:
         )
 
     def _scheduler(self, setup: _Setup, pool: DaemonPool) -> _Scheduler:
-        warmer = warmer_for(self.backend, pool, self.options.skip_cached)
+        threads = setup.tuning.max_concurrency or setup.tuning.concurrency
+        warmer = self._warmer = warmer_for(
+            self.backend, pool, self.options.skip_cached, threads=threads
+        )
         return _Scheduler(setup, warmer, pool, self._tally, self.cursor, self._emit_progress)
+
+    def _concurrency_used(self) -> int:
+        """Reads in flight at the end: the pace's streams, or the fixed concurrency."""
+        if self._pace is not None:
+            return self._pace.setting.streams
+        return self._tuning.concurrency if self._tuning is not None else 0
 
     def _make_report(self, pool: DaemonPool, loop_cpu_s: float, cancelled: bool) -> PrefetchReport:
         t, tuning = self._tally, self._tuning
@@ -410,14 +537,16 @@ class Prefetcher:
             world=self.world,
             strategy=Strategy(self.options.strategy).value,
             backend=self.backend.label,
-            concurrency=tuning.concurrency if tuning is not None else 0,
+            concurrency=self._concurrency_used(),
             chunk_bytes=tuning.chunk_bytes if tuning is not None else 0,
+            read_bytes=self._pace.setting.read_bytes if self._pace else 0,
+            tuning=self._pace.summary() if self._pace else (tuning.reason if tuning else ""),
             files=t.files,
             planned_bytes=t.total,
             failures=tuple(t.failures),
             notes=tuple(t.notes),
             elapsed_s=t.elapsed_s,
-            cpu_s=pool.cpu_s + loop_cpu_s,
+            cpu_s=pool.cpu_s + loop_cpu_s + (self._warmer.cpu_s if self._warmer else 0.0),
             cancelled=cancelled,
             **t.byte_counts(),
         )

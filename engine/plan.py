@@ -27,6 +27,7 @@ __all__ = [
     "Strategy",
     "plan",
     "resolve_files",
+    "split_extents",
 ]
 
 #: Stripe unit when `plan` is called without one (the engine picks its own: `engine.tuning`).
@@ -216,6 +217,21 @@ def _append_pieces(
         n = min(chunk, length - done)
         out.append(Extent(path, offset + done, n, position + done))
         done += n
+
+
+def split_extents(extents: Iterable[Extent], piece_bytes: int) -> list[Extent]:
+    """Cut each extent into pieces of at most `piece_bytes`, in order (pure).
+
+    The scheduler joins neighbouring pieces again into reads of the size it chooses.
+
+    Example:
+        >>> [(e.offset, e.length) for e in split_extents([Extent("f", 0, 10, 0)], 4)]
+        [(0, 4), (4, 4), (8, 2)]
+    """
+    out: list[Extent] = []
+    for ext in extents:
+        _append_pieces(out, ext.path, ext.offset, ext.length, ext.position, piece_bytes)
+    return out
 
 
 def resolve_files(

@@ -34,6 +34,7 @@ __all__ = ["ReadResult", "ReaderGone", "ReaderProcess"]
 
 log = logging.getLogger(__name__)
 _CHILD = str(Path(wire.__file__).resolve())
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class ReaderGone(OSError):
@@ -145,6 +146,15 @@ class ReaderProcess:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(ReaderGone(0, why))
+
+    def cpu_s(self) -> float:
+        """CPU seconds the child has used so far (0.0 once it is gone)."""
+        try:
+            with open(f"/proc/{self._proc.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
 
     def abandon(self) -> None:
         """Stop at once: pending reads fail with `ReaderGone`; nothing waits for the child.

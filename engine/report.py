@@ -79,6 +79,10 @@ class PrefetchReport:
         dropped_bytes: bytes (all ranks' stripes, on the checkpoint's axis) that this rank
             asked the kernel to drop because the consumer was a trail past them (with a
             window only; pages some process still maps stay cached).
+        read_bytes: the read size at the end when adapted at run time (0: each extent
+            read whole).
+        tuning: how the stripe size and the reads in flight were chosen: "given", the
+            filesystem's default, or where run-time adaptation converged and why.
     """
 
     rank: int
@@ -99,6 +103,8 @@ class PrefetchReport:
     cpu_s: float
     cancelled: bool = False
     dropped_bytes: int = 0
+    read_bytes: int = 0
+    tuning: str = ""
 
     @property
     def ok(self) -> bool:

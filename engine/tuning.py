@@ -21,23 +21,48 @@ from dataclasses import dataclass
 
 from engine.fstype import is_network_fs
 
-__all__ = ["NODE_STREAMS", "Tuning", "auto_tuning"]
+__all__ = ["MAX_STREAMS_PER_RANK", "NODE_STREAMS", "Tuning", "auto_tuning", "max_streams"]
 
 log = logging.getLogger(__name__)
 
-#: Reads in flight per node that the automatic concurrency aims at (split among ranks).
+#: Reads in flight per node that the automatic concurrency starts from (split among ranks).
 NODE_STREAMS = 8
+#: The most reads in flight per node that run-time adaptation may climb to.
+MAX_NODE_STREAMS = 16
+#: ... and per rank.
+MAX_STREAMS_PER_RANK = 16
 NETWORK_CHUNK_BYTES = 16 << 20
 LOCAL_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
-    """The stripe size and concurrency chosen for one prefetch, and why."""
+    """The stripe size and concurrency chosen for one prefetch, and why.
+
+    Attributes:
+        chunk_bytes: the stripe unit.
+        concurrency: reads in flight (where `max_concurrency` is set: the first value of
+            the run-time adaptation, `engine.adapt`).
+        reason: why, in words.
+        max_concurrency: the most reads in flight adaptation may choose; None: fixed.
+        network: the files are on a network or FUSE filesystem.
+    """
 
     chunk_bytes: int
     concurrency: int
     reason: str
+    max_concurrency: int | None = None
+    network: bool = False
+
+
+def max_streams(world: int) -> int:
+    """The most reads in flight one of `world` local ranks may adapt to.
+
+    Example:
+        >>> max_streams(1), max_streams(4), max_streams(32)
+        (16, 4, 1)
+    """
+    return max(1, min(MAX_STREAMS_PER_RANK, -(-MAX_NODE_STREAMS // world)))
 
 
 def auto_tuning(path: str | os.PathLike[str] | None, world: int) -> Tuning:
@@ -69,4 +94,4 @@ def auto_tuning(path: str | os.PathLike[str] | None, world: int) -> Tuning:
         f"auto: {kind} -> {chunk >> 20} MiB stripes; {NODE_STREAMS} streams per node / "
         f"{world} ranks -> {concurrency} per rank"
     )
-    return Tuning(chunk, concurrency, reason)
+    return Tuning(chunk, concurrency, reason, network=network)

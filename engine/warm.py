@@ -19,10 +19,11 @@ import threading
 import time
 from collections.abc import Sequence
 
-from engine.backends import AsyncBackend, Backend
+from engine.backends import AsyncBackend, Backend, ProcessBackend
 from engine.errors import Failure
 from engine.plan import Extent, ResolvedFile
 from engine.pool import DaemonPool
+from engine.reader_process import ReaderGone, ReaderProcess, ReadResult
 from engine.report import Outcome, OutcomeKind
 from engine.residency import resident_bytes_fd
 
@@ -151,7 +152,9 @@ def _read_failed(ext: Extent, exc: OSError) -> Outcome:
     return Outcome(OutcomeKind.FAILED, 0, failure)
 
 
-def warm_extent(f: OpenFile, ext: Extent, backend: Backend, skip_cached: bool) -> Outcome:
+def warm_extent(
+    f: OpenFile, ext: Extent, backend: Backend, skip_cached: bool, pieces: int = 1
+) -> Outcome:
     """Runs on a worker thread: warm one extent with a synchronous backend.
 
     Args:
@@ -159,6 +162,7 @@ def warm_extent(f: OpenFile, ext: Extent, backend: Backend, skip_cached: bool) -
         ext: the extent.
         backend: how to read it.
         skip_cached: whether an extent already resident is left alone.
+        pieces: planned extents that `ext` joins (each is released).
 
     Returns:
         What became of the extent; OS errors are outcomes, never raised.
@@ -171,7 +175,7 @@ def warm_extent(f: OpenFile, ext: Extent, backend: Backend, skip_cached: bool) -
     except OSError as exc:
         return _read_failed(ext, exc)
     finally:
-        f.release()
+        f.release(pieces)
 
 
 class Warmer(abc.ABC):
@@ -187,9 +191,15 @@ class Warmer(abc.ABC):
         self._skip_cached = skip_cached
 
     @abc.abstractmethod
-    def start(self, f: OpenFile, ext: Extent) -> asyncio.Future[Outcome]:
-        """Start warming `ext` of `f` (which is released once it is done); return its
-        outcome's future, which an OS error never fails."""
+    def start(self, f: OpenFile, ext: Extent, pieces: int = 1) -> asyncio.Future[Outcome]:
+        """Start warming `ext` of `f` (`pieces` planned extents joined into one read, each
+        released once it is done); return its outcome's future, which an OS error never
+        fails."""
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds spent outside the pool (a reader process's), 0 by default."""
+        return 0.0
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Cancel what can be cancelled of the extents still running (nothing by default:
@@ -206,8 +216,8 @@ class _ThreadWarmer(Warmer):
         super().__init__(pool, skip_cached)
         self._backend = backend
 
-    def start(self, f: OpenFile, ext: Extent) -> asyncio.Future[Outcome]:
-        return self._pool.run(warm_extent, f, ext, self._backend, self._skip_cached)
+    def start(self, f: OpenFile, ext: Extent, pieces: int = 1) -> asyncio.Future[Outcome]:
+        return self._pool.run(warm_extent, f, ext, self._backend, self._skip_cached, pieces)
 
 
 class _LoopWarmer(Warmer):
@@ -218,13 +228,13 @@ class _LoopWarmer(Warmer):
         self._backend = backend
         self._tasks: set[asyncio.Future[Outcome]] = set()
 
-    def start(self, f: OpenFile, ext: Extent) -> asyncio.Future[Outcome]:
-        task = asyncio.ensure_future(self._warm(f, ext))
+    def start(self, f: OpenFile, ext: Extent, pieces: int = 1) -> asyncio.Future[Outcome]:
+        task = asyncio.ensure_future(self._warm(f, ext, pieces))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _warm(self, f: OpenFile, ext: Extent) -> Outcome:
+    async def _warm(self, f: OpenFile, ext: Extent, pieces: int) -> Outcome:
         try:
             fd, done = await self._pool.run(_prepare, f, ext, self._skip_cached)
             if done is not None:
@@ -236,7 +246,7 @@ class _LoopWarmer(Warmer):
         except OSError as exc:
             return _read_failed(ext, exc)
         finally:
-            f.release()
+            f.release(pieces)
 
     async def aclose(self) -> None:
         """Cancel the reads still running (their executor's threads are daemons)."""
@@ -246,15 +256,85 @@ class _LoopWarmer(Warmer):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def warmer_for(backend: Backend, pool: DaemonPool, skip_cached: bool) -> Warmer:
-    """The `Warmer` that runs `backend`: awaited on the loop for an `AsyncBackend`, on the
-    pool's workers for any other.
+#: errnos that fail the whole file, not one range of it (later extents skip at once).
+_FILE_ERRORS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ESTALE}
+)
+
+
+class _ProcessWarmer(Warmer):
+    """Whole extents warmed by path in a reader process (`engine.reader_process`).
+
+    This process opens none of the files: a read, open or close stuck in a stalled FUSE
+    client holds only the reader, which `aclose` abandons when the prefetch is cancelled.
+    """
+
+    def __init__(self, pool: DaemonPool, skip_cached: bool, threads: int) -> None:
+        super().__init__(pool, skip_cached)
+        self._reader = ReaderProcess(threads)
+        self._cpu_s = 0.0
+
+    def start(self, f: OpenFile, ext: Extent, pieces: int = 1) -> asyncio.Future[Outcome]:
+        if f.error is not None:
+            f.release(pieces)
+            done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            done.set_result(Outcome(OutcomeKind.FILE_FAILED))
+            return done
+        fut = self._reader.submit(ext.path, ext.offset, ext.length, skip_cached=self._skip_cached)
+        return asyncio.ensure_future(self._outcome(f, ext, pieces, asyncio.wrap_future(fut)))
+
+    async def _outcome(
+        self, f: OpenFile, ext: Extent, pieces: int, fut: asyncio.Future[ReadResult]
+    ) -> Outcome:
+        try:
+            res = await fut
+        except ReaderGone:
+            return Outcome(OutcomeKind.FILE_FAILED)  # abandoned: the prefetch is ending
+        except OSError as exc:
+            if exc.errno in _FILE_ERRORS:
+                failure = Failure.from_os_error(ext.path, 0, 0, exc)
+                first = f.fail(failure)
+                kind = OutcomeKind.FAILED if first else OutcomeKind.FILE_FAILED
+                return Outcome(kind, 0, failure)
+            return _read_failed(ext, exc)
+        finally:
+            f.release(pieces)
+        if res.cached_bytes >= ext.length:
+            return Outcome(OutcomeKind.CACHED, ext.length)
+        return _read_outcome(ext, res.warmed_bytes)
+
+    @property
+    def cpu_s(self) -> float:
+        return self._cpu_s or self._reader.cpu_s()
+
+    async def aclose(self) -> None:
+        """Abandon the reader: nothing waits for a read the server may never answer."""
+        self._cpu_s = self._reader.cpu_s()
+        self._reader.abandon()
+
+
+def warmer_for(
+    backend: Backend, pool: DaemonPool, skip_cached: bool, *, threads: int = 1
+) -> Warmer:
+    """The `Warmer` that runs `backend`: a reader process for `ProcessBackend`, awaited on
+    the loop for an `AsyncBackend`, on the pool's workers for any other.
+
+    Args:
+        backend: the resolved backend.
+        pool: the prefetch's daemon pool.
+        skip_cached: whether an extent already resident is left alone.
+        threads: reads a reader process runs at once (`ProcessBackend` only).
+
+    Returns:
+        The warmer.
 
     Example:
         >>> from engine.backends import PreadBackend
         >>> type(warmer_for(PreadBackend(), DaemonPool(1), True)).__name__
         '_ThreadWarmer'
     """
+    if isinstance(backend, ProcessBackend):
+        return _ProcessWarmer(pool, skip_cached, threads)
     if isinstance(backend, AsyncBackend):
         return _LoopWarmer(backend, pool, skip_cached)
     return _ThreadWarmer(backend, pool, skip_cached)

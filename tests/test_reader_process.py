@@ -52,6 +52,17 @@ def test_warms_an_evicted_file_for_this_process(make_file):
     assert fds_under(path) == 0  # the child opened the file, not this process
 
 
+def test_reads_stop_at_the_end_of_a_shrunk_file(make_file):
+    path = make_file("s.bin", MiB)
+    r = ReaderProcess(threads=1)
+    try:
+        # More than the file has (as if it were truncated after planning).
+        assert r.submit(path, MiB - 4096, 64 << 10).result(30).warmed_bytes == 4096
+        assert r.submit(path, 2 * MiB, 4096).result(30).warmed_bytes == 0
+    finally:
+        r.close()
+
+
 def test_skip_cached_answers_without_reading(make_file):
     path = make_file("b.bin", 8 * MiB)
     path.read_bytes()
