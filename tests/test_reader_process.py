@@ -13,7 +13,7 @@ import time
 import pytest
 
 from bench.netfs import mounted
-from engine import resident_bytes
+from engine import resident_bytes, start_prefetch
 from engine.reader_process import ReaderGone, ReaderProcess
 from tests.conftest import write_random
 from tests.fds import fds_under
@@ -152,3 +152,22 @@ def test_a_stalled_server_holds_only_the_child(tmp_path):
         assert fs.counters().stalled > 0
         fs.unstall()
         assert _gone(int(child))  # it ends by itself once the server answers
+
+
+@pytest.mark.fuse
+def test_auto_reads_a_network_mount_from_a_reader_process(tmp_path):
+    require_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    for i in range(2):
+        write_random(backing / f"model-{i}.safetensors", 6 * MiB, seed=i)
+    with mounted(backing, profile="local-fuse", mountpoint=tmp_path / "mnt") as fs:
+        fs.evict()
+        fs.reset_counters()
+        files = sorted(str(p) for p in fs.path.iterdir())
+        report = start_prefetch(files, skip_cached=False).wait(60)
+        assert report is not None and report.ok, report
+        assert report.backend == "process"
+        assert report.warmed_bytes == 12 * MiB
+        assert fs.counters().bytes_served == 12 * MiB
+        assert all(resident_bytes(f) == 6 * MiB for f in files)
