@@ -1,15 +1,16 @@
 """Server process of the simulated network filesystem (see :mod:`bench.netfs`).
 
-This file runs as its own process (``python _netfs_server.py CONFIG_JSON``) so that a
-stalled or blocked FUSE server can never deadlock the reads of the process that mounted
-it. It imports nothing from the ``bench`` package: it is started by path, which works
-whether or not the project is installed.
+This module runs as its own process (``python -m bench._netfs_server CONFIG_JSON``) so
+that a stalled or blocked FUSE server can never deadlock the reads of the process that
+mounted it. Of the bench it imports only `bench.protocol` (standard library only), whose
+control messages it answers.
 
 The filesystem serves ``backing_dir`` read-only through a mount that keeps the kernel page
 cache across opens, as NFS does (``keep_cache`` on every open, ``auto_cache`` off, large
 attribute and entry timeouts). Every read is counted, delayed by a per-request latency,
 paced by a token bucket shared by all server threads, and can be failed or stalled on
-demand. A control thread answers JSON lines on a Unix socket, also while reads block.
+demand. A control thread answers requests on a Unix socket, also while reads block: one
+handler per request type, looked up in `HANDLERS`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+from bench import protocol as proto
 
 log = logging.getLogger("netfs.server")
 
@@ -110,6 +114,24 @@ class ServerState:
                 return False
             end = offset + size
             return any(start < end and offset < stop for start, stop in ranges)
+
+    def inject_eio(self, rel: str, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0:
+            raise ValueError("offset must be >= 0 and length > 0")
+        with self.cond:
+            self.eio.setdefault(rel, []).append((offset, offset + length))
+
+    def vanish(self, rel: str) -> None:
+        with self.cond:
+            self.vanished.add(rel)
+
+    def set_bandwidth(self, bps: float | None) -> None:
+        with self.cond:
+            self.bandwidth_bps = bps or None
+
+    def set_latency(self, seconds: float) -> None:
+        with self.cond:
+            self.latency_s = float(seconds)
 
     def stall(self, seconds: float | None) -> None:
         with self.cond:
@@ -383,55 +405,28 @@ class ControlServer:
         with conn, conn.makefile("rwb") as stream:
             for line in stream:
                 try:
-                    request = json.loads(line)
-                    reply: dict[str, Any] = {"ok": True, "result": self.handle(request)}
+                    request = proto.decode_control(line)
+                    reply = proto.reply_ok(HANDLERS[type(request)](self.state, request))
                 except Exception as exc:  # reported to the client, never fatal here
-                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                stream.write(json.dumps(reply).encode() + b"\n")
+                    reply = proto.reply_error(f"{type(exc).__name__}: {exc}")
+                stream.write(reply)
                 stream.flush()
 
-    def handle(self, request: dict[str, Any]) -> Any:
-        op = request["op"]
-        st = self.state
-        if op == "ping":
-            return {"pid": os.getpid()}
-        if op == "counters":
-            return st.snapshot()
-        if op == "reset_counters":
-            st.reset_counters()
-            return None
-        if op == "inject_eio":
-            offset, length = int(request["offset"]), int(request["length"])
-            if offset < 0 or length <= 0:
-                raise ValueError("offset must be >= 0 and length > 0")
-            with st.cond:
-                st.eio.setdefault(request["path"], []).append((offset, offset + length))
-            return None
-        if op == "vanish":
-            with st.cond:
-                st.vanished.add(request["path"])
-            return None
-        if op == "stall":
-            st.stall(request.get("seconds"))
-            return None
-        if op == "unstall":
-            st.unstall()
-            return None
-        if op == "clear_faults":
-            st.clear_faults()
-            return None
-        if op == "set_bandwidth":
-            with st.cond:
-                st.bandwidth_bps = request["bps"] or None
-            return None
-        if op == "set_latency":
-            with st.cond:
-                st.latency_s = float(request["seconds"])
-            return None
-        if op == "shutdown":
-            st.shutdown()
-            return None
-        raise ValueError(f"unknown op {op!r}")
+
+#: What the server does for each control request; the result is the reply's payload.
+HANDLERS: dict[type, Callable[[ServerState, Any], Any]] = {
+    proto.Ping: lambda st, r: {"pid": os.getpid()},
+    proto.GetCounters: lambda st, r: st.snapshot(),
+    proto.ResetCounters: lambda st, r: st.reset_counters(),
+    proto.InjectEIO: lambda st, r: st.inject_eio(r.path, int(r.offset), int(r.length)),
+    proto.Vanish: lambda st, r: st.vanish(r.path),
+    proto.Stall: lambda st, r: st.stall(r.seconds),
+    proto.Unstall: lambda st, r: st.unstall(),
+    proto.ClearFaults: lambda st, r: st.clear_faults(),
+    proto.SetBandwidth: lambda st, r: st.set_bandwidth(r.bps),
+    proto.SetLatency: lambda st, r: st.set_latency(r.seconds),
+    proto.Shutdown: lambda st, r: st.shutdown(),
+}
 
 
 def main(argv: list[str]) -> int:

@@ -19,22 +19,24 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from engine.units import parse_size as _parse_size
+from bench.sizes import parse_size
 
 __all__ = [
     "DTYPES",
     "SHAPES",
-    "CheckpointInfo",
+    "Checkpoint",
     "TensorSpec",
     "make_checkpoint",
-    "parse_size",
     "plan_tensors",
+    "read_header",
+    "scan_checkpoint",
     "write_safetensors",
 ]
 
@@ -63,32 +65,6 @@ _CHUNK = 8 << 20  # bytes generated and written per step
 _HEADER_METADATA = {"format": "pt"}
 
 
-def parse_size(text: str | int) -> int:
-    """Parse a byte size such as ``"4GiB"``, ``"256 MiB"``, ``"1.5GB"`` or ``"4096"``.
-
-    The project's one size syntax (`engine.units.parse_size`): KiB, MiB, GiB, TiB (and the
-    bare K, M, G, T) are powers of 1024; KB, MB, GB, TB are powers of 1000;
-    case-insensitive.
-
-    Args:
-        text: the size as text, or an int (returned unchanged).
-
-    Returns:
-        The size in bytes, rounded down to an integer.
-
-    Raises:
-        ValueError: when `text` is not a non-negative size with a known unit.
-
-    Example:
-        >>> parse_size("4GiB"), parse_size("1.5KB"), parse_size("12")
-        (4294967296, 1500, 12)
-    """
-    value = _parse_size(text)
-    if value < 0:
-        raise ValueError(f"size must be >= 0, got {text!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of a synthetic checkpoint: name, dtype name (a key of DTYPES), shape."""
@@ -104,8 +80,8 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
-    """What `make_checkpoint` wrote.
+class Checkpoint:
+    """A synthetic checkpoint on disk, as `make_checkpoint` wrote it.
 
     Attributes:
         directory: the checkpoint directory.
@@ -113,18 +89,64 @@ class CheckpointInfo:
         total_bytes: the sum of the shards' file sizes (headers included).
         tensor_count: number of tensors over all shards.
         shape: the checkpoint shape (one of SHAPES).
+        max_tensor_bytes: the largest tensor's size (what a rank's copy buffer needs).
+        params: the arguments it was made with, when the bench's store made it.
     """
 
     directory: Path
-    files: list[Path]
+    files: tuple[Path, ...]
     total_bytes: int
     tensor_count: int
     shape: str
+    max_tensor_bytes: int = 0
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def index_path(self) -> Path:
         """The ``model.safetensors.index.json`` of the checkpoint."""
         return self.directory / "model.safetensors.index.json"
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``checkpoints`` entry of a results document (its checksum is filled later)."""
+        return {
+            "shape": self.shape,
+            "total_bytes": self.total_bytes,
+            "tensor_count": self.tensor_count,
+            "max_tensor_bytes": self.max_tensor_bytes,
+            "directory": str(self.directory),
+            "params": dict(self.params),
+            "files": [{"name": f.name, "size": f.stat().st_size} for f in self.files],
+            "checksum": None,
+        }
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of a safetensors file (``__metadata__`` included).
+
+    Example:
+        >>> read_header("model.safetensors")["__metadata__"]  # doctest: +SKIP
+        {'format': 'pt'}
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def scan_checkpoint(files: Sequence[str | os.PathLike[str]]) -> tuple[int, int]:
+    """Read the safetensors headers: (tensor count, largest tensor in bytes).
+
+    Example:
+        >>> scan_checkpoint(["model.safetensors"])  # doctest: +SKIP
+        (291, 131072000)
+    """
+    count, largest = 0, 0
+    for path in files:
+        for name, meta in read_header(path).items():
+            if name != "__metadata__":
+                lo, hi = meta["data_offsets"]
+                count += 1
+                largest = max(largest, hi - lo)
+    return count, largest
 
 
 # --------------------------------------------------------------------------------------
@@ -403,7 +425,7 @@ def make_checkpoint(
     dtypes: Sequence[str] = ("bf16", "fp16", "fp8_e4m3"),
     seed: int = 0,
     skew: float = 4.0,
-) -> CheckpointInfo:
+) -> Checkpoint:
     """Write a deterministic synthetic safetensors checkpoint shaped like a transformer.
 
     Args:
@@ -419,7 +441,7 @@ def make_checkpoint(
         skew: for ``skewed``, how many times larger the first shard is than the others.
 
     Returns:
-        A CheckpointInfo describing the files written.
+        The Checkpoint written.
 
     Example:
         >>> import tempfile
@@ -472,10 +494,11 @@ def make_checkpoint(
     index_tmp = directory / "model.safetensors.index.json.tmp"
     index_tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(index_tmp, directory / "model.safetensors.index.json")
-    return CheckpointInfo(
+    return Checkpoint(
         directory=directory,
-        files=sorted(files),
+        files=tuple(sorted(files)),
         total_bytes=total,
         tensor_count=len(specs),
         shape=shape,
+        max_tensor_bytes=max((s.nbytes for s in specs), default=0),
     )

@@ -18,20 +18,17 @@ from hypothesis import strategies as st
 
 from bench import report, results
 from bench.baselines import SGLangStylePrefetcher, load_plain, load_sglang, sglang_plan
+from bench.blockdev import block_device
+from bench.checkpoint import scan_checkpoint
 from bench.cli import main
+from bench.configs import Config, parse_config
+from bench.consumer import Consumer
+from bench.errors import BenchError, ChecksumMismatch
 from bench.floor import raw_pieces, raw_read_share
-from bench.run import (
-    BenchError,
-    ChecksumMismatch,
-    Matrix,
-    Suite,
-    _ckpt_id,
-    _run_group,
-    block_device,
-    ensure_checkpoint,
-    scan_checkpoint,
-)
-from bench.worker import Config, Consumer, Job, parse_config
+from bench.protocol import Job, RankReport
+from bench.runner import run_suite
+from bench.store import ensure_checkpoint
+from bench.suites import Matrix, Suite
 
 MiB = 1 << 20
 
@@ -244,59 +241,57 @@ def test_block_device_of_a_regular_path() -> None:
 # The checksum check fails loudly
 
 
-class _FakeLauncher:
-    """Returns made-up rank results: a per-config checksum lets a test inject a mismatch."""
+class FakeLauncher:
+    """Returns made-up rank reports: a per-config checksum lets a test inject a mismatch."""
 
     def __init__(self, checksums: dict[str, str], tensors: int) -> None:
         self.checksums = checksums
         self.tensors = tensors
+        self.jobs: list[Job] = []
 
-    def run(self, job: Job, world: int, timeout: float) -> tuple[float, list[dict[str, Any]]]:
+    def run(self, job: Job, world: int, timeout: float) -> tuple[float, list[RankReport]]:
+        self.jobs.append(job)
         cfg = parse_config(job.config)
         total = sum(os.path.getsize(f) for f in job.files)
         out = []
         for rank in range(world):
             share = total // world + (total % world if rank == 0 else 0)
             out.append(
-                {
-                    "rank": rank,
-                    "t_release": 0.0,
-                    "t_done": 1.0 + rank / 10,
-                    "wall_s": 1.0,
-                    "cpu_s": 0.5,
-                    "peak_rss_bytes": 1 << 20,
-                    "peak_anon_bytes": 1 << 20,
-                    "bytes_consumed": share if cfg.kind == "raw" else 1000,
-                    "tensors": self.tensors if cfg.kind != "raw" else 0,
-                    "checksum": self.checksums.get(cfg.kind) if cfg.kind != "raw" else None,
-                    "io_read_bytes": 10,
-                    "prefetch": None,
-                }
+                RankReport(
+                    rank=rank,
+                    t_release=0.0,
+                    t_done=100.0 + 1.0 + rank / 10,
+                    wall_s=1.0,
+                    cpu_s=0.5,
+                    peak_rss_bytes=1 << 20,
+                    peak_anon_bytes=1 << 20,
+                    bytes_consumed=share if cfg.kind == "raw" else 1000,
+                    tensors=self.tensors if cfg.kind != "raw" else 0,
+                    checksum=self.checksums.get(cfg.kind) if cfg.kind != "raw" else None,
+                    io_read_bytes=10,
+                    prefetch=None,
+                )
             )
-        return 100.0, [dict(r, t_done=100.0 + r["t_done"]) for r in out]
+        return 100.0, out
 
     def close(self) -> None:
         pass
 
 
-def _group(ckpt: Any, checksums: dict[str, str], configs: tuple[str, ...]) -> dict[str, Any]:
-    suite = Suite(name="t", matrices=(), repeats=2, warmup=1, workdir=Path("/nonexistent"))
+def _group(
+    ckpt: Any, checksums: dict[str, str], configs: tuple[str, ...], launcher: Any = None
+) -> dict[str, Any]:
+    """Run a 2-rank, 2-repeat suite on local disk with made-up rank reports."""
     m = Matrix("cold", ("local",), (2,), (ckpt.shape,), configs, 8 * MiB, fio=False)
-    doc = results.new_document(
-        settings={"suite": "t", "repeats": 2, "warmup": 1, "launcher": "forkserver"}
+    suite = Suite(
+        name="t",
+        matrices=(m,),
+        repeats=2,
+        warmup=1,
+        workdir=ckpt.directory.parent.parent,
+        shards=3,
     )
-    doc["checkpoints"][_ckpt_id(ckpt.shape, 8 * MiB)] = ckpt.to_json()
-    _run_group(
-        suite,
-        m,
-        ckpt,
-        "local",
-        _FakeLauncher(checksums, ckpt.tensor_count),
-        doc,
-        {},
-        lambda *a, **k: None,
-    )
-    return doc
+    return run_suite(suite, launcher=launcher or FakeLauncher(checksums, ckpt.tensor_count))
 
 
 def test_run_group_records_samples(small_ckpt: Any) -> None:
@@ -576,7 +571,8 @@ def test_control_request_that_times_out_is_retried_on_a_new_connection(tmp_path:
     import socket
     import threading
 
-    from bench.netfs import _ControlClient
+    from bench.netfs import ControlClient
+    from bench.protocol import GetCounters
 
     path = str(tmp_path / "ctl.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -596,9 +592,9 @@ def test_control_request_that_times_out_is_retried_on_a_new_connection(tmp_path:
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    client = _ControlClient(path, timeout=0.3)
+    client = ControlClient(path, timeout=0.3)
     try:
-        assert client.call("counters") == {"bytes_served": 7}
+        assert client.call(GetCounters()) == {"bytes_served": 7}
     finally:
         client.close()
         srv.close()
