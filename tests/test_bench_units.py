@@ -7,6 +7,7 @@ the test, so table, plot and compare run on a known input.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -26,7 +27,7 @@ from bench.consumer import Consumer
 from bench.errors import BenchError, ChecksumMismatch
 from bench.floor import raw_pieces, raw_read_share
 from bench.protocol import Job, RankReport
-from bench.runner import run_suite
+from bench.runner import Sampling, fio_available, plan, run_suite
 from bench.store import ensure_checkpoint
 from bench.suites import Matrix, Suite
 
@@ -294,7 +295,7 @@ def _group(
     return run_suite(suite, launcher=launcher or FakeLauncher(checksums, ckpt.tensor_count))
 
 
-def test_run_group_records_samples(small_ckpt: Any) -> None:
+def test_suite_records_samples(small_ckpt: Any) -> None:
     doc = _group(
         small_ckpt, {"none": "aa", "sglang": "aa", "ours": "aa"}, ("none", "sglang", "ours")
     )
@@ -309,6 +310,43 @@ def test_run_group_records_samples(small_ckpt: Any) -> None:
     for r in doc["results"]:
         assert r["samples"][0]["wall_s"] == pytest.approx(1.1)  # release -> last rank
         assert r["samples"][0]["rank_s"] == pytest.approx([1.0, 1.1])
+
+
+def test_the_run_carries_out_exactly_the_planned_steps(small_ckpt: Any) -> None:
+    """Progress totals and --dry-run count the same step list the run goes through."""
+    m = Matrix("cold", ("local",), (1, 2), (small_ckpt.shape,), ("none", "ours"), 8 * MiB)
+    suite = Suite(
+        name="t",
+        matrices=(m, dataclasses.replace(m, scenario="sweep", hot=False)),
+        repeats=2,
+        warmup=1,
+        workdir=small_ckpt.directory.parent.parent,
+        shards=3,
+    )
+    events: list[Any] = []
+    launcher = FakeLauncher({"none": "aa", "ours": "aa"}, small_ckpt.tensor_count)
+    fio = fio_available()
+    steps = plan(suite, fuse_ok=True, fio_ok=fio)
+    run_suite(suite, progress=events.append, launcher=launcher)
+    finished = [e for e in events if e.finished is not None]
+    assert len(finished) == len(steps) == finished[-1].done == finished[-1].total
+    for event, step in zip(finished, steps, strict=True):
+        assert event.finished.startswith(step.label)
+    samples = [s for s in steps if isinstance(s, Sampling)]
+    assert len(launcher.jobs) == len(samples)  # one launch per sample, warm-ups included
+    # 1 checkpoint; per scenario and rank count: 1 warm-up + 2 x (floor + 2 configs)
+    # (+ 2 hot in cold); fio once per scenario when installed
+    assert len(steps) == 1 + 2 * (1 + 6 + 2) + 2 * (1 + 6) + (2 if fio else 0)
+
+
+def test_dry_run_counts_the_planned_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.netfs import fuse_available
+    from bench.suites import quick_suite
+
+    assert main(["run", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    planned = len(plan(quick_suite(), fuse_ok=fuse_available()[0]))
+    assert f"\n{planned} steps (" in out
 
 
 def test_checksum_mismatch_fails_loudly(small_ckpt: Any) -> None:
