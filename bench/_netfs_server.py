@@ -202,155 +202,156 @@ class ServerState:
             time.sleep(delay)
 
 
-def _make_ops(
-    mfusepy: Any,
-    backing: str,
-    state: ServerState,
-    *,
-    max_read: int,
-    max_background: int,
-    congestion_threshold: int,
-) -> Any:
-    """Build the Operations object (a class made here because mfusepy is imported late)."""
+class _NetOps:
+    """The filesystem's operations; `_make_ops` mixes them into mfusepy's Operations.
 
-    class NetOps(mfusepy.Operations):  # type: ignore[misc, name-defined]
-        use_ns = True
+    mfusepy is imported only in the server process, so the base class is added there.
+    """
 
-        def __init__(self) -> None:
-            self.root = os.path.realpath(backing)
-            self.fd_rel: dict[int, str] = {}
-            self.fd_lock = threading.Lock()
+    use_ns = True
 
-        def _full(self, path: str) -> str:
-            return os.path.join(self.root, _rel(path))
+    def __init__(self, mfusepy: Any, backing: str, state: ServerState, limits: dict[str, int]):
+        self.error = mfusepy.FuseOSError
+        self.state = state
+        self.limits = limits  # max_read, max_background, congestion_threshold
+        self.root = os.path.realpath(backing)
+        self.fd_rel: dict[int, str] = {}
+        self.fd_lock = threading.Lock()
 
-        def init_with_config(self, conn: Any, config: Any) -> None:
-            if config is not None:
-                config.kernel_cache = 1
-                config.auto_cache = 0
-                config.entry_timeout = 86400.0
-                config.attr_timeout = 86400.0
-                config.negative_timeout = 0.0
-            if conn is not None:
-                # libfuse insists that init() repeats the max_read mount option.
-                conn.max_read = max_read
-                conn.max_background = max_background
-                conn.congestion_threshold = congestion_threshold
-                # The backing files never change: no invalidation on attribute refresh.
-                conn.want &= ~_FUSE_CAP_AUTO_INVAL_DATA
-                log.info(
-                    "init: max_read=%d max_readahead=%d max_background=%d congestion=%d",
-                    conn.max_read,
-                    conn.max_readahead,
-                    conn.max_background,
-                    conn.congestion_threshold,
-                )
+    def _full(self, path: str) -> str:
+        return os.path.join(self.root, _rel(path))
 
-        def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-            rel = _rel(path)
-            if rel and state.is_vanished(rel):
-                raise mfusepy.FuseOSError(errno.ENOENT)
-            st = os.lstat(self._full(path))
-            return {
-                "st_mode": st.st_mode,
-                "st_ino": st.st_ino,
-                "st_nlink": st.st_nlink,
-                "st_uid": st.st_uid,
-                "st_gid": st.st_gid,
-                "st_size": st.st_size,
-                "st_blocks": st.st_blocks,
-                "st_blksize": st.st_blksize,
-                "st_atime": st.st_atime_ns,
-                "st_mtime": st.st_mtime_ns,
-                "st_ctime": st.st_ctime_ns,
-            }
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:
+            config.kernel_cache = 1
+            config.auto_cache = 0
+            config.entry_timeout = 86400.0
+            config.attr_timeout = 86400.0
+            config.negative_timeout = 0.0
+        if conn is not None:
+            # libfuse insists that init() repeats the max_read mount option.
+            conn.max_read = self.limits["max_read"]
+            conn.max_background = self.limits["max_background"]
+            conn.congestion_threshold = self.limits["congestion_threshold"]
+            # The backing files never change: no invalidation on attribute refresh.
+            conn.want &= ~_FUSE_CAP_AUTO_INVAL_DATA
+            log.info(
+                "init: max_read=%d max_readahead=%d max_background=%d congestion=%d",
+                conn.max_read,
+                conn.max_readahead,
+                conn.max_background,
+                conn.congestion_threshold,
+            )
 
-        def readdir(self, path: str, fh: int) -> list[str]:
-            prefix = _rel(path)
-            visible = [
-                name
-                for name in os.listdir(self._full(path))
-                if not state.is_vanished(f"{prefix}/{name}".lstrip("/"))
-            ]
-            return [".", "..", *visible]
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        rel = _rel(path)
+        if rel and self.state.is_vanished(rel):
+            raise self.error(errno.ENOENT)
+        st = os.lstat(self._full(path))
+        return {
+            "st_mode": st.st_mode,
+            "st_ino": st.st_ino,
+            "st_nlink": st.st_nlink,
+            "st_uid": st.st_uid,
+            "st_gid": st.st_gid,
+            "st_size": st.st_size,
+            "st_blocks": st.st_blocks,
+            "st_blksize": st.st_blksize,
+            "st_atime": st.st_atime_ns,
+            "st_mtime": st.st_mtime_ns,
+            "st_ctime": st.st_ctime_ns,
+        }
 
-        def readlink(self, path: str) -> str:
-            return os.readlink(self._full(path))
+    def readdir(self, path: str, fh: int) -> list[str]:
+        prefix = _rel(path)
+        visible = [
+            name
+            for name in os.listdir(self._full(path))
+            if not self.state.is_vanished(f"{prefix}/{name}".lstrip("/"))
+        ]
+        return [".", "..", *visible]
 
-        def statfs(self, path: str) -> dict[str, int]:
-            sv = os.statvfs(self._full(path))
-            return {
-                key: getattr(sv, key)
-                for key in (
-                    "f_bsize",
-                    "f_frsize",
-                    "f_blocks",
-                    "f_bfree",
-                    "f_bavail",
-                    "f_files",
-                    "f_ffree",
-                    "f_favail",
-                    "f_namemax",
-                )
-            }
+    def readlink(self, path: str) -> str:
+        return os.readlink(self._full(path))
 
-        def open(self, path: str, fi: Any) -> int:
-            rel = _rel(path)
-            if fi.flags & os.O_ACCMODE != os.O_RDONLY:
-                raise mfusepy.FuseOSError(errno.EROFS)
-            if state.is_vanished(rel):
-                raise mfusepy.FuseOSError(errno.ENOENT)
-            fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise mfusepy.FuseOSError(errno.EISDIR)
-            with self.fd_lock:
-                self.fd_rel[fd] = rel
-            fi.fh = fd
-            fi.keep_cache = 1  # keep the page cache across opens, as NFS does
-            fi.direct_io = 0
-            state.count_open()
-            return 0
+    def statfs(self, path: str) -> dict[str, int]:
+        sv = os.statvfs(self._full(path))
+        return {
+            key: getattr(sv, key)
+            for key in (
+                "f_bsize",
+                "f_frsize",
+                "f_blocks",
+                "f_bfree",
+                "f_bavail",
+                "f_files",
+                "f_ffree",
+                "f_favail",
+                "f_namemax",
+            )
+        }
 
-        def release(self, path: str, fi: Any) -> int:
-            fd = fi.fh
-            with self.fd_lock:
-                self.fd_rel.pop(fd, None)
+    def open(self, path: str, fi: Any) -> int:
+        rel = _rel(path)
+        if fi.flags & os.O_ACCMODE != os.O_RDONLY:
+            raise self.error(errno.EROFS)
+        if self.state.is_vanished(rel):
+            raise self.error(errno.ENOENT)
+        fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            return 0
+            raise self.error(errno.EISDIR)
+        with self.fd_lock:
+            self.fd_rel[fd] = rel
+        fi.fh = fd
+        fi.keep_cache = 1  # keep the page cache across opens, as NFS does
+        fi.direct_io = 0
+        self.state.count_open()
+        return 0
 
-        def read_into(self, fd: int, addr: int, size: int, offset: int) -> int:
-            """Serve one read request straight into libfuse's reply buffer."""
-            arrival = time.monotonic()
-            rel = self.fd_rel.get(fd, "?")
-            state.wait_while_stalled()
-            state.enter()
-            try:
-                if state.is_vanished(rel) or state.overlaps_eio(rel, offset, size):
-                    state.pace(0, arrival)
-                    state.count_error()
-                    raise mfusepy.FuseOSError(errno.EIO)
-                if size == 0:
-                    return 0
-                reply = (ctypes.c_char * size).from_address(addr)
-                nbytes = os.preadv(fd, [reply], offset)
-                state.pace(nbytes, arrival)
-                state.account(rel, nbytes)
-                return nbytes
-            finally:
-                state.leave()
+    def release(self, path: str, fi: Any) -> int:
+        fd = fi.fh
+        with self.fd_lock:
+            self.fd_rel.pop(fd, None)
+        os.close(fd)
+        return 0
 
-        def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-            # Registers the read callback with libfuse; PreadvFUSE.read calls read_into
-            # instead, so this copying path only runs under a plain mfusepy.FUSE.
-            buf = ctypes.create_string_buffer(size)
-            nbytes = self.read_into(fi.fh, ctypes.addressof(buf), size, offset)
-            return buf.raw[:nbytes]
+    def read_into(self, fd: int, addr: int, size: int, offset: int) -> int:
+        """Serve one read request straight into libfuse's reply buffer."""
+        arrival = time.monotonic()
+        rel = self.fd_rel.get(fd, "?")
+        self.state.wait_while_stalled()
+        self.state.enter()
+        try:
+            if self.state.is_vanished(rel) or self.state.overlaps_eio(rel, offset, size):
+                self.state.pace(0, arrival)
+                self.state.count_error()
+                raise self.error(errno.EIO)
+            if size == 0:
+                return 0
+            reply = (ctypes.c_char * size).from_address(addr)
+            nbytes = os.preadv(fd, [reply], offset)
+            self.state.pace(nbytes, arrival)
+            self.state.account(rel, nbytes)
+            return nbytes
+        finally:
+            self.state.leave()
 
-        def destroy(self, path: str) -> None:
-            log.info("destroy")
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        # Registers the read callback with libfuse; PreadvFUSE.read calls read_into
+        # instead, so this copying path only runs under a plain mfusepy.FUSE.
+        buf = ctypes.create_string_buffer(size)
+        nbytes = self.read_into(fi.fh, ctypes.addressof(buf), size, offset)
+        return buf.raw[:nbytes]
 
-    return NetOps()
+    def destroy(self, path: str) -> None:
+        log.info("destroy")
+
+
+def _make_ops(mfusepy: Any, backing: str, state: ServerState, limits: dict[str, int]) -> Any:
+    """The Operations object: `_NetOps` on mfusepy's base class, imported late."""
+    cls = type("NetOps", (_NetOps, mfusepy.Operations), {})
+    return cls(mfusepy, backing, state, limits)
 
 
 def _make_fuse_class(mfusepy: Any) -> Any:
@@ -460,15 +461,27 @@ def main(argv: list[str]) -> int:
     control = ControlServer(cfg["control"], state, parent_pid)
     control.start()
 
-    ops = _make_ops(
-        mfusepy,
-        cfg["backing"],
-        state,
-        max_read=int(cfg["max_read"]),
-        max_background=int(cfg["max_background"]),
-        congestion_threshold=int(cfg["congestion_threshold"]),
-    )
+    limits = {k: int(cfg[k]) for k in ("max_read", "max_background", "congestion_threshold")}
+    ops = _make_ops(mfusepy, cfg["backing"], state, limits)
     fuse_cls = _make_fuse_class(mfusepy)
+    options = _mount_options(cfg)
+    log.info("mounting %s at %s with %s", cfg["backing"], cfg["mountpoint"], options)
+    try:
+        fuse_cls(ops, cfg["mountpoint"], raw_fi=True, **options)
+    except RuntimeError as exc:
+        if state.shutting_down:  # e.g. a lazily detached mount that libfuse cannot unmount
+            log.info("fuse_main ended with %s during shutdown", exc)
+            return 0
+        log.error("fuse_main failed: %s", exc)
+        return 2
+    finally:
+        state.shutdown()
+    log.info("unmounted, exiting")
+    return 0
+
+
+def _mount_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """libfuse's options: read-only, page cache kept across opens as NFS does, threads."""
     options: dict[str, Any] = {
         "foreground": True,
         "ro": True,
@@ -489,19 +502,7 @@ def main(argv: list[str]) -> int:
     else:
         options["max_threads"] = threads
         options["max_idle_threads"] = threads
-    log.info("mounting %s at %s with %s", cfg["backing"], cfg["mountpoint"], options)
-    try:
-        fuse_cls(ops, cfg["mountpoint"], raw_fi=True, **options)
-    except RuntimeError as exc:
-        if state.shutting_down:  # e.g. a lazily detached mount that libfuse cannot unmount
-            log.info("fuse_main ended with %s during shutdown", exc)
-            return 0
-        log.error("fuse_main failed: %s", exc)
-        return 2
-    finally:
-        state.shutdown()
-    log.info("unmounted, exiting")
-    return 0
+    return options
 
 
 if __name__ == "__main__":

@@ -137,38 +137,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="checkpoint data seed (default 0)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ckpt-prefetch-bench",
-        description="Measure how fast N rank processes load a safetensors checkpoint from a "
-        "(simulated) network filesystem: no prefetch, the SGLang-style prefetch, "
-        "and ckpt-prefetch, against the physical floor.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with:  ckpt-prefetch-bench run     (the quick suite, < 3 minutes)",
-    )
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="log more (-v: INFO, -vv: DEBUG) to stderr",
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    r = sub.add_parser(
-        "run",
-        help="run a benchmark suite (default: --quick)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_EPILOG_RUN,
-        description="Run a benchmark suite and print a table; write JSON and a PNG plot.",
-    )
-    mode = r.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--quick", action="store_true", help="the quick suite (default): under 3 minutes"
-    )
-    mode.add_argument(
-        "--full", action="store_true", help="the full suite (2 hours on 2 cores, see below)"
-    )
+def _add_matrix_args(r: argparse.ArgumentParser) -> None:
+    """What to measure: filesystems, ranks, checkpoints, configurations, scenarios."""
     r.add_argument(
         "--fs",
         type=_csv,
@@ -224,6 +194,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="checkpoint size of the bigger-than-memory scenario (default 3GiB)",
     )
+
+
+def _add_sampling_args(r: argparse.ArgumentParser) -> None:
+    """How to measure: repeats, warm-ups, floors, rank processes, where checkpoints live."""
     r.add_argument(
         "--repeats",
         type=int,
@@ -261,6 +235,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where checkpoints are made and reused (default ~/.cache/ckpt-prefetch-bench)",
     )
+
+
+def _add_output_args(r: argparse.ArgumentParser) -> None:
+    """Where the results go, or a dry run."""
     r.add_argument(
         "--out",
         type=Path,
@@ -289,6 +267,28 @@ def _parser() -> argparse.ArgumentParser:
         help="print the suite's scenarios and number of measurements, run nothing",
     )
 
+
+def _add_run_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run a benchmark suite (default: --quick)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG_RUN,
+        description="Run a benchmark suite and print a table; write JSON and a PNG plot.",
+    )
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick", action="store_true", help="the quick suite (default): under 3 minutes"
+    )
+    mode.add_argument(
+        "--full", action="store_true", help="the full suite (2 hours on 2 cores, see below)"
+    )
+    _add_matrix_args(r)
+    _add_sampling_args(r)
+    _add_output_args(r)
+
+
+def _add_make_parser(sub: Any) -> None:
     m = sub.add_parser(
         "make",
         help="write a synthetic safetensors checkpoint",
@@ -318,6 +318,27 @@ def _parser() -> argparse.ArgumentParser:
         help="checkpoint shape (default uniform, or skewed when --skew is given)",
     )
 
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ckpt-prefetch-bench",
+        description="Measure how fast N rank processes load a safetensors checkpoint from a "
+        "(simulated) network filesystem: no prefetch, the SGLang-style prefetch, "
+        "and ckpt-prefetch, against the physical floor.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with:  ckpt-prefetch-bench run     (the quick suite, < 3 minutes)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (-v: INFO, -vv: DEBUG) to stderr",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_run_parser(sub)
+    _add_make_parser(sub)
     s = sub.add_parser("show", help="print the table (and plot) of a stored results JSON")
     s.add_argument("json", type=Path, help="a results JSON")
     s.add_argument("--plot", type=Path, metavar="PATH", help="also draw the plot to PATH")
