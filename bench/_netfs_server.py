@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import logging
 import math
 import os
@@ -434,40 +433,38 @@ def main(argv: list[str]) -> int:
     """Mount and serve until unmounted or signalled.
 
     Args:
-        argv: ``[prog, CONFIG_JSON]``; the config holds backing, mountpoint, control,
-            parent_pid, bandwidth_bps, latency_s, threads, max_read, max_background,
-            congestion_threshold, allow_other, fsname, log_level.
+        argv: ``[prog, CONFIG_JSON]``, a `bench.protocol.ServerConfig`.
 
     Returns:
         The process exit status.
     """
-    cfg = json.loads(argv[1])
+    cfg = proto.ServerConfig.from_json(argv[1])
     logging.basicConfig(
-        level=cfg.get("log_level", "INFO"),
+        level=cfg.log_level,
         stream=sys.stderr,
         format="netfs-server[%(process)d] %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mfusepy").setLevel(logging.WARNING)
     logging.getLogger("fuse").setLevel(logging.WARNING)
-    parent_pid = int(cfg["parent_pid"])
-    if os.getppid() != parent_pid:
+    if os.getppid() != cfg.parent_pid:
         log.error("parent already gone")
         return 1
 
     os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     import mfusepy  # imported here only: the parent never needs it
 
-    state = ServerState(cfg.get("bandwidth_bps"), cfg.get("latency_s", 0.0))
-    control = ControlServer(cfg["control"], state, parent_pid)
-    control.start()
-
-    limits = {k: int(cfg[k]) for k in ("max_read", "max_background", "congestion_threshold")}
-    ops = _make_ops(mfusepy, cfg["backing"], state, limits)
-    fuse_cls = _make_fuse_class(mfusepy)
+    state = ServerState(cfg.bandwidth_bps, cfg.latency_s)
+    ControlServer(cfg.control, state, cfg.parent_pid).start()
+    limits = {
+        "max_read": cfg.max_read,
+        "max_background": cfg.max_background,
+        "congestion_threshold": cfg.congestion_threshold,
+    }
+    ops = _make_ops(mfusepy, cfg.backing, state, limits)
     options = _mount_options(cfg)
-    log.info("mounting %s at %s with %s", cfg["backing"], cfg["mountpoint"], options)
+    log.info("mounting %s at %s with %s", cfg.backing, cfg.mountpoint, options)
     try:
-        fuse_cls(ops, cfg["mountpoint"], raw_fi=True, **options)
+        _make_fuse_class(mfusepy)(ops, cfg.mountpoint, raw_fi=True, **options)
     except RuntimeError as exc:
         if state.shutting_down:  # e.g. a lazily detached mount that libfuse cannot unmount
             log.info("fuse_main ended with %s during shutdown", exc)
@@ -480,28 +477,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _mount_options(cfg: dict[str, Any]) -> dict[str, Any]:
+def _mount_options(cfg: proto.ServerConfig) -> dict[str, Any]:
     """libfuse's options: read-only, page cache kept across opens as NFS does, threads."""
     options: dict[str, Any] = {
         "foreground": True,
         "ro": True,
-        "allow_other": bool(cfg.get("allow_other", False)),
+        "allow_other": cfg.allow_other,
         "default_permissions": True,
-        "fsname": cfg.get("fsname", "netfs"),
+        "fsname": cfg.fsname,
         "subtype": "netfs",
         "kernel_cache": True,
         "noauto_cache": True,
         "entry_timeout": 86400,
         "attr_timeout": 86400,
         "negative_timeout": 0,
-        "max_read": int(cfg["max_read"]),
+        "max_read": cfg.max_read,
     }
-    threads = int(cfg.get("threads", 8))
-    if threads <= 1:
+    if cfg.threads <= 1:
         options["nothreads"] = True
     else:
-        options["max_threads"] = threads
-        options["max_idle_threads"] = threads
+        options["max_threads"] = cfg.threads
+        options["max_idle_threads"] = cfg.threads
     return options
 
 

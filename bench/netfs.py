@@ -33,7 +33,6 @@ import contextlib
 import ctypes.util
 import dataclasses
 import errno
-import json
 import logging
 import os
 import shutil
@@ -603,52 +602,16 @@ def mounted(
     if not backing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "backing_dir is not a directory", str(backing))
     runtime = Path(tempfile.mkdtemp(prefix="netfs-"))
-    own_mountpoint = mountpoint is None
-    if own_mountpoint:
-        mp = runtime / "mnt"
-        mp.mkdir()
-    else:
-        mp = Path(os.path.realpath(mountpoint))  # type: ignore[arg-type]
-        mp.mkdir(parents=True, exist_ok=True)
-    if is_mounted(str(mp)):
-        shutil.rmtree(runtime, ignore_errors=True)
-        raise NetFSError(f"{mp} is already a mount point")
-
+    mp = _make_mountpoint(runtime, mountpoint)
+    config = _server_config(resolved, backing, mp, runtime)
     log_path = runtime / "server.log"
-    config = {
-        "backing": str(backing),
-        "mountpoint": str(mp),
-        "control": str(runtime / "control.sock"),
-        "parent_pid": os.getpid(),
-        "bandwidth_bps": resolved.bandwidth_bps,
-        "latency_s": resolved.latency_s,
-        "threads": resolved.threads,
-        "max_read": resolved.max_read,
-        "max_background": resolved.max_background,
-        "congestion_threshold": resolved.congestion_threshold,
-        "allow_other": os.geteuid() == 0,
-        "fsname": f"netfs-{resolved.name}",
-        "log_level": "INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING",
-    }
-    # The server imports the bench from this tree (its working directory), whatever
-    # the installed copy.
-    env = {**os.environ, "FUSE_LIBRARY_NAME": "fuse3"}
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bench._netfs_server", json.dumps(config)],
-            cwd=_REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # a ^C reaches us, and we take the mount down in order
-        )
+    proc = _start_server(config, log_path)
     fs: NetFS | None = None
     try:
         _wait_for_mount(proc, str(mp), startup_timeout, log_path)
         if resolved.read_ahead_kb is not None:
             _set_read_ahead(mp, resolved.read_ahead_kb)
-        control = ControlClient(config["control"], timeout=_CONTROL_TIMEOUT_S)
+        control = ControlClient(config.control, timeout=_CONTROL_TIMEOUT_S)
         fs = NetFS(mp, backing, resolved, proc, control)
         log.info("mounted %s at %s (%s, server pid %d)", backing, mp, resolved.name, proc.pid)
         yield fs
@@ -663,9 +626,59 @@ def mounted(
                 proc.returncode,
                 _server_log_tail(log_path),
             )
-        if not (own_mountpoint and is_mounted(str(mp))):
+        if not (mountpoint is None and is_mounted(str(mp))):
             shutil.rmtree(runtime, ignore_errors=True)
         log.info("unmounted %s", mp)
+
+
+def _make_mountpoint(runtime: Path, mountpoint: str | os.PathLike[str] | None) -> Path:
+    """`mountpoint` (created if missing), or a new one under `runtime`; never a mount."""
+    if mountpoint is None:
+        mp = runtime / "mnt"
+        mp.mkdir()
+    else:
+        mp = Path(os.path.realpath(mountpoint))
+        mp.mkdir(parents=True, exist_ok=True)
+    if is_mounted(str(mp)):
+        shutil.rmtree(runtime, ignore_errors=True)
+        raise NetFSError(f"{mp} is already a mount point")
+    return mp
+
+
+def _server_config(
+    resolved: NetFSProfile, backing: Path, mp: Path, runtime: Path
+) -> proto.ServerConfig:
+    return proto.ServerConfig(
+        backing=str(backing),
+        mountpoint=str(mp),
+        control=str(runtime / "control.sock"),
+        parent_pid=os.getpid(),
+        bandwidth_bps=resolved.bandwidth_bps,
+        latency_s=resolved.latency_s,
+        threads=resolved.threads,
+        max_read=resolved.max_read,
+        max_background=resolved.max_background,
+        congestion_threshold=resolved.congestion_threshold,
+        allow_other=os.geteuid() == 0,
+        fsname=f"netfs-{resolved.name}",
+        log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING",
+    )
+
+
+def _start_server(config: proto.ServerConfig, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start the server process; it imports the bench from this tree (its working
+    directory), whatever the installed copy."""
+    env = {**os.environ, "FUSE_LIBRARY_NAME": "fuse3"}
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench._netfs_server", config.to_json()],
+            cwd=_REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # a ^C reaches us, and we take the mount down in order
+        )
 
 
 def _wait_for_mount(

@@ -11,9 +11,10 @@
 * a subprocess per rank (``python -m bench.worker --job JOB --barrier``) writes `Ready`
   on stdout, waits for one byte on stdin (`GO`) and writes a `RankResult` or an `Error`.
 
-**The netfs control channel.** `bench.netfs` sends one request at a time (`Ping`,
-`GetCounters`, `InjectEIO`, ...) to the simulated filesystem's server
-(`bench._netfs_server`), which answers `reply_ok(result)` or `reply_error(text)`.
+**The netfs server.** `bench.netfs` starts the simulated filesystem's server
+(`bench._netfs_server`) with a `ServerConfig`, then sends one request at a time
+(`Ping`, `GetCounters`, `InjectEIO`, ...) on its control channel; the server answers
+`reply_ok(result)` or `reply_error(text)`.
 
 Every message is one JSON line: ``{"op": TAG, ...}`` for commands and requests,
 ``{"event": TAG, ...}`` for events, then the message's fields. This module imports only
@@ -53,6 +54,7 @@ __all__ = [
     "Release",
     "Released",
     "ResetCounters",
+    "ServerConfig",
     "ServerReady",
     "SetBandwidth",
     "SetLatency",
@@ -290,7 +292,45 @@ def decode_rank(line: bytes | str) -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# The netfs control channel
+# The netfs server: its start-up settings, then the control channel
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the netfs server is started with (its one command-line argument, as JSON).
+
+    Attributes:
+        backing: the directory to serve.
+        mountpoint: where to mount it.
+        control: the control channel's Unix socket.
+        parent_pid: the mounting process; the server leaves when it is gone.
+        bandwidth_bps, latency_s, threads, max_read, max_background,
+            congestion_threshold: the profile (see ``bench.netfs.NetFSProfile``).
+        allow_other: let other users read the mount (root only).
+        fsname: the mount's source name, as mount tables show it.
+        log_level: the server's logging level.
+    """
+
+    backing: str
+    mountpoint: str
+    control: str
+    parent_pid: int
+    bandwidth_bps: float | None
+    latency_s: float
+    threads: int
+    max_read: int
+    max_background: int
+    congestion_threshold: int
+    allow_other: bool = False
+    fsname: str = "netfs"
+    log_level: str = "INFO"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerConfig:
+        return cls(**json.loads(text))
 
 
 @_CONTROL.message("op", "ping")

@@ -269,3 +269,20 @@ def test_the_netfs_server_answers_every_control_message() -> None:
     assert state.eio == {"a/b": [(4096, 4106)]} and state.vanished == {"a"}
     with pytest.raises(ValueError, match="length > 0"):
         HANDLERS[proto.InjectEIO](state, proto.InjectEIO(path="a", offset=0, length=0))
+
+
+def test_the_netfs_server_config_round_trips() -> None:
+    cfg = proto.ServerConfig(
+        backing="/b",
+        mountpoint="/m",
+        control="/c.sock",
+        parent_pid=1,
+        bandwidth_bps=None,
+        latency_s=0.002,
+        threads=8,
+        max_read=1 << 20,
+        max_background=256,
+        congestion_threshold=192,
+        allow_other=True,
+    )
+    assert proto.ServerConfig.from_json(cfg.to_json()) == cfg
