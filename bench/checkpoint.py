@@ -19,7 +19,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,42 @@ def _model_specs(
     ]
 
 
+def _largest(fits: Callable[[int], bool], step: int) -> int:
+    """The largest multiple of `step` that `fits` (a monotone test), or 0."""
+    lo, hi = 0, step
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _layout(
+    size_bytes: int, layers0: int, step: int, fixed_bytes: Callable[[int, int], int]
+) -> tuple[int, int]:
+    """(layers, hidden size) of a model of about `size_bytes`, vocabulary aside.
+
+    For each layer count, the largest hidden size that fits; the vocabulary fills the
+    rest. Keep the layer count that leaves the least to the vocabulary (so that the
+    embedding stays about the size of a few layers), preferring fewer layers.
+    """
+    best: tuple[int, int, int] | None = None  # (leftover, layers, hidden)
+    for n_layers in range(layers0, layers0 + max(1, layers0 // 2)):
+        hidden = _largest(lambda h, n=n_layers: fixed_bytes(h, n) <= size_bytes, step)
+        if hidden < step:
+            break
+        leftover = size_bytes - fixed_bytes(hidden, n_layers)
+        if best is None or leftover < best[0]:
+            best = (leftover, n_layers, hidden)
+    if best is not None:
+        return best[1], best[2]
+    layers = layers0  # tiny sizes: shrink the model until the smallest hidden size fits
+    while layers > 1 and fixed_bytes(step, layers) > size_bytes:
+        layers -= 1
+    return layers, step
+
+
 def plan_tensors(
     size_bytes: int,
     *,
@@ -256,32 +292,7 @@ def plan_tensors(
     def fixed_bytes(h: int, n_layers: int) -> int:
         return _body_bytes(h, n_layers, dtypes, experts) + 2 * min_vocab * h * h * b0
 
-    def largest_hidden(n_layers: int) -> int:
-        lo, hi = 0, step
-        while fixed_bytes(hi, n_layers) <= size_bytes:
-            lo, hi = hi, hi * 2
-        while hi - lo > step:
-            mid = (lo + hi) // 2 // step * step
-            lo, hi = (mid, hi) if fixed_bytes(mid, n_layers) <= size_bytes else (lo, mid)
-        return lo
-
-    # For each layer count, the largest hidden size that fits; the vocabulary fills the
-    # rest. Keep the layer count that leaves the least to the vocabulary (so that the
-    # embedding stays about the size of a few layers), preferring fewer layers.
-    best: tuple[int, int, int] | None = None  # (leftover, layers, hidden)
-    for n_layers in range(layers0, layers0 + max(1, layers0 // 2)):
-        hidden = largest_hidden(n_layers)
-        if hidden < step:
-            break
-        leftover = size_bytes - fixed_bytes(hidden, n_layers)
-        if best is None or leftover < best[0]:
-            best = (leftover, n_layers, hidden)
-    if best is None:  # tiny sizes: shrink the model until the smallest hidden size fits
-        layers, hidden = layers0, step
-        while layers > 1 and fixed_bytes(hidden, layers) > size_bytes:
-            layers -= 1
-    else:
-        _, layers, hidden = best
+    layers, hidden = _layout(size_bytes, layers0, step, fixed_bytes)
     vocab = max(1, (size_bytes - _body_bytes(hidden, layers, dtypes, experts)) // (2 * hidden * b0))
     return _model_specs(hidden, layers, vocab, dtypes, experts)
 
@@ -416,6 +427,35 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _check_args(
+    shape: str, dtypes: tuple[str, ...], size_bytes: int, shards: int | None, skew: float
+) -> int:
+    """Raise ValueError for an argument `make_checkpoint` cannot use; return the shards."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
+    if not dtypes:
+        raise ValueError("dtypes must name at least one dtype")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}; valid dtypes: {', '.join(DTYPES)}")
+    if size_bytes < 1:
+        raise ValueError(f"size_bytes must be >= 1, got {size_bytes}")
+    n = 1 if shape == "single" else (shards if shards is not None else _DEFAULT_SHARDS[shape])
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"shards must be an integer >= 1, got {shards!r}")
+    if shape == "skewed" and not skew > 0:
+        raise ValueError(f"skew must be > 0, got {skew!r}")
+    return n
+
+
+def _write_index(directory: Path, total_size: int, weight_map: dict[str, str]) -> None:
+    """The Hugging Face ``model.safetensors.index.json``, replaced atomically."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    index_tmp = directory / "model.safetensors.index.json.tmp"
+    index_tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(index_tmp, directory / "model.safetensors.index.json")
+
+
 def make_checkpoint(
     out_dir: str | os.PathLike[str],
     *,
@@ -449,27 +489,12 @@ def make_checkpoint(
         >>> [p.name for p in info.files]
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
     """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
     dtypes = tuple(dtypes)
-    if not dtypes:
-        raise ValueError("dtypes must name at least one dtype")
-    for d in dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"unknown dtype {d!r}; valid dtypes: {', '.join(DTYPES)}")
     size_bytes = parse_size(size_bytes)
-    if size_bytes < 1:
-        raise ValueError(f"size_bytes must be >= 1, got {size_bytes}")
-    n = 1 if shape == "single" else (shards if shards is not None else _DEFAULT_SHARDS[shape])
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"shards must be an integer >= 1, got {shards!r}")
-    if shape == "skewed" and not skew > 0:
-        raise ValueError(f"skew must be > 0, got {skew!r}")
-
+    n = _check_args(shape, dtypes, size_bytes, shards, skew)
     specs = plan_tensors(size_bytes, shape=shape, shards=n, dtypes=dtypes)
     weights = [float(skew)] + [1.0] * (n - 1) if shape == "skewed" else [1.0] * n
     owner = _assign_shards(specs, weights)
-
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     names = (
@@ -477,23 +502,14 @@ def make_checkpoint(
         if shape == "single"
         else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     )
-    files: list[Path] = []
-    weight_map: dict[str, str] = {}
-    total = 0
-    for k, name in enumerate(names):
-        mine = [s for s, o in zip(specs, owner, strict=True) if o == k]
-        path = directory / name
-        total += write_safetensors(path, mine, seed=(seed, k), metadata=_HEADER_METADATA)
-        files.append(path)
-        weight_map.update((s.name, name) for s in mine)
-
-    index = {
-        "metadata": {"total_size": sum(s.nbytes for s in specs)},
-        "weight_map": weight_map,
-    }
-    index_tmp = directory / "model.safetensors.index.json.tmp"
-    index_tmp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(index_tmp, directory / "model.safetensors.index.json")
+    shards_ = [[s for s, o in zip(specs, owner, strict=True) if o == k] for k in range(n)]
+    total = sum(
+        write_safetensors(directory / name, mine, seed=(seed, k), metadata=_HEADER_METADATA)
+        for k, (name, mine) in enumerate(zip(names, shards_, strict=True))
+    )
+    weight_map = {s.name: name for name, mine in zip(names, shards_, strict=True) for s in mine}
+    _write_index(directory, sum(s.nbytes for s in specs), weight_map)
+    files = [directory / name for name in names]
     return Checkpoint(
         directory=directory,
         files=tuple(sorted(files)),
