@@ -448,12 +448,25 @@ def _check_args(
     return n
 
 
-def _write_index(directory: Path, total_size: int, weight_map: dict[str, str]) -> None:
-    """The Hugging Face ``model.safetensors.index.json``, replaced atomically."""
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+def _write_shards(
+    directory: Path, names: list[str], specs: list[TensorSpec], owner: list[int], seed: int
+) -> int:
+    """Write shard k's tensors (``owner[i] == k``) to ``names[k]``, then the index.
+
+    Returns:
+        The bytes written in shards.
+    """
+    shards = [[s for s, o in zip(specs, owner, strict=True) if o == k] for k in range(len(names))]
+    total = sum(
+        write_safetensors(directory / name, mine, seed=(seed, k), metadata=_HEADER_METADATA)
+        for k, (name, mine) in enumerate(zip(names, shards, strict=True))
+    )
+    weight_map = {s.name: name for name, mine in zip(names, shards, strict=True) for s in mine}
+    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
     index_tmp = directory / "model.safetensors.index.json.tmp"
     index_tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(index_tmp, directory / "model.safetensors.index.json")
+    return total
 
 
 def make_checkpoint(
@@ -502,13 +515,7 @@ def make_checkpoint(
         if shape == "single"
         else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     )
-    shards_ = [[s for s, o in zip(specs, owner, strict=True) if o == k] for k in range(n)]
-    total = sum(
-        write_safetensors(directory / name, mine, seed=(seed, k), metadata=_HEADER_METADATA)
-        for k, (name, mine) in enumerate(zip(names, shards_, strict=True))
-    )
-    weight_map = {s.name: name for name, mine in zip(names, shards_, strict=True) for s in mine}
-    _write_index(directory, sum(s.nbytes for s in specs), weight_map)
+    total = _write_shards(directory, names, specs, owner, seed)
     files = [directory / name for name in names]
     return Checkpoint(
         directory=directory,

@@ -247,17 +247,9 @@ def fio_read(
     whole_blocks = sum(os.path.getsize(p) // block_bytes * block_bytes for p in paths)
     last_error = ""
     for engine in dict.fromkeys((ioengine, "psync")):
-        cmd = [
-            "fio",
-            f"--ioengine={engine}",
-            f"--iodepth={iodepth}",
-            f"--bs={block}",
-            "--direct=0",
-            "--rw=read",
-            "--numjobs=1",
-            "--output-format=json",
-            *_fio_jobs(paths),
-        ]
+        cmd = ["fio", f"--ioengine={engine}", f"--iodepth={iodepth}", f"--bs={block}"]
+        cmd += ["--direct=0", "--rw=read", "--numjobs=1", "--output-format=json"]
+        cmd += _fio_jobs(paths)
         outcome = _run_fio(cmd, timeout)
         if isinstance(outcome, str):
             last_error = outcome

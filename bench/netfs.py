@@ -620,15 +620,22 @@ def mounted(
             fs._close()
         else:
             _teardown(proc, str(mp))
-        if proc.returncode not in (0, None):
-            log.warning(
-                "netfs server exited with %s; log tail:\n%s",
-                proc.returncode,
-                _server_log_tail(log_path),
-            )
-        if not (mountpoint is None and is_mounted(str(mp))):
-            shutil.rmtree(runtime, ignore_errors=True)
-        log.info("unmounted %s", mp)
+        _after_unmount(proc, runtime, mp, own_mountpoint=mountpoint is None)
+
+
+def _after_unmount(
+    proc: subprocess.Popen[bytes], runtime: Path, mp: Path, *, own_mountpoint: bool
+) -> None:
+    """Report a failed server, and remove its files (and our mount point if unmounted)."""
+    if proc.returncode not in (0, None):
+        log.warning(
+            "netfs server exited with %s; log tail:\n%s",
+            proc.returncode,
+            _server_log_tail(runtime / "server.log"),
+        )
+    if not (own_mountpoint and is_mounted(str(mp))):
+        shutil.rmtree(runtime, ignore_errors=True)
+    log.info("unmounted %s", mp)
 
 
 def _make_mountpoint(runtime: Path, mountpoint: str | os.PathLike[str] | None) -> Path:

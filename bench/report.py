@@ -172,20 +172,8 @@ def table(doc: Mapping[str, Any]) -> Any:
     )
     if len(scenarios) > 1:
         t.add_column("scenario")
-    for name, justify in (
-        ("config", "left"),
-        ("fs", "left"),
-        ("shape", "left"),
-        ("ranks", "right"),
-        ("time s", "right"),
-        ("vs none", "right"),
-        ("vs sglang", "right"),
-        ("/floor", "right"),
-        ("served", "right"),
-        ("CPU s/GB", "right"),
-        ("RSS MiB", "right"),
-    ):
-        t.add_column(name, justify=justify, no_wrap=True)
+    for name in _COLUMNS:
+        t.add_column(name, justify="left" if name in _LEFT else "right", no_wrap=True)
     prev: tuple[str, str, str, int] | None = None
     for r in rows(doc):
         key = (r.scenario, r.fs, r.shape, r.ranks)
@@ -195,24 +183,34 @@ def table(doc: Mapping[str, Any]) -> Any:
         style = (
             "dim" if r.kind != "load" else ("bold green" if r.config.startswith("ours") else None)
         )
-        flag = "!" if r.unstable else ""
-        cells = [
-            r.config,
-            r.fs,
-            r.shape,
-            str(r.ranks),
-            f"{r.median_s:.2f} ±{r.spread:.0%}{flag}",
-            _fmt(r.vs_none, ".2f", "×"),
-            _fmt(r.vs_sglang, ".2f", "×"),
-            _fmt(r.vs_floor, ".2f", "×"),
-            _fmt(r.served, ".2f", "×"),
-            _fmt(r.cpu_s_per_gb, ".3f"),
-            _fmt(r.rss_mib, ".0f"),
-        ]
+        cells = _cells(r)
         if len(scenarios) > 1:
             cells.insert(0, r.scenario)
         t.add_row(*cells, style=style)
     return t
+
+
+_COLUMNS = ("config", "fs", "shape", "ranks", "time s", "vs none", "vs sglang", "/floor")
+_COLUMNS += ("served", "CPU s/GB", "RSS MiB")
+_LEFT = ("scenario", "config", "fs", "shape")
+
+
+def _cells(r: Row) -> list[str]:
+    """One row of the table as text, in the order of `_COLUMNS`."""
+    flag = "!" if r.unstable else ""
+    return [
+        r.config,
+        r.fs,
+        r.shape,
+        str(r.ranks),
+        f"{r.median_s:.2f} ±{r.spread:.0%}{flag}",
+        _fmt(r.vs_none, ".2f", "×"),
+        _fmt(r.vs_sglang, ".2f", "×"),
+        _fmt(r.vs_floor, ".2f", "×"),
+        _fmt(r.served, ".2f", "×"),
+        _fmt(r.cpu_s_per_gb, ".3f"),
+        _fmt(r.rss_mib, ".0f"),
+    ]
 
 
 def _title(doc: Mapping[str, Any]) -> str:
@@ -428,23 +426,11 @@ def compare_table(
         caption_justify="left",
         header_style="bold",
     )
-    for name in (
-        "scenario",
-        "fs",
-        "shape",
-        "ranks",
-        "config",
-        f"{names[0]} s",
-        f"{names[1]} s",
-        "ratio",
-        f"served {names[0]}",
-        f"served {names[1]}",
-    ):
-        t.add_column(
-            name,
-            justify="right" if name not in ("scenario", "fs", "shape", "config") else "left",
-            no_wrap=True,
-        )
+    a_name, b_name = names[0], names[1]
+    for name in ("scenario", "fs", "shape", "ranks", "config", f"{a_name} s", f"{b_name} s"):
+        t.add_column(name, justify="left" if name in _LEFT else "right", no_wrap=True)
+    for name in ("ratio", f"served {a_name}", f"served {b_name}"):
+        t.add_column(name, justify="right", no_wrap=True)
     for row in matched:
         scen, fs, shape, ranks, cfg = row.key
         mark = "*" if row.significant else ""

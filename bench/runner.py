@@ -443,6 +443,24 @@ def _stopped(exc: BaseException, run: _Run, t_start: float) -> BenchError:
     return stop
 
 
+def _new_document(suite: Suite) -> tuple[dict[str, Any], bool]:
+    """An empty results document for `suite`, and whether FUSE works on this host."""
+    from bench import netfs
+
+    fuse_ok, fuse_why = netfs.fuse_available()
+    doc = res.new_document(
+        settings=_settings(suite), host=res.host_metadata(fuse=(fuse_ok, fuse_why))
+    )
+    if not fuse_ok and any(n != "local" for m in suite.matrices for n in m.fs):
+        msg = (
+            f"FUSE is unavailable ({fuse_why}): the simulated network filesystems are "
+            "replaced by local disk"
+        )
+        log.warning("%s", msg)
+        doc["warnings"].append(msg)
+    return doc, fuse_ok
+
+
 def run_suite(
     suite: Suite,
     *,
@@ -470,21 +488,9 @@ def run_suite(
     Example:
         >>> doc = run_suite(quick_suite(repeats=1))  # doctest: +SKIP
     """
-    from bench import netfs
-
     validate_suite(suite)
-    fuse_ok, fuse_why = netfs.fuse_available()
-    doc = res.new_document(
-        settings=_settings(suite), host=res.host_metadata(fuse=(fuse_ok, fuse_why))
-    )
+    doc, fuse_ok = _new_document(suite)
     t_start = time.monotonic()
-    if not fuse_ok and any(n != "local" for m in suite.matrices for n in m.fs):
-        msg = (
-            f"FUSE is unavailable ({fuse_why}): the simulated network filesystems are "
-            "replaced by local disk"
-        )
-        log.warning("%s", msg)
-        doc["warnings"].append(msg)
     own = launcher is None
     run = _Run(
         suite,

@@ -127,6 +127,29 @@ def quick_suite(**overrides: Any) -> Suite:
     return Suite(**base)
 
 
+def _full_matrices() -> tuple[Matrix, ...]:
+    from bench import netfs
+
+    only_load = {"hot": False, "fio": False}
+    shapes = ("uniform", "skewed", "single", "many-small")
+    backends = (*(f"ours-{b}" for b in BACKENDS), "ours-files")
+    btm = ("none", "sglang", "ours-window", "ours-nowindow")
+    return (
+        Matrix("cold", ("local", *netfs.PROFILES), (1, 2, 4, 8), shapes, FULL_CONFIGS, 2 << 30),
+        Matrix(
+            "sweep", ("slow-nfs",), (4,), ("uniform",), ("sglang", "ours", *SWEEP_CONFIGS), 2 << 30,
+            **only_load,
+        ),
+        Matrix(
+            "backends", ("local", "slow-nfs"), (4,), ("uniform",), backends, 2 << 30, **only_load
+        ),
+        Matrix(
+            "bigger-than-memory", ("slow-nfs",), (4,), ("uniform",), btm, 3 << 30,
+            memory_limit_bytes=1 << 30, **only_load,
+        ),
+    )  # fmt: skip
+
+
 def full_suite(**overrides: Any) -> Suite:
     """The full suite: every filesystem, rank count and shape; about 2 hours on 2 cores.
 
@@ -144,50 +167,7 @@ def full_suite(**overrides: Any) -> Suite:
     Returns:
         The Suite.
     """
-    from bench import netfs
-
-    fss = ("local", *netfs.PROFILES)
-    mats = (
-        Matrix(
-            "cold",
-            fss,
-            (1, 2, 4, 8),
-            ("uniform", "skewed", "single", "many-small"),
-            FULL_CONFIGS,
-            2 << 30,
-        ),
-        Matrix(
-            "sweep",
-            ("slow-nfs",),
-            (4,),
-            ("uniform",),
-            ("sglang", "ours", *SWEEP_CONFIGS),
-            2 << 30,
-            hot=False,
-            fio=False,
-        ),
-        Matrix(
-            "backends",
-            ("local", "slow-nfs"),
-            (4,),
-            ("uniform",),
-            (*tuple(f"ours-{b}" for b in BACKENDS), "ours-files"),
-            2 << 30,
-            hot=False,
-            fio=False,
-        ),
-        Matrix(
-            "bigger-than-memory",
-            ("slow-nfs",),
-            (4,),
-            ("uniform",),
-            ("none", "sglang", "ours-window", "ours-nowindow"),
-            3 << 30,
-            memory_limit_bytes=1 << 30,
-            hot=False,
-            fio=False,
-        ),
-    )
+    mats = _full_matrices()
     base = {"name": "full", "matrices": mats, "repeats": 3, "warmup": 1}
     base.update(overrides)
     return Suite(**base)
