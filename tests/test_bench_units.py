@@ -641,7 +641,7 @@ def test_control_request_that_times_out_is_retried_on_a_new_connection(tmp_path:
 
 
 def test_fio_reads_many_files_with_long_names(tmp_path: Path) -> None:
-    """fio refuses an option over 4096 characters: 64 shards in a deep directory passed it."""
+    """fio refuses an option over 4096 characters, which 64 long paths exceed together."""
     import shutil
 
     from bench.floor import fio_read
@@ -661,7 +661,7 @@ def test_fio_reads_many_files_with_long_names(tmp_path: Path) -> None:
 def test_plot_labels_every_configuration_of_every_scenario(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sweep and backend bars were drawn in colours the legend did not name."""
+    """Every bar's colour is named in the legend, whatever scenario drew it."""
     import matplotlib.figure
 
     doc = stored_document()
