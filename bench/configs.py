@@ -84,6 +84,20 @@ class Config:
         """The options as a dict."""
         return dict(self.options)
 
+    def count(self, key: str, default: int) -> int:
+        """An integer option (``threads``, ``concurrency``), or `default`."""
+        return int(self.opts().get(key, default))
+
+    def mib(self, key: str, default_bytes: int) -> int:
+        """A size option given in MiB (``chunk_mb``, ``block_mb``) in bytes, or the default.
+
+        Example:
+            >>> parse_config("raw:chunk_mb=0.5").mib("chunk_mb", 16 << 20)
+            524288
+        """
+        value = self.opts().get(key)
+        return default_bytes if value is None else int(float(value) * (1 << 20))
+
     def loader_options(self) -> dict[str, Any]:
         """Keyword options for ``safetensors_weights_iterator`` (kind ``ours`` only).
 
@@ -95,7 +109,7 @@ class Config:
         out: dict[str, Any] = {"prefetch": True}
         for key, value in self.options:
             if key == "chunk_mb":
-                out["chunk_bytes"] = int(float(value) * (1 << 20))
+                out["chunk_bytes"] = self.mib(key, 0)
             elif key == "concurrency":
                 out["concurrency"] = int(value)
             elif key == "window":

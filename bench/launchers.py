@@ -29,23 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from bench import protocol as proto
 from bench.errors import BenchError
-from bench.protocol import (
-    GO,
-    Done,
-    Error,
-    Job,
-    ProtocolError,
-    RankReport,
-    RankResult,
-    Ready,
-    Release,
-    Released,
-    ServerReady,
-    Start,
-    decode_rank,
-    encode,
-)
+from bench.protocol import Job, RankReport
 
 __all__ = ["ForkserverLauncher", "Launcher", "SubprocessLauncher", "make_launcher"]
 
@@ -94,7 +80,7 @@ class ForkserverLauncher(Launcher):
             env=_env(),
             start_new_session=True,
         )
-        self._expect(ServerReady, deadline)
+        self._expect(proto.ServerReady, deadline)
         return self.proc
 
     def _read(self, deadline: float) -> Any:
@@ -112,7 +98,7 @@ class ForkserverLauncher(Launcher):
                 raise BenchError(f"the fork server exited:\n{_tail(self.log, 3000)}")
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
-        return decode_rank(line)
+        return proto.decode_rank(line)
 
     def _expect(self, kind: type, deadline: float) -> Any:
         msg = self._read(deadline)
@@ -122,7 +108,7 @@ class ForkserverLauncher(Launcher):
 
     def _send(self, message: Any) -> None:
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(encode(message))
+        self.proc.stdin.write(proto.encode(message))
         self.proc.stdin.flush()
 
     def _kill(self) -> None:
@@ -137,17 +123,17 @@ class ForkserverLauncher(Launcher):
                         s.close()
             self.proc = None
 
-    def _exchange(self, start: Start, deadline: float) -> tuple[float, Done]:
+    def _exchange(self, start: proto.Start, deadline: float) -> tuple[float, proto.Done]:
         """Start, release and wait for the ranks; t_release is NaN when not released."""
         self._start(deadline)
         self._send(start)
         t_release = math.nan
-        if isinstance(self._read(deadline), Ready):
-            self._send(Release())
-            t_release = self._expect(Released, deadline).t_release
-        return t_release, self._expect(Done, deadline)
+        if isinstance(self._read(deadline), proto.Ready):
+            self._send(proto.Release())
+            t_release = self._expect(proto.Released, deadline).t_release
+        return t_release, self._expect(proto.Done, deadline)
 
-    def _outcome(self, start: Start, done: Done, rank: int) -> RankReport | str:
+    def _outcome(self, start: proto.Start, done: proto.Done, rank: int) -> RankReport | str:
         """Rank `rank`'s report, or why there is none."""
         path = Path(start.result_path(rank))
         if not path.exists():
@@ -156,17 +142,17 @@ class ForkserverLauncher(Launcher):
                 f"no result (killed? out of memory?)\n{_tail(self.log, 3000)}"
             )
         try:
-            out = decode_rank(path.read_bytes())
-        except ProtocolError as exc:
+            out = proto.decode_rank(path.read_bytes())
+        except proto.ProtocolError as exc:
             return f"rank {rank}: {exc}"
-        if isinstance(out, RankResult):
+        if isinstance(out, proto.RankResult):
             return out.result
         return f"rank {rank} failed: {out.error}\n{out.traceback}"
 
     def run(self, job: Job, world: int, timeout: float) -> tuple[float, list[RankReport]]:
         deadline = time.monotonic() + timeout
         with tempfile.TemporaryDirectory(prefix="bench-ranks-") as tmp:
-            start = Start(job=job, world=world, dir=tmp)
+            start = proto.Start(job=job, world=world, dir=tmp)
             try:
                 t_release, done = self._exchange(start, deadline)
             except BaseException:
@@ -213,13 +199,13 @@ class SubprocessLauncher(Launcher):
             for rank in range(world):
                 logs.append(tempfile.TemporaryFile())  # noqa: SIM115  (closed in finally)
                 procs.append(self._spawn(job, rank, logs[-1]))
-            _RankLines(procs, logs).collect(Ready, deadline)
+            _RankLines(procs, logs).collect(proto.Ready, deadline)
             t_release = time.monotonic()
             for p in procs:
                 assert p.stdin is not None
-                p.stdin.write(GO)
+                p.stdin.write(proto.GO)
                 p.stdin.flush()
-            results = _RankLines(procs, logs).collect(RankResult, deadline)
+            results = _RankLines(procs, logs).collect(proto.RankResult, deadline)
             for p in procs:
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
             return t_release, [m.result for m in results]
@@ -272,8 +258,8 @@ class _RankLines:
                     line = self._line(key.data, key.fd, want)
                     if line is None:
                         continue
-                    msg = decode_rank(line)
-                    if isinstance(msg, Error):
+                    msg = proto.decode_rank(line)
+                    if isinstance(msg, proto.Error):
                         raise BenchError(f"rank {key.data} failed: {msg.error}\n{msg.traceback}")
                     out[key.data] = msg
                     sel.unregister(key.fileobj)

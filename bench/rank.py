@@ -35,16 +35,9 @@ def _load_sglang(
 ) -> dict[str, Any]:
     from bench.baselines import SGLANG_BLOCK_BYTES, SGLANG_THREADS, load_sglang
 
-    opts = cfg.opts()
-    pf = load_sglang(
-        files,
-        rank,
-        world,
-        consume,
-        threads=int(opts.get("threads", SGLANG_THREADS)),
-        block_bytes=int(float(opts.get("block_mb", SGLANG_BLOCK_BYTES >> 20)) * (1 << 20)),
-    )
-    return pf.stats()
+    threads = cfg.count("threads", SGLANG_THREADS)
+    block = cfg.mib("block_mb", SGLANG_BLOCK_BYTES)
+    return load_sglang(files, rank, world, consume, threads=threads, block_bytes=block).stats()
 
 
 def _load_ours(
@@ -66,15 +59,8 @@ def _load_raw(
 ) -> dict[str, Any]:
     from bench.floor import raw_read_share
 
-    opts = cfg.opts()
-    n = raw_read_share(
-        files,
-        rank,
-        world,
-        threads=int(opts.get("threads", 4)),
-        chunk_bytes=int(float(opts.get("chunk_mb", 16)) * (1 << 20)),
-    )
-    return {"bytes_read": n}
+    threads, chunk = cfg.count("threads", 4), cfg.mib("chunk_mb", 16 << 20)
+    return {"bytes_read": raw_read_share(files, rank, world, threads=threads, chunk_bytes=chunk)}
 
 
 _LOADERS: dict[str, Callable[..., dict[str, Any] | None]] = {

@@ -29,25 +29,9 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
+from bench import protocol as proto
 from bench.consumer import Consumer
-from bench.protocol import (
-    FAILED,
-    GO,
-    READY,
-    Done,
-    Error,
-    Failed,
-    Job,
-    ProtocolError,
-    RankResult,
-    Ready,
-    Release,
-    Released,
-    ServerReady,
-    Start,
-    decode_rank,
-    encode,
-)
+from bench.protocol import Job
 from bench.rank import run_rank
 
 # Job and Consumer are what a hand-written rank driver needs besides this entry point.
@@ -68,12 +52,12 @@ _PRELOAD = (
 
 
 def _send(stream: BinaryIO, message: Any) -> None:
-    stream.write(encode(message))
+    stream.write(proto.encode(message))
     stream.flush()
 
 
-def _failure(exc: BaseException) -> Error:
-    return Error(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+def _failure(exc: BaseException) -> proto.Error:
+    return proto.Error(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
 
 
 def _rank_child(job: Job, rank: int, ready_w: int, release_r: int, out_path: str) -> int:
@@ -83,25 +67,25 @@ def _rank_child(job: Job, rank: int, ready_w: int, release_r: int, out_path: str
     os.dup2(2, 1)  # stray prints go to the server's log, not its protocol stream
 
     def wait() -> None:
-        os.write(ready_w, READY)
-        if os.read(release_r, 1) != GO:
+        os.write(ready_w, proto.READY)
+        if os.read(release_r, 1) != proto.GO:
             raise RuntimeError("released by EOF: the fork server went away")
 
     code = 0
     try:
-        outcome: Any = RankResult(run_rank(job, rank, wait))
+        outcome: Any = proto.RankResult(run_rank(job, rank, wait))
     except BaseException as exc:
         code, outcome = 1, _failure(exc)
         with contextlib.suppress(OSError):
-            os.write(ready_w, FAILED)  # fail fast if it failed before the release
+            os.write(ready_w, proto.FAILED)  # fail fast if it failed before the release
     tmp = out_path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(encode(outcome))
+        f.write(proto.encode(outcome))
     os.replace(tmp, out_path)
     return code
 
 
-def _fork_rank(start: Start, rank: int, pipes: tuple[int, int, int, int]) -> int:
+def _fork_rank(start: proto.Start, rank: int, pipes: tuple[int, int, int, int]) -> int:
     """Fork one rank; the child never returns (it leaves with ``os._exit``)."""
     ready_r, ready_w, release_r, release_w = pipes
     pid = os.fork()
@@ -121,15 +105,15 @@ def _fork_rank(start: Start, rank: int, pipes: tuple[int, int, int, int]) -> int
 def _wait_ready(ready_r: int, world: int) -> bool:
     """Whether every rank said ready (False at the first failure or EOF)."""
     got = b""
-    while len(got) < world and FAILED not in got:
+    while len(got) < world and proto.FAILED not in got:
         chunk = os.read(ready_r, world)
         if not chunk:
             break
         got += chunk
-    return len(got) >= world and FAILED not in got
+    return len(got) >= world and proto.FAILED not in got
 
 
-def _serve_start(start: Start, commands: BinaryIO, out: BinaryIO) -> None:
+def _serve_start(start: proto.Start, commands: BinaryIO, out: BinaryIO) -> None:
     """Fork the ranks of `start`, release them on `Release`, report when all have exited."""
     ready_r, ready_w = os.pipe()
     release_r, release_w = os.pipe()
@@ -138,16 +122,16 @@ def _serve_start(start: Start, commands: BinaryIO, out: BinaryIO) -> None:
     os.close(ready_w)
     os.close(release_r)
     ok = _wait_ready(ready_r, start.world)
-    _send(out, Ready() if ok else Failed())
+    _send(out, proto.Ready() if ok else proto.Failed())
     line = commands.readline() if ok else b""
-    if line and isinstance(decode_rank(line), Release):
+    if line and isinstance(proto.decode_rank(line), proto.Release):
         t_release = time.monotonic()
-        os.write(release_w, GO * start.world)
-        _send(out, Released(t_release=t_release))
+        os.write(release_w, proto.GO * start.world)
+        _send(out, proto.Released(t_release=t_release))
     os.close(release_w)  # unreleased ranks read EOF and stop
     os.close(ready_r)
     status = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
-    _send(out, Done(status=tuple(status)))
+    _send(out, proto.Done(status=tuple(status)))
 
 
 def forkserver_main() -> int:
@@ -162,16 +146,16 @@ def forkserver_main() -> int:
         except ImportError as exc:  # e.g. the loader is not installed: only ours needs it
             log.debug("fork server: cannot preload %s: %s", name, exc)
     out, commands = sys.stdout.buffer, sys.stdin.buffer
-    _send(out, ServerReady(pid=os.getpid()))
+    _send(out, proto.ServerReady(pid=os.getpid()))
     for line in commands:
         try:
-            cmd = decode_rank(line)
-        except ProtocolError as exc:
+            cmd = proto.decode_rank(line)
+        except proto.ProtocolError as exc:
             cmd = exc
-        if isinstance(cmd, Start):
+        if isinstance(cmd, proto.Start):
             _serve_start(cmd, commands, out)
         else:
-            _send(out, Error(error=f"unexpected command {cmd!r}"))
+            _send(out, proto.Error(error=f"unexpected command {cmd!r}"))
     return 0
 
 
@@ -185,12 +169,12 @@ def _stdio_main(job: Job, rank: int, barrier: bool) -> int:
     def wait() -> None:
         if not barrier:
             return
-        emit(Ready(pid=os.getpid()))
+        emit(proto.Ready(pid=os.getpid()))
         if not sys.stdin.buffer.read(1):
             raise SystemExit("released by EOF: the orchestrator went away")
 
     try:
-        outcome: Any = RankResult(run_rank(job, rank, wait))
+        outcome: Any = proto.RankResult(run_rank(job, rank, wait))
     except Exception as exc:
         emit(_failure(exc))
         return 1
