@@ -81,6 +81,10 @@ class Group:
     fs: str
 
     @property
+    def checkpoint_key(self) -> tuple[str, int]:
+        return (self.shape, self.matrix.size_bytes)
+
+    @property
     def checkpoint_id(self) -> str:
         return checkpoint_id(self.shape, self.matrix.size_bytes)
 
@@ -251,7 +255,7 @@ class _Run:
         self.mount.close()
         self.group = None
         self.tick(f"mount {group.where}")
-        ckpt = self.checkpoints[(group.shape, group.matrix.size_bytes)]
+        ckpt = self.checkpoints[group.checkpoint_key]
         self.fs = self.mount.enter_context(open_fs(group.fs, ckpt))
         self.cgroup = None
         if group.matrix.memory_limit_bytes is not None:
@@ -283,7 +287,7 @@ class _Run:
     def _record(
         self, group: Group, kind: str, config: str, spec: str, ranks: int, sample: Sample
     ) -> None:
-        ckpt = self.checkpoints[(group.shape, group.matrix.size_bytes)]
+        ckpt = self.checkpoints[group.checkpoint_key]
         self.results.add(
             Result(
                 scenario=group.matrix.scenario,
@@ -307,7 +311,7 @@ class _Run:
         group = step.group
         assert self.fs is not None
         try:
-            sample = measure_fio(self.fs, self.checkpoints[(group.shape, group.matrix.size_bytes)])
+            sample = measure_fio(self.fs, self.checkpoints[group.checkpoint_key])
         except NetFSError:
             raise  # the mount failed, not fio
         except RuntimeError as exc:
@@ -320,7 +324,7 @@ class _Run:
     def _sample(self, step: Sampling) -> None:
         self.tick(step.label)
         group, cfg = step.group, step.config
-        ckpt = self.checkpoints[(group.shape, group.matrix.size_bytes)]
+        ckpt = self.checkpoints[group.checkpoint_key]
         assert self.fs is not None
         sample = measure(
             self.launcher,
