@@ -3,14 +3,24 @@
 Modules (import what you need; this package imports nothing heavy by itself):
 
 * ``bench.cli``: the ``ckpt-prefetch-bench`` command (``run``, ``make``, ``show``,
-  ``compare``);
-* ``bench.run``: suites and cold-cache measurements in fresh rank processes;
-* ``bench.worker``: one rank process, and the configuration strings;
-* ``bench.baselines``: no prefetch, and the SGLang-style prefetch;
-* ``bench.floor``: the physical floor (raw parallel cold reads, fio);
-* ``bench.results``: the versioned JSON results, validation, comparison;
-* ``bench.report``: the terminal table and the PNG plot;
-* ``bench.cgroup``: a memory cgroup for the bigger-than-memory scenario;
-* ``bench.checkpoint``: synthetic safetensors checkpoints;
-* ``bench.netfs``: the simulated network filesystem (FUSE).
+  ``compare``); ``bench.run``: the same as a Python API, in one import;
+* running a suite: ``bench.suites`` (what to measure), ``bench.runner`` (the suite as a
+  list of steps, carried out), ``bench.measure`` (one sample), ``bench.filesystems``
+  (where, and the cold or hot cache), ``bench.launchers`` (the rank processes),
+  ``bench.store`` (checkpoints made once and reused), ``bench.errors``;
+* a rank process: ``bench.worker`` (its entry point), ``bench.rank`` (prepare, wait,
+  load, report), ``bench.configs`` (the configuration strings), ``bench.consumer``
+  (copy and checksum every tensor), ``bench.procstat`` (its memory, I/O and CPU);
+* ``bench.protocol``: the messages between processes (launchers and ranks, the netfs
+  client and server);
+* ``bench.models``: samples and results as types; ``bench.results``: the versioned JSON
+  documents, validation, comparison; ``bench.report``: the terminal table and the plot;
+* ``bench.baselines``: no prefetch, and the SGLang-style prefetch; ``bench.floor``: the
+  physical floor (raw parallel cold reads, fio);
+* ``bench.checkpoint``: synthetic safetensors checkpoints; ``bench.netfs``: the simulated
+  network filesystem (FUSE); ``bench.cgroup``: a memory cgroup for the
+  bigger-than-memory scenario;
+* host helpers: ``bench.sizes`` (byte sizes), ``bench.mounts`` (mount table, read-ahead),
+  ``bench.blockdev`` (block devices);
+* other runs: ``bench.engine_bench`` (the engine alone), ``bench.reliability`` (faults).
 """

@@ -1,15 +1,16 @@
 """Server process of the simulated network filesystem (see :mod:`bench.netfs`).
 
-This file runs as its own process (``python _netfs_server.py CONFIG_JSON``) so that a
-stalled or blocked FUSE server can never deadlock the reads of the process that mounted
-it. It imports nothing from the ``bench`` package: it is started by path, which works
-whether or not the project is installed.
+This module runs as its own process (``python -m bench._netfs_server CONFIG_JSON``) so
+that a stalled or blocked FUSE server can never deadlock the reads of the process that
+mounted it. Of the bench it imports only `bench.protocol` (standard library only), whose
+control messages it answers.
 
 The filesystem serves ``backing_dir`` read-only through a mount that keeps the kernel page
 cache across opens, as NFS does (``keep_cache`` on every open, ``auto_cache`` off, large
 attribute and entry timeouts). Every read is counted, delayed by a per-request latency,
 paced by a token bucket shared by all server threads, and can be failed or stalled on
-demand. A control thread answers JSON lines on a Unix socket, also while reads block.
+demand. A control thread answers requests on a Unix socket, also while reads block: one
+handler per request type, looked up in `HANDLERS`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import logging
 import math
 import os
@@ -27,7 +27,10 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+from bench import protocol as proto
 
 log = logging.getLogger("netfs.server")
 
@@ -111,6 +114,24 @@ class ServerState:
             end = offset + size
             return any(start < end and offset < stop for start, stop in ranges)
 
+    def inject_eio(self, rel: str, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0:
+            raise ValueError("offset must be >= 0 and length > 0")
+        with self.cond:
+            self.eio.setdefault(rel, []).append((offset, offset + length))
+
+    def vanish(self, rel: str) -> None:
+        with self.cond:
+            self.vanished.add(rel)
+
+    def set_bandwidth(self, bps: float | None) -> None:
+        with self.cond:
+            self.bandwidth_bps = bps or None
+
+    def set_latency(self, seconds: float) -> None:
+        with self.cond:
+            self.latency_s = float(seconds)
+
     def stall(self, seconds: float | None) -> None:
         with self.cond:
             self.stall_until = math.inf if seconds is None else time.monotonic() + float(seconds)
@@ -180,155 +201,156 @@ class ServerState:
             time.sleep(delay)
 
 
-def _make_ops(
-    mfusepy: Any,
-    backing: str,
-    state: ServerState,
-    *,
-    max_read: int,
-    max_background: int,
-    congestion_threshold: int,
-) -> Any:
-    """Build the Operations object (a class made here because mfusepy is imported late)."""
+class _NetOps:
+    """The filesystem's operations; `_make_ops` mixes them into mfusepy's Operations.
 
-    class NetOps(mfusepy.Operations):  # type: ignore[misc, name-defined]
-        use_ns = True
+    mfusepy is imported only in the server process, so the base class is added there.
+    """
 
-        def __init__(self) -> None:
-            self.root = os.path.realpath(backing)
-            self.fd_rel: dict[int, str] = {}
-            self.fd_lock = threading.Lock()
+    use_ns = True
 
-        def _full(self, path: str) -> str:
-            return os.path.join(self.root, _rel(path))
+    def __init__(self, mfusepy: Any, backing: str, state: ServerState, limits: dict[str, int]):
+        self.error = mfusepy.FuseOSError
+        self.state = state
+        self.limits = limits  # max_read, max_background, congestion_threshold
+        self.root = os.path.realpath(backing)
+        self.fd_rel: dict[int, str] = {}
+        self.fd_lock = threading.Lock()
 
-        def init_with_config(self, conn: Any, config: Any) -> None:
-            if config is not None:
-                config.kernel_cache = 1
-                config.auto_cache = 0
-                config.entry_timeout = 86400.0
-                config.attr_timeout = 86400.0
-                config.negative_timeout = 0.0
-            if conn is not None:
-                # libfuse insists that init() repeats the max_read mount option.
-                conn.max_read = max_read
-                conn.max_background = max_background
-                conn.congestion_threshold = congestion_threshold
-                # The backing files never change: no invalidation on attribute refresh.
-                conn.want &= ~_FUSE_CAP_AUTO_INVAL_DATA
-                log.info(
-                    "init: max_read=%d max_readahead=%d max_background=%d congestion=%d",
-                    conn.max_read,
-                    conn.max_readahead,
-                    conn.max_background,
-                    conn.congestion_threshold,
-                )
+    def _full(self, path: str) -> str:
+        return os.path.join(self.root, _rel(path))
 
-        def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-            rel = _rel(path)
-            if rel and state.is_vanished(rel):
-                raise mfusepy.FuseOSError(errno.ENOENT)
-            st = os.lstat(self._full(path))
-            return {
-                "st_mode": st.st_mode,
-                "st_ino": st.st_ino,
-                "st_nlink": st.st_nlink,
-                "st_uid": st.st_uid,
-                "st_gid": st.st_gid,
-                "st_size": st.st_size,
-                "st_blocks": st.st_blocks,
-                "st_blksize": st.st_blksize,
-                "st_atime": st.st_atime_ns,
-                "st_mtime": st.st_mtime_ns,
-                "st_ctime": st.st_ctime_ns,
-            }
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:
+            config.kernel_cache = 1
+            config.auto_cache = 0
+            config.entry_timeout = 86400.0
+            config.attr_timeout = 86400.0
+            config.negative_timeout = 0.0
+        if conn is not None:
+            # libfuse insists that init() repeats the max_read mount option.
+            conn.max_read = self.limits["max_read"]
+            conn.max_background = self.limits["max_background"]
+            conn.congestion_threshold = self.limits["congestion_threshold"]
+            # The backing files never change: no invalidation on attribute refresh.
+            conn.want &= ~_FUSE_CAP_AUTO_INVAL_DATA
+            log.info(
+                "init: max_read=%d max_readahead=%d max_background=%d congestion=%d",
+                conn.max_read,
+                conn.max_readahead,
+                conn.max_background,
+                conn.congestion_threshold,
+            )
 
-        def readdir(self, path: str, fh: int) -> list[str]:
-            prefix = _rel(path)
-            visible = [
-                name
-                for name in os.listdir(self._full(path))
-                if not state.is_vanished(f"{prefix}/{name}".lstrip("/"))
-            ]
-            return [".", "..", *visible]
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        rel = _rel(path)
+        if rel and self.state.is_vanished(rel):
+            raise self.error(errno.ENOENT)
+        st = os.lstat(self._full(path))
+        return {
+            "st_mode": st.st_mode,
+            "st_ino": st.st_ino,
+            "st_nlink": st.st_nlink,
+            "st_uid": st.st_uid,
+            "st_gid": st.st_gid,
+            "st_size": st.st_size,
+            "st_blocks": st.st_blocks,
+            "st_blksize": st.st_blksize,
+            "st_atime": st.st_atime_ns,
+            "st_mtime": st.st_mtime_ns,
+            "st_ctime": st.st_ctime_ns,
+        }
 
-        def readlink(self, path: str) -> str:
-            return os.readlink(self._full(path))
+    def readdir(self, path: str, fh: int) -> list[str]:
+        prefix = _rel(path)
+        visible = [
+            name
+            for name in os.listdir(self._full(path))
+            if not self.state.is_vanished(f"{prefix}/{name}".lstrip("/"))
+        ]
+        return [".", "..", *visible]
 
-        def statfs(self, path: str) -> dict[str, int]:
-            sv = os.statvfs(self._full(path))
-            return {
-                key: getattr(sv, key)
-                for key in (
-                    "f_bsize",
-                    "f_frsize",
-                    "f_blocks",
-                    "f_bfree",
-                    "f_bavail",
-                    "f_files",
-                    "f_ffree",
-                    "f_favail",
-                    "f_namemax",
-                )
-            }
+    def readlink(self, path: str) -> str:
+        return os.readlink(self._full(path))
 
-        def open(self, path: str, fi: Any) -> int:
-            rel = _rel(path)
-            if fi.flags & os.O_ACCMODE != os.O_RDONLY:
-                raise mfusepy.FuseOSError(errno.EROFS)
-            if state.is_vanished(rel):
-                raise mfusepy.FuseOSError(errno.ENOENT)
-            fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise mfusepy.FuseOSError(errno.EISDIR)
-            with self.fd_lock:
-                self.fd_rel[fd] = rel
-            fi.fh = fd
-            fi.keep_cache = 1  # keep the page cache across opens, as NFS does
-            fi.direct_io = 0
-            state.count_open()
-            return 0
+    def statfs(self, path: str) -> dict[str, int]:
+        sv = os.statvfs(self._full(path))
+        return {
+            key: getattr(sv, key)
+            for key in (
+                "f_bsize",
+                "f_frsize",
+                "f_blocks",
+                "f_bfree",
+                "f_bavail",
+                "f_files",
+                "f_ffree",
+                "f_favail",
+                "f_namemax",
+            )
+        }
 
-        def release(self, path: str, fi: Any) -> int:
-            fd = fi.fh
-            with self.fd_lock:
-                self.fd_rel.pop(fd, None)
+    def open(self, path: str, fi: Any) -> int:
+        rel = _rel(path)
+        if fi.flags & os.O_ACCMODE != os.O_RDONLY:
+            raise self.error(errno.EROFS)
+        if self.state.is_vanished(rel):
+            raise self.error(errno.ENOENT)
+        fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            return 0
+            raise self.error(errno.EISDIR)
+        with self.fd_lock:
+            self.fd_rel[fd] = rel
+        fi.fh = fd
+        fi.keep_cache = 1  # keep the page cache across opens, as NFS does
+        fi.direct_io = 0
+        self.state.count_open()
+        return 0
 
-        def read_into(self, fd: int, addr: int, size: int, offset: int) -> int:
-            """Serve one read request straight into libfuse's reply buffer."""
-            arrival = time.monotonic()
-            rel = self.fd_rel.get(fd, "?")
-            state.wait_while_stalled()
-            state.enter()
-            try:
-                if state.is_vanished(rel) or state.overlaps_eio(rel, offset, size):
-                    state.pace(0, arrival)
-                    state.count_error()
-                    raise mfusepy.FuseOSError(errno.EIO)
-                if size == 0:
-                    return 0
-                reply = (ctypes.c_char * size).from_address(addr)
-                nbytes = os.preadv(fd, [reply], offset)
-                state.pace(nbytes, arrival)
-                state.account(rel, nbytes)
-                return nbytes
-            finally:
-                state.leave()
+    def release(self, path: str, fi: Any) -> int:
+        fd = fi.fh
+        with self.fd_lock:
+            self.fd_rel.pop(fd, None)
+        os.close(fd)
+        return 0
 
-        def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-            # Registers the read callback with libfuse; PreadvFUSE.read calls read_into
-            # instead, so this copying path only runs under a plain mfusepy.FUSE.
-            buf = ctypes.create_string_buffer(size)
-            nbytes = self.read_into(fi.fh, ctypes.addressof(buf), size, offset)
-            return buf.raw[:nbytes]
+    def read_into(self, fd: int, addr: int, size: int, offset: int) -> int:
+        """Serve one read request straight into libfuse's reply buffer."""
+        arrival = time.monotonic()
+        rel = self.fd_rel.get(fd, "?")
+        self.state.wait_while_stalled()
+        self.state.enter()
+        try:
+            if self.state.is_vanished(rel) or self.state.overlaps_eio(rel, offset, size):
+                self.state.pace(0, arrival)
+                self.state.count_error()
+                raise self.error(errno.EIO)
+            if size == 0:
+                return 0
+            reply = (ctypes.c_char * size).from_address(addr)
+            nbytes = os.preadv(fd, [reply], offset)
+            self.state.pace(nbytes, arrival)
+            self.state.account(rel, nbytes)
+            return nbytes
+        finally:
+            self.state.leave()
 
-        def destroy(self, path: str) -> None:
-            log.info("destroy")
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        # Registers the read callback with libfuse; PreadvFUSE.read calls read_into
+        # instead, so this copying path only runs under a plain mfusepy.FUSE.
+        buf = ctypes.create_string_buffer(size)
+        nbytes = self.read_into(fi.fh, ctypes.addressof(buf), size, offset)
+        return buf.raw[:nbytes]
 
-    return NetOps()
+    def destroy(self, path: str) -> None:
+        log.info("destroy")
+
+
+def _make_ops(mfusepy: Any, backing: str, state: ServerState, limits: dict[str, int]) -> Any:
+    """The Operations object: `_NetOps` on mfusepy's base class, imported late."""
+    cls = type("NetOps", (_NetOps, mfusepy.Operations), {})
+    return cls(mfusepy, backing, state, limits)
 
 
 def _make_fuse_class(mfusepy: Any) -> Any:
@@ -383,120 +405,66 @@ class ControlServer:
         with conn, conn.makefile("rwb") as stream:
             for line in stream:
                 try:
-                    request = json.loads(line)
-                    reply: dict[str, Any] = {"ok": True, "result": self.handle(request)}
+                    request = proto.decode_control(line)
+                    reply = proto.reply_ok(HANDLERS[type(request)](self.state, request))
                 except Exception as exc:  # reported to the client, never fatal here
-                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                stream.write(json.dumps(reply).encode() + b"\n")
+                    reply = proto.reply_error(f"{type(exc).__name__}: {exc}")
+                stream.write(reply)
                 stream.flush()
 
-    def handle(self, request: dict[str, Any]) -> Any:
-        op = request["op"]
-        st = self.state
-        if op == "ping":
-            return {"pid": os.getpid()}
-        if op == "counters":
-            return st.snapshot()
-        if op == "reset_counters":
-            st.reset_counters()
-            return None
-        if op == "inject_eio":
-            offset, length = int(request["offset"]), int(request["length"])
-            if offset < 0 or length <= 0:
-                raise ValueError("offset must be >= 0 and length > 0")
-            with st.cond:
-                st.eio.setdefault(request["path"], []).append((offset, offset + length))
-            return None
-        if op == "vanish":
-            with st.cond:
-                st.vanished.add(request["path"])
-            return None
-        if op == "stall":
-            st.stall(request.get("seconds"))
-            return None
-        if op == "unstall":
-            st.unstall()
-            return None
-        if op == "clear_faults":
-            st.clear_faults()
-            return None
-        if op == "set_bandwidth":
-            with st.cond:
-                st.bandwidth_bps = request["bps"] or None
-            return None
-        if op == "set_latency":
-            with st.cond:
-                st.latency_s = float(request["seconds"])
-            return None
-        if op == "shutdown":
-            st.shutdown()
-            return None
-        raise ValueError(f"unknown op {op!r}")
+
+#: What the server does for each control request; the result is the reply's payload.
+HANDLERS: dict[type, Callable[[ServerState, Any], Any]] = {
+    proto.Ping: lambda st, r: {"pid": os.getpid()},
+    proto.GetCounters: lambda st, r: st.snapshot(),
+    proto.ResetCounters: lambda st, r: st.reset_counters(),
+    proto.InjectEIO: lambda st, r: st.inject_eio(r.path, int(r.offset), int(r.length)),
+    proto.Vanish: lambda st, r: st.vanish(r.path),
+    proto.Stall: lambda st, r: st.stall(r.seconds),
+    proto.Unstall: lambda st, r: st.unstall(),
+    proto.ClearFaults: lambda st, r: st.clear_faults(),
+    proto.SetBandwidth: lambda st, r: st.set_bandwidth(r.bps),
+    proto.SetLatency: lambda st, r: st.set_latency(r.seconds),
+    proto.Shutdown: lambda st, r: st.shutdown(),
+}
 
 
 def main(argv: list[str]) -> int:
     """Mount and serve until unmounted or signalled.
 
     Args:
-        argv: ``[prog, CONFIG_JSON]``; the config holds backing, mountpoint, control,
-            parent_pid, bandwidth_bps, latency_s, threads, max_read, max_background,
-            congestion_threshold, allow_other, fsname, log_level.
+        argv: ``[prog, CONFIG_JSON]``, a `bench.protocol.ServerConfig`.
 
     Returns:
         The process exit status.
     """
-    cfg = json.loads(argv[1])
+    cfg = proto.ServerConfig.from_json(argv[1])
     logging.basicConfig(
-        level=cfg.get("log_level", "INFO"),
+        level=cfg.log_level,
         stream=sys.stderr,
         format="netfs-server[%(process)d] %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mfusepy").setLevel(logging.WARNING)
     logging.getLogger("fuse").setLevel(logging.WARNING)
-    parent_pid = int(cfg["parent_pid"])
-    if os.getppid() != parent_pid:
+    if os.getppid() != cfg.parent_pid:
         log.error("parent already gone")
         return 1
 
     os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     import mfusepy  # imported here only: the parent never needs it
 
-    state = ServerState(cfg.get("bandwidth_bps"), cfg.get("latency_s", 0.0))
-    control = ControlServer(cfg["control"], state, parent_pid)
-    control.start()
-
-    ops = _make_ops(
-        mfusepy,
-        cfg["backing"],
-        state,
-        max_read=int(cfg["max_read"]),
-        max_background=int(cfg["max_background"]),
-        congestion_threshold=int(cfg["congestion_threshold"]),
-    )
-    fuse_cls = _make_fuse_class(mfusepy)
-    options: dict[str, Any] = {
-        "foreground": True,
-        "ro": True,
-        "allow_other": bool(cfg.get("allow_other", False)),
-        "default_permissions": True,
-        "fsname": cfg.get("fsname", "netfs"),
-        "subtype": "netfs",
-        "kernel_cache": True,
-        "noauto_cache": True,
-        "entry_timeout": 86400,
-        "attr_timeout": 86400,
-        "negative_timeout": 0,
-        "max_read": int(cfg["max_read"]),
+    state = ServerState(cfg.bandwidth_bps, cfg.latency_s)
+    ControlServer(cfg.control, state, cfg.parent_pid).start()
+    limits = {
+        "max_read": cfg.max_read,
+        "max_background": cfg.max_background,
+        "congestion_threshold": cfg.congestion_threshold,
     }
-    threads = int(cfg.get("threads", 8))
-    if threads <= 1:
-        options["nothreads"] = True
-    else:
-        options["max_threads"] = threads
-        options["max_idle_threads"] = threads
-    log.info("mounting %s at %s with %s", cfg["backing"], cfg["mountpoint"], options)
+    ops = _make_ops(mfusepy, cfg.backing, state, limits)
+    options = _mount_options(cfg)
+    log.info("mounting %s at %s with %s", cfg.backing, cfg.mountpoint, options)
     try:
-        fuse_cls(ops, cfg["mountpoint"], raw_fi=True, **options)
+        _make_fuse_class(mfusepy)(ops, cfg.mountpoint, raw_fi=True, **options)
     except RuntimeError as exc:
         if state.shutting_down:  # e.g. a lazily detached mount that libfuse cannot unmount
             log.info("fuse_main ended with %s during shutdown", exc)
@@ -507,6 +475,30 @@ def main(argv: list[str]) -> int:
         state.shutdown()
     log.info("unmounted, exiting")
     return 0
+
+
+def _mount_options(cfg: proto.ServerConfig) -> dict[str, Any]:
+    """libfuse's options: read-only, page cache kept across opens as NFS does, threads."""
+    options: dict[str, Any] = {
+        "foreground": True,
+        "ro": True,
+        "allow_other": cfg.allow_other,
+        "default_permissions": True,
+        "fsname": cfg.fsname,
+        "subtype": "netfs",
+        "kernel_cache": True,
+        "noauto_cache": True,
+        "entry_timeout": 86400,
+        "attr_timeout": 86400,
+        "negative_timeout": 0,
+        "max_read": cfg.max_read,
+    }
+    if cfg.threads <= 1:
+        options["nothreads"] = True
+    else:
+        options["max_threads"] = cfg.threads
+        options["max_idle_threads"] = cfg.threads
+    return options
 
 
 if __name__ == "__main__":

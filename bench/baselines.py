@@ -16,7 +16,7 @@
     the prefetch, and does not wait for it.
 
 Both load functions call ``consume(name, tensor)`` for every tensor; the bench's rank
-process copies each tensor into its own buffer there (see ``bench.worker``).
+process copies each tensor into its own buffer there (see ``bench.consumer``).
 """
 
 from __future__ import annotations

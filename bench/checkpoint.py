@@ -19,22 +19,24 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from engine.units import parse_size as _parse_size
+from bench.sizes import parse_size
 
 __all__ = [
     "DTYPES",
     "SHAPES",
-    "CheckpointInfo",
+    "Checkpoint",
     "TensorSpec",
     "make_checkpoint",
-    "parse_size",
     "plan_tensors",
+    "read_header",
+    "scan_checkpoint",
     "write_safetensors",
 ]
 
@@ -63,32 +65,6 @@ _CHUNK = 8 << 20  # bytes generated and written per step
 _HEADER_METADATA = {"format": "pt"}
 
 
-def parse_size(text: str | int) -> int:
-    """Parse a byte size such as ``"4GiB"``, ``"256 MiB"``, ``"1.5GB"`` or ``"4096"``.
-
-    The project's one size syntax (`engine.units.parse_size`): KiB, MiB, GiB, TiB (and the
-    bare K, M, G, T) are powers of 1024; KB, MB, GB, TB are powers of 1000;
-    case-insensitive.
-
-    Args:
-        text: the size as text, or an int (returned unchanged).
-
-    Returns:
-        The size in bytes, rounded down to an integer.
-
-    Raises:
-        ValueError: when `text` is not a non-negative size with a known unit.
-
-    Example:
-        >>> parse_size("4GiB"), parse_size("1.5KB"), parse_size("12")
-        (4294967296, 1500, 12)
-    """
-    value = _parse_size(text)
-    if value < 0:
-        raise ValueError(f"size must be >= 0, got {text!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of a synthetic checkpoint: name, dtype name (a key of DTYPES), shape."""
@@ -104,8 +80,8 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
-    """What `make_checkpoint` wrote.
+class Checkpoint:
+    """A synthetic checkpoint on disk, as `make_checkpoint` wrote it.
 
     Attributes:
         directory: the checkpoint directory.
@@ -113,18 +89,64 @@ class CheckpointInfo:
         total_bytes: the sum of the shards' file sizes (headers included).
         tensor_count: number of tensors over all shards.
         shape: the checkpoint shape (one of SHAPES).
+        max_tensor_bytes: the largest tensor's size (what a rank's copy buffer needs).
+        params: the arguments it was made with, when the bench's store made it.
     """
 
     directory: Path
-    files: list[Path]
+    files: tuple[Path, ...]
     total_bytes: int
     tensor_count: int
     shape: str
+    max_tensor_bytes: int = 0
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def index_path(self) -> Path:
         """The ``model.safetensors.index.json`` of the checkpoint."""
         return self.directory / "model.safetensors.index.json"
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``checkpoints`` entry of a results document (its checksum is filled later)."""
+        return {
+            "shape": self.shape,
+            "total_bytes": self.total_bytes,
+            "tensor_count": self.tensor_count,
+            "max_tensor_bytes": self.max_tensor_bytes,
+            "directory": str(self.directory),
+            "params": dict(self.params),
+            "files": [{"name": f.name, "size": f.stat().st_size} for f in self.files],
+            "checksum": None,
+        }
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of a safetensors file (``__metadata__`` included).
+
+    Example:
+        >>> read_header("model.safetensors")["__metadata__"]  # doctest: +SKIP
+        {'format': 'pt'}
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def scan_checkpoint(files: Sequence[str | os.PathLike[str]]) -> tuple[int, int]:
+    """Read the safetensors headers: (tensor count, largest tensor in bytes).
+
+    Example:
+        >>> scan_checkpoint(["model.safetensors"])  # doctest: +SKIP
+        (291, 131072000)
+    """
+    count, largest = 0, 0
+    for path in files:
+        for name, meta in read_header(path).items():
+            if name != "__metadata__":
+                lo, hi = meta["data_offsets"]
+                count += 1
+                largest = max(largest, hi - lo)
+    return count, largest
 
 
 # --------------------------------------------------------------------------------------
@@ -195,6 +217,42 @@ def _model_specs(
     ]
 
 
+def _largest(fits: Callable[[int], bool], step: int) -> int:
+    """The largest multiple of `step` that `fits` (a monotone test), or 0."""
+    lo, hi = 0, step
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _layout(
+    size_bytes: int, layers0: int, step: int, fixed_bytes: Callable[[int, int], int]
+) -> tuple[int, int]:
+    """(layers, hidden size) of a model of about `size_bytes`, vocabulary aside.
+
+    For each layer count, the largest hidden size that fits; the vocabulary fills the
+    rest. Keep the layer count that leaves the least to the vocabulary (so that the
+    embedding stays about the size of a few layers), preferring fewer layers.
+    """
+    best: tuple[int, int, int] | None = None  # (leftover, layers, hidden)
+    for n_layers in range(layers0, layers0 + max(1, layers0 // 2)):
+        hidden = _largest(lambda h, n=n_layers: fixed_bytes(h, n) <= size_bytes, step)
+        if hidden < step:
+            break
+        leftover = size_bytes - fixed_bytes(hidden, n_layers)
+        if best is None or leftover < best[0]:
+            best = (leftover, n_layers, hidden)
+    if best is not None:
+        return best[1], best[2]
+    layers = layers0  # tiny sizes: shrink the model until the smallest hidden size fits
+    while layers > 1 and fixed_bytes(step, layers) > size_bytes:
+        layers -= 1
+    return layers, step
+
+
 def plan_tensors(
     size_bytes: int,
     *,
@@ -234,32 +292,7 @@ def plan_tensors(
     def fixed_bytes(h: int, n_layers: int) -> int:
         return _body_bytes(h, n_layers, dtypes, experts) + 2 * min_vocab * h * h * b0
 
-    def largest_hidden(n_layers: int) -> int:
-        lo, hi = 0, step
-        while fixed_bytes(hi, n_layers) <= size_bytes:
-            lo, hi = hi, hi * 2
-        while hi - lo > step:
-            mid = (lo + hi) // 2 // step * step
-            lo, hi = (mid, hi) if fixed_bytes(mid, n_layers) <= size_bytes else (lo, mid)
-        return lo
-
-    # For each layer count, the largest hidden size that fits; the vocabulary fills the
-    # rest. Keep the layer count that leaves the least to the vocabulary (so that the
-    # embedding stays about the size of a few layers), preferring fewer layers.
-    best: tuple[int, int, int] | None = None  # (leftover, layers, hidden)
-    for n_layers in range(layers0, layers0 + max(1, layers0 // 2)):
-        hidden = largest_hidden(n_layers)
-        if hidden < step:
-            break
-        leftover = size_bytes - fixed_bytes(hidden, n_layers)
-        if best is None or leftover < best[0]:
-            best = (leftover, n_layers, hidden)
-    if best is None:  # tiny sizes: shrink the model until the smallest hidden size fits
-        layers, hidden = layers0, step
-        while layers > 1 and fixed_bytes(hidden, layers) > size_bytes:
-            layers -= 1
-    else:
-        _, layers, hidden = best
+    layers, hidden = _layout(size_bytes, layers0, step, fixed_bytes)
     vocab = max(1, (size_bytes - _body_bytes(hidden, layers, dtypes, experts)) // (2 * hidden * b0))
     return _model_specs(hidden, layers, vocab, dtypes, experts)
 
@@ -394,6 +427,48 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _check_args(
+    shape: str, dtypes: tuple[str, ...], size_bytes: int, shards: int | None, skew: float
+) -> int:
+    """Raise ValueError for an argument `make_checkpoint` cannot use; return the shards."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
+    if not dtypes:
+        raise ValueError("dtypes must name at least one dtype")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}; valid dtypes: {', '.join(DTYPES)}")
+    if size_bytes < 1:
+        raise ValueError(f"size_bytes must be >= 1, got {size_bytes}")
+    n = 1 if shape == "single" else (shards if shards is not None else _DEFAULT_SHARDS[shape])
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"shards must be an integer >= 1, got {shards!r}")
+    if shape == "skewed" and not skew > 0:
+        raise ValueError(f"skew must be > 0, got {skew!r}")
+    return n
+
+
+def _write_shards(
+    directory: Path, names: list[str], specs: list[TensorSpec], owner: list[int], seed: int
+) -> int:
+    """Write shard k's tensors (``owner[i] == k``) to ``names[k]``, then the index.
+
+    Returns:
+        The bytes written in shards.
+    """
+    shards = [[s for s, o in zip(specs, owner, strict=True) if o == k] for k in range(len(names))]
+    total = sum(
+        write_safetensors(directory / name, mine, seed=(seed, k), metadata=_HEADER_METADATA)
+        for k, (name, mine) in enumerate(zip(names, shards, strict=True))
+    )
+    weight_map = {s.name: name for name, mine in zip(names, shards, strict=True) for s in mine}
+    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+    index_tmp = directory / "model.safetensors.index.json.tmp"
+    index_tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(index_tmp, directory / "model.safetensors.index.json")
+    return total
+
+
 def make_checkpoint(
     out_dir: str | os.PathLike[str],
     *,
@@ -403,7 +478,7 @@ def make_checkpoint(
     dtypes: Sequence[str] = ("bf16", "fp16", "fp8_e4m3"),
     seed: int = 0,
     skew: float = 4.0,
-) -> CheckpointInfo:
+) -> Checkpoint:
     """Write a deterministic synthetic safetensors checkpoint shaped like a transformer.
 
     Args:
@@ -419,7 +494,7 @@ def make_checkpoint(
         skew: for ``skewed``, how many times larger the first shard is than the others.
 
     Returns:
-        A CheckpointInfo describing the files written.
+        The Checkpoint written.
 
     Example:
         >>> import tempfile
@@ -427,27 +502,12 @@ def make_checkpoint(
         >>> [p.name for p in info.files]
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
     """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
     dtypes = tuple(dtypes)
-    if not dtypes:
-        raise ValueError("dtypes must name at least one dtype")
-    for d in dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"unknown dtype {d!r}; valid dtypes: {', '.join(DTYPES)}")
     size_bytes = parse_size(size_bytes)
-    if size_bytes < 1:
-        raise ValueError(f"size_bytes must be >= 1, got {size_bytes}")
-    n = 1 if shape == "single" else (shards if shards is not None else _DEFAULT_SHARDS[shape])
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"shards must be an integer >= 1, got {shards!r}")
-    if shape == "skewed" and not skew > 0:
-        raise ValueError(f"skew must be > 0, got {skew!r}")
-
+    n = _check_args(shape, dtypes, size_bytes, shards, skew)
     specs = plan_tensors(size_bytes, shape=shape, shards=n, dtypes=dtypes)
     weights = [float(skew)] + [1.0] * (n - 1) if shape == "skewed" else [1.0] * n
     owner = _assign_shards(specs, weights)
-
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     names = (
@@ -455,27 +515,13 @@ def make_checkpoint(
         if shape == "single"
         else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     )
-    files: list[Path] = []
-    weight_map: dict[str, str] = {}
-    total = 0
-    for k, name in enumerate(names):
-        mine = [s for s, o in zip(specs, owner, strict=True) if o == k]
-        path = directory / name
-        total += write_safetensors(path, mine, seed=(seed, k), metadata=_HEADER_METADATA)
-        files.append(path)
-        weight_map.update((s.name, name) for s in mine)
-
-    index = {
-        "metadata": {"total_size": sum(s.nbytes for s in specs)},
-        "weight_map": weight_map,
-    }
-    index_tmp = directory / "model.safetensors.index.json.tmp"
-    index_tmp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(index_tmp, directory / "model.safetensors.index.json")
-    return CheckpointInfo(
+    total = _write_shards(directory, names, specs, owner, seed)
+    files = [directory / name for name in names]
+    return Checkpoint(
         directory=directory,
-        files=sorted(files),
+        files=tuple(sorted(files)),
         total_bytes=total,
         tensor_count=len(specs),
         shape=shape,
+        max_tensor_bytes=max((s.nbytes for s in specs), default=0),
     )

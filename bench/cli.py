@@ -21,7 +21,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.suites import Suite
 
 __all__ = ["main"]
 
@@ -94,7 +97,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _size(text: str) -> int:
-    from bench.checkpoint import parse_size
+    from bench.sizes import parse_size
 
     try:
         return parse_size(text)
@@ -103,7 +106,7 @@ def _size(text: str) -> int:
 
 
 def _configs(text: str) -> list[str]:
-    from bench.worker import parse_config
+    from bench.configs import parse_config
 
     out = _csv(text)
     for c in out:
@@ -134,38 +137,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="checkpoint data seed (default 0)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ckpt-prefetch-bench",
-        description="Measure how fast N rank processes load a safetensors checkpoint from a "
-        "(simulated) network filesystem: no prefetch, the SGLang-style prefetch, "
-        "and ckpt-prefetch, against the physical floor.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with:  ckpt-prefetch-bench run     (the quick suite, < 3 minutes)",
-    )
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="log more (-v: INFO, -vv: DEBUG) to stderr",
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    r = sub.add_parser(
-        "run",
-        help="run a benchmark suite (default: --quick)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_EPILOG_RUN,
-        description="Run a benchmark suite and print a table; write JSON and a PNG plot.",
-    )
-    mode = r.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--quick", action="store_true", help="the quick suite (default): under 3 minutes"
-    )
-    mode.add_argument(
-        "--full", action="store_true", help="the full suite (2 hours on 2 cores, see below)"
-    )
+def _add_matrix_args(r: argparse.ArgumentParser) -> None:
+    """What to measure: filesystems, ranks, checkpoints, configurations, scenarios."""
     r.add_argument(
         "--fs",
         type=_csv,
@@ -221,6 +194,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="checkpoint size of the bigger-than-memory scenario (default 3GiB)",
     )
+
+
+def _add_sampling_args(r: argparse.ArgumentParser) -> None:
+    """How to measure: repeats, warm-ups, floors, rank processes, where checkpoints live."""
     r.add_argument(
         "--repeats",
         type=int,
@@ -258,6 +235,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where checkpoints are made and reused (default ~/.cache/ckpt-prefetch-bench)",
     )
+
+
+def _add_output_args(r: argparse.ArgumentParser) -> None:
+    """Where the results go, or a dry run."""
     r.add_argument(
         "--out",
         type=Path,
@@ -286,6 +267,28 @@ def _parser() -> argparse.ArgumentParser:
         help="print the suite's scenarios and number of measurements, run nothing",
     )
 
+
+def _add_run_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run a benchmark suite (default: --quick)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG_RUN,
+        description="Run a benchmark suite and print a table; write JSON and a PNG plot.",
+    )
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick", action="store_true", help="the quick suite (default): under 3 minutes"
+    )
+    mode.add_argument(
+        "--full", action="store_true", help="the full suite (2 hours on 2 cores, see below)"
+    )
+    _add_matrix_args(r)
+    _add_sampling_args(r)
+    _add_output_args(r)
+
+
+def _add_make_parser(sub: Any) -> None:
     m = sub.add_parser(
         "make",
         help="write a synthetic safetensors checkpoint",
@@ -315,6 +318,27 @@ def _parser() -> argparse.ArgumentParser:
         help="checkpoint shape (default uniform, or skewed when --skew is given)",
     )
 
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ckpt-prefetch-bench",
+        description="Measure how fast N rank processes load a safetensors checkpoint from a "
+        "(simulated) network filesystem: no prefetch, the SGLang-style prefetch, "
+        "and ckpt-prefetch, against the physical floor.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with:  ckpt-prefetch-bench run     (the quick suite, < 3 minutes)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (-v: INFO, -vv: DEBUG) to stderr",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_run_parser(sub)
+    _add_make_parser(sub)
     s = sub.add_parser("show", help="print the table (and plot) of a stored results JSON")
     s.add_argument("json", type=Path, help="a results JSON")
     s.add_argument("--plot", type=Path, metavar="PATH", help="also draw the plot to PATH")
@@ -328,54 +352,52 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 
 
-def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Any:
-    from bench import run as brun
+def _matrix_overrides(args: argparse.Namespace, scenario: str) -> dict[str, Any]:
+    """The Matrix fields that flags given explicitly replace in `scenario`."""
+    repl: dict[str, Any] = {}
+    for flag in ("fs", "ranks", "shapes"):
+        if getattr(args, flag):
+            repl[flag] = tuple(getattr(args, flag))
+    if scenario == "cold" and args.configs:
+        repl["configs"] = tuple(args.configs)
+    if scenario in ("cold", "sweep", "backends") and args.size:
+        repl["size_bytes"] = args.size
+    if scenario == "bigger-than-memory":
+        repl["memory_limit_bytes"] = args.memory_limit
+        repl["size_bytes"] = args.btm_size
+    if args.no_fio:
+        repl["fio"] = False
+    if args.no_hot:
+        repl["hot"] = False
+    return repl
 
-    base = brun.full_suite() if args.full else brun.quick_suite()
-    scenarios = args.scenario or (
-        ["cold", "sweep", "backends", "bigger-than-memory"] if args.full else ["cold"]
-    )
-    known = {"cold", "sweep", "backends", "bigger-than-memory"}
-    bad = [s for s in scenarios if s not in known]
+
+def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Suite:
+    from bench.store import default_workdir
+    from bench.suites import SCENARIOS, full_suite, quick_suite
+
+    base = full_suite() if args.full else quick_suite()
+    scenarios = args.scenario or (list(SCENARIOS) if args.full else ["cold"])
+    bad = [s for s in scenarios if s not in SCENARIOS]
     if bad:
-        raise ValueError(f"unknown scenario(s) {', '.join(bad)}: use {', '.join(sorted(known))}")
-    catalogue = {m.scenario: m for m in brun.full_suite().matrices}
+        raise ValueError(
+            f"unknown scenario(s) {', '.join(bad)}: use {', '.join(sorted(SCENARIOS))}"
+        )
+    catalogue = {m.scenario: m for m in full_suite().matrices}
     catalogue.update({m.scenario: m for m in base.matrices})
-    mats = []
-    for name in scenarios:
-        mat = catalogue[name]
-        repl: dict[str, Any] = {}
-        if args.fs:
-            repl["fs"] = tuple(args.fs)
-        if args.ranks:
-            repl["ranks"] = tuple(args.ranks)
-        if args.shapes:
-            repl["shapes"] = tuple(args.shapes)
-        if name == "cold":
-            if args.configs:
-                repl["configs"] = tuple(args.configs)
-            if args.size:
-                repl["size_bytes"] = args.size
-        if name in ("sweep", "backends") and args.size:
-            repl["size_bytes"] = args.size
-        if name == "bigger-than-memory":
-            repl["memory_limit_bytes"] = args.memory_limit
-            repl["size_bytes"] = args.btm_size
-        if args.no_fio:
-            repl["fio"] = False
-        if args.no_hot:
-            repl["hot"] = False
-        mats.append(dataclasses.replace(mat, **repl))
+    mats = tuple(
+        dataclasses.replace(catalogue[name], **_matrix_overrides(args, name)) for name in scenarios
+    )
     name = base.name
     if any(getattr(args, k) for k in ("fs", "ranks", "shapes", "size", "configs", "scenario")):
         name = f"{name}-custom"
     return dataclasses.replace(
         base,
         name=name,
-        matrices=tuple(mats),
+        matrices=mats,
         repeats=args.repeats,
         warmup=args.warmup,
-        workdir=args.workdir or brun.default_workdir(),
+        workdir=args.workdir or default_workdir(),
         shards=args.shards,
         skew=args.skew if args.skew is not None else DEFAULT_SKEW,
         dtypes=tuple(args.dtypes),
@@ -447,11 +469,13 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rich.console import Console
 
     from bench import report, results
-    from bench.run import BenchError, BenchInterrupted, ChecksumMismatch, _validate_suite, run_suite
+    from bench.errors import BenchError, BenchInterrupted, ChecksumMismatch
+    from bench.runner import run_suite
+    from bench.suites import validate_suite
 
     try:
         suite = _build_suite(args, argv)
-        _validate_suite(suite)
+        validate_suite(suite)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.dry_run:
@@ -498,9 +522,9 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _dry_run(suite: Any) -> int:
+def _dry_run(suite: Suite) -> int:
     from bench import netfs
-    from bench.run import _count_steps
+    from bench.runner import plan
 
     fuse_ok, why = netfs.fuse_available()
     print(
@@ -515,7 +539,7 @@ def _dry_run(suite: Any) -> int:
             f"{m.size_bytes >> 20} MiB{limit}"
         )
     print(
-        f"{_count_steps(suite, fuse_ok)} steps (loads, floors, warm-ups, checkpoints)"
+        f"{len(plan(suite, fuse_ok=fuse_ok))} steps (loads, floors, warm-ups, checkpoints)"
         + ("" if fuse_ok else f"; FUSE unavailable ({why}): netfs runs on local disk")
     )
     return 0

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from engine.units import parse_size
+from bench.sizes import parse_size
 
 __all__ = ["FIO_AVAILABLE", "fio_read", "raw_pieces", "raw_read_share"]
 
@@ -107,49 +107,56 @@ def raw_read_share(
     fds = {p: os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths}
     try:
         sizes = [(p, os.fstat(fds[p]).st_size) for p in paths]
-        pieces = raw_pieces(sizes, rank, world, chunk_bytes)
-        lock = threading.Lock()
-        state = {"next": 0, "bytes": 0}
-        errors: list[BaseException] = []
-
-        def reader() -> None:
-            buf = bytearray(chunk_bytes)
-            view = memoryview(buf)
-            got = 0
-            try:
-                while True:
-                    with lock:
-                        k = state["next"]
-                        state["next"] = k + 1
-                    if k >= len(pieces) or errors:
-                        break
-                    path, off, length = pieces[k]
-                    done = 0
-                    while done < length:
-                        n = os.preadv(fds[path], [view[: length - done]], off + done)
-                        if n == 0:
-                            break
-                        done += n
-                    got += done
-            except BaseException as exc:  # reported by the caller
-                errors.append(exc)
-            with lock:
-                state["bytes"] += got
-
+        share = _Share(raw_pieces(sizes, rank, world, chunk_bytes), fds)
         workers = [
-            threading.Thread(target=reader, name=f"raw-{i}", daemon=True)
+            threading.Thread(target=share.read, args=(chunk_bytes,), name=f"raw-{i}", daemon=True)
             for i in range(max(1, threads))
         ]
         for t in workers:
             t.start()
         for t in workers:
             t.join()
-        if errors:
-            raise errors[0]
-        return state["bytes"]
+        if share.errors:
+            raise share.errors[0]
+        return share.bytes
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+class _Share:
+    """One rank's pieces, handed out one at a time to its reader threads."""
+
+    def __init__(self, pieces: list[tuple[str, int, int]], fds: dict[str, int]) -> None:
+        self.pieces, self.fds = pieces, fds
+        self.bytes = 0
+        self.errors: list[BaseException] = []
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def _take(self) -> tuple[str, int, int] | None:
+        with self._lock:
+            k, self._next = self._next, self._next + 1
+        return self.pieces[k] if k < len(self.pieces) and not self.errors else None
+
+    def read(self, chunk_bytes: int) -> None:
+        """A reader thread: whole pieces with ``os.preadv`` into one reused buffer."""
+        view = memoryview(bytearray(chunk_bytes))
+        got = 0
+        try:
+            while (piece := self._take()) is not None:
+                path, off, length = piece
+                done = 0
+                while done < length:
+                    n = os.preadv(self.fds[path], [view[: length - done]], off + done)
+                    if n == 0:
+                        break
+                    done += n
+                got += done
+        except BaseException as exc:  # raised by raw_read_share once the threads are done
+            self.errors.append(exc)
+        with self._lock:
+            self.bytes += got
 
 
 def _fio_filename(paths: Sequence[str]) -> str:
@@ -178,6 +185,26 @@ def _fio_jobs(paths: Sequence[str]) -> list[str]:
         if i:
             args.append("--stonewall")
     return args
+
+
+def _run_fio(cmd: list[str], timeout: float) -> tuple[float, int, float] | str:
+    """(wall seconds, bytes read, fio's own runtime in seconds), or why fio failed."""
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"fio timed out after {timeout:.0f} s"
+    seconds = time.monotonic() - t0
+    if out.returncode != 0:
+        return (out.stderr or out.stdout).strip()[:400]
+    try:
+        data = json.loads(out.stdout[out.stdout.index("{") :])
+        reads = [job["read"] for job in data["jobs"]]
+        io_bytes = sum(int(r["io_bytes"]) for r in reads)
+        runtime_s = sum(float(r.get("runtime", 0)) for r in reads) / 1000.0
+    except (ValueError, KeyError, IndexError) as exc:
+        return f"cannot parse fio output: {exc}"
+    return seconds, io_bytes, runtime_s
 
 
 def fio_read(
@@ -220,37 +247,15 @@ def fio_read(
     whole_blocks = sum(os.path.getsize(p) // block_bytes * block_bytes for p in paths)
     last_error = ""
     for engine in dict.fromkeys((ioengine, "psync")):
-        cmd = [
-            "fio",
-            f"--ioengine={engine}",
-            f"--iodepth={iodepth}",
-            f"--bs={block}",
-            "--direct=0",
-            "--rw=read",
-            "--numjobs=1",
-            "--output-format=json",
-            *_fio_jobs(paths),
-        ]
-        t0 = time.monotonic()
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            last_error = f"fio timed out after {timeout:.0f} s"
-            continue
-        seconds = time.monotonic() - t0
-        if out.returncode != 0:
-            last_error = (out.stderr or out.stdout).strip()[:400]
+        cmd = ["fio", f"--ioengine={engine}", f"--iodepth={iodepth}", f"--bs={block}"]
+        cmd += ["--direct=0", "--rw=read", "--numjobs=1", "--output-format=json"]
+        cmd += _fio_jobs(paths)
+        outcome = _run_fio(cmd, timeout)
+        if isinstance(outcome, str):
+            last_error = outcome
             log.info("fio with ioengine=%s failed: %s", engine, last_error)
             continue
-        try:
-            text = out.stdout[out.stdout.index("{") :]
-            data = json.loads(text)
-            reads = [job["read"] for job in data["jobs"]]
-            io_bytes = sum(int(r["io_bytes"]) for r in reads)
-            runtime_s = sum(float(r.get("runtime", 0)) for r in reads) / 1000.0
-        except (ValueError, KeyError, IndexError) as exc:
-            last_error = f"cannot parse fio output: {exc}"
-            continue
+        seconds, io_bytes, runtime_s = outcome
         return {
             "seconds": seconds,
             "fio_runtime_s": runtime_s,

@@ -33,10 +33,8 @@ import contextlib
 import ctypes.util
 import dataclasses
 import errno
-import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -51,10 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import protocol as proto
+from bench.mounts import is_mounted, read_ahead_kb, set_read_ahead_kb
 from engine.residency import evict
 
 __all__ = [
     "PROFILES",
+    "ControlClient",
     "Counters",
     "NetFS",
     "NetFSError",
@@ -65,10 +66,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SERVER = Path(__file__).with_name("_netfs_server.py")
-_CONTROL_TIMEOUT_S = 20.0  # per control request; one retry (see _ControlClient)
+_REPO = Path(__file__).resolve().parent.parent
+_CONTROL_TIMEOUT_S = 20.0  # per control request; one retry (see ControlClient)
 _MiB = 1 << 20
-_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 
 class NetFSError(RuntimeError):
@@ -220,24 +220,6 @@ def fuse_available() -> tuple[bool, str]:
     return True, f"/dev/fuse opens, {fusermount}, {lib}, mfusepy"
 
 
-def _mount_points() -> set[str]:
-    """Mount points of this process's mount namespace, from /proc/self/mountinfo."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        lines = f.read().splitlines()
-    # mountinfo escapes space, tab, newline and backslash as \ooo (octal)
-    return {
-        os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), line.split(b" ", 5)[4]))
-        for line in lines
-        if line
-    }
-
-
-def _is_mounted(path: str) -> bool:
-    # Not os.path.ismount: it stats the mount root, which hangs on a stalled server and
-    # fails with ENOTCONN on a dead one.
-    return path in _mount_points()
-
-
 def _run_quiet(cmd: list[str], timeout: float = 15.0) -> tuple[int, str]:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -259,25 +241,25 @@ def _unmount(path: str) -> bool:
         attempts += [([fusermount, "-u", "-z", "-q", path], True)]
     attempts += [(["umount", path], False), (["umount", "-l", path], True)]
     for cmd, lazy in attempts:
-        if not _is_mounted(path):
+        if not is_mounted(path):
             return False
         rc, message = _run_quiet(cmd)
         log.debug("%s: rc=%d %s", " ".join(cmd), rc, message)
-        if rc == 0 and not _is_mounted(path):
+        if rc == 0 and not is_mounted(path):
             if lazy:
                 log.info("%s was busy: detached lazily", path)
             return lazy
-    if _is_mounted(path):
+    if is_mounted(path):
         raise NetFSError(f"could not unmount {path}")
     return False
 
 
-class _ControlClient:
-    """JSON lines over the server's Unix socket; one request at a time.
+class ControlClient:
+    """Requests (`bench.protocol`) over the server's Unix socket; one at a time.
 
-    Every operation is idempotent (read counters, reset them, set a fault), so a request
-    that times out (a Python server starved of CPU on a busy machine) is sent once more
-    over a new connection: a socket file that timed out cannot be read again, and a late
+    Every request is idempotent (read counters, reset them, set a fault), so one that
+    times out (a Python server starved of CPU on a busy machine) is sent once more over
+    a new connection: a socket file that timed out cannot be read again, and a late
     reply on the old connection must not be taken for the next request's.
     """
 
@@ -297,25 +279,35 @@ class _ControlClient:
         self._stream.flush()
         return self._stream.readline()
 
-    def call(self, op: str, **args: Any) -> Any:
-        request = json.dumps({"op": op, **args}).encode() + b"\n"
+    def _send(self, request: Any) -> bytes:
+        line = proto.encode(request)
         with self._lock:
             try:
                 try:
-                    line = self._exchange(request)
+                    return self._exchange(line)
                 except TimeoutError:
-                    log.warning("netfs control: %r took over %.0f s; retrying", op, self._timeout)
+                    log.warning(
+                        "netfs control: %r took over %.0f s; retrying", request, self._timeout
+                    )
                     self.close()
                     self._connect()
-                    line = self._exchange(request)
+                    return self._exchange(line)
             except OSError as exc:
-                raise NetFSError(f"control channel failed during {op!r}: {exc}") from exc
+                raise NetFSError(f"control channel failed during {request!r}: {exc}") from exc
+
+    def call(self, request: Any) -> Any:
+        """Send `request` (a `bench.protocol` control message); return the server's result.
+
+        Raises:
+            NetFSError: the channel failed or the server refused the request.
+        """
+        line = self._send(request)
         if not line:
-            raise NetFSError(f"server closed the control channel during {op!r}")
-        reply = json.loads(line)
-        if not reply["ok"]:
-            raise NetFSError(f"server refused {op!r}: {reply['error']}")
-        return reply["result"]
+            raise NetFSError(f"server closed the control channel during {request!r}")
+        ok, result = proto.decode_reply(line)
+        if not ok:
+            raise NetFSError(f"server refused {request!r}: {result}")
+        return result
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -343,30 +335,26 @@ class NetFS:
         backing_dir: Path,
         profile: NetFSProfile,
         proc: subprocess.Popen[bytes],
-        control: _ControlClient,
+        control: ControlClient,
     ) -> None:
         self.path = path
         self.backing_dir = backing_dir
         self.profile = profile
         self.pid = proc.pid
         self._proc = proc
-        self._control: _ControlClient | None = control
+        self._control: ControlClient | None = control
         self._final: Counters | None = None
-        self.read_ahead_kb = _read_ahead_of(str(path))
+        self.read_ahead_kb = read_ahead_kb(path)
 
     def __repr__(self) -> str:
         state = "mounted" if self._control is not None else "unmounted"
         return f"NetFS({str(self.path)!r}, profile={self.profile.name!r}, {state})"
 
     # ----------------------------------------------------------------- helpers
-    def _call(self, op: str, **args: Any) -> Any:
+    def _call(self, request: Any) -> Any:
         if self._control is None:
             raise NetFSError(f"{self.path} is no longer mounted")
-        return self._call_control(op, **args)
-
-    def _call_control(self, op: str, **args: Any) -> Any:
-        assert self._control is not None
-        return self._control.call(op, **args)
+        return self._control.call(request)
 
     def _relpath(self, path: str | os.PathLike[str]) -> str:
         text = os.fspath(path)
@@ -393,11 +381,11 @@ class NetFS:
         """
         if self._control is None and self._final is not None:
             return self._final
-        return Counters._from_wire(self._call("counters"))
+        return Counters._from_wire(self._call(proto.GetCounters()))
 
     def reset_counters(self) -> None:
         """Set every counter to zero (``max_inflight`` included)."""
-        self._call("reset_counters")
+        self._call(proto.ResetCounters())
 
     # ------------------------------------------------------------------ faults
     def inject_eio(self, relpath: str | os.PathLike[str], offset: int, length: int) -> None:
@@ -415,7 +403,7 @@ class NetFS:
         Example:
             >>> fs.inject_eio("model.safetensors", 1 << 20, 4096)  # doctest: +SKIP
         """
-        self._call("inject_eio", path=self._relpath(relpath), offset=offset, length=length)
+        self._call(proto.InjectEIO(path=self._relpath(relpath), offset=offset, length=length))
 
     def stall(self, seconds: float | None = None) -> None:
         """Hold every read request until :meth:`unstall` or until ``seconds`` pass.
@@ -426,11 +414,11 @@ class NetFS:
         Example:
             >>> fs.stall(2.0)  # doctest: +SKIP
         """
-        self._call("stall", seconds=seconds)
+        self._call(proto.Stall(seconds=seconds))
 
     def unstall(self) -> None:
         """Lift a stall; held reads go on."""
-        self._call("unstall")
+        self._call(proto.Unstall())
 
     def vanish(self, relpath: str | os.PathLike[str]) -> None:
         """Make a file vanish: later opens and stats fail with ENOENT, reads with EIO.
@@ -441,11 +429,11 @@ class NetFS:
         Args:
             relpath: File relative to the mount (or an absolute path).
         """
-        self._call("vanish", path=self._relpath(relpath))
+        self._call(proto.Vanish(path=self._relpath(relpath)))
 
     def clear_faults(self) -> None:
         """Remove injected EIO ranges and vanished files, and lift any stall."""
-        self._call("clear_faults")
+        self._call(proto.ClearFaults())
 
     def set_bandwidth(self, bps: float | None) -> None:
         """Change the aggregate bandwidth.
@@ -453,7 +441,7 @@ class NetFS:
         Args:
             bps: Bytes per second; ``None`` or 0 for no throttle.
         """
-        self._call("set_bandwidth", bps=bps)
+        self._call(proto.SetBandwidth(bps=bps))
 
     def set_latency(self, seconds: float) -> None:
         """Change the latency added to each read request.
@@ -463,7 +451,7 @@ class NetFS:
         """
         if seconds < 0:
             raise ValueError("latency must be >= 0")
-        self._call("set_latency", seconds=seconds)
+        self._call(proto.SetLatency(seconds=seconds))
 
     # ------------------------------------------------------------------- cache
     def evict(self) -> None:
@@ -493,9 +481,9 @@ class NetFS:
         """Lift faults, unmount (lazily if busy) and end the server; idempotent."""
         if self._control is not None:
             with contextlib.suppress(NetFSError, ValueError):
-                self._final = Counters._from_wire(self._call_control("counters"))
+                self._final = Counters._from_wire(self._control.call(proto.GetCounters()))
             with contextlib.suppress(NetFSError, ValueError):
-                self._call_control("shutdown")  # lifts stalls, ignores new ones
+                self._control.call(proto.Shutdown())  # lifts stalls, ignores new ones
             self._control.close()
             self._control = None
         _teardown(self._proc, str(self.path))
@@ -528,7 +516,7 @@ def _teardown(proc: subprocess.Popen[bytes], mountpoint: str) -> None:
         log.warning("%s; stopping the server first", exc)
         grace_s = 0.5
     _stop_server(proc, grace_s=grace_s if proc.poll() is None else 0.0)
-    if _is_mounted(mountpoint):  # server gone, mount left: remove what remains
+    if is_mounted(mountpoint):  # server gone, mount left: remove what remains
         try:
             _unmount(mountpoint)
         except NetFSError as exc:
@@ -543,6 +531,13 @@ def _server_log_tail(log_path: Path, limit: int = 4000) -> str:
 
 
 _PROFILE_FIELDS = {f.name for f in dataclasses.fields(NetFSProfile)} - {"name", "description"}
+
+
+def _set_read_ahead(mountpoint: Path, kb: int) -> None:
+    try:
+        set_read_ahead_kb(mountpoint, kb)
+    except OSError as exc:
+        log.warning("cannot set read_ahead_kb=%d at %s: %s", kb, mountpoint, exc)
 
 
 def _resolve_profile(profile: str | NetFSProfile, overrides: dict[str, Any]) -> NetFSProfile:
@@ -564,28 +559,6 @@ def _resolve_profile(profile: str | NetFSProfile, overrides: dict[str, Any]) -> 
     ):
         raise ValueError(f"invalid profile settings: {resolved}")
     return resolved
-
-
-def _bdi_read_ahead_path(mountpoint: str) -> str:
-    dev = os.stat(mountpoint).st_dev
-    return f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
-
-
-def _read_ahead_of(mountpoint: str) -> int | None:
-    try:
-        with open(_bdi_read_ahead_path(mountpoint), encoding="ascii") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def _set_read_ahead(mountpoint: str, read_ahead_kb: int) -> None:
-    bdi = _bdi_read_ahead_path(mountpoint)
-    try:
-        with open(bdi, "w", encoding="ascii") as f:
-            f.write(str(int(read_ahead_kb)))
-    except OSError as exc:
-        log.warning("cannot set read_ahead_kb=%d at %s: %s", read_ahead_kb, bdi, exc)
 
 
 @contextmanager
@@ -629,49 +602,16 @@ def mounted(
     if not backing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "backing_dir is not a directory", str(backing))
     runtime = Path(tempfile.mkdtemp(prefix="netfs-"))
-    own_mountpoint = mountpoint is None
-    if own_mountpoint:
-        mp = runtime / "mnt"
-        mp.mkdir()
-    else:
-        mp = Path(os.path.realpath(mountpoint))  # type: ignore[arg-type]
-        mp.mkdir(parents=True, exist_ok=True)
-    if _is_mounted(str(mp)):
-        shutil.rmtree(runtime, ignore_errors=True)
-        raise NetFSError(f"{mp} is already a mount point")
-
+    mp = _make_mountpoint(runtime, mountpoint)
+    config = _server_config(resolved, backing, mp, runtime)
     log_path = runtime / "server.log"
-    config = {
-        "backing": str(backing),
-        "mountpoint": str(mp),
-        "control": str(runtime / "control.sock"),
-        "parent_pid": os.getpid(),
-        "bandwidth_bps": resolved.bandwidth_bps,
-        "latency_s": resolved.latency_s,
-        "threads": resolved.threads,
-        "max_read": resolved.max_read,
-        "max_background": resolved.max_background,
-        "congestion_threshold": resolved.congestion_threshold,
-        "allow_other": os.geteuid() == 0,
-        "fsname": f"netfs-{resolved.name}",
-        "log_level": "INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING",
-    }
-    env = {**os.environ, "FUSE_LIBRARY_NAME": "fuse3"}
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, str(_SERVER), json.dumps(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # a ^C reaches us, and we take the mount down in order
-        )
+    proc = _start_server(config, log_path)
     fs: NetFS | None = None
     try:
         _wait_for_mount(proc, str(mp), startup_timeout, log_path)
         if resolved.read_ahead_kb is not None:
-            _set_read_ahead(str(mp), resolved.read_ahead_kb)
-        control = _ControlClient(config["control"], timeout=_CONTROL_TIMEOUT_S)
+            _set_read_ahead(mp, resolved.read_ahead_kb)
+        control = ControlClient(config.control, timeout=_CONTROL_TIMEOUT_S)
         fs = NetFS(mp, backing, resolved, proc, control)
         log.info("mounted %s at %s (%s, server pid %d)", backing, mp, resolved.name, proc.pid)
         yield fs
@@ -680,15 +620,72 @@ def mounted(
             fs._close()
         else:
             _teardown(proc, str(mp))
-        if proc.returncode not in (0, None):
-            log.warning(
-                "netfs server exited with %s; log tail:\n%s",
-                proc.returncode,
-                _server_log_tail(log_path),
-            )
-        if not (own_mountpoint and _is_mounted(str(mp))):
-            shutil.rmtree(runtime, ignore_errors=True)
-        log.info("unmounted %s", mp)
+        _after_unmount(proc, runtime, mp, own_mountpoint=mountpoint is None)
+
+
+def _after_unmount(
+    proc: subprocess.Popen[bytes], runtime: Path, mp: Path, *, own_mountpoint: bool
+) -> None:
+    """Report a failed server, and remove its files (and our mount point if unmounted)."""
+    if proc.returncode not in (0, None):
+        log.warning(
+            "netfs server exited with %s; log tail:\n%s",
+            proc.returncode,
+            _server_log_tail(runtime / "server.log"),
+        )
+    if not (own_mountpoint and is_mounted(str(mp))):
+        shutil.rmtree(runtime, ignore_errors=True)
+    log.info("unmounted %s", mp)
+
+
+def _make_mountpoint(runtime: Path, mountpoint: str | os.PathLike[str] | None) -> Path:
+    """`mountpoint` (created if missing), or a new one under `runtime`; never a mount."""
+    if mountpoint is None:
+        mp = runtime / "mnt"
+        mp.mkdir()
+    else:
+        mp = Path(os.path.realpath(mountpoint))
+        mp.mkdir(parents=True, exist_ok=True)
+    if is_mounted(str(mp)):
+        shutil.rmtree(runtime, ignore_errors=True)
+        raise NetFSError(f"{mp} is already a mount point")
+    return mp
+
+
+def _server_config(
+    resolved: NetFSProfile, backing: Path, mp: Path, runtime: Path
+) -> proto.ServerConfig:
+    return proto.ServerConfig(
+        backing=str(backing),
+        mountpoint=str(mp),
+        control=str(runtime / "control.sock"),
+        parent_pid=os.getpid(),
+        bandwidth_bps=resolved.bandwidth_bps,
+        latency_s=resolved.latency_s,
+        threads=resolved.threads,
+        max_read=resolved.max_read,
+        max_background=resolved.max_background,
+        congestion_threshold=resolved.congestion_threshold,
+        allow_other=os.geteuid() == 0,
+        fsname=f"netfs-{resolved.name}",
+        log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING",
+    )
+
+
+def _start_server(config: proto.ServerConfig, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start the server process; it imports the bench from this tree (its working
+    directory), whatever the installed copy."""
+    env = {**os.environ, "FUSE_LIBRARY_NAME": "fuse3"}
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench._netfs_server", config.to_json()],
+            cwd=_REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # a ^C reaches us, and we take the mount down in order
+        )
 
 
 def _wait_for_mount(
@@ -705,7 +702,7 @@ def _wait_for_mount(
     def failure(why: str) -> NetFSError:
         return NetFSError(f"{mountpoint}: {why}:\n{_server_log_tail(log_path)}")
 
-    while not _is_mounted(mountpoint):
+    while not is_mounted(mountpoint):
         rc = proc.poll()
         if rc is not None:
             raise failure(f"netfs server exited with {rc} before mounting")

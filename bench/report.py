@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.results import UNSTABLE_SPREAD, compare
+from bench.models import UNSTABLE_SPREAD, ResultKey
+from bench.results import compare
 
 __all__ = ["CAPTION", "Row", "compare_table", "plot", "print_report", "rows", "table"]
 
@@ -76,10 +77,6 @@ class Row:
     rss_mib: float | None
 
 
-def _group_key(r: Mapping[str, Any]) -> tuple[str, str, str, int]:
-    return (r["scenario"], r["fs"], r.get("checkpoint", r["shape"]), int(r["ranks"]))
-
-
 def rows(doc: Mapping[str, Any]) -> list[Row]:
     """The table's rows: loads first, then floor:raw, floor:fio and hot, per group.
 
@@ -96,47 +93,52 @@ def rows(doc: Mapping[str, Any]) -> list[Row]:
         >>> [r.config for r in rows(doc)][:3]  # doctest: +SKIP
         ['none', 'sglang', 'ours']
     """
-    results = list(doc["results"])
     groups: dict[tuple[str, str, str, int], list[Mapping[str, Any]]] = {}
     fio: dict[tuple[str, str, str], Mapping[str, Any]] = {}
-    for r in results:
+    for r in doc["results"]:
+        key = ResultKey.of(r)
         if r["kind"] == "floor-fio":
-            fio[(r["scenario"], r["fs"], r.get("checkpoint", r["shape"]))] = r
-            continue
-        groups.setdefault(_group_key(r), []).append(r)
+            fio[key[:3]] = r
+        else:
+            groups.setdefault(key.group, []).append(r)
     out: list[Row] = []
-    for key, members in groups.items():
-        f = fio.get(key[:3])
-        if f is not None:
-            members = [*members, f]
-        by_cfg = {m["config"]: m["summary"]["median_s"] for m in members if m["kind"] == "load"}
-        floor = next((m["summary"]["median_s"] for m in members if m["kind"] == "floor-raw"), None)
-        base_none, base_sglang = by_cfg.get("none"), by_cfg.get("sglang")
-        for m in sorted(members, key=lambda m: _FLOOR_ORDER.get(m["kind"], 9)):
-            s = m["summary"]
-            t = s["median_s"]
-            is_load = m["kind"] in ("load", "hot")
-            out.append(
-                Row(
-                    scenario=m["scenario"],
-                    fs=m["fs"],
-                    shape=m["shape"],
-                    ranks=key[3],
-                    config=m["config"],
-                    kind=m["kind"],
-                    median_s=t,
-                    spread=s["spread"],
-                    unstable=s["unstable"],
-                    vs_none=base_none / t if is_load and base_none and t > 0 else None,
-                    vs_sglang=base_sglang / t if is_load and base_sglang and t > 0 else None,
-                    vs_floor=t / floor
-                    if floor and m["kind"] != "floor-raw"
-                    else (1.0 if m["kind"] == "floor-raw" else None),
-                    served=s.get("bytes_served_ratio"),
-                    cpu_s_per_gb=s.get("cpu_s_per_gb"),
-                    rss_mib=s.get("peak_rss_mib"),
-                )
+    for group, members in groups.items():
+        f = fio.get(group[:3])
+        out += _group_rows(group[3], [*members, f] if f is not None else members)
+    return out
+
+
+def _group_rows(ranks: int, members: Sequence[Mapping[str, Any]]) -> list[Row]:
+    """One group's rows, with the speed-ups against its own baselines and floor."""
+    by_cfg = {m["config"]: m["summary"]["median_s"] for m in members if m["kind"] == "load"}
+    floor = next((m["summary"]["median_s"] for m in members if m["kind"] == "floor-raw"), None)
+    base_none, base_sglang = by_cfg.get("none"), by_cfg.get("sglang")
+    out = []
+    for m in sorted(members, key=lambda m: _FLOOR_ORDER.get(m["kind"], 9)):
+        s = m["summary"]
+        t = s["median_s"]
+        is_load = m["kind"] in ("load", "hot")
+        out.append(
+            Row(
+                scenario=m["scenario"],
+                fs=m["fs"],
+                shape=m["shape"],
+                ranks=ranks,
+                config=m["config"],
+                kind=m["kind"],
+                median_s=t,
+                spread=s["spread"],
+                unstable=s["unstable"],
+                vs_none=base_none / t if is_load and base_none and t > 0 else None,
+                vs_sglang=base_sglang / t if is_load and base_sglang and t > 0 else None,
+                vs_floor=t / floor
+                if floor and m["kind"] != "floor-raw"
+                else (1.0 if m["kind"] == "floor-raw" else None),
+                served=s.get("bytes_served_ratio"),
+                cpu_s_per_gb=s.get("cpu_s_per_gb"),
+                rss_mib=s.get("peak_rss_mib"),
             )
+        )
     return out
 
 
@@ -170,20 +172,8 @@ def table(doc: Mapping[str, Any]) -> Any:
     )
     if len(scenarios) > 1:
         t.add_column("scenario")
-    for name, justify in (
-        ("config", "left"),
-        ("fs", "left"),
-        ("shape", "left"),
-        ("ranks", "right"),
-        ("time s", "right"),
-        ("vs none", "right"),
-        ("vs sglang", "right"),
-        ("/floor", "right"),
-        ("served", "right"),
-        ("CPU s/GB", "right"),
-        ("RSS MiB", "right"),
-    ):
-        t.add_column(name, justify=justify, no_wrap=True)
+    for name in _COLUMNS:
+        t.add_column(name, justify="left" if name in _LEFT else "right", no_wrap=True)
     prev: tuple[str, str, str, int] | None = None
     for r in rows(doc):
         key = (r.scenario, r.fs, r.shape, r.ranks)
@@ -193,24 +183,34 @@ def table(doc: Mapping[str, Any]) -> Any:
         style = (
             "dim" if r.kind != "load" else ("bold green" if r.config.startswith("ours") else None)
         )
-        flag = "!" if r.unstable else ""
-        cells = [
-            r.config,
-            r.fs,
-            r.shape,
-            str(r.ranks),
-            f"{r.median_s:.2f} ±{r.spread:.0%}{flag}",
-            _fmt(r.vs_none, ".2f", "×"),
-            _fmt(r.vs_sglang, ".2f", "×"),
-            _fmt(r.vs_floor, ".2f", "×"),
-            _fmt(r.served, ".2f", "×"),
-            _fmt(r.cpu_s_per_gb, ".3f"),
-            _fmt(r.rss_mib, ".0f"),
-        ]
+        cells = _cells(r)
         if len(scenarios) > 1:
             cells.insert(0, r.scenario)
         t.add_row(*cells, style=style)
     return t
+
+
+_COLUMNS = ("config", "fs", "shape", "ranks", "time s", "vs none", "vs sglang", "/floor")
+_COLUMNS += ("served", "CPU s/GB", "RSS MiB")
+_LEFT = ("scenario", "config", "fs", "shape")
+
+
+def _cells(r: Row) -> list[str]:
+    """One row of the table as text, in the order of `_COLUMNS`."""
+    flag = "!" if r.unstable else ""
+    return [
+        r.config,
+        r.fs,
+        r.shape,
+        str(r.ranks),
+        f"{r.median_s:.2f} ±{r.spread:.0%}{flag}",
+        _fmt(r.vs_none, ".2f", "×"),
+        _fmt(r.vs_sglang, ".2f", "×"),
+        _fmt(r.vs_floor, ".2f", "×"),
+        _fmt(r.served, ".2f", "×"),
+        _fmt(r.cpu_s_per_gb, ".3f"),
+        _fmt(r.rss_mib, ".0f"),
+    ]
 
 
 def _title(doc: Mapping[str, Any]) -> str:
@@ -249,6 +249,102 @@ def print_report(doc: Mapping[str, Any], console: Any = None) -> None:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
+def _panels(results: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """Rows of panels, (scenario, fs), each with its checkpoints from the left."""
+    rows_: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        key = ResultKey.of(r)
+        cols = rows_.setdefault((key.scenario, key.fs), [])
+        if key.checkpoint not in cols:
+            cols.append(key.checkpoint)
+    return rows_
+
+
+def _bars(ax: Any, sel: Sequence[Mapping[str, Any]], ranks: list[int], style: _Style) -> None:
+    """One bar per configuration and rank count: the median, error bars min..max."""
+    loaded = {r["config"] for r in sel if r["kind"] == "load"}
+    here = [c for c in style.configs if c in loaded]
+    width = 0.8 / max(1, len(here))
+    for slot, cfg in enumerate(here):
+        xs, ys, lo, hi = [], [], [], []
+        for x, rk in enumerate(ranks):
+            m = _find(sel, "load", rk, cfg)
+            if m is None:
+                continue
+            s = m["summary"]
+            xs.append(x - 0.4 + width * (slot + 0.5))
+            ys.append(s["median_s"])
+            lo.append(s["median_s"] - s["min_s"])
+            hi.append(s["max_s"] - s["median_s"])
+        if xs:
+            color = style.cmap(style.configs.index(cfg) % style.cmap.N)
+            label = cfg if cfg not in style.labelled else None
+            ax.bar(xs, ys, width * 0.9, yerr=[lo, hi], capsize=2, color=color, label=label)
+            style.labelled.add(cfg)
+
+
+def _ticks(ax: Any, sel: Sequence[Mapping[str, Any]], ranks: list[int], first: bool) -> None:
+    """A black tick at floor:raw and a grey dashed one at the hot load, per rank count."""
+    for kind, color, label in (
+        ("floor-raw", "black", "floor (raw cold read)"),
+        ("hot", "grey", "hot cache"),
+    ):
+        for x, rk in enumerate(ranks):
+            m = _find(sel, kind, rk)
+            if m is not None:
+                ax.hlines(
+                    m["summary"]["median_s"],
+                    x - 0.45,
+                    x + 0.45,
+                    colors=color,
+                    linestyles="--" if kind == "hot" else "-",
+                    linewidth=1.5,
+                    label=label if first and x == 0 else None,
+                )
+
+
+def _find(
+    sel: Sequence[Mapping[str, Any]], kind: str, ranks: int, config: str | None = None
+) -> Mapping[str, Any] | None:
+    for r in sel:
+        if r["kind"] == kind and int(r["ranks"]) == ranks and config in (None, r["config"]):
+            return r
+    return None
+
+
+@dataclass
+class _Style:
+    """What every panel shares: one colour per configuration, each named in the legend once."""
+
+    configs: list[str]
+    cmap: Any
+    labelled: set[str]
+
+
+def _panel(ax: Any, sel: Sequence[Mapping[str, Any]], title: str, style: _Style, first: bool):
+    ranks = sorted({int(r["ranks"]) for r in sel})
+    _bars(ax, sel, ranks, style)
+    _ticks(ax, sel, ranks, first)
+    ax.set_xticks(range(len(ranks)), [f"{rk} ranks" for rk in ranks])
+    ax.set_ylabel("load time (s)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _legend(fig: Any, axes: Any) -> None:
+    """One legend for the figure: every label once, in the order the panels drew them."""
+    handles, labels = [], []
+    for ax in axes.flat:
+        h, lab = ax.get_legend_handles_labels()
+        for hh, ll in zip(h, lab, strict=True):
+            if ll not in labels:
+                handles.append(hh)
+                labels.append(ll)
+    fig.legend(
+        handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, frameon=False
+    )
+
+
 def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Draw load time per configuration and rank count, one panel per shape, as PNG.
 
@@ -271,105 +367,28 @@ def plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     import matplotlib.pyplot as plt
 
     results = [r for r in doc["results"] if r["kind"] != "floor-fio"]
-    row_keys = list(dict.fromkeys((r["scenario"], r["fs"]) for r in results))
-    # each row's panels from the left: the checkpoints measured in that row
-    row_cols = {
-        key: list(
-            dict.fromkeys(
-                r.get("checkpoint", r["shape"]) for r in results if (r["scenario"], r["fs"]) == key
-            )
-        )
-        for key in row_keys
-    }
-    configs = list(dict.fromkeys(r["config"] for r in results if r["kind"] == "load"))
-    if not row_keys:
+    panels = _panels(results)
+    if not panels:
         raise ValueError("the document has no results to plot")
-    ncols = max(len(c) for c in row_cols.values())
+    configs = list(dict.fromkeys(r["config"] for r in results if r["kind"] == "load"))
+    ncols = max(len(c) for c in panels.values())
     fig, axes = plt.subplots(
-        len(row_keys),
+        len(panels),
         ncols,
         squeeze=False,
-        figsize=(4.2 * ncols + 1, 3.4 * len(row_keys) + 0.6 + 0.15 * len(configs) / 6),
+        figsize=(4.2 * ncols + 1, 3.4 * len(panels) + 0.6 + 0.15 * len(configs) / 6),
     )
     # one colour per configuration across the figure (tab20 has 20 distinct ones)
-    cmap = plt.get_cmap("tab10" if len(configs) <= 10 else "tab20")
-    labelled: set[str] = set()
-    for i, (scen, fs) in enumerate(row_keys):
-        for j in range(ncols):
-            ax = axes[i][j]
-            if j >= len(row_cols[(scen, fs)]):
+    style = _Style(configs, plt.get_cmap("tab10" if len(configs) <= 10 else "tab20"), set())
+    for i, ((scen, fs), cols) in enumerate(panels.items()):
+        for j, ax in enumerate(axes[i]):
+            if j >= len(cols):
                 ax.set_visible(False)
                 continue
-            ck = row_cols[(scen, fs)][j]
-            sel = [
-                r
-                for r in results
-                if (r["scenario"], r["fs"]) == (scen, fs) and r.get("checkpoint", r["shape"]) == ck
-            ]
-            ranks = sorted({int(r["ranks"]) for r in sel})
-            loaded = {r["config"] for r in sel if r["kind"] == "load"}
-            here = [c for c in configs if c in loaded]
-            width = 0.8 / max(1, len(here))
-            for slot, cfg in enumerate(here):
-                k = configs.index(cfg)
-                xs, ys, lo, hi = [], [], [], []
-                for x, rk in enumerate(ranks):
-                    m = next(
-                        (
-                            r
-                            for r in sel
-                            if r["config"] == cfg and r["kind"] == "load" and int(r["ranks"]) == rk
-                        ),
-                        None,
-                    )
-                    if m is None:
-                        continue
-                    s = m["summary"]
-                    xs.append(x - 0.4 + width * (slot + 0.5))
-                    ys.append(s["median_s"])
-                    lo.append(s["median_s"] - s["min_s"])
-                    hi.append(s["max_s"] - s["median_s"])
-                if xs:
-                    ax.bar(
-                        xs,
-                        ys,
-                        width * 0.9,
-                        yerr=[lo, hi],
-                        capsize=2,
-                        color=cmap(k % cmap.N),
-                        label=cfg if cfg not in labelled else None,
-                    )
-                    labelled.add(cfg)
-            for kind, color, label in (
-                ("floor-raw", "black", "floor (raw cold read)"),
-                ("hot", "grey", "hot cache"),
-            ):
-                for x, rk in enumerate(ranks):
-                    m = next((r for r in sel if r["kind"] == kind and int(r["ranks"]) == rk), None)
-                    if m is not None:
-                        ax.hlines(
-                            m["summary"]["median_s"],
-                            x - 0.45,
-                            x + 0.45,
-                            colors=color,
-                            linestyles="--" if kind == "hot" else "-",
-                            linewidth=1.5,
-                            label=label if (i, j, x) == (0, 0, 0) else None,
-                        )
-            ax.set_xticks(range(len(ranks)), [f"{rk} ranks" for rk in ranks])
-            ax.set_ylabel("load time (s)")
-            ax.set_title(f"{ck} — {fs}" + (f" [{scen}]" if scen != "cold" else ""), fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-    handles, labels = [], []
-    for ax in axes.flat:
-        h, lab = ax.get_legend_handles_labels()
-        for hh, ll in zip(h, lab, strict=True):
-            if ll not in labels:
-                handles.append(hh)
-                labels.append(ll)
-    fig.legend(
-        handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, frameon=False
-    )
+            sel = [r for r in results if ResultKey.of(r)[:3] == (scen, fs, cols[j])]
+            title = f"{cols[j]} — {fs}" + (f" [{scen}]" if scen != "cold" else "")
+            _panel(ax, sel, title, style, first=(i, j) == (0, 0))
+    _legend(fig, axes)
     fig.suptitle(_title(doc), fontsize=8, y=0.01, va="bottom")
     height = fig.get_figheight()
     fig.tight_layout(rect=(0, 0.25 / height, 1, 1 - 0.45 / height))
@@ -407,23 +426,11 @@ def compare_table(
         caption_justify="left",
         header_style="bold",
     )
-    for name in (
-        "scenario",
-        "fs",
-        "shape",
-        "ranks",
-        "config",
-        f"{names[0]} s",
-        f"{names[1]} s",
-        "ratio",
-        f"served {names[0]}",
-        f"served {names[1]}",
-    ):
-        t.add_column(
-            name,
-            justify="right" if name not in ("scenario", "fs", "shape", "config") else "left",
-            no_wrap=True,
-        )
+    a_name, b_name = names[0], names[1]
+    for name in ("scenario", "fs", "shape", "ranks", "config", f"{a_name} s", f"{b_name} s"):
+        t.add_column(name, justify="left" if name in _LEFT else "right", no_wrap=True)
+    for name in ("ratio", f"served {a_name}", f"served {b_name}"):
+        t.add_column(name, justify="right", no_wrap=True)
     for row in matched:
         scen, fs, shape, ranks, cfg = row.key
         mark = "*" if row.significant else ""

@@ -17,12 +17,14 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# Defined with the result types; readers of stored documents find them here too.
+from bench.models import UNSTABLE_SPREAD, ResultKey, summarize
 
 __all__ = [
     "SCHEMA_PATH",
@@ -34,7 +36,6 @@ __all__ = [
     "host_metadata",
     "load",
     "new_document",
-    "result_key",
     "save",
     "summarize",
     "validate",
@@ -46,8 +47,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: The JSON Schema of a results document.
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
-#: A measurement whose spread (max - min) / median exceeds this is flagged unstable.
-UNSTABLE_SPREAD = 0.10
 
 _PACKAGES = (
     "ckpt-prefetch",
@@ -191,67 +190,6 @@ def new_document(
 
 
 # --------------------------------------------------------------------------------------
-# Summaries
-
-
-def summarize(samples: Sequence[Mapping[str, Any]], *, total_bytes: int) -> dict[str, Any]:
-    """Median, spread and the per-sample figures of one measurement, reduced to one row.
-
-    ``spread`` is (max - min) / median of the wall times; ``unstable`` is True when it
-    exceeds `UNSTABLE_SPREAD`. CPU s/GB is the median over samples of all ranks' CPU
-    seconds divided by the gigabytes all ranks consumed (ranks x checkpoint size).
-
-    Args:
-        samples: the samples (dicts as stored in the ``samples`` list of a result).
-        total_bytes: the checkpoint size in bytes.
-
-    Returns:
-        The ``summary`` dict of a result.
-
-    Example:
-        >>> s = summarize([{"wall_s": 1.0, "ranks": []}, {"wall_s": 1.2, "ranks": []}],
-        ...               total_bytes=1 << 30)
-        >>> round(s["median_s"], 2), round(s["spread"], 3), s["unstable"]
-        (1.1, 0.182, True)
-    """
-    if not samples:
-        raise ValueError("summarize() needs at least one sample")
-    walls = [float(s["wall_s"]) for s in samples]
-    median = statistics.median(walls)
-    spread = (max(walls) - min(walls)) / median if median > 0 else 0.0
-
-    def med(values: Iterable[float | None]) -> float | None:
-        vals = [v for v in values if v is not None and not math.isnan(v)]
-        return statistics.median(vals) if vals else None
-
-    served = med(
-        s.get("bytes_served") / total_bytes
-        if s.get("bytes_served") is not None and total_bytes
-        else None
-        for s in samples
-    )
-    rss = [
-        max((r.get("peak_rss_bytes") or 0) for r in s["ranks"]) for s in samples if s.get("ranks")
-    ]
-    anon = [
-        max((r.get("peak_anon_bytes") or 0) for r in s["ranks"])
-        for s in samples
-        if s.get("ranks") and any(r.get("peak_anon_bytes") is not None for r in s["ranks"])
-    ]
-    return {
-        "median_s": median,
-        "min_s": min(walls),
-        "max_s": max(walls),
-        "spread": spread,
-        "unstable": len(walls) > 1 and spread > UNSTABLE_SPREAD,
-        "bytes_served_ratio": served,
-        "cpu_s_per_gb": med(s.get("cpu_s_per_gb") for s in samples),
-        "peak_rss_mib": max(rss) / (1 << 20) if rss else None,
-        "peak_anon_mib": max(anon) / (1 << 20) if anon else None,
-    }
-
-
-# --------------------------------------------------------------------------------------
 # Files
 
 
@@ -345,17 +283,6 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
 # Comparison
 
 
-def result_key(result: Mapping[str, Any]) -> tuple[str, str, str, int, str]:
-    """What identifies a measurement across runs: (scenario, fs, checkpoint, ranks, config)."""
-    return (
-        result["scenario"],
-        result["fs"],
-        result.get("checkpoint", result["shape"]),
-        int(result["ranks"]),
-        result["config"],
-    )
-
-
 @dataclass(frozen=True)
 class CompareRow:
     """One measurement present in both runs.
@@ -371,7 +298,7 @@ class CompareRow:
         b_served: bytes-served ratio in the second run.
     """
 
-    key: tuple[str, str, str, int, str]
+    key: ResultKey
     kind: str
     a_s: float
     b_s: float
@@ -383,7 +310,7 @@ class CompareRow:
 
 def compare(
     a: Mapping[str, Any], b: Mapping[str, Any]
-) -> tuple[list[CompareRow], list[tuple], list[tuple]]:
+) -> tuple[list[CompareRow], list[ResultKey], list[ResultKey]]:
     """Ratios of run `b` to run `a` for every measurement present in both.
 
     Args:
@@ -397,11 +324,11 @@ def compare(
     Example:
         >>> rows, _, _ = compare(load("old.json"), load("new.json"))  # doctest: +SKIP
     """
-    index_b = {result_key(r): r for r in b["results"]}
-    keys_a = [result_key(r) for r in a["results"]]
+    index_b = {ResultKey.of(r): r for r in b["results"]}
+    keys_a = [ResultKey.of(r) for r in a["results"]]
     rows: list[CompareRow] = []
     for ra in a["results"]:
-        rb = index_b.get(result_key(ra))
+        rb = index_b.get(ResultKey.of(ra))
         if rb is None:
             continue
         sa, sb = ra["summary"], rb["summary"]
@@ -409,7 +336,7 @@ def compare(
         noise = max(sa["spread"], sb["spread"])
         rows.append(
             CompareRow(
-                key=result_key(ra),
+                key=ResultKey.of(ra),
                 kind=ra["kind"],
                 a_s=sa["median_s"],
                 b_s=sb["median_s"],
@@ -421,5 +348,5 @@ def compare(
         )
     set_a = set(keys_a)
     only_a = [k for k in keys_a if k not in index_b]
-    only_b = [result_key(r) for r in b["results"] if result_key(r) not in set_a]
+    only_b = [ResultKey.of(r) for r in b["results"] if ResultKey.of(r) not in set_a]
     return rows, only_a, only_b

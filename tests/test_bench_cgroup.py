@@ -95,7 +95,8 @@ def test_bigger_than_memory_scenario(tmp_path: Path) -> None:
 
     require_fuse()
     from bench import results
-    from bench.run import Matrix, Suite, run_suite
+    from bench.runner import run_suite
+    from bench.suites import Matrix, Suite
 
     # The limit must leave room for the readers' buffers (the SGLang-style prefetch and
     # the raw floor hold up to 4 x 16 MiB per rank), and be well below the checkpoint.

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.checkpoint import TensorSpec, write_safetensors
-from bench.run import BenchError, Checkpoint, _LocalFS, _make_cold
+from bench.checkpoint import Checkpoint, TensorSpec, write_safetensors
+from bench.errors import BenchError
+from bench.filesystems import LocalFS, make_cold
 from engine.residency import cache_status
 
 SIZE = 64 << 20
@@ -17,7 +18,14 @@ SIZE = 64 << 20
 
 def _checkpoint(directory: Path, files: list[Path]) -> Checkpoint:
     total = sum(f.stat().st_size for f in files)
-    return Checkpoint("uniform", directory, tuple(files), total, len(files), SIZE, {})
+    return Checkpoint(
+        directory=directory,
+        files=tuple(files),
+        total_bytes=total,
+        tensor_count=len(files),
+        shape="uniform",
+        max_tensor_bytes=SIZE,
+    )
 
 
 def test_write_safetensors_leaves_no_dirty_page(tmp_path):
@@ -36,15 +44,15 @@ def test_make_cold_right_after_writing_under_write_pressure(tmp_path, write_pres
         with open(p, "wb") as f:
             f.write(os.urandom(SIZE))
         files.append(p)
-    fs = _LocalFS(_checkpoint(tmp_path, files))
-    assert _make_cold(fs, sum(f.stat().st_size for f in files)) < 0.01
+    fs = LocalFS(_checkpoint(tmp_path, files))
+    assert make_cold(fs, sum(f.stat().st_size for f in files)) < 0.01
 
 
 def test_make_cold_names_the_process_that_maps_the_files(tmp_path):
     p = tmp_path / "model.safetensors"
     write_safetensors(p, [TensorSpec("w", "uint8", (4 << 20,))])
-    fs = _LocalFS(_checkpoint(tmp_path, [p]))
+    fs = LocalFS(_checkpoint(tmp_path, [p]))
     with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         assert sum(m[i] for i in range(0, len(m), 4096)) >= 0  # fault every page in
         with pytest.raises(BenchError, match=rf"mapped by process {os.getpid()} "):
-            _make_cold(fs, p.stat().st_size)
+            make_cold(fs, p.stat().st_size)

@@ -18,18 +18,14 @@ from fuse_support import require_fuse
 
 from bench import results
 from bench.cli import main
-from bench.run import (
-    BenchError,
-    Matrix,
-    Suite,
-    _ckpt_id,
-    _ForkserverLauncher,
-    _open_fs,
-    _SubprocessLauncher,
-    ensure_checkpoint,
-    run_suite,
-)
-from bench.worker import parse_config
+from bench.configs import parse_config
+from bench.errors import BenchError, BenchInterrupted
+from bench.filesystems import make_cold, open_fs
+from bench.launchers import ForkserverLauncher, SubprocessLauncher
+from bench.measure import measure
+from bench.runner import run_suite
+from bench.store import checkpoint_id, ensure_checkpoint
+from bench.suites import Matrix, Suite
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -63,7 +59,7 @@ def _check_document(doc: dict[str, Any], fs: str) -> None:
     results.validate(doc)
     assert doc["schema_version"] == results.SCHEMA_VERSION
     assert doc["host"]["cpu_count"] >= 1 and doc["host"]["kernel"]
-    assert set(doc["checkpoints"]) == {_ckpt_id("uniform", SIZE), _ckpt_id("single", SIZE)}
+    assert set(doc["checkpoints"]) == {checkpoint_id(s, SIZE) for s in ("uniform", "single")}
     for cid, ckpt in doc["checkpoints"].items():
         mine = [r for r in doc["results"] if r["checkpoint"] == cid and r["fs"] == fs]
         loads = [r for r in mine if r["kind"] in ("load", "hot")]
@@ -154,13 +150,11 @@ def test_cli_run_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_subprocess_launcher_gives_the_same_checksum(tmp_path: Path) -> None:
     ckpt, _ = ensure_checkpoint(tmp_path, shape="uniform", size_bytes=16 * MiB, shards=3)
-    from bench.run import _measure
-
     sums = []
-    for launcher in (_SubprocessLauncher(), _ForkserverLauncher()):
+    for launcher in (SubprocessLauncher(), ForkserverLauncher()):
         try:
-            with _open_fs("local", ckpt) as fs:
-                s = _measure(
+            with open_fs("local", ckpt) as fs:
+                s = measure(
                     launcher,
                     fs,
                     ckpt,
@@ -172,20 +166,18 @@ def test_subprocess_launcher_gives_the_same_checksum(tmp_path: Path) -> None:
                 )
         finally:
             launcher.close()
-        assert len({r["checksum"] for r in s["ranks"]}) == 1
-        sums.append(s["checksum"])
+        assert len({r.checksum for r in s.ranks}) == 1
+        sums.append(s.checksum)
     assert sums[0] == sums[1] and sums[0] is not None
 
 
 def test_a_failing_rank_fails_the_measurement_and_the_server_recovers(tmp_path: Path) -> None:
     ckpt, _ = ensure_checkpoint(tmp_path, shape="single", size_bytes=8 * MiB)
-    from bench.run import _measure
-
-    launcher = _ForkserverLauncher()
+    launcher = ForkserverLauncher()
     try:
-        with _open_fs("local", ckpt) as fs:
+        with open_fs("local", ckpt) as fs:
             with pytest.raises(BenchError, match="unknown backend"):
-                _measure(
+                measure(
                     launcher,
                     fs,
                     ckpt,
@@ -195,10 +187,10 @@ def test_a_failing_rank_fails_the_measurement_and_the_server_recovers(tmp_path: 
                     timeout=60,
                     cgroup=None,
                 )
-            s = _measure(
+            s = measure(
                 launcher, fs, ckpt, parse_config("none"), 2, hot=False, timeout=60, cgroup=None
             )
-            assert s["checksum"]
+            assert s.checksum
     finally:
         launcher.close()
 
@@ -216,8 +208,6 @@ def test_partial_results_are_kept_on_failure(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_keeps_the_results_measured_so_far(tmp_path: Path) -> None:
-    from bench.run import BenchInterrupted
-
     suite = _suite(tmp_path / "work", ("local",), configs=("none", "ours"))
 
     def interrupt_after_first_load(event: Any) -> None:
@@ -237,12 +227,12 @@ def test_ctrl_c_keeps_the_results_measured_so_far(tmp_path: Path) -> None:
 def test_any_failure_keeps_the_results_measured_so_far(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bench.run
+    import bench.measure
 
     def broken(*_a: Any, **_k: Any) -> float:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(bench.run, "_make_hot", broken)  # the hot load runs last
+    monkeypatch.setattr(bench.measure, "make_hot", broken)  # the hot load runs last
     with pytest.raises(BenchError) as exc:
         run_suite(_suite(tmp_path / "work", ("local",), configs=("none",)))
     doc = exc.value.document
@@ -290,28 +280,24 @@ def test_cold_means_the_backing_files_too(tmp_path: Path) -> None:
     """A mount whose server reads from a warm backing cache is not cold storage."""
     import mmap
 
-    from bench.run import _make_cold, _open_fs
-
     require_fuse()
     ckpt, _ = ensure_checkpoint(tmp_path, shape="single", size_bytes=8 * MiB)
-    with _open_fs("local-fuse", ckpt) as fs:
-        assert _make_cold(fs, ckpt.total_bytes) < 0.01
+    with open_fs("local-fuse", ckpt) as fs:
+        assert make_cold(fs, ckpt.total_bytes) < 0.01
         with open(ckpt.files[0], "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
             sum(m[i] for i in range(0, len(m), 4096))  # mapped pages survive DONTNEED
             with pytest.raises(BenchError, match="cannot make the checkpoint cold"):
-                _make_cold(fs, ckpt.total_bytes)
-        assert _make_cold(fs, ckpt.total_bytes) < 0.01
+                make_cold(fs, ckpt.total_bytes)
+        assert make_cold(fs, ckpt.total_bytes) < 0.01
 
 
 @pytest.mark.fuse
 def test_served_waits_for_reads_still_in_the_server(tmp_path: Path) -> None:
     import threading
 
-    from bench.run import _open_fs
-
     require_fuse()
     ckpt, _ = ensure_checkpoint(tmp_path, shape="single", size_bytes=4 * MiB)
-    with _open_fs("local-fuse", ckpt) as fs:
+    with open_fs("local-fuse", ckpt) as fs:
         fs.evict()
         fs.start_count()
         fs.mount.stall()

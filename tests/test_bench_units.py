@@ -7,6 +7,7 @@ the test, so table, plot and compare run on a known input.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,20 +19,17 @@ from hypothesis import strategies as st
 
 from bench import report, results
 from bench.baselines import SGLangStylePrefetcher, load_plain, load_sglang, sglang_plan
+from bench.blockdev import block_device
+from bench.checkpoint import scan_checkpoint
 from bench.cli import main
+from bench.configs import Config, parse_config
+from bench.consumer import Consumer
+from bench.errors import BenchError, ChecksumMismatch
 from bench.floor import raw_pieces, raw_read_share
-from bench.run import (
-    BenchError,
-    ChecksumMismatch,
-    Matrix,
-    Suite,
-    _ckpt_id,
-    _run_group,
-    block_device,
-    ensure_checkpoint,
-    scan_checkpoint,
-)
-from bench.worker import Config, Consumer, Job, parse_config
+from bench.protocol import Job, RankReport
+from bench.runner import Sampling, fio_available, plan, run_suite
+from bench.store import ensure_checkpoint
+from bench.suites import Matrix, Suite
 
 MiB = 1 << 20
 
@@ -244,62 +242,60 @@ def test_block_device_of_a_regular_path() -> None:
 # The checksum check fails loudly
 
 
-class _FakeLauncher:
-    """Returns made-up rank results: a per-config checksum lets a test inject a mismatch."""
+class FakeLauncher:
+    """Returns made-up rank reports: a per-config checksum lets a test inject a mismatch."""
 
     def __init__(self, checksums: dict[str, str], tensors: int) -> None:
         self.checksums = checksums
         self.tensors = tensors
+        self.jobs: list[Job] = []
 
-    def run(self, job: Job, world: int, timeout: float) -> tuple[float, list[dict[str, Any]]]:
+    def run(self, job: Job, world: int, timeout: float) -> tuple[float, list[RankReport]]:
+        self.jobs.append(job)
         cfg = parse_config(job.config)
         total = sum(os.path.getsize(f) for f in job.files)
         out = []
         for rank in range(world):
             share = total // world + (total % world if rank == 0 else 0)
             out.append(
-                {
-                    "rank": rank,
-                    "t_release": 0.0,
-                    "t_done": 1.0 + rank / 10,
-                    "wall_s": 1.0,
-                    "cpu_s": 0.5,
-                    "peak_rss_bytes": 1 << 20,
-                    "peak_anon_bytes": 1 << 20,
-                    "bytes_consumed": share if cfg.kind == "raw" else 1000,
-                    "tensors": self.tensors if cfg.kind != "raw" else 0,
-                    "checksum": self.checksums.get(cfg.kind) if cfg.kind != "raw" else None,
-                    "io_read_bytes": 10,
-                    "prefetch": None,
-                }
+                RankReport(
+                    rank=rank,
+                    t_release=0.0,
+                    t_done=100.0 + 1.0 + rank / 10,
+                    wall_s=1.0,
+                    cpu_s=0.5,
+                    peak_rss_bytes=1 << 20,
+                    peak_anon_bytes=1 << 20,
+                    bytes_consumed=share if cfg.kind == "raw" else 1000,
+                    tensors=self.tensors if cfg.kind != "raw" else 0,
+                    checksum=self.checksums.get(cfg.kind) if cfg.kind != "raw" else None,
+                    io_read_bytes=10,
+                    prefetch=None,
+                )
             )
-        return 100.0, [dict(r, t_done=100.0 + r["t_done"]) for r in out]
+        return 100.0, out
 
     def close(self) -> None:
         pass
 
 
-def _group(ckpt: Any, checksums: dict[str, str], configs: tuple[str, ...]) -> dict[str, Any]:
-    suite = Suite(name="t", matrices=(), repeats=2, warmup=1, workdir=Path("/nonexistent"))
+def _group(
+    ckpt: Any, checksums: dict[str, str], configs: tuple[str, ...], launcher: Any = None
+) -> dict[str, Any]:
+    """Run a 2-rank, 2-repeat suite on local disk with made-up rank reports."""
     m = Matrix("cold", ("local",), (2,), (ckpt.shape,), configs, 8 * MiB, fio=False)
-    doc = results.new_document(
-        settings={"suite": "t", "repeats": 2, "warmup": 1, "launcher": "forkserver"}
+    suite = Suite(
+        name="t",
+        matrices=(m,),
+        repeats=2,
+        warmup=1,
+        workdir=ckpt.directory.parent.parent,
+        shards=3,
     )
-    doc["checkpoints"][_ckpt_id(ckpt.shape, 8 * MiB)] = ckpt.to_json()
-    _run_group(
-        suite,
-        m,
-        ckpt,
-        "local",
-        _FakeLauncher(checksums, ckpt.tensor_count),
-        doc,
-        {},
-        lambda *a, **k: None,
-    )
-    return doc
+    return run_suite(suite, launcher=launcher or FakeLauncher(checksums, ckpt.tensor_count))
 
 
-def test_run_group_records_samples(small_ckpt: Any) -> None:
+def test_suite_records_samples(small_ckpt: Any) -> None:
     doc = _group(
         small_ckpt, {"none": "aa", "sglang": "aa", "ours": "aa"}, ("none", "sglang", "ours")
     )
@@ -314,6 +310,43 @@ def test_run_group_records_samples(small_ckpt: Any) -> None:
     for r in doc["results"]:
         assert r["samples"][0]["wall_s"] == pytest.approx(1.1)  # release -> last rank
         assert r["samples"][0]["rank_s"] == pytest.approx([1.0, 1.1])
+
+
+def test_the_run_carries_out_exactly_the_planned_steps(small_ckpt: Any) -> None:
+    """Progress totals and --dry-run count the same step list the run goes through."""
+    m = Matrix("cold", ("local",), (1, 2), (small_ckpt.shape,), ("none", "ours"), 8 * MiB)
+    suite = Suite(
+        name="t",
+        matrices=(m, dataclasses.replace(m, scenario="sweep", hot=False)),
+        repeats=2,
+        warmup=1,
+        workdir=small_ckpt.directory.parent.parent,
+        shards=3,
+    )
+    events: list[Any] = []
+    launcher = FakeLauncher({"none": "aa", "ours": "aa"}, small_ckpt.tensor_count)
+    fio = fio_available()
+    steps = plan(suite, fuse_ok=True, fio_ok=fio)
+    run_suite(suite, progress=events.append, launcher=launcher)
+    finished = [e for e in events if e.finished is not None]
+    assert len(finished) == len(steps) == finished[-1].done == finished[-1].total
+    for event, step in zip(finished, steps, strict=True):
+        assert event.finished.startswith(step.label)
+    samples = [s for s in steps if isinstance(s, Sampling)]
+    assert len(launcher.jobs) == len(samples)  # one launch per sample, warm-ups included
+    # 1 checkpoint; per scenario and rank count: 1 warm-up + 2 x (floor + 2 configs)
+    # (+ 2 hot in cold); fio once per scenario when installed
+    assert len(steps) == 1 + 2 * (1 + 6 + 2) + 2 * (1 + 6) + (2 if fio else 0)
+
+
+def test_dry_run_counts_the_planned_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.netfs import fuse_available
+    from bench.suites import quick_suite
+
+    assert main(["run", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    planned = len(plan(quick_suite(), fuse_ok=fuse_available()[0]))
+    assert f"\n{planned} steps (" in out
 
 
 def test_checksum_mismatch_fails_loudly(small_ckpt: Any) -> None:
@@ -576,7 +609,8 @@ def test_control_request_that_times_out_is_retried_on_a_new_connection(tmp_path:
     import socket
     import threading
 
-    from bench.netfs import _ControlClient
+    from bench.netfs import ControlClient
+    from bench.protocol import GetCounters
 
     path = str(tmp_path / "ctl.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -596,9 +630,9 @@ def test_control_request_that_times_out_is_retried_on_a_new_connection(tmp_path:
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    client = _ControlClient(path, timeout=0.3)
+    client = ControlClient(path, timeout=0.3)
     try:
-        assert client.call("counters") == {"bytes_served": 7}
+        assert client.call(GetCounters()) == {"bytes_served": 7}
     finally:
         client.close()
         srv.close()
@@ -607,7 +641,7 @@ def test_control_request_that_times_out_is_retried_on_a_new_connection(tmp_path:
 
 
 def test_fio_reads_many_files_with_long_names(tmp_path: Path) -> None:
-    """fio refuses an option over 4096 characters: 64 shards in a deep directory passed it."""
+    """fio refuses an option over 4096 characters, which 64 long paths exceed together."""
     import shutil
 
     from bench.floor import fio_read
@@ -627,7 +661,7 @@ def test_fio_reads_many_files_with_long_names(tmp_path: Path) -> None:
 def test_plot_labels_every_configuration_of_every_scenario(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sweep and backend bars were drawn in colours the legend did not name."""
+    """Every bar's colour is named in the legend, whatever scenario drew it."""
     import matplotlib.figure
 
     doc = stored_document()

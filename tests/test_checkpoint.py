@@ -15,13 +15,15 @@ from safetensors.torch import load_file
 from bench.checkpoint import (
     DTYPES,
     SHAPES,
-    CheckpointInfo,
+    Checkpoint,
     TensorSpec,
     make_checkpoint,
-    parse_size,
     plan_tensors,
+    read_header,
+    scan_checkpoint,
     write_safetensors,
 )
+from bench.sizes import parse_size
 
 MiB = 1 << 20
 
@@ -77,9 +79,9 @@ def test_deterministic(tmp_path: Path) -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_index_maps_every_tensor_and_loads(tmp_path: Path, shape: str) -> None:
     info = make_checkpoint(tmp_path, size_bytes=8 * MiB, shape=shape)
-    assert isinstance(info, CheckpointInfo)
+    assert isinstance(info, Checkpoint)
     assert info.shape == shape
-    assert info.files == sorted(info.files)
+    assert list(info.files) == sorted(info.files)
     assert info.total_bytes == sum(p.stat().st_size for p in info.files)
     index = json.loads(info.index_path.read_text())
     weight_map = index["weight_map"]
@@ -96,6 +98,7 @@ def test_index_maps_every_tensor_and_loads(tmp_path: Path, shape: str) -> None:
         loaded = load_file(path)
         assert set(loaded) == {n for n, f in seen.items() if f == path.name}
     assert seen == weight_map
+    assert scan_checkpoint(info.files) == (info.tensor_count, info.max_tensor_bytes)
     assert len(seen) == info.tensor_count
     assert index["metadata"]["total_size"] == data_bytes
     assert abs(data_bytes - 8 * MiB) / (8 * MiB) < 0.01
@@ -123,15 +126,13 @@ def test_transformer_names_and_dtypes(tmp_path: Path) -> None:
     dtypes = {t.dtype for t in tensors.values()}
     assert dtypes == {torch.bfloat16, torch.float16, torch.float8_e4m3fn}
     # Tensors are stored in model order within each file.
-    with open(info.files[0], "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__")
+    header = read_header(info.files[0])
+    assert header.pop("__metadata__") == {"format": "pt"}
     names = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     assert names[0] == "model.embed_tokens.weight"
 
 
-def _sizes(info: CheckpointInfo) -> list[int]:
+def _sizes(info: Checkpoint) -> list[int]:
     return [p.stat().st_size for p in info.files]
 
 

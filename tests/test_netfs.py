@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.netfs import PROFILES, NetFS, _is_mounted, mounted
+from bench.mounts import is_mounted
+from bench.netfs import PROFILES, NetFS, mounted
 from tests.fuse_support import require_fuse
 
 MiB = 1 << 20
@@ -159,7 +160,7 @@ def test_file_read_twice_is_served_once(backing: tuple[Path, dict[str, bytes]]) 
             assert fs.counters().bytes_served == 0
             mountpoint = str(fs.path)
         assert fs.counters().bytes_served == 0  # the last values, readable after unmount
-        assert not _is_mounted(mountpoint)
+        assert not is_mounted(mountpoint)
 
     retry_on_reclaim(scenario)
 
@@ -354,7 +355,7 @@ def test_unmount_while_stalled_with_open_file(backing: tuple[Path, dict[str, byt
         t.start()
         wait_until(lambda: fs.counters().stalled >= 1)
         mountpoint = str(fs.path)
-    assert not _is_mounted(mountpoint)
+    assert not is_mounted(mountpoint)
     assert not _server_alive(fs)
     t.join(30)
     assert not t.is_alive()  # the reader got its bytes or an error, never a hang
@@ -372,12 +373,12 @@ def test_mount_is_gone_after_an_exception(
             pytest.raises(RuntimeError, match="boom"),
             mounted(root, profile="local-fuse", mountpoint=mountpoint) as fs,
         ):
-            assert _is_mounted(str(mountpoint))
+            assert is_mounted(str(mountpoint))
             # an open file makes a plain unmount fail with EBUSY
             held = outer.enter_context(open(fs.path / "small.bin", "rb"))
             held.read(4096)
             raise RuntimeError("boom")
-        assert not _is_mounted(str(mountpoint))  # lazily unmounted while the file is open
+        assert not is_mounted(str(mountpoint))  # lazily unmounted while the file is open
         assert not _server_alive(fs)
     assert mountpoint.is_dir()  # a given mountpoint is left in place, empty
     assert list(mountpoint.iterdir()) == []
@@ -401,11 +402,11 @@ def test_server_cleans_up_when_its_parent_dies(backing: tuple[Path, dict[str, by
     try:
         assert child.stdout is not None
         mountpoint, server_pid = child.stdout.readline().split()
-        assert _is_mounted(mountpoint)
+        assert is_mounted(mountpoint)
     finally:
         child.kill()
         child.wait()
-    wait_until(lambda: not _is_mounted(mountpoint), timeout=20)
+    wait_until(lambda: not is_mounted(mountpoint), timeout=20)
     wait_until(lambda: not Path(f"/proc/{server_pid}").exists(), timeout=20)
     shutil.rmtree(Path(mountpoint).parent, ignore_errors=True)
 

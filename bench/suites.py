@@ -1,0 +1,221 @@
+"""Suites: what to measure, as matrices of filesystems x rank counts x shapes x configs.
+
+A suite is data only; `bench.runner` turns it into a list of steps and runs them.
+`validate_suite` checks every name in it before anything starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.configs import parse_config
+from bench.sizes import format_size
+from bench.store import default_workdir
+from engine.backends import BACKENDS
+
+__all__ = [
+    "FULL_CONFIGS",
+    "QUICK_CONFIGS",
+    "SCENARIOS",
+    "SWEEP_CONFIGS",
+    "Matrix",
+    "Suite",
+    "full_suite",
+    "quick_suite",
+    "validate_suite",
+]
+
+#: Read buffers a rank may hold inside the memory cgroup (4 threads x 16 MiB).
+READ_BUFFERS_PER_RANK = 64 << 20
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One block of measurements: every combination of its lists.
+
+    Attributes:
+        scenario: label (``cold``, ``sweep``, ``bigger-than-memory``, ...).
+        fs: filesystems: ``local`` or a netfs profile name.
+        ranks: rank counts.
+        shapes: checkpoint shapes.
+        configs: configuration strings (see ``bench.worker``).
+        size_bytes: checkpoint size.
+        memory_limit_bytes: run the ranks in a memory cgroup with this limit, or None.
+        hot: also measure the hot-cache load.
+        fio: also run fio.
+    """
+
+    scenario: str
+    fs: tuple[str, ...]
+    ranks: tuple[int, ...]
+    shapes: tuple[str, ...]
+    configs: tuple[str, ...]
+    size_bytes: int
+    memory_limit_bytes: int | None = None
+    hot: bool = True
+    fio: bool = True
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Everything `run_suite` needs.
+
+    Attributes:
+        name: ``quick``, ``full`` or ``custom``.
+        matrices: the blocks of measurements.
+        repeats: samples per measurement.
+        warmup: untimed cold raw reads per (filesystem, shape, ranks) before sampling.
+        workdir: where checkpoints are made (and reused).
+        shards: shards of ``uniform`` and ``skewed`` checkpoints.
+        skew: size ratio of the first shard of a ``skewed`` checkpoint.
+        dtypes: tensor dtypes.
+        seed: data seed.
+        launcher: ``forkserver`` or ``subprocess``.
+        timeout_s: longest a single measurement may take.
+        argv: the command line, recorded in the results.
+    """
+
+    name: str
+    matrices: tuple[Matrix, ...]
+    repeats: int = 3
+    warmup: int = 1
+    workdir: Path = field(default_factory=lambda: default_workdir())
+    shards: int = 8
+    skew: float = 4.0
+    dtypes: tuple[str, ...] = ("bf16", "fp16", "fp8_e4m3")
+    seed: int = 0
+    launcher: str = "forkserver"
+    timeout_s: float = 600.0
+    argv: tuple[str, ...] | None = None
+
+
+#: The scenarios of the full suite, by name (``--scenario``).
+SCENARIOS = ("cold", "sweep", "backends", "bigger-than-memory")
+QUICK_CONFIGS = ("none", "sglang", "ours")
+FULL_CONFIGS = ("none", "sglang", "ours", "ours-files")
+SWEEP_CONFIGS = tuple(f"ours-c{c}-{m}m" for c in (1, 2, 4, 8) for m in (16, 64))
+
+
+def quick_suite(**overrides: Any) -> Suite:
+    """The default suite: 512 MiB, slow-nfs, 4 ranks, uniform/skewed/single, none/sglang/ours.
+
+    It takes under 3 minutes on the project's 2-core machine, making the checkpoints
+    included (they are reused afterwards).
+
+    Args:
+        **overrides: Suite fields to replace.
+
+    Returns:
+        The Suite.
+
+    Example:
+        >>> quick_suite().matrices[0].fs
+        ('slow-nfs',)
+    """
+    m = Matrix(
+        scenario="cold",
+        fs=("slow-nfs",),
+        ranks=(4,),
+        shapes=("uniform", "skewed", "single"),
+        configs=QUICK_CONFIGS,
+        size_bytes=512 << 20,
+    )
+    base = {"name": "quick", "matrices": (m,), "repeats": 3, "warmup": 1}
+    base.update(overrides)
+    return Suite(**base)
+
+
+def _full_matrices() -> tuple[Matrix, ...]:
+    from bench import netfs
+
+    only_load = {"hot": False, "fio": False}
+    shapes = ("uniform", "skewed", "single", "many-small")
+    backends = (*(f"ours-{b}" for b in BACKENDS), "ours-files")
+    btm = ("none", "sglang", "ours-window", "ours-nowindow")
+    return (
+        Matrix("cold", ("local", *netfs.PROFILES), (1, 2, 4, 8), shapes, FULL_CONFIGS, 2 << 30),
+        Matrix(
+            "sweep", ("slow-nfs",), (4,), ("uniform",), ("sglang", "ours", *SWEEP_CONFIGS), 2 << 30,
+            **only_load,
+        ),
+        Matrix(
+            "backends", ("local", "slow-nfs"), (4,), ("uniform",), backends, 2 << 30, **only_load
+        ),
+        Matrix(
+            "bigger-than-memory", ("slow-nfs",), (4,), ("uniform",), btm, 3 << 30,
+            memory_limit_bytes=1 << 30, **only_load,
+        ),
+    )  # fmt: skip
+
+
+def full_suite(**overrides: Any) -> Suite:
+    """The full suite: every filesystem, rank count and shape; about 2 hours on 2 cores.
+
+    ``cold``: local disk and every netfs profile x ranks 1, 2, 4, 8 x shapes uniform,
+    skewed, single, many-small x none, sglang, ours, ours-files, 2 GiB.
+    ``sweep``: slow-nfs, 4 ranks, uniform, concurrency 1/2/4/8 x chunk 16/64 MiB.
+    ``backends``: local and slow-nfs, 4 ranks, uniform: every read backend and the
+    ``files`` strategy through the loader.
+    ``bigger-than-memory``: slow-nfs, 4 ranks, a 3 GiB uniform checkpoint in a memory
+    cgroup limited to 1 GiB: none, sglang, ours (window auto), ours-nowindow.
+
+    Args:
+        **overrides: Suite fields to replace.
+
+    Returns:
+        The Suite.
+    """
+    mats = _full_matrices()
+    base = {"name": "full", "matrices": mats, "repeats": 3, "warmup": 1}
+    base.update(overrides)
+    return Suite(**base)
+
+
+def _validate_matrix(m: Matrix) -> None:
+    from bench import netfs
+    from bench.checkpoint import SHAPES
+
+    for name in m.fs:
+        if name != "local" and name not in netfs.PROFILES:
+            raise ValueError(
+                f"unknown filesystem {name!r}: use local or one of {', '.join(netfs.PROFILES)}"
+            )
+    for shape in m.shapes:
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}: use {', '.join(SHAPES)}")
+    for r in m.ranks:
+        if r < 1:
+            raise ValueError(f"rank counts must be >= 1, got {r}")
+    for c in m.configs:
+        parse_config(c)
+    if m.memory_limit_bytes is not None:
+        need = max(m.ranks) * READ_BUFFERS_PER_RANK + (32 << 20)
+        if m.memory_limit_bytes < need:
+            raise ValueError(
+                f"memory limit {format_size(m.memory_limit_bytes)} is too small for "
+                f"{max(m.ranks)} ranks: the SGLang-style prefetch and the raw floor "
+                f"hold up to 4 x 16 MiB of read buffers per rank; use at least "
+                f"{format_size(need)}"
+            )
+
+
+def validate_suite(suite: Suite) -> None:
+    """Check every name and number in `suite` before anything runs.
+
+    Raises:
+        ValueError: an unknown filesystem, shape or configuration, a rank count or
+            repeat count out of range, or a memory limit too small for the ranks.
+
+    Example:
+        >>> validate_suite(quick_suite(repeats=0))
+        Traceback (most recent call last):
+        ValueError: repeats must be >= 1
+    """
+    if suite.repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if suite.warmup < 0:
+        raise ValueError("warmup must be >= 0")
+    for m in suite.matrices:
+        _validate_matrix(m)
