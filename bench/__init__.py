@@ -20,7 +20,7 @@ Modules (import what you need; this package imports nothing heavy by itself):
 * ``bench.checkpoint``: synthetic safetensors checkpoints; ``bench.netfs``: the simulated
   network filesystem (FUSE); ``bench.cgroup``: a memory cgroup for the
   bigger-than-memory scenario;
-* host helpers: ``bench.sizes`` (byte sizes), ``bench.mounts`` (mount table, read-ahead),
-  ``bench.blockdev`` (block devices);
+* host helpers: ``bench.mounts`` (mount points, setting read-ahead, on `engine.mounts`),
+  ``bench.blockdev`` (block devices); byte sizes are `engine.units`;
 * other runs: ``bench.engine_bench`` (the engine alone), ``bench.reliability`` (faults).
 """

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.sizes import parse_size
+from engine.units import parse_size
+from loader_adapter.header import read_header
 
 __all__ = [
     "DTYPES",
@@ -35,7 +36,6 @@ __all__ = [
     "TensorSpec",
     "make_checkpoint",
     "plan_tensors",
-    "read_header",
     "scan_checkpoint",
     "write_safetensors",
 ]
@@ -120,18 +120,6 @@ class Checkpoint:
         }
 
 
-def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON header of a safetensors file (``__metadata__`` included).
-
-    Example:
-        >>> read_header("model.safetensors")["__metadata__"]  # doctest: +SKIP
-        {'format': 'pt'}
-    """
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
-
-
 def scan_checkpoint(files: Sequence[str | os.PathLike[str]]) -> tuple[int, int]:
     """Read the safetensors headers: (tensor count, largest tensor in bytes).
 
@@ -141,11 +129,9 @@ def scan_checkpoint(files: Sequence[str | os.PathLike[str]]) -> tuple[int, int]:
     """
     count, largest = 0, 0
     for path in files:
-        for name, meta in read_header(path).items():
-            if name != "__metadata__":
-                lo, hi = meta["data_offsets"]
-                count += 1
-                largest = max(largest, hi - lo)
+        tensors = read_header(path).tensors
+        count += len(tensors)
+        largest = max([largest, *(t.nbytes for t in tensors)])
     return count, largest
 
 

@@ -97,7 +97,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _size(text: str) -> int:
-    from bench.sizes import parse_size
+    from engine.units import parse_size
 
     try:
         return parse_size(text)

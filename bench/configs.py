@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bench.sizes import parse_size
+from engine.units import parse_size
 
 __all__ = ["ALIASES", "KINDS", "Config", "parse_config"]
 

@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.blockdev import block_device, sectors_read
-from bench.sizes import parse_size
 from engine import evict, resident_bytes
-from engine.units import format_bytes
+from engine.units import format_bytes, parse_size
 
 log = logging.getLogger(__name__)
 

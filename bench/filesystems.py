@@ -21,8 +21,8 @@ from bench.blockdev import block_device, sectors_read
 from bench.checkpoint import Checkpoint
 from bench.errors import BenchError
 from bench.mounts import mount_of
-from bench.sizes import format_size
 from engine.residency import evict
+from engine.units import format_size
 
 __all__ = [
     "COLD_RESIDENT_MAX",

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.sizes import parse_size
+from engine.units import parse_size
 
 __all__ = ["FIO_AVAILABLE", "fio_read", "raw_pieces", "raw_read_share"]
 

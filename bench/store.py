@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.checkpoint import Checkpoint, make_checkpoint
-from bench.sizes import format_size
+from engine.units import format_size
 
 __all__ = ["checkpoint_id", "default_workdir", "ensure_checkpoint"]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.configs import parse_config
-from bench.sizes import format_size
 from bench.store import default_workdir
 from engine.backends import BACKENDS
+from engine.units import format_size
 
 __all__ = [
     "FULL_CONFIGS",

@@ -33,13 +33,15 @@ def parse_size(text: str | int) -> int:
         The size in bytes.
 
     Raises:
-        ValueError: not a size.
+        ValueError: not a size, or a negative one.
 
     Example:
         >>> parse_size("16MiB"), parse_size("2GB")
         (16777216, 2000000000)
     """
     if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"size must be >= 0, got {text!r}")
         return text
     m = _SIZE.match(str(text))
     unit = m.group(2).lower() if m else ""

@@ -128,4 +128,5 @@ def test_bigger_than_memory_scenario(tmp_path: Path) -> None:
             # every byte at least once; under the limit some are read again
             assert s["bytes_served_ratio"] >= 0.999
     after = {p.name for p in CGROUP_V1_MEMORY.iterdir() if p.is_dir()}
-    assert after <= before
+    # Only the bench's own groups: other software on the host may make its own meanwhile.
+    assert not {n for n in after - before if n.startswith("ckpt-prefetch-bench-")}

@@ -19,11 +19,11 @@ from bench.checkpoint import (
     TensorSpec,
     make_checkpoint,
     plan_tensors,
-    read_header,
     scan_checkpoint,
     write_safetensors,
 )
-from bench.sizes import parse_size
+from engine.units import parse_size
+from loader_adapter.header import read_header
 
 MiB = 1 << 20
 
@@ -127,9 +127,8 @@ def test_transformer_names_and_dtypes(tmp_path: Path) -> None:
     assert dtypes == {torch.bfloat16, torch.float16, torch.float8_e4m3fn}
     # Tensors are stored in model order within each file.
     header = read_header(info.files[0])
-    assert header.pop("__metadata__") == {"format": "pt"}
-    names = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-    assert names[0] == "model.embed_tokens.weight"
+    assert header.metadata == {"format": "pt"}
+    assert header.tensors[0].name == "model.embed_tokens.weight"  # tensors in byte order
 
 
 def _sizes(info: Checkpoint) -> list[int]:
