@@ -15,7 +15,13 @@
     ``f.read(16 MiB)`` calls whose data are thrown away; loading starts at once, beside
     the prefetch, and does not wait for it.
 
-Both load functions call ``consume(name, tensor)`` for every tensor; the bench's rank
+``stripe``
+    The simplest byte-striping prefetch, as a yardstick for ours: the sorted files are
+    concatenated and cut into 64 MiB stripes, stripe *i* goes to local rank *i mod world*,
+    and one daemon thread per rank ``sendfile``s its stripes to ``/dev/null`` in order,
+    with no residency check, no window and no adaptation; loading starts at once beside it.
+
+The load functions call ``consume(name, tensor)`` for every tensor; the bench's rank
 process copies each tensor into its own buffer there (see ``bench.consumer``).
 """
 
@@ -34,8 +40,11 @@ __all__ = [
     "SGLANG_BLOCK_BYTES",
     "SGLANG_THREADS",
     "SGLangStylePrefetcher",
+    "STRIPE_BYTES",
     "load_plain",
     "load_sglang",
+    "load_stripe",
+    "stripe_plan",
     "sglang_plan",
 ]
 
@@ -45,6 +54,9 @@ log = logging.getLogger(__name__)
 SGLANG_THREADS = 4
 #: SGLang's default ``SGLANG_PREFETCH_BLOCK_SIZE_MB`` (16), in bytes.
 SGLANG_BLOCK_BYTES = 16 << 20
+
+#: Stripe of the plain striping baseline.
+STRIPE_BYTES = 64 << 20
 
 Consume = Callable[[str, Any], None]
 
@@ -197,3 +209,77 @@ def load_sglang(
     ).start()
     load_plain(files, consume)
     return prefetcher
+
+
+def stripe_plan(
+    files: Sequence[str | os.PathLike[str]], rank: int, world: int, stripe_bytes: int
+) -> list[tuple[str, int, int]]:
+    """This rank's stripes of the sorted, concatenated files: (path, offset, length).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> for n in "ab":
+        ...     _ = (d / n).write_bytes(b"x" * 10)
+        >>> [(pathlib.Path(p).name, o, n) for p, o, n in stripe_plan([d/"b", d/"a"], 1, 2, 8)]
+        [('a', 8, 2), ('b', 0, 6)]
+    """
+    out: list[tuple[str, int, int]] = []
+    pos = 0
+    for path in sorted(os.fspath(f) for f in files):
+        size = os.path.getsize(path)
+        unit = pos // stripe_bytes
+        while unit * stripe_bytes < pos + size:
+            lo, hi = max(unit * stripe_bytes, pos), min((unit + 1) * stripe_bytes, pos + size)
+            if unit % world == rank:
+                out.append((path, lo - pos, hi - lo))
+            unit += 1
+        pos += size
+    return out
+
+
+def _sendfile_stripes(stripes: list[tuple[str, int, int]], done: list[int]) -> None:
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for path, offset, length in stripes:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    left = length
+                    while left > 0:
+                        n = os.sendfile(null, fd, offset + length - left, left)
+                        if n == 0:
+                            break
+                        left -= n
+                        done[0] += n
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.warning("stripe prefetch failed on %s: %s", path, exc)
+    finally:
+        os.close(null)
+
+
+def load_stripe(
+    files: Sequence[str | os.PathLike[str]],
+    rank: int,
+    world: int,
+    consume: Consume,
+    *,
+    stripe_bytes: int = STRIPE_BYTES,
+) -> dict[str, Any]:
+    """Start the plain striping prefetch of this rank's stripes, then load as `load_plain`.
+
+    Returns:
+        ``{"bytes_read": ...}`` of the prefetch thread when loading ended.
+
+    Example:
+        >>> load_stripe(files, 0, 4, lambda n, t: None)  # doctest: +SKIP
+    """
+    done = [0]
+    stripes = stripe_plan(files, rank, world, stripe_bytes)
+    threading.Thread(
+        target=_sendfile_stripes, args=(stripes, done), name="stripe-prefetch", daemon=True
+    ).start()
+    load_plain(files, consume)
+    return {"bytes_read": done[0]}

@@ -5,6 +5,7 @@ A configuration is a kind and options, ``kind[:key=value,...]``, or an alias::
     none                      safe_open + get_tensor, mmap faults (bench.baselines)
     sglang[:threads=4,block_mb=16]
                               the SGLang-style prefetch, then a plain load
+    stripe[:chunk_mb=64]      plain byte striping: one sendfile thread per rank, no checks
     ours[:strategy=,backend=,concurrency=,chunk_mb=,window=,skip_cached=,order=,prefetch=]
                               loader_adapter.safetensors_weights_iterator(prefetch=True)
     raw[:threads=4,chunk_mb=16]
@@ -29,11 +30,12 @@ from engine.units import parse_size
 __all__ = ["ALIASES", "KINDS", "Config", "parse_config"]
 
 #: The kinds of configuration a rank can run.
-KINDS: tuple[str, ...] = ("none", "sglang", "ours", "raw")
+KINDS: tuple[str, ...] = ("none", "sglang", "stripe", "ours", "raw")
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "none": (),
     "sglang": ("threads", "block_mb"),
+    "stripe": ("chunk_mb",),
     "ours": (
         "strategy",
         "backend",

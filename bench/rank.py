@@ -40,6 +40,15 @@ def _load_sglang(
     return load_sglang(files, rank, world, consume, threads=threads, block_bytes=block).stats()
 
 
+def _load_stripe(
+    cfg: Config, files: list[str], rank: int, world: int, consume: Consume
+) -> dict[str, Any]:
+    from bench.baselines import STRIPE_BYTES, load_stripe
+
+    stripe = cfg.mib("chunk_mb", STRIPE_BYTES)
+    return load_stripe(files, rank, world, consume, stripe_bytes=stripe)
+
+
 def _load_ours(
     cfg: Config, files: list[str], rank: int, world: int, consume: Consume
 ) -> dict[str, Any] | None:
@@ -66,6 +75,7 @@ def _load_raw(
 _LOADERS: dict[str, Callable[..., dict[str, Any] | None]] = {
     "none": _load_none,
     "sglang": _load_sglang,
+    "stripe": _load_stripe,
     "ours": _load_ours,
     "raw": _load_raw,
 }
