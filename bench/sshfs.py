@@ -10,7 +10,8 @@ a real client on one machine, with the same shape as :func:`bench.netfs.mounted`
   two addresses are the only ones that carry traffic;
 * ``tc tbf`` limits the link in both directions to the profile's bandwidth. This kernel
   has no ``netem``, so latency comes from a small TCP relay in the namespace
-  (``bench/_relay.py``) that delays each direction by half the profile's round trip;
+  (``bench/_relay.py``) that holds what the client sends for the profile's round trip
+  (answers, the bulk of the bytes, pass at once: a request still waits one round trip);
 * ``sshd`` runs in the namespace on a high port with a host key, a client key, an
   ``authorized_keys`` and an ``sshd_config`` all made for the run in a temporary directory
   (nothing in ``/root/.ssh`` or ``/etc/ssh`` is read or changed; ``/run/sshd``, sshd's
@@ -150,7 +151,7 @@ class SSHFSProfile:
         bandwidth_bps: Link rate in bytes/s in each direction (``tc tbf`` on both veth
             ends; it counts bytes on the wire, ssh and TCP framing included); ``None``
             for no limit.
-        latency_s: Round trip added by the relay (each direction is delayed by half);
+        latency_s: Round trip added by the relay (all of it on the way to the server);
             0 for no relay.
         description: What it stands for, in words.
         max_read: Bytes per SFTP read request (sshfs ``-o max_read``; at most 65536).
@@ -837,7 +838,7 @@ class SSHFS:
             self._relay = subprocess.Popen(
                 [tools.ip, "netns", "exec", self.netns, sys.executable, "-I", "-S",
                  str(_RELAY_SCRIPT), self.server_addr, str(_RELAY_PORT), "127.0.0.1",
-                 str(_SSHD_PORT), repr(self.profile.latency_s / 2)],
+                 str(_SSHD_PORT), repr(self.profile.latency_s)],
                 stdin=subprocess.PIPE,  # closed by us or at our exit: the relay then ends
                 stdout=subprocess.PIPE,
                 stderr=err,
