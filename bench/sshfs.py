@@ -503,11 +503,11 @@ class SSHFS:
         self.read_ahead_kb: int | None = None
         self.versions: dict[str, str] = {}
         self._runtime = runtime
-        self._own_mountpoint = True
         self._counter_dir = runtime / "counters"
         self._token = self.netns.rsplit("-", 1)[1][:6]
         self._veth_client = f"csf{self._token}c"
         self._veth_server = f"csf{self._token}s"
+        self._tools: _Tools | None = None
         self._made_netns = False
         self._sshd: subprocess.Popen[bytes] | None = None
         self._relay: subprocess.Popen[bytes] | None = None
@@ -734,6 +734,7 @@ class SSHFS:
     # ------------------------------------------------------------------- set up
     def _start(self, tools: _Tools, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        self._tools = tools
         self._make_keys(tools)
         self._make_link(tools)
         self._start_sshd(tools, deadline)
@@ -963,7 +964,7 @@ class SSHFS:
             proc.stdout.close()
 
     def _remove_link(self) -> None:
-        ip = shutil.which("ip") or "ip"
+        ip = self._tools.ip if self._tools is not None else "ip"
         if self._made_netns:
             with contextlib.suppress(SSHFSError):
                 left = [int(p) for p in _run([ip, "netns", "pids", self.netns], "pids").split()]
