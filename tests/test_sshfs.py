@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -24,8 +24,10 @@ import pytest
 from bench import sshfs
 from bench.netfs import _is_mounted
 from bench.sshfs import PROFILES, SSHFS, SSHFSError, SSHFSMissingError, mounted
-from engine.residency import evict, resident_bytes
+from engine.residency import resident_bytes
+from tests.conftest import write_random
 from tests.fuse_support import require_fuse
+from tests.test_netfs import read_all, wait_until
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(60)]
 
@@ -50,27 +52,14 @@ def _require_kernel() -> None:
         pytest.skip(why)
 
 
-def _write(path: Path, size: int) -> bytes:
-    data = os.urandom(size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    evict(path)
-    return data
-
-
 @pytest.fixture(scope="module")
 def backing(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
     """A backing directory: big.bin (24 MiB) and sub/odd.bin (1 MiB + 3 bytes)."""
     _require_kernel()
     root = tmp_path_factory.mktemp("sshfs-backing")
-    files = {
-        "big.bin": _write(root / "big.bin", BIG),
-        "sub/odd.bin": _write(root / "sub/odd.bin", ODD),
-    }
-    return root, files
+    (root / "sub").mkdir()
+    sizes = {"big.bin": BIG, "sub/odd.bin": ODD}
+    return root, {rel: write_random(root / rel, n).read_bytes() for rel, n in sizes.items()}
 
 
 @dataclasses.dataclass
@@ -118,14 +107,6 @@ def assert_nothing_left(trace: _Trace) -> None:
     assert not trace.runtime.exists()
 
 
-def read_all(path: Path | str) -> bytes:
-    parts = []
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(MiB):
-            parts.append(block)
-    return b"".join(parts)
-
-
 class _Reader(threading.Thread):
     """Reads a file in a daemon thread; keeps the bytes or the error."""
 
@@ -142,12 +123,15 @@ class _Reader(threading.Thread):
             self.error = exc
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
+@contextlib.contextmanager
+def reading_slowly(root: Path) -> Iterator[tuple[SSHFS, _Reader, _Trace]]:
+    """A slow mount with a reader of big.bin under way (the server has answered)."""
+    with mounted(root, profile="sshfs-quick", bandwidth_bps=SLOW) as fs:
+        fs.evict()
+        reader = _Reader(fs.path / "big.bin")
+        reader.start()
+        wait_until(lambda: fs.counters().bytes_served > 0)
+        yield fs, reader, _trace(fs)
 
 
 # ------------------------------------------------------------ no mount needed
@@ -302,13 +286,8 @@ def test_a_failed_start_is_an_error_and_leaves_nothing(
 def test_stall_holds_a_reader_until_unstall(
     target: Literal["server", "link"], backing: tuple[Path, dict[str, bytes]]
 ) -> None:
-    _, files = backing
-    with mounted(backing[0], profile="sshfs-quick", bandwidth_bps=SLOW) as fs:
-        trace = _trace(fs)
-        fs.evict()
-        reader = _Reader(fs.path / "big.bin")
-        reader.start()
-        wait_until(lambda: fs.counters().bytes_served > 0)
+    root, files = backing
+    with reading_slowly(root) as (fs, reader, trace):
         fs.stall(target)
         time.sleep(0.3)  # answers already in the pipes drain
         held = fs.counters()
@@ -328,12 +307,7 @@ def test_stall_holds_a_reader_until_unstall(
 
 
 def test_teardown_while_stalled_frees_the_reader(backing: tuple[Path, dict[str, bytes]]) -> None:
-    with mounted(backing[0], profile="sshfs-quick", bandwidth_bps=SLOW) as fs:
-        trace = _trace(fs)
-        fs.evict()
-        reader = _Reader(fs.path / "big.bin")
-        reader.start()
-        wait_until(lambda: fs.counters().bytes_served > 0)
+    with reading_slowly(backing[0]) as (fs, reader, trace):
         fs.stall()
         time.sleep(0.3)
         assert reader.is_alive()
@@ -343,12 +317,7 @@ def test_teardown_while_stalled_frees_the_reader(backing: tuple[Path, dict[str, 
 
 
 def test_a_dead_server_is_an_error_not_a_hang(backing: tuple[Path, dict[str, bytes]]) -> None:
-    with mounted(backing[0], profile="sshfs-quick", bandwidth_bps=SLOW) as fs:
-        trace = _trace(fs)
-        fs.evict()
-        reader = _Reader(fs.path / "big.bin")
-        reader.start()
-        wait_until(lambda: fs.counters().bytes_served > 0)
+    with reading_slowly(backing[0]) as (fs, reader, trace):
         fs.kill_server()
         reader.join(20)
         assert not reader.is_alive(), "a read hangs on a dead server"
