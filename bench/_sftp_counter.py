@@ -1,8 +1,8 @@
 """Counting wrapper around OpenSSH's ``sftp-server`` (see :mod:`bench.sshfs`).
 
 sshd starts this file as its ``sftp`` subsystem (``python _sftp_counter.py COUNTER_DIR
-SFTP_SERVER``). It starts the real ``sftp-server`` on a pair of pipes and passes every
-byte through unchanged, reading the SFTP v3 framing on the way:
+DELAY_S SFTP_SERVER [ARGS]``). It starts the real ``sftp-server`` on a pair of pipes and
+passes every byte through unchanged, reading the SFTP v3 framing on the way:
 
 * client -> server: ``OPEN`` (id -> path), ``READ`` (id -> handle, length) and ``CLOSE``
   requests are noted *before* the bytes are forwarded, so an answer can never arrive
@@ -11,6 +11,10 @@ byte through unchanged, reading the SFTP v3 framing on the way:
   the payload itself moves with ``splice(2)`` from pipe to pipe and is never copied into
   this process. ``STATUS`` answers to reads count as EOF or error, ``HANDLE`` answers to
   opens as opens.
+
+With ``DELAY_S`` > 0 every request reaches the sftp-server that much after it arrived (a
+writer thread, real-time where allowed, releases them in order): the round trip of a
+link with latency, as SFTP sees it, at no cost per byte of data (see :mod:`bench.sshfs`).
 
 The counters are little-endian int64 slots in a small file (``COUNTER_DIR/<pid>.ctr``)
 that the mounting process maps and reads; each slot has one writer thread. Slot 0 is
@@ -22,12 +26,14 @@ by path, inside the network namespace, by sshd.
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import struct
 import subprocess
 import sys
 import threading
+import time
 
 MAGIC = 0x53465450_43545231  # "SFTPCTR1"
 SLOTS = 16
@@ -103,12 +109,61 @@ class Counters:
         self.set(slot, self.values[slot] + value)
 
 
+class DelayedWriter:
+    """Writes each block to ``fd`` ``delay_s`` after :meth:`put`, in order, from a thread."""
+
+    def __init__(self, fd: int, delay_s: float) -> None:
+        self.fd, self.delay_s = fd, delay_s
+        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.closed = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def put(self, block: bytes) -> None:
+        with self.cond:
+            self.queue.append((time.monotonic() + self.delay_s, block))
+            self.cond.notify()
+
+    def close(self) -> None:
+        """Write what is queued (when due), then close ``fd``."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:  # a late wake-up for a busy core would add to the latency: ask for real time
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))  # this thread only
+        except (OSError, AttributeError):
+            pass
+        try:
+            while True:
+                with self.cond:
+                    while not self.queue and not self.closed:
+                        self.cond.wait()
+                    if not self.queue:
+                        break
+                    due, block = self.queue.popleft()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                _write_all(self.fd, block)
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+
+
 class Wrapper:
     """The state shared by the two pump threads."""
 
-    def __init__(self, counters: Counters, server_in: int, server_out: int) -> None:
+    def __init__(
+        self, counters: Counters, server_in: int, server_out: int, delay_s: float = 0.0
+    ) -> None:
         self.ctr = counters
         self.server_in, self.server_out = server_in, server_out
+        self.delay = DelayedWriter(server_in, delay_s) if delay_s > 0 else None
         self.open_ids: dict[int, str] = {}
         self.read_ids: set[int] = set()
 
@@ -127,7 +182,8 @@ class Wrapper:
             self.ctr.add(S_OPENS_SENT)
 
     def pump_requests(self) -> None:
-        """stdin -> sftp-server: note each complete request, then forward the bytes."""
+        """stdin -> sftp-server: note each complete request, then forward the bytes (late,
+        with a delay)."""
         pending = bytearray()
         try:
             while True:
@@ -143,11 +199,17 @@ class Wrapper:
                     self._note_request(memoryview(pending)[pos + 4 : pos + 4 + length])
                     pos += 4 + length
                 del pending[:pos]
-                _write_all(self.server_in, block)
+                if self.delay is not None:
+                    self.delay.put(block)
+                else:
+                    _write_all(self.server_in, block)
         except OSError:
             pass
         finally:
-            os.close(self.server_in)
+            if self.delay is not None:
+                self.delay.close()
+            else:
+                os.close(self.server_in)
 
     # --------------------------------------------------------- server -> client
     def _note_reply(self, kind: int, rid: int, body: bytes) -> None:
@@ -197,10 +259,10 @@ class Wrapper:
 
 
 def main(argv: list[str]) -> int:
-    """Run the real sftp-server ``argv[2:]`` behind the counting pumps.
+    """Run the real sftp-server ``argv[3:]`` behind the counting pumps.
 
     Args:
-        argv: ``[script, counter_dir, sftp_server, *server_args]``.
+        argv: ``[script, counter_dir, delay_s, sftp_server, *server_args]``.
 
     Returns:
         The sftp-server's exit status.
@@ -208,12 +270,12 @@ def main(argv: list[str]) -> int:
     counters = Counters(argv[1])
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
-    server = subprocess.Popen(argv[2:], stdin=in_r, stdout=out_w)
+    server = subprocess.Popen(argv[3:], stdin=in_r, stdout=out_w)
     os.close(in_r)
     os.close(out_w)
     counters.set(S_SERVER_PID, server.pid)
     counters.set(S_MAGIC, MAGIC)
-    wrapper = Wrapper(counters, in_w, out_r)
+    wrapper = Wrapper(counters, in_w, out_r, float(argv[2]))
     requests = threading.Thread(target=wrapper.pump_requests, daemon=True)
     requests.start()
     try:

@@ -8,10 +8,15 @@ a real client on one machine, with the same shape as :func:`bench.netfs.mounted`
 * a network namespace made for the run (unique name) holds the "server"; a veth pair
   joins it to the root namespace, with a private link-local /30 (``169.254.x.y``) whose
   two addresses are the only ones that carry traffic;
-* ``tc tbf`` limits the link in both directions to the profile's bandwidth. This kernel
-  has no ``netem``, so latency comes from a small TCP relay in the namespace
-  (``bench/_relay.py``) that holds what the client sends for the profile's round trip
-  (answers, the bulk of the bytes, pass at once: a request still waits one round trip);
+* ``tc tbf`` limits the link in both directions to the profile's bandwidth;
+* this kernel has no ``netem``, so the round trip is added in user space, on the way in
+  only (a request waits one round trip; the answers, the bulk of the bytes, pass at once).
+  By default (``latency_at="server"``) the SFTP wrapper described below holds each request
+  for the round trip before the sftp-server sees it: no cost per byte of data. With
+  ``latency_at="link"`` a TCP relay in the namespace (``bench/_relay.py``) holds the bytes
+  instead, so that TCP and ssh see the round trip too; that relay moves every byte through
+  a Python process and costs about 3 CPU-s/GB here, more than the ssh client itself, all
+  of it taken from the 2 cores the client under test runs on;
 * ``sshd`` runs in the namespace on a high port with a host key, a client key, an
   ``authorized_keys`` and an ``sshd_config`` all made for the run in a temporary directory
   (nothing in ``/root/.ssh`` or ``/etc/ssh`` is read or changed; ``/run/sshd``, sshd's
@@ -151,8 +156,11 @@ class SSHFSProfile:
         bandwidth_bps: Link rate in bytes/s in each direction (``tc tbf`` on both veth
             ends; it counts bytes on the wire, ssh and TCP framing included); ``None``
             for no limit.
-        latency_s: Round trip added by the relay (all of it on the way to the server);
-            0 for no relay.
+        latency_s: Round trip added to every request (all of it on the way to the
+            server); 0 for none.
+        latency_at: Where the round trip is added: ``"server"`` (the SFTP wrapper holds
+            each request; nothing per byte) or ``"link"`` (a TCP relay holds every byte
+            the client sends: TCP and ssh see the latency too; costs CPU per byte).
         description: What it stands for, in words.
         max_read: Bytes per SFTP read request (sshfs ``-o max_read``; at most 65536).
         read_ahead_kb: Kernel readahead window of the mount; ``None`` keeps the kernel's
@@ -167,6 +175,7 @@ class SSHFSProfile:
     bandwidth_bps: float | None
     latency_s: float
     description: str
+    latency_at: Literal["server", "link"] = "server"
     max_read: int = 65536
     read_ahead_kb: int | None = None
     max_background: int | None = None
@@ -183,7 +192,7 @@ PROFILES: dict[str, SSHFSProfile] = {
             latency_s=0.001,
             description="real client: sshfs 3 (kernel FUSE + ssh) to sshd in a network "
             "namespace, veth limited to 200 MB/s each way by tc tbf, 1 ms round trip added "
-            "by a relay, sshfs defaults otherwise",
+            "to each request, sshfs defaults otherwise",
         ),
         SSHFSProfile(
             name="sshfs-quick",
@@ -518,6 +527,7 @@ class SSHFS:
         self._final: Counters | None = None
         self._detached_busy = False
         self._closed = False
+        self._uses_relay = profile.latency_s > 0 and profile.latency_at == "link"
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "mounted"
@@ -638,7 +648,7 @@ class SSHFS:
                 answers keepalives, so a read waits for as long as the stall lasts (a
                 hung file server). ``"link"`` stops the relay: nothing crosses the link,
                 and ssh gives up after about 15 s of silence (``ServerAliveInterval``),
-                which ends the mount (needs a profile with latency, hence a relay).
+                which ends the mount (needs ``latency_at="link"``, hence a relay).
 
         Raises:
             SSHFSError: Nothing to stop (no SFTP session yet, or no relay).
@@ -648,7 +658,7 @@ class SSHFS:
         """
         if target == "link":
             if self._relay is None or not _alive(self._relay.pid):
-                raise SSHFSError("no relay to stop: the profile adds no latency")
+                raise SSHFSError('no relay to stop: it runs only with latency_at="link"')
             pids = [self._relay.pid]
         else:
             pids = self._sftp_server_pids()
@@ -725,7 +735,11 @@ class SSHFS:
                 "client_addr": self.client_addr,
                 "server_addr": self.server_addr,
                 "qdisc": "tbf" if self.profile.bandwidth_bps else None,
-                "latency": "tcp relay" if self.profile.latency_s > 0 else None,
+                "latency": (
+                    ("tcp relay" if self._uses_relay else "sftp request delay")
+                    if self.profile.latency_s > 0
+                    else None
+                ),
             },
             "label": f"{self.profile.name}: {self.profile.description}; bytes served = "
             "SFTP DATA payload counted at the server",
@@ -739,7 +753,7 @@ class SSHFS:
         self._make_link(tools)
         self._start_sshd(tools, deadline)
         port = _SSHD_PORT
-        if self.profile.latency_s > 0:
+        if self._uses_relay:
             self._start_relay(tools, deadline)
             port = _RELAY_PORT
         _probe_ssh(self.server_addr, port, deadline)
@@ -780,14 +794,16 @@ class SSHFS:
     def _start_sshd(self, tools: _Tools, deadline: float) -> None:
         rt = self._runtime
         subsystem = rt / "sftp-subsystem.sh"
+        request_delay = 0.0 if self._uses_relay else self.profile.latency_s
         subsystem.write_text(
             "#!/bin/sh\nexec "
             + shlex.join([sys.executable, "-I", "-S", str(_COUNTER_SCRIPT),
-                          str(self._counter_dir), tools.sftp_server, "-R"])
+                          str(self._counter_dir), repr(request_delay), tools.sftp_server,
+                          "-R"])
             + "\n"
         )  # fmt: skip
         subsystem.chmod(0o700)
-        listen = "127.0.0.1" if self.profile.latency_s > 0 else self.server_addr
+        listen = "127.0.0.1" if self._uses_relay else self.server_addr
         config = rt / "sshd_config"
         config.write_text(
             "\n".join([
@@ -1054,6 +1070,7 @@ def _resolve_profile(profile: str | SSHFSProfile, overrides: dict[str, Any]) -> 
     resolved = dataclasses.replace(profile, **overrides) if overrides else profile
     if (
         resolved.latency_s < 0
+        or resolved.latency_at not in ("server", "link")
         or (resolved.bandwidth_bps is not None and resolved.bandwidth_bps <= 0)
         or not 4096 <= resolved.max_read <= 65536
         or resolved.max_conns < 1
@@ -1083,8 +1100,8 @@ def mounted(
         profile: A key of :data:`PROFILES` or an :class:`SSHFSProfile`.
         startup_timeout: Seconds for the whole set-up (namespace, sshd, relay, mount).
         **overrides: Profile fields to replace: ``bandwidth_bps``, ``latency_s``,
-            ``max_read``, ``read_ahead_kb``, ``max_background``, ``max_conns``,
-            ``ciphers``.
+            ``latency_at``, ``max_read``, ``read_ahead_kb``, ``max_background``,
+            ``max_conns``, ``ciphers``.
 
     Returns:
         A context manager yielding the :class:`SSHFS`.

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -124,9 +124,9 @@ class _Reader(threading.Thread):
 
 
 @contextlib.contextmanager
-def reading_slowly(root: Path) -> Iterator[tuple[SSHFS, _Reader, _Trace]]:
+def reading_slowly(root: Path, **overrides: Any) -> Iterator[tuple[SSHFS, _Reader, _Trace]]:
     """A slow mount with a reader of big.bin under way (the server has answered)."""
-    with mounted(root, profile="sshfs-quick", bandwidth_bps=SLOW) as fs:
+    with mounted(root, profile="sshfs-quick", bandwidth_bps=SLOW, **overrides) as fs:
         fs.evict()
         reader = _Reader(fs.path / "big.bin")
         reader.start()
@@ -232,7 +232,8 @@ def test_describe_and_cpu_times(fs: SSHFS) -> None:
     read_all(fs.path / "big.bin")
     after = fs.cpu_times()
     assert after.client_s > before.client_s and after.server_s > before.server_s
-    assert set(fs.pids()) == {"client", "server", "relay"}
+    assert set(fs.pids()) == {"client", "server"}  # latency without a relay by default
+    assert info["link"]["latency"] == "sftp request delay"
     assert len(fs.pids()["client"]) >= 2  # sshfs and its ssh
 
 
@@ -282,12 +283,29 @@ def test_a_failed_start_is_an_error_and_leaves_nothing(
     assert _processes_mentioning(str(fs._runtime)) == []
 
 
+@pytest.mark.parametrize("where", ["server", "link"])
+def test_latency_delays_each_request(
+    where: Literal["server", "link"], backing: tuple[Path, dict[str, bytes]]
+) -> None:
+    latency = 0.1
+    with mounted(backing[0], profile="sshfs-quick", latency_s=latency, latency_at=where) as fs:
+        trace = _trace(fs)
+        assert ("relay" in fs.pids()) == (where == "link")
+        fs.evict()
+        with open(fs.path / "big.bin", "rb", buffering=0) as f:
+            for offset in (0, BIG // 2):  # each a cold page: one request, one round trip
+                start = time.monotonic()
+                assert len(os.pread(f.fileno(), 4096, offset)) == 4096
+                assert time.monotonic() - start >= latency
+    assert_nothing_left(trace)
+
+
 @pytest.mark.parametrize("target", ["server", "link"])
 def test_stall_holds_a_reader_until_unstall(
     target: Literal["server", "link"], backing: tuple[Path, dict[str, bytes]]
 ) -> None:
     root, files = backing
-    with reading_slowly(root) as (fs, reader, trace):
+    with reading_slowly(root, latency_at=target) as (fs, reader, trace):
         fs.stall(target)
         time.sleep(0.3)  # answers already in the pipes drain
         held = fs.counters()
