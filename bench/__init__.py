@@ -12,5 +12,7 @@ Modules (import what you need; this package imports nothing heavy by itself):
 * ``bench.report``: the terminal table and the PNG plot;
 * ``bench.cgroup``: a memory cgroup for the bigger-than-memory scenario;
 * ``bench.checkpoint``: synthetic safetensors checkpoints;
-* ``bench.netfs``: the simulated network filesystem (FUSE).
+* ``bench.netfs``: the simulated network filesystem (FUSE);
+* ``bench.sshfs``: a real network filesystem client (sshfs to an sshd in a network
+  namespace over a limited veth), with the same shape as ``bench.netfs``.
 """

@@ -912,7 +912,10 @@ class SSHFS:
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-        _wait_for_mount(self._sshfs, self.path, deadline, log_path)
+        try:
+            _wait_for_mount(self._sshfs, self.path, deadline, log_path)
+        except SSHFSError as exc:  # the server's side of a refused login is in sshd's log
+            raise SSHFSError(f"{exc}\nsshd log:\n{_tail(self._runtime / 'sshd.log')}") from None
         if self.profile.read_ahead_kb is not None:
             _set_read_ahead(str(self.path), self.profile.read_ahead_kb)
         if self.profile.max_background is not None:

@@ -260,27 +260,28 @@ def test_ctrl_c_inside_the_context_tears_down(backing: tuple[Path, dict[str, byt
     assert_nothing_left(trace)
 
 
-def test_a_failed_start_is_an_error_and_leaves_nothing(
-    backing: tuple[Path, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("failure", ["sshfs cannot connect", "ctrl-c during set-up"])
+def test_a_failed_start_raises_and_leaves_nothing(
+    failure: str, backing: tuple[Path, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    made: list[SSHFS] = []
+    traces: list[_Trace] = []
     real_mount = SSHFS._mount
 
     def spy(self: SSHFS, *args: object) -> None:
-        made.append(self)
+        traces.append(_trace(self))  # the namespace, sshd (and the relay) are up
+        if failure == "ctrl-c during set-up":
+            raise KeyboardInterrupt
         real_mount(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(SSHFS, "_mount", spy)
-    before = _netns_names()
-    with (
-        pytest.raises(SSHFSError, match="sshfs exited"),
-        mounted(backing[0], profile="sshfs-quick", ciphers="no-such-cipher"),
-    ):
+    if failure == "sshfs cannot connect":
+        expected, overrides = pytest.raises(SSHFSError, match="sshfs exited"), {"ciphers": "x"}
+    else:
+        expected, overrides = pytest.raises(KeyboardInterrupt), {"latency_at": "link"}
+    with expected, mounted(backing[0], profile="sshfs-quick", **overrides):
         pass
-    (fs,) = made
-    assert fs.netns not in _netns_names() and _netns_names() <= before
-    assert not fs._runtime.exists()
-    assert _processes_mentioning(str(fs._runtime)) == []
+    (trace,) = traces
+    assert_nothing_left(trace)
 
 
 @pytest.mark.parametrize("where", ["server", "link"])
