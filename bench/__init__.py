@@ -15,10 +15,12 @@ Modules (import what you need; this package imports nothing heavy by itself):
   client and server);
 * ``bench.models``: samples and results as types; ``bench.results``: the versioned JSON
   documents, validation, comparison; ``bench.report``: the terminal table and the plot;
-* ``bench.baselines``: no prefetch, and the SGLang-style prefetch; ``bench.floor``: the
+* ``bench.baselines``: no prefetch, the SGLang-style prefetch, plain striping; ``bench.floor``: the
   physical floor (raw parallel cold reads, fio);
 * ``bench.checkpoint``: synthetic safetensors checkpoints; ``bench.netfs``: the simulated
-  network filesystem (FUSE); ``bench.cgroup``: a memory cgroup for the
+  network filesystem (FUSE); ``bench.sshfs``: a real network filesystem client (sshfs to
+  an sshd in a network namespace over a limited veth, counted by ``bench._sftp_counter``),
+  with the same shape as ``bench.netfs``; ``bench.cgroup``: a memory cgroup for the
   bigger-than-memory scenario;
 * host helpers: ``bench.mounts`` (mount points, setting read-ahead, on `engine.mounts`),
   ``bench.blockdev`` (block devices); byte sizes are `engine.units`;

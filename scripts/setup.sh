@@ -13,10 +13,26 @@ need_apt=()
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 [ -e /usr/include/fuse3/fuse.h ] || need_apt+=(libfuse3-dev)
 command -v fio >/dev/null 2>&1 || need_apt+=(fio)
+# the real network filesystem client of the bench (bench/sshfs.py): sshfs to an sshd in a
+# network namespace, over a veth pair limited with tc
+command -v sshfs >/dev/null 2>&1 || need_apt+=(sshfs)
+{ command -v sshd || [ -x /usr/sbin/sshd ]; } >/dev/null 2>&1 || need_apt+=(openssh-server)
+{ command -v ip && command -v tc; } >/dev/null 2>&1 || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "setup: installing ${need_apt[*]} from Debian" >&2
+  # The bench starts its own sshd for each run: keep openssh-server's install from
+  # starting a system sshd on port 22. An existing policy-rc.d is left as it is.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\n# ckpt-prefetch setup.sh: no service starts during this install\nexit 101\n' \
+      | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 755 "$policy"
+    trap '$SUDO rm -f "$policy"' EXIT
+  fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  if [ -n "$policy" ]; then $SUDO rm -f "$policy"; trap - EXIT; fi
 fi
 
 # torch first, pinned: this exact version is a CPU wheel on this machine's disk; any other

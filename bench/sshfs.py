@@ -1,0 +1,1135 @@
+"""A real network filesystem client for the bench: sshfs to an sshd over a limited link.
+
+:mod:`bench.netfs` simulates a network filesystem and charges nothing for the client's
+CPU; a real client pays for encryption, RPC and FUSE round trips on the node itself, and
+that changes which prefetch settings win. This module serves a backing directory through
+a real client on one machine, with the same shape as :func:`bench.netfs.mounted`:
+
+* a network namespace made for the run (unique name) holds the "server"; a veth pair
+  joins it to the root namespace, with a private link-local /30 (``169.254.x.y``) whose
+  two addresses are the only ones that carry traffic;
+* ``tc tbf`` limits the link in both directions to the profile's bandwidth;
+* this kernel has no ``netem``, so the round trip is added in user space, on the way in
+  only (a request waits one round trip; the answers, the bulk of the bytes, pass at once).
+  By default (``latency_at="server"``) the SFTP wrapper described below holds each request
+  for the round trip before the sftp-server sees it: no cost per byte of data. With
+  ``latency_at="link"`` a TCP relay in the namespace (``bench/_relay.py``) holds the bytes
+  instead, so that TCP and ssh see the round trip too; that relay moves every byte through
+  a Python process and costs about 3 CPU-s/GB here, more than the ssh client itself, all
+  of it taken from the 2 cores the client under test runs on;
+* ``sshd`` runs in the namespace on a high port with a host key, a client key, an
+  ``authorized_keys`` and an ``sshd_config`` all made for the run in a temporary directory
+  (nothing in ``/root/.ssh`` or ``/etc/ssh`` is read or changed; ``/run/sshd``, sshd's
+  compiled-in privilege-separation directory, is created when missing);
+* ``sshfs`` mounts it from the root namespace, read-only, with the page cache kept across
+  opens (``kernel_cache``, ``auto_cache`` off, day-long attribute and entry timeouts),
+  64 KiB SFTP reads (sshfs's largest), no reconnect, and ``ServerAliveInterval`` so that a
+  link that goes silent becomes an error within about 15 s instead of a hang.
+
+**How bytes served are counted, and why it is exact.** sshd's ``sftp`` subsystem is
+``bench/_sftp_counter.py``, a wrapper that starts the real ``sftp-server`` on a pair of
+pipes and reads the SFTP framing that passes through it. Every ``DATA`` answer to a
+``READ`` request adds its payload length to ``bytes_served``; that payload is exactly the
+file data the server puts on the link for the client, no more (no SSH, TCP or SFTP
+headers, no requests, no directory listings) and no less (a short read at the end of a
+file counts what was sent). The payload moves with ``splice(2)`` and is never copied into
+the wrapper. Alternatives were weighed and rejected: ``rchar`` of the sftp-server also
+counts its requests read from stdin; ``read_bytes`` counts storage reads, so it is zero
+when the server's page cache is hot and includes its readahead; the qdisc's byte counts
+include ssh and TCP framing; an extra FUSE pass-through under sshd would count storage
+reads, add a page cache of its own between server and link, and cost CPU on the data
+path. The wrapper also knows exactly which reads are outstanding (``inflight``), which the
+bench uses to wait for a quiet server before it evicts.
+
+**Cold** means evicted on both sides: :meth:`SSHFS.evict` drops each file's pages through
+the sshfs mount and in the backing directory (:func:`engine.residency.evict`, which writes
+dirty pages first).
+
+**Teardown** happens on exit, on an exception and on Ctrl-C: stalled processes are
+continued first, the mount is removed (lazily while files are open), then sshfs, ssh, the
+relay and every sshd process are stopped, the veth pair and the namespace are deleted and
+the temporary directory (keys included) is removed. A missing piece (``sshfs``, ``ssh``,
+``sshd``, ``sftp-server``, ``ip``, ``tc``, ``fusermount3``, ``/dev/fuse``) is an
+:class:`SSHFSMissingError` naming it; every wait has a timeout.
+
+Needs root (network namespaces, veth, tc, mounts) and ``apt-get install sshfs
+openssh-server iproute2`` (``scripts/setup.sh`` does it).
+
+Example:
+    >>> with mounted("/data/ckpt", profile="sshfs") as fs:         # doctest: +SKIP
+    ...     data = (fs.path / "model.safetensors").read_bytes()
+    ...     fs.counters().bytes_served
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import ipaddress
+import logging
+import mmap
+import os
+import pwd
+import random
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from bench import _sftp_counter as wire
+from bench.netfs import NetFSError, _is_mounted, _read_ahead_of, _set_read_ahead, _unmount
+from engine.residency import evict
+
+__all__ = [
+    "PROFILES",
+    "CPUTimes",
+    "Counters",
+    "SSHFS",
+    "SSHFSError",
+    "SSHFSMissingError",
+    "SSHFSProfile",
+    "mounted",
+    "sshfs_available",
+]
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+_COUNTER_SCRIPT = _HERE / "_sftp_counter.py"
+_RELAY_SCRIPT = _HERE / "_relay.py"
+_DEV_FUSE = "/dev/fuse"
+_SSHD_PRIVSEP_DIR = "/run/sshd"
+_SFTP_SERVERS = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+)
+# Ports inside the namespace made for the run: nothing else listens there.
+_SSHD_PORT = 22022
+_RELAY_PORT = 22023
+_SERVER_ALIVE_S = 5  # x ServerAliveCountMax 3: a silent link is an error after ~15 s
+_CMD_TIMEOUT_S = 15.0
+_KiB = 1 << 10
+
+
+class SSHFSError(NetFSError):
+    """The sshfs mount, its link or its server could not be set up, used or removed.
+
+    A subclass of :class:`bench.netfs.NetFSError`, so the bench handles both kinds of
+    network filesystem with one ``except``.
+    """
+
+
+class SSHFSMissingError(SSHFSError):
+    """A program, file or privilege that the real client needs is not there.
+
+    Attributes:
+        piece: What is missing (``"sshfs"``, ``"/dev/fuse"``, ...).
+    """
+
+    def __init__(self, piece: str, hint: str) -> None:
+        super().__init__(f"{piece} is missing: {hint}")
+        self.piece = piece
+
+
+@dataclass(frozen=True)
+class SSHFSProfile:
+    """Settings of one real-client link.
+
+    Attributes:
+        name: Short label, a key of :data:`PROFILES`.
+        bandwidth_bps: Link rate in bytes/s in each direction (``tc tbf`` on both veth
+            ends; it counts bytes on the wire, ssh and TCP framing included); ``None``
+            for no limit.
+        latency_s: Round trip added to every request (all of it on the way to the
+            server); 0 for none.
+        latency_at: Where the round trip is added: ``"server"`` (the SFTP wrapper holds
+            each request; nothing per byte) or ``"link"`` (a TCP relay holds every byte
+            the client sends: TCP and ssh see the latency too; costs CPU per byte).
+        description: What it stands for, in words.
+        max_read: Bytes per SFTP read request (sshfs ``-o max_read``; at most 65536).
+        read_ahead_kb: Kernel readahead window of the mount; ``None`` keeps the kernel's
+            default (128 KiB), as a user who just mounts it gets.
+        max_background: Most asynchronous FUSE requests in flight
+            (``/sys/fs/fuse/connections/*/max_background``); ``None`` keeps the default.
+        max_conns: SSH connections sshfs opens (``-o max_conns``); 1 is sshfs's default.
+        ciphers: ssh ``Ciphers`` for the client; ``None`` keeps OpenSSH's preference.
+    """
+
+    name: str
+    bandwidth_bps: float | None
+    latency_s: float
+    description: str
+    latency_at: Literal["server", "link"] = "server"
+    max_read: int = 65536
+    read_ahead_kb: int | None = None
+    max_background: int | None = None
+    max_conns: int = 1
+    ciphers: str | None = None
+
+
+PROFILES: dict[str, SSHFSProfile] = {
+    p.name: p
+    for p in (
+        SSHFSProfile(
+            name="sshfs",
+            bandwidth_bps=200e6,
+            latency_s=0.001,
+            description="real client: sshfs 3 (kernel FUSE + ssh) to sshd in a network "
+            "namespace, veth limited to 200 MB/s each way by tc tbf, 1 ms round trip added "
+            "to each request, sshfs defaults otherwise",
+        ),
+        SSHFSProfile(
+            name="sshfs-quick",
+            bandwidth_bps=400e6,
+            latency_s=0.0005,
+            description="real client, link faster than the client: sshfs 3 to sshd in a "
+            "network namespace, veth limited to 400 MB/s by tc tbf, 0.5 ms round trip; the "
+            "client's CPU is the bottleneck",
+        ),
+    )
+}
+
+_PROFILE_FIELDS = {f.name for f in dataclasses.fields(SSHFSProfile)} - {"name", "description"}
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What the server answered since the mount (or the last reset).
+
+    Attributes:
+        bytes_served: File bytes the server sent in answers to read requests.
+        requests: Read requests answered with data.
+        errors: Read requests answered with an error status (EOF is not an error).
+        eofs: Read requests answered with end of file.
+        opens: Files opened successfully.
+        inflight: Read requests sent by the client and not answered yet.
+        stalled: Read requests outstanding while the server is stalled (else 0).
+        max_request_bytes: Largest data answer since the mount (not reset).
+        connections: SFTP sessions since the mount (one per ssh connection).
+    """
+
+    bytes_served: int
+    requests: int
+    errors: int = 0
+    eofs: int = 0
+    opens: int = 0
+    inflight: int = 0
+    stalled: int = 0
+    max_request_bytes: int = 0
+    connections: int = 0
+
+
+@dataclass(frozen=True)
+class CPUTimes:
+    """CPU seconds (user + system, exited children included) of each side.
+
+    Attributes:
+        client_s: sshfs and the ssh processes it runs: what the node pays.
+        server_s: sshd, the SFTP wrappers and servers, and the relay: what the file
+            server would pay (on this machine it shares the CPUs with the client).
+    """
+
+    client_s: float
+    server_s: float
+
+
+# ------------------------------------------------------------------ small helpers
+def _run(cmd: list[str], what: str, timeout: float = _CMD_TIMEOUT_S) -> str:
+    """Run a command; return its stdout, or raise SSHFSError with its stderr."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise SSHFSError(f"{what}: `{shlex.join(cmd)}` took over {timeout:.0f} s") from exc
+    except OSError as exc:
+        raise SSHFSError(f"{what}: `{shlex.join(cmd)}` failed: {exc}") from exc
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip()
+        raise SSHFSError(f"{what}: `{shlex.join(cmd)}` exited {done.returncode}: {message}")
+    return done.stdout
+
+
+def _tail(path: Path, limit: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return ""
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state is [0]); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw[raw.rindex(b")") + 2 :].decode().split()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live descendant of ``root``, deepest first (from one scan of /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    order: list[int] = []
+
+    def visit(pid: int) -> None:
+        for child in children.get(pid, ()):
+            visit(child)
+            order.append(child)
+
+    visit(root)
+    return [p for p in order if _alive(p)]
+
+
+def _pids_with_arg(arg: str) -> list[int]:
+    """Live processes with ``arg`` as one of their command-line arguments."""
+    wanted = os.fsencode(arg)
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if wanted in args and _alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """utime + stime + reaped children's times of each process, in seconds."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until none of ``pids`` runs; return those still running after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if _alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [p for p in left if _alive(p)]
+    return left
+
+
+def _stop_processes(pids: list[int], what: str) -> None:
+    """SIGTERM, then SIGKILL what is left; deepest first so parents reap their children."""
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        left = [p for p in pids if _alive(p)]
+        if not left:
+            return
+        _signal_all(left, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        _signal_all(left, sig)
+        left = _wait_gone(left, grace)
+        if not left:
+            return
+        log.log(
+            logging.INFO if sig == signal.SIGTERM else logging.WARNING,
+            "%s: %s still running after %s",
+            what,
+            left,
+            sig.name,
+        )
+    raise SSHFSError(f"{what}: processes {left} survive SIGKILL")
+
+
+def _reap(proc: subprocess.Popen[Any] | None, timeout: float = 5.0) -> None:
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+
+
+def _version(cmd: list[str], prefix: str) -> str:
+    """The first line of ``cmd``'s output that starts with ``prefix``, or "?"."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (done.stdout + done.stderr).splitlines()
+    return next((line.strip() for line in lines if line.startswith(prefix)), "?")
+
+
+# --------------------------------------------------------------- what is needed
+@dataclass(frozen=True)
+class _Tools:
+    sshfs: str
+    ssh: str
+    ssh_keygen: str
+    sshd: str
+    sftp_server: str
+    ip: str
+    tc: str
+    fusermount: str
+
+
+def _find_tools() -> _Tools:
+    """Every program the real client needs, or SSHFSMissingError naming the first gap."""
+    found: dict[str, str] = {}
+    for attr, prog, package in (
+        ("sshfs", "sshfs", "sshfs"),
+        ("ssh", "ssh", "openssh-client"),
+        ("ssh_keygen", "ssh-keygen", "openssh-client"),
+        ("sshd", "sshd", "openssh-server"),
+        ("ip", "ip", "iproute2"),
+        ("tc", "tc", "iproute2"),
+        ("fusermount", "fusermount3", "fuse3"),
+    ):
+        path = shutil.which(prog)
+        if path is None:
+            raise SSHFSMissingError(prog, f"not found on PATH (apt-get install {package})")
+        found[attr] = path
+    server = next((p for p in _SFTP_SERVERS if os.access(p, os.X_OK)), None)
+    if server is None:
+        raise SSHFSMissingError(
+            "sftp-server", f"none of {', '.join(_SFTP_SERVERS)} (apt-get install openssh-server)"
+        )
+    try:
+        fd = os.open(_DEV_FUSE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SSHFSMissingError(_DEV_FUSE, f"cannot be opened: {exc.strerror}") from exc
+    os.close(fd)
+    if os.geteuid() != 0:
+        raise SSHFSMissingError(
+            "root", "network namespaces, veth pairs, tc and sshd need root (CAP_NET_ADMIN)"
+        )
+    if not os.path.exists("/proc/self/ns/net"):
+        raise SSHFSMissingError("network namespaces", "the kernel has no CONFIG_NET_NS")
+    return _Tools(sftp_server=server, **found)
+
+
+def sshfs_available() -> tuple[bool, str]:
+    """Tell whether :func:`mounted` can work here (programs, /dev/fuse, root).
+
+    Returns:
+        ``(True, description)`` or ``(False, what is missing and how to install it)``.
+
+    Example:
+        >>> ok, why = sshfs_available()
+    """
+    try:
+        tools = _find_tools()
+    except SSHFSMissingError as exc:
+        return False, str(exc)
+    return True, f"{tools.sshfs}, {tools.sshd}, {tools.sftp_server}, {_DEV_FUSE}, root"
+
+
+# ----------------------------------------------------------------------- the link
+def _pick_subnet(ip: str) -> ipaddress.IPv4Network:
+    """A link-local /30 that no address or route of the root namespace overlaps."""
+    used: list[ipaddress.IPv4Network] = []
+    for line in _run([ip, "-4", "-o", "addr", "show"], "list addresses").splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            used.append(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
+    for line in _run([ip, "-4", "route", "show", "table", "all"], "list routes").splitlines():
+        with contextlib.suppress(ValueError, IndexError):
+            first = line.split()[0]
+            if first not in ("default", "broadcast", "local", "unreachable"):
+                used.append(ipaddress.ip_network(first, strict=False))
+    rng = random.Random(secrets.randbits(64))
+    for _ in range(1000):
+        third = rng.choice([x for x in range(1, 254) if x != 169])  # .169: cloud metadata
+        net = ipaddress.ip_network(f"169.254.{third}.{4 * rng.randrange(64)}/30")
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise SSHFSError("no free /30 in 169.254.0.0/16")
+
+
+def _tbf(tc: str, dev: str, bps: float, netns: list[str]) -> None:
+    rate_bit = int(bps * 8)
+    burst = max(256 * _KiB, int(bps / 100))  # 10 ms of traffic, and room for GSO packets
+    _run(
+        [*netns, tc, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_bit}bit",
+         "burst", str(burst), "latency", "50ms"],
+        f"limit {dev} to {bps / 1e6:.0f} MB/s",
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------- the mount
+class SSHFS:
+    """A mounted real network filesystem (sshfs over a limited veth); made by :func:`mounted`.
+
+    Attributes:
+        path: The mount point.
+        backing_dir: The directory the server serves.
+        profile: The settings it was mounted with (overrides applied).
+        netns: Name of the network namespace made for the run.
+        client_addr: The root namespace's end of the veth pair.
+        server_addr: The namespace's end, where sshfs connects.
+        read_ahead_kb: The mount's readahead window as the kernel reports it; None when
+            unreadable.
+        versions: ``{"sshfs": ..., "ssh": ...}`` version lines.
+    """
+
+    def __init__(self, backing_dir: Path, profile: SSHFSProfile, runtime: Path) -> None:
+        self.backing_dir = backing_dir
+        self.profile = profile
+        self.path = runtime / "mnt"
+        self.netns = f"ckpt-sshfs-{secrets.token_hex(4)}"
+        self.client_addr = ""
+        self.server_addr = ""
+        self.read_ahead_kb: int | None = None
+        self.versions: dict[str, str] = {}
+        self._runtime = runtime
+        self._counter_dir = runtime / "counters"
+        self._token = self.netns.rsplit("-", 1)[1][:6]
+        self._veth_client = f"csf{self._token}c"
+        self._veth_server = f"csf{self._token}s"
+        self._tools: _Tools | None = None
+        self._made_netns = False
+        self._sshd: subprocess.Popen[bytes] | None = None
+        self._relay: subprocess.Popen[bytes] | None = None
+        self._sshfs: subprocess.Popen[bytes] | None = None
+        self._maps: dict[str, mmap.mmap] = {}
+        self._baseline: dict[str, tuple[int, ...]] = {}
+        self._stopped: list[int] = []
+        self._final: Counters | None = None
+        self._detached_busy = False
+        self._closed = False
+        self._uses_relay = profile.latency_s > 0 and profile.latency_at == "link"
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "mounted"
+        return f"SSHFS({str(self.path)!r}, profile={self.profile.name!r}, {state})"
+
+    # ---------------------------------------------------------------- counters
+    def _slots(self) -> dict[str, tuple[int, ...]]:
+        """Each SFTP session's counter slots, by counter file name."""
+        out: dict[str, tuple[int, ...]] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self._counter_dir):
+                if not entry.name.endswith(".ctr"):
+                    continue
+                mapped = self._maps.get(entry.name)
+                if mapped is None:
+                    try:
+                        with open(entry.path, "rb") as f:
+                            mapped = mmap.mmap(f.fileno(), 8 * wire.SLOTS, prot=mmap.PROT_READ)
+                    except (OSError, ValueError):
+                        continue  # still being created
+                    self._maps[entry.name] = mapped
+                values = struct.unpack_from(f"<{wire.SLOTS}q", mapped)
+                if values[wire.S_MAGIC] == wire.MAGIC:
+                    out[entry.name] = values
+        return out
+
+    def counters(self) -> Counters:
+        """What the server answered since the mount or the last reset.
+
+        Returns:
+            A frozen :class:`Counters`; after unmount, the last values seen.
+
+        Raises:
+            SSHFSError: A wrapper lost the SFTP framing, so counts would be wrong.
+
+        Example:
+            >>> fs.counters().bytes_served  # doctest: +SKIP
+        """
+        if self._closed and self._final is not None:
+            return self._final
+        slots = self._slots()
+        if any(v[wire.S_DESYNC] for v in slots.values()):
+            raise SSHFSError("an SFTP counter lost the protocol framing; counts are unknown")
+        zero = (0,) * wire.SLOTS
+
+        def total(slot: int) -> int:
+            return sum(v[slot] - self._baseline.get(k, zero)[slot] for k, v in slots.items())
+
+        inflight = sum(
+            v[wire.S_READS_SENT] - v[wire.S_DATA] - v[wire.S_EOF] - v[wire.S_ERRORS]
+            for v in slots.values()
+            if not v[wire.S_DONE]
+        )
+        return Counters(
+            bytes_served=total(wire.S_BYTES),
+            requests=total(wire.S_DATA),
+            errors=total(wire.S_ERRORS),
+            eofs=total(wire.S_EOF),
+            opens=total(wire.S_OPENS_OK),
+            inflight=inflight,
+            stalled=inflight if self._stopped else 0,
+            max_request_bytes=max((v[wire.S_MAX_DATA] for v in slots.values()), default=0),
+            connections=len(slots),
+        )
+
+    def reset_counters(self) -> None:
+        """Count from zero again (``max_request_bytes`` and ``inflight`` excepted)."""
+        self._baseline = self._slots()
+
+    def cpu_times(self) -> CPUTimes:
+        """CPU seconds used so far by the client and by the server side.
+
+        Returns:
+            A :class:`CPUTimes`; take two and subtract to charge one read.
+
+        Example:
+            >>> before = fs.cpu_times()  # doctest: +SKIP
+        """
+        client = self._client_pids()
+        server: list[int] = []
+        for proc in (self._sshd, self._relay):
+            if proc is not None and _alive(proc.pid):
+                server += [proc.pid, *_descendants(proc.pid)]
+        return CPUTimes(client_s=_cpu_seconds(client), server_s=_cpu_seconds(server))
+
+    def pids(self) -> dict[str, list[int]]:
+        """Processes running for this mount now, by role.
+
+        Returns:
+            ``{"client": [sshfs, ssh...], "server": [sshd..., wrappers, sftp-servers],
+            "relay": [...]}``; roles with no process are left out.
+        """
+        out: dict[str, list[int]] = {}
+        if client := self._client_pids():
+            out["client"] = client
+        for role, proc in (("server", self._sshd), ("relay", self._relay)):
+            if proc is not None and _alive(proc.pid):
+                out[role] = [proc.pid, *_descendants(proc.pid)]
+        return out
+
+    def _client_pids(self) -> list[int]:
+        """sshfs and its ssh processes (sshfs double-forks ssh: found by the key's path)."""
+        pids = _pids_with_arg(f"-oIdentityFile={self._runtime / 'client_key'}")
+        if self._sshfs is not None and _alive(self._sshfs.pid):
+            pids = [self._sshfs.pid, *(p for p in pids if p != self._sshfs.pid)]
+        return pids
+
+    # ------------------------------------------------------------------- faults
+    def _sftp_server_pids(self) -> list[int]:
+        pids = [v[wire.S_SERVER_PID] for v in self._slots().values() if not v[wire.S_DONE]]
+        return [p for p in pids if _alive(p)]
+
+    def stall(self, target: Literal["server", "link"] = "server") -> None:
+        """Make the server stop answering until :meth:`unstall` (SIGSTOP).
+
+        Args:
+            target: ``"server"`` stops every sftp-server: ssh stays connected and
+                answers keepalives, so a read waits for as long as the stall lasts (a
+                hung file server). ``"link"`` stops the relay: nothing crosses the link,
+                and ssh gives up after about 15 s of silence (``ServerAliveInterval``),
+                which ends the mount (needs ``latency_at="link"``, hence a relay).
+
+        Raises:
+            SSHFSError: Nothing to stop (no SFTP session yet, or no relay).
+
+        Example:
+            >>> fs.stall(); time.sleep(2); fs.unstall()  # doctest: +SKIP
+        """
+        if target == "link":
+            if self._relay is None or not _alive(self._relay.pid):
+                raise SSHFSError('no relay to stop: it runs only with latency_at="link"')
+            pids = [self._relay.pid]
+        else:
+            pids = self._sftp_server_pids()
+            if not pids:
+                raise SSHFSError("no sftp-server is running")
+        _signal_all(pids, signal.SIGSTOP)
+        self._stopped += [p for p in pids if p not in self._stopped]
+        log.info("stalled the %s (%s)", target, pids)
+
+    def unstall(self) -> None:
+        """Let stopped server processes go on (SIGCONT); no-op when none is stopped."""
+        if self._stopped:
+            _signal_all(self._stopped, signal.SIGCONT)
+            log.info("continued %s", self._stopped)
+        self._stopped = []
+
+    def kill_server(self) -> None:
+        """Kill sshd, its sessions and the relay at once (SIGKILL): a server that died.
+
+        The client sees the connection drop: reads fail (ECONNABORTED) and sshfs, which
+        does not reconnect, ends and removes its mount.
+        """
+        self.unstall()
+        for proc in (self._relay, self._sshd):
+            if proc is not None and _alive(proc.pid):
+                _signal_all([*_descendants(proc.pid), proc.pid], signal.SIGKILL)
+        log.info("killed the server of %s", self.path)
+
+    # ------------------------------------------------------------------- cache
+    def evict(self) -> None:
+        """Drop the page cache of every file, through the mount and in the backing dir.
+
+        ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each file (pages mapped by a process
+        stay). Opening a file through the mount is a request to the server: call it when
+        the server is not stalled.
+
+        Raises:
+            SSHFSError: The server is stalled (the opens would wait for it).
+
+        Example:
+            >>> fs.evict()  # doctest: +SKIP
+        """
+        if self._stopped:
+            raise SSHFSError("cannot evict through the mount while the server is stalled")
+        for dirpath, _dirs, files in os.walk(self.backing_dir):
+            for name in files:
+                backing = os.path.join(dirpath, name)
+                if not os.path.isfile(backing) or os.path.islink(backing):
+                    continue
+                rel = os.path.relpath(backing, self.backing_dir)
+                for target in (os.path.join(self.path, rel), backing):
+                    try:
+                        evict(target)
+                    except OSError as exc:
+                        log.debug("evict %s: %s", target, exc)
+
+    def describe(self) -> dict[str, Any]:
+        """What was measured, for a results document.
+
+        Returns:
+            ``kind``, ``fstype``, ``profile`` (a dict), ``read_ahead_kb``, ``versions``,
+            ``link`` (namespace, addresses, qdisc, latency source) and a ``label``.
+        """
+        prof = dataclasses.asdict(self.profile)
+        return {
+            "kind": "sshfs",
+            "fstype": "fuse.sshfs",
+            "device": None,
+            "profile": prof,
+            "read_ahead_kb": self.read_ahead_kb,
+            "versions": dict(self.versions),
+            "link": {
+                "netns": self.netns,
+                "client_addr": self.client_addr,
+                "server_addr": self.server_addr,
+                "qdisc": "tbf" if self.profile.bandwidth_bps else None,
+                "latency": (
+                    ("tcp relay" if self._uses_relay else "sftp request delay")
+                    if self.profile.latency_s > 0
+                    else None
+                ),
+            },
+            "label": f"{self.profile.name}: {self.profile.description}; bytes served = "
+            "SFTP DATA payload counted at the server",
+        }
+
+    # ------------------------------------------------------------------- set up
+    def _start(self, tools: _Tools, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._tools = tools
+        self._make_keys(tools)
+        self._make_link(tools)
+        self._start_sshd(tools, deadline)
+        port = _SSHD_PORT
+        if self._uses_relay:
+            self._start_relay(tools, deadline)
+            port = _RELAY_PORT
+        _probe_ssh(self.server_addr, port, deadline)
+        self._mount(tools, port, deadline)
+        self.versions = {
+            "sshfs": _version([tools.sshfs, "--version"], "SSHFS"),
+            "ssh": _version([tools.ssh, "-V"], "OpenSSH"),
+        }
+
+    def _make_keys(self, tools: _Tools) -> None:
+        for name in ("host_key", "client_key"):
+            _run([tools.ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C", "ckpt-sshfs", "-f",
+                  str(self._runtime / name)], f"make {name}")  # fmt: skip
+        shutil.copy(self._runtime / "client_key.pub", self._runtime / "authorized_keys")
+        self._counter_dir.mkdir(mode=0o700)
+
+    def _make_link(self, tools: _Tools) -> None:
+        ip, ns = tools.ip, self.netns
+        in_ns = [ip, "netns", "exec", ns]
+        net = _pick_subnet(ip)
+        hosts = list(net.hosts())
+        self.client_addr, self.server_addr = str(hosts[0]), str(hosts[1])
+        _run([ip, "netns", "add", ns], "make the network namespace")
+        self._made_netns = True
+        _run([ip, "link", "add", self._veth_client, "type", "veth", "peer", "name",
+              self._veth_server, "netns", ns], "make the veth pair")  # fmt: skip
+        _run([ip, "addr", "add", f"{self.client_addr}/30", "dev", self._veth_client], "address")
+        _run([ip, "link", "set", self._veth_client, "up"], "link up")
+        _run([*in_ns, ip, "addr", "add", f"{self.server_addr}/30", "dev", self._veth_server],
+             "address in the namespace")  # fmt: skip
+        _run([*in_ns, ip, "link", "set", self._veth_server, "up"], "link up in the namespace")
+        _run([*in_ns, ip, "link", "set", "lo", "up"], "loopback up in the namespace")
+        if self.profile.bandwidth_bps:
+            _tbf(tools.tc, self._veth_client, self.profile.bandwidth_bps, [])
+            _tbf(tools.tc, self._veth_server, self.profile.bandwidth_bps, in_ns)
+        log.debug("link %s <-> %s in %s", self.client_addr, self.server_addr, ns)
+
+    def _start_sshd(self, tools: _Tools, deadline: float) -> None:
+        rt = self._runtime
+        subsystem = rt / "sftp-subsystem.sh"
+        request_delay = 0.0 if self._uses_relay else self.profile.latency_s
+        subsystem.write_text(
+            "#!/bin/sh\nexec "
+            + shlex.join([sys.executable, "-I", "-S", str(_COUNTER_SCRIPT),
+                          str(self._counter_dir), repr(request_delay), tools.sftp_server,
+                          "-R"])
+            + "\n"
+        )  # fmt: skip
+        subsystem.chmod(0o700)
+        listen = "127.0.0.1" if self._uses_relay else self.server_addr
+        config = rt / "sshd_config"
+        config.write_text(
+            "\n".join([
+                f"Port {_SSHD_PORT}",
+                f"ListenAddress {listen}",
+                f"HostKey {rt / 'host_key'}",
+                f"AuthorizedKeysFile {rt / 'authorized_keys'}",
+                f"PidFile {rt / 'sshd.pid'}",
+                f"Subsystem sftp {subsystem}",
+                "AuthenticationMethods publickey",
+                "PermitRootLogin prohibit-password",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "StrictModes no",  # the keys live under /tmp, which is world-writable
+                "UseDNS no",
+                "PrintMotd no",
+                "PermitTTY no",
+                "AllowTcpForwarding no",
+                "AllowAgentForwarding no",
+                "X11Forwarding no",
+                "MaxStartups 100",
+                "MaxSessions 64",
+                "LogLevel INFO",
+                "",
+            ])
+        )  # fmt: skip
+        if not os.path.isdir(_SSHD_PRIVSEP_DIR):
+            os.makedirs(_SSHD_PRIVSEP_DIR, mode=0o755, exist_ok=True)
+        log_path = rt / "sshd.log"
+        with open(log_path, "wb") as out:
+            self._sshd = subprocess.Popen(
+                [tools.ip, "netns", "exec", self.netns, tools.sshd, "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a ^C reaches us only; we stop it in order
+            )
+        while b"Server listening on" not in log_path.read_bytes():
+            if self._sshd.poll() is not None:
+                raise SSHFSError(f"sshd exited with {self._sshd.returncode}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise SSHFSError(f"sshd did not listen in time:\n{_tail(log_path)}")
+            time.sleep(0.02)
+
+    def _start_relay(self, tools: _Tools, deadline: float) -> None:
+        log_path = self._runtime / "relay.log"
+        with open(log_path, "wb") as err:
+            self._relay = subprocess.Popen(
+                [tools.ip, "netns", "exec", self.netns, sys.executable, "-I", "-S",
+                 str(_RELAY_SCRIPT), self.server_addr, str(_RELAY_PORT), "127.0.0.1",
+                 str(_SSHD_PORT), repr(self.profile.latency_s)],
+                stdin=subprocess.PIPE,  # closed by us or at our exit: the relay then ends
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+            )  # fmt: skip
+        assert self._relay.stdout is not None
+        ready, _, _ = select.select([self._relay.stdout], [], [], deadline - time.monotonic())
+        if not ready or self._relay.stdout.readline().strip() != b"ready":
+            raise SSHFSError(f"the latency relay did not start:\n{_tail(log_path)}")
+
+    def _mount(self, tools: _Tools, port: int, deadline: float) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if _is_mounted(str(self.path)):
+            raise SSHFSError(f"{self.path} is already a mount point")
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        ssh_options = {
+            "IdentityFile": str(self._runtime / "client_key"),
+            "IdentitiesOnly": "yes",
+            "IdentityAgent": "none",
+            "StrictHostKeyChecking": "no",
+            "UserKnownHostsFile": "/dev/null",
+            "GlobalKnownHostsFile": "/dev/null",
+            "BatchMode": "yes",
+            "ConnectTimeout": "10",
+            "ServerAliveInterval": str(_SERVER_ALIVE_S),
+            "ServerAliveCountMax": "3",
+            "ControlMaster": "no",
+            "ControlPath": "none",
+            "LogLevel": "ERROR",
+            **({"Ciphers": self.profile.ciphers} if self.profile.ciphers else {}),
+        }
+        options = [
+            "ro",
+            "kernel_cache",
+            "noauto_cache",
+            f"max_read={self.profile.max_read}",
+            f"max_conns={self.profile.max_conns}",
+            "entry_timeout=86400",
+            "attr_timeout=86400",
+            "dcache_timeout=86400",
+            f"ssh_command={tools.ssh}",
+            *(["allow_other"] if os.geteuid() == 0 else []),
+            *(f"{k}={v}" for k, v in ssh_options.items()),
+        ]
+        empty_config = self._runtime / "ssh_config"
+        empty_config.write_text("")  # -F: ignore ~/.ssh/config and /etc/ssh/ssh_config
+        cmd = [
+            tools.sshfs, "-f", f"{user}@{self.server_addr}:{self.backing_dir}", str(self.path),
+            "-p", str(port), "-F", str(empty_config), "-o", ",".join(options),
+        ]  # fmt: skip
+        log_path = self._runtime / "sshfs.log"
+        with open(log_path, "wb") as out:
+            self._sshfs = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            _wait_for_mount(self._sshfs, self.path, deadline, log_path)
+        except SSHFSError as exc:  # the server's side of a refused login is in sshd's log
+            raise SSHFSError(f"{exc}\nsshd log:\n{_tail(self._runtime / 'sshd.log')}") from None
+        if self.profile.read_ahead_kb is not None:
+            _set_read_ahead(str(self.path), self.profile.read_ahead_kb)
+        if self.profile.max_background is not None:
+            _set_fuse_connection(self.path, "max_background", self.profile.max_background)
+        self.read_ahead_kb = _read_ahead_of(str(self.path))
+
+    # ----------------------------------------------------------------- tear down
+    def _close(self) -> None:
+        """Undo everything that was made, in order; every step runs even if one fails."""
+        if self._closed:
+            return
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("continue stopped processes", self.unstall),
+            ("read the last counters", self._keep_final_counters),
+            ("unmount", self._unmount),
+            ("stop sshfs", self._stop_client),
+            ("stop the relay", lambda: self._stop_server_proc(self._relay, "relay")),
+            ("stop sshd", lambda: self._stop_server_proc(self._sshd, "sshd")),
+            ("remove the network namespace", self._remove_link),
+            ("unmount what is left", self._unmount),
+            ("remove the temporary directory", self._remove_runtime),
+        ]
+        interrupted: BaseException | None = None
+        for what, step in steps:
+            try:
+                step()
+            except KeyboardInterrupt as exc:  # finish the teardown, then stop
+                interrupted = exc
+            except Exception as exc:
+                log.error("sshfs teardown: %s failed: %s", what, exc)
+        self._closed = True
+        if interrupted is not None:
+            raise interrupted
+
+    def _keep_final_counters(self) -> None:
+        self._final = self.counters()
+
+    def _unmount(self) -> None:
+        if _unmount(str(self.path)):
+            self._detached_busy = True  # sshfs keeps serving the open files: stop it
+
+    def _stop_client(self) -> None:
+        proc = self._sshfs
+        if proc is None:
+            return
+        ssh = [p for p in self._client_pids() if p != proc.pid]
+        with contextlib.suppress(subprocess.TimeoutExpired):  # it ends once unmounted
+            proc.wait(timeout=0.2 if self._detached_busy else 5.0)
+        _stop_processes([*ssh, proc.pid], "sshfs")
+        _reap(proc)
+        if proc.returncode not in (0, None, -signal.SIGTERM):
+            log.debug(
+                "sshfs exited with %s:\n%s", proc.returncode, _tail(self._runtime / "sshfs.log")
+            )
+
+    def _stop_server_proc(self, proc: subprocess.Popen[bytes] | None, what: str) -> None:
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        _stop_processes([*_descendants(proc.pid), proc.pid], what)
+        _reap(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def _remove_link(self) -> None:
+        ip = self._tools.ip if self._tools is not None else "ip"
+        if self._made_netns:
+            with contextlib.suppress(SSHFSError):
+                left = [int(p) for p in _run([ip, "netns", "pids", self.netns], "pids").split()]
+                if left:
+                    log.warning("processes %s still in %s: killing them", left, self.netns)
+                    _stop_processes(left, self.netns)
+            _run([ip, "netns", "delete", self.netns], "remove the network namespace")
+            self._made_netns = False
+        with contextlib.suppress(SSHFSError):  # gone with the namespace, normally
+            _run([ip, "link", "delete", self._veth_client], "remove the veth pair")
+
+    def _remove_runtime(self) -> None:
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
+        if _is_mounted(str(self.path)):
+            log.error("%s is still mounted: %s is left behind", self.path, self._runtime)
+            return
+        shutil.rmtree(self._runtime, ignore_errors=True)
+
+
+def _set_fuse_connection(mountpoint: Path, name: str, value: int) -> None:
+    dev = os.stat(mountpoint).st_dev
+    knob = f"/sys/fs/fuse/connections/{os.minor(dev)}/{name}"
+    try:
+        with open(knob, "w", encoding="ascii") as f:
+            f.write(str(int(value)))
+    except OSError as exc:
+        log.warning("cannot set %s=%d at %s: %s", name, value, knob, exc)
+
+
+def _probe_ssh(addr: str, port: int, deadline: float) -> None:
+    """Wait until an SSH banner comes back through the link (relay included)."""
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((addr, port), timeout=2.0) as sock:
+                if sock.recv(64).startswith(b"SSH-"):
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise SSHFSError(f"no SSH banner from {addr}:{port} in time (last error: {last})")
+
+
+def _wait_for_mount(
+    proc: subprocess.Popen[bytes], mountpoint: Path, deadline: float, log_path: Path
+) -> None:
+    """Wait until sshfs has mounted and its root answers a stat (from a daemon thread,
+    so that a server that never answers makes this raise instead of hang)."""
+    while not _is_mounted(str(mountpoint)):
+        if proc.poll() is not None:
+            raise SSHFSError(f"sshfs exited with {proc.returncode}:\n{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise SSHFSError(f"sshfs did not mount in time:\n{_tail(log_path)}")
+        time.sleep(0.02)
+    answer: list[os.stat_result | OSError] = []
+
+    def stat_root() -> None:
+        try:
+            answer.append(os.stat(mountpoint))
+        except OSError as exc:
+            answer.append(exc)
+
+    probe = threading.Thread(target=stat_root, name="sshfs-mount-probe", daemon=True)
+    probe.start()
+    probe.join(max(0.1, deadline - time.monotonic()))
+    if answer and not isinstance(answer[0], OSError):
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.0)  # sshfs mounts before it connects: did the connection fail?
+    if proc.returncode is not None:
+        raise SSHFSError(f"sshfs exited with {proc.returncode}:\n{_tail(log_path)}")
+    why = f"failed: {answer[0]}" if answer else "did not answer"
+    raise SSHFSError(f"a stat of the sshfs mount root {why}:\n{_tail(log_path)}")
+
+
+def _resolve_profile(profile: str | SSHFSProfile, overrides: dict[str, Any]) -> SSHFSProfile:
+    if isinstance(profile, str):
+        try:
+            profile = PROFILES[profile]
+        except KeyError:
+            raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}") from None
+    unknown = set(overrides) - _PROFILE_FIELDS
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; valid: {sorted(_PROFILE_FIELDS)}")
+    resolved = dataclasses.replace(profile, **overrides) if overrides else profile
+    if (
+        resolved.latency_s < 0
+        or resolved.latency_at not in ("server", "link")
+        or (resolved.bandwidth_bps is not None and resolved.bandwidth_bps <= 0)
+        or not 4096 <= resolved.max_read <= 65536
+        or resolved.max_conns < 1
+        or (resolved.read_ahead_kb is not None and resolved.read_ahead_kb < 0)
+        or (resolved.max_background is not None and resolved.max_background < 1)
+    ):
+        raise ValueError(f"invalid profile settings: {resolved}")
+    return resolved
+
+
+@contextmanager
+def mounted(
+    backing_dir: str | os.PathLike[str],
+    *,
+    profile: str | SSHFSProfile = "sshfs",
+    startup_timeout: float = 30.0,
+    **overrides: Any,
+) -> Iterator[SSHFS]:
+    """Serve ``backing_dir`` through sshfs over a limited link, read-only.
+
+    Everything is made when the context is entered and removed on exit, also after an
+    exception, on Ctrl-C, while files are open (lazy unmount) or while the server is
+    stalled (it is continued first).
+
+    Args:
+        backing_dir: Directory to serve.
+        profile: A key of :data:`PROFILES` or an :class:`SSHFSProfile`.
+        startup_timeout: Seconds for the whole set-up (namespace, sshd, relay, mount).
+        **overrides: Profile fields to replace: ``bandwidth_bps``, ``latency_s``,
+            ``latency_at``, ``max_read``, ``read_ahead_kb``, ``max_background``,
+            ``max_conns``, ``ciphers``.
+
+    Returns:
+        A context manager yielding the :class:`SSHFS`.
+
+    Raises:
+        SSHFSMissingError: A program, ``/dev/fuse`` or root is missing.
+        SSHFSError: The set-up failed (the message holds the failing step's output).
+
+    Example:
+        >>> with mounted(tmp, profile="sshfs-quick", latency_s=0.002) as fs:  # doctest: +SKIP
+        ...     (fs.path / "a.bin").read_bytes()
+    """
+    resolved = _resolve_profile(profile, overrides)
+    backing = Path(os.path.realpath(backing_dir))
+    if not backing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "backing_dir is not a directory", str(backing))
+    tools = _find_tools()
+    fs = SSHFS(backing, resolved, Path(tempfile.mkdtemp(prefix="sshfs-")))
+    try:
+        fs._start(tools, startup_timeout)
+        log.info(
+            "mounted %s at %s over sshfs (%s, %s <-> %s in %s)",
+            backing, fs.path, resolved.name, fs.client_addr, fs.server_addr, fs.netns,
+        )  # fmt: skip
+        yield fs
+    finally:
+        fs._close()
+        log.info("unmounted %s and removed %s", fs.path, fs.netns)
