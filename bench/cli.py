@@ -19,12 +19,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bench.suites import Suite
+    from bench.suites import Matrix, Suite
 
 __all__ = ["main"]
 
@@ -32,11 +32,13 @@ log = logging.getLogger("bench.cli")
 
 _EPILOG_RUN = """\
 suites:
-  --quick (default)  512 MiB checkpoints (uniform, skewed, single), simulated slow-nfs,
-                     4 ranks, configurations none / sglang / ours, 3 repeats, plus the
-                     floor (raw cold read), fio and the hot-cache load. About 2.5 minutes
-                     on a 2-core machine, making the checkpoints included (they are
-                     reused from --workdir afterwards).
+  --quick (default)  512 MiB checkpoints, 4 ranks, 3 repeats, on the simulated slow-nfs
+                     (uniform, skewed, single; none / sglang / ours) and on the real
+                     sshfs client (skewed, single; none / sglang / stripe / ours), plus
+                     the floor (raw cold read), fio and the hot-cache load. About 5
+                     minutes on a 2-core machine, making the checkpoints included (they
+                     are reused from --workdir afterwards). A flag that chooses
+                     filesystems, ranks, shapes or configurations keeps one matrix.
   --full             2 hours on a 2-core machine (7145 s measured; 1639 steps, see --dry-run):
                      'cold' = local disk and every netfs profile x ranks 1,2,4,8 x
                      shapes uniform, skewed, single, many-small x none, sglang, ours,
@@ -54,6 +56,8 @@ configurations (--configs, comma separated):
   none          safe_open + get_tensor in keys() order: mmap page faults, no prefetch
   sglang        SGLang-style: sorted(files)[rank::world], 4 threads of 16 MiB read()
                 in a daemon thread, loading at once beside it
+  stripe        plain striping: 64 MiB stripes dealt round-robin, one sendfile thread
+                per rank, no residency check, loading at once beside it
   ours          loader_adapter.safetensors_weights_iterator(prefetch=True), defaults
   ours-files    ours with strategy=files (file round-robin, for comparison)
   ours-c1-64m   ours with concurrency=1, chunk 64 MiB (any ours-c<N>-<MB>m)
@@ -66,8 +70,10 @@ fresh and released together, done when the last rank has copied every tensor int
 own memory; a checksum of all tensors must agree across configurations and ranks.
 
 filesystems (--fs): local, fast-nfs, slow-nfs, lustre-like, local-fuse (the netfs
-profiles are simulations through FUSE; without FUSE they fall back to local disk with
-a warning).
+profiles are simulations through FUSE), sshfs, sshfs-quick (a real network filesystem
+client: sshfs to an sshd in a network namespace over a tc-limited veth, made and removed
+by the run; needs root, sshfs, openssh-server and iproute2, which setup.sh installs).
+Without FUSE the netfs and sshfs profiles fall back to local disk with a warning.
 
 exit status: 0 ok, 1 error, 2 usage, 3 checksum mismatch (different tensors).
 """
@@ -143,8 +149,8 @@ def _add_matrix_args(r: argparse.ArgumentParser) -> None:
         "--fs",
         type=_csv,
         metavar="LIST",
-        help="filesystems: local and/or netfs profiles "
-        "(fast-nfs, slow-nfs, lustre-like, local-fuse); quick: slow-nfs",
+        help="filesystems: local, netfs profiles (fast-nfs, slow-nfs, lustre-like, "
+        "local-fuse) and/or sshfs profiles (sshfs, sshfs-quick); quick: slow-nfs and sshfs",
     )
     r.add_argument("--ranks", type=_ints, metavar="LIST", help="rank counts, e.g. 1,4 (quick: 4)")
     r.add_argument(
@@ -372,6 +378,19 @@ def _matrix_overrides(args: argparse.Namespace, scenario: str) -> dict[str, Any]
     return repl
 
 
+def _chosen_matrices(
+    args: argparse.Namespace, catalogue: dict[str, list[Matrix]], scenarios: Sequence[str]
+) -> Iterator[Matrix]:
+    """Each scenario's matrices with the flags applied. Where a flag chooses what a matrix
+    holds (filesystems, ranks, shapes, configurations), a scenario of several matrices
+    (the quick suite's simulated and real clients) becomes its first one, so chosen."""
+    chooses = any(getattr(args, k) for k in ("fs", "ranks", "shapes", "configs"))
+    for name in scenarios:
+        mats = catalogue[name][:1] if chooses else catalogue[name]
+        for m in mats:
+            yield dataclasses.replace(m, **_matrix_overrides(args, name))
+
+
 def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Suite:
     from bench.store import default_workdir
     from bench.suites import SCENARIOS, full_suite, quick_suite
@@ -383,11 +402,12 @@ def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Suite:
         raise ValueError(
             f"unknown scenario(s) {', '.join(bad)}: use {', '.join(sorted(SCENARIOS))}"
         )
-    catalogue = {m.scenario: m for m in full_suite().matrices}
-    catalogue.update({m.scenario: m for m in base.matrices})
-    mats = tuple(
-        dataclasses.replace(catalogue[name], **_matrix_overrides(args, name)) for name in scenarios
-    )
+    catalogue: dict[str, list[Matrix]] = {}
+    for m in full_suite().matrices:
+        catalogue.setdefault(m.scenario, []).append(m)
+    for scenario in {m.scenario for m in base.matrices}:
+        catalogue[scenario] = [m for m in base.matrices if m.scenario == scenario]
+    mats = tuple(_chosen_matrices(args, catalogue, scenarios))
     name = base.name
     if any(getattr(args, k) for k in ("fs", "ranks", "shapes", "size", "configs", "scenario")):
         name = f"{name}-custom"

@@ -31,6 +31,7 @@ __all__ = [
     "LocalFS",
     "NetworkFS",
     "effective_fs",
+    "filesystem_names",
     "make_cold",
     "make_hot",
     "open_fs",
@@ -141,7 +142,8 @@ class LocalFS(FileSystem):
 
 
 class NetworkFS(FileSystem):
-    """The checkpoint through a simulated network mount; its server counts every byte."""
+    """The checkpoint through a network mount (the simulated netfs, or the real sshfs
+    client); its server side counts every byte."""
 
     def __init__(self, name: str, mount: Any, ckpt: Checkpoint) -> None:
         self.name = name
@@ -182,6 +184,8 @@ class NetworkFS(FileSystem):
             time.sleep(0.01)
 
     def describe(self) -> dict[str, Any]:
+        if hasattr(self.mount, "describe"):  # the real client describes its own set-up
+            return dict(self.mount.describe())
         prof = dataclasses.asdict(self.mount.profile)
         return {
             "kind": "netfs",
@@ -195,18 +199,36 @@ class NetworkFS(FileSystem):
 
 @contextlib.contextmanager
 def open_fs(name: str, ckpt: Checkpoint) -> Iterator[FileSystem]:
-    """`ckpt` on filesystem `name` (``local`` or a netfs profile, mounted for the block)."""
+    """`ckpt` on filesystem `name` (``local``, a netfs or an sshfs profile, mounted for the
+    block)."""
     if name == "local":
         yield LocalFS(ckpt)
         return
-    from bench import netfs
+    from bench import netfs, sshfs
 
+    if name in sshfs.PROFILES:
+        with sshfs.mounted(ckpt.directory, profile=name) as real:
+            yield NetworkFS(name, real, ckpt)
+        return
     with netfs.mounted(ckpt.directory, profile=name) as mount:
         yield NetworkFS(name, mount, ckpt)
 
 
+def filesystem_names() -> tuple[str, ...]:
+    """Every filesystem a matrix may name: local disk, netfs and sshfs profiles.
+
+    Example:
+        >>> filesystem_names()[:2]
+        ('local', 'fast-nfs')
+    """
+    from bench import netfs, sshfs
+
+    return ("local", *netfs.PROFILES, *sshfs.PROFILES)
+
+
 def effective_fs(names: Sequence[str], fuse_ok: bool) -> list[str]:
-    """The filesystems a matrix runs on: netfs profiles become ``local`` without FUSE."""
+    """The filesystems a matrix runs on: netfs and sshfs profiles become ``local`` without
+    FUSE."""
     out: list[str] = []
     for name in names:
         eff = name if (name == "local" or fuse_ok) else "local"

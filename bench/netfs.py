@@ -62,6 +62,8 @@ __all__ = [
     "NetFSProfile",
     "fuse_available",
     "mounted",
+    "set_read_ahead",
+    "unmount",
 ]
 
 log = logging.getLogger(__name__)
@@ -228,8 +230,8 @@ def _run_quiet(cmd: list[str], timeout: float = 15.0) -> tuple[int, str]:
     return done.returncode, (done.stderr or done.stdout).strip()
 
 
-def _unmount(path: str) -> bool:
-    """Unmount ``path``: plain first, lazily when busy, by any tool that is there.
+def unmount(path: str) -> bool:
+    """Unmount ``path`` (a FUSE mount): plain first, lazily when busy, by any tool that is there.
 
     Returns:
         True when only a lazy unmount worked (files were still open), else False.
@@ -509,7 +511,7 @@ def _teardown(proc: subprocess.Popen[bytes], mountpoint: str) -> None:
     """Unmount, then make sure the server is gone (killing it if it lingers)."""
     grace_s = 5.0
     try:
-        if _unmount(mountpoint):
+        if unmount(mountpoint):
             # Detached, but the connection lives while files are open: end it now.
             grace_s = 0.5
     except NetFSError as exc:
@@ -518,7 +520,7 @@ def _teardown(proc: subprocess.Popen[bytes], mountpoint: str) -> None:
     _stop_server(proc, grace_s=grace_s if proc.poll() is None else 0.0)
     if is_mounted(mountpoint):  # server gone, mount left: remove what remains
         try:
-            _unmount(mountpoint)
+            unmount(mountpoint)
         except NetFSError as exc:
             log.error("%s; it is left behind", exc)
 
@@ -533,7 +535,8 @@ def _server_log_tail(log_path: Path, limit: int = 4000) -> str:
 _PROFILE_FIELDS = {f.name for f in dataclasses.fields(NetFSProfile)} - {"name", "description"}
 
 
-def _set_read_ahead(mountpoint: Path, kb: int) -> None:
+def set_read_ahead(mountpoint: str | os.PathLike[str], kb: int) -> None:
+    """Set a mount's read-ahead window (KiB); a failure is logged, not raised."""
     try:
         set_read_ahead_kb(mountpoint, kb)
     except OSError as exc:
@@ -610,7 +613,7 @@ def mounted(
     try:
         _wait_for_mount(proc, str(mp), startup_timeout, log_path)
         if resolved.read_ahead_kb is not None:
-            _set_read_ahead(mp, resolved.read_ahead_kb)
+            set_read_ahead(mp, resolved.read_ahead_kb)
         control = ControlClient(config.control, timeout=_CONTROL_TIMEOUT_S)
         fs = NetFS(mp, backing, resolved, proc, control)
         log.info("mounted %s at %s (%s, server pid %d)", backing, mp, resolved.name, proc.pid)

@@ -185,7 +185,7 @@ def plan(suite: Suite, *, fuse_ok: bool, fio_ok: bool | None = None) -> list[Ste
     Example:
         >>> from bench.suites import quick_suite
         >>> len(plan(quick_suite(), fuse_ok=True, fio_ok=False))
-        51
+        89
     """
     fio = fio_available() if fio_ok is None else fio_ok
     steps: list[Step] = []

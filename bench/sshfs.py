@@ -91,7 +91,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench import _sftp_counter as wire
-from bench.netfs import NetFSError, _is_mounted, _read_ahead_of, _set_read_ahead, _unmount
+from bench.mounts import is_mounted, read_ahead_kb
+from bench.netfs import NetFSError, set_read_ahead, unmount
 from engine.residency import evict
 
 __all__ = [
@@ -868,7 +869,7 @@ class SSHFS:
 
     def _mount(self, tools: _Tools, port: int, deadline: float) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        if _is_mounted(str(self.path)):
+        if is_mounted(str(self.path)):
             raise SSHFSError(f"{self.path} is already a mount point")
         user = pwd.getpwuid(os.geteuid()).pw_name
         ssh_options = {
@@ -917,10 +918,10 @@ class SSHFS:
         except SSHFSError as exc:  # the server's side of a refused login is in sshd's log
             raise SSHFSError(f"{exc}\nsshd log:\n{_tail(self._runtime / 'sshd.log')}") from None
         if self.profile.read_ahead_kb is not None:
-            _set_read_ahead(str(self.path), self.profile.read_ahead_kb)
+            set_read_ahead(str(self.path), self.profile.read_ahead_kb)
         if self.profile.max_background is not None:
             _set_fuse_connection(self.path, "max_background", self.profile.max_background)
-        self.read_ahead_kb = _read_ahead_of(str(self.path))
+        self.read_ahead_kb = read_ahead_kb(str(self.path))
 
     # ----------------------------------------------------------------- tear down
     def _close(self) -> None:
@@ -954,7 +955,7 @@ class SSHFS:
         self._final = self.counters()
 
     def _unmount(self) -> None:
-        if _unmount(str(self.path)):
+        if unmount(str(self.path)):
             self._detached_busy = True  # sshfs keeps serving the open files: stop it
 
     def _stop_client(self) -> None:
@@ -999,7 +1000,7 @@ class SSHFS:
         for mapped in self._maps.values():
             mapped.close()
         self._maps.clear()
-        if _is_mounted(str(self.path)):
+        if is_mounted(str(self.path)):
             log.error("%s is still mounted: %s is left behind", self.path, self._runtime)
             return
         shutil.rmtree(self._runtime, ignore_errors=True)
@@ -1034,7 +1035,7 @@ def _wait_for_mount(
 ) -> None:
     """Wait until sshfs has mounted and its root answers a stat (from a daemon thread,
     so that a server that never answers makes this raise instead of hang)."""
-    while not _is_mounted(str(mountpoint)):
+    while not is_mounted(str(mountpoint)):
         if proc.poll() is not None:
             raise SSHFSError(f"sshfs exited with {proc.returncode}:\n{_tail(log_path)}")
         if time.monotonic() > deadline:

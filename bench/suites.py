@@ -94,15 +94,19 @@ class Suite:
 #: The scenarios of the full suite, by name (``--scenario``).
 SCENARIOS = ("cold", "sweep", "backends", "bigger-than-memory")
 QUICK_CONFIGS = ("none", "sglang", "ours")
+#: On the real client the quick suite also runs plain striping, the yardstick to beat.
+QUICK_REAL_CONFIGS = ("none", "sglang", "stripe", "ours")
 FULL_CONFIGS = ("none", "sglang", "ours", "ours-files")
 SWEEP_CONFIGS = tuple(f"ours-c{c}-{m}m" for c in (1, 2, 4, 8) for m in (16, 64))
 
 
 def quick_suite(**overrides: Any) -> Suite:
-    """The default suite: 512 MiB, slow-nfs, 4 ranks, uniform/skewed/single, none/sglang/ours.
+    """The default suite: 512 MiB, 4 ranks, on the simulated and on a real network client.
 
-    It takes under 3 minutes on the project's 2-core machine, making the checkpoints
-    included (they are reused afterwards).
+    ``slow-nfs`` (simulated): uniform, skewed and single x none, sglang, ours. ``sshfs``
+    (the real client, `bench.sshfs`): skewed and single x none, sglang, stripe, ours. It
+    takes about 5 minutes on the project's 2-core machine, making the checkpoints included
+    (they are reused afterwards).
 
     Args:
         **overrides: Suite fields to replace.
@@ -114,7 +118,7 @@ def quick_suite(**overrides: Any) -> Suite:
         >>> quick_suite().matrices[0].fs
         ('slow-nfs',)
     """
-    m = Matrix(
+    simulated = Matrix(
         scenario="cold",
         fs=("slow-nfs",),
         ranks=(4,),
@@ -122,7 +126,15 @@ def quick_suite(**overrides: Any) -> Suite:
         configs=QUICK_CONFIGS,
         size_bytes=512 << 20,
     )
-    base = {"name": "quick", "matrices": (m,), "repeats": 3, "warmup": 1}
+    real = Matrix(
+        scenario="cold",
+        fs=("sshfs",),
+        ranks=(4,),
+        shapes=("skewed", "single"),
+        configs=QUICK_REAL_CONFIGS,
+        size_bytes=512 << 20,
+    )
+    base = {"name": "quick", "matrices": (simulated, real), "repeats": 3, "warmup": 1}
     base.update(overrides)
     return Suite(**base)
 
@@ -174,14 +186,13 @@ def full_suite(**overrides: Any) -> Suite:
 
 
 def _validate_matrix(m: Matrix) -> None:
-    from bench import netfs
     from bench.checkpoint import SHAPES
+    from bench.filesystems import filesystem_names
 
+    names = filesystem_names()
     for name in m.fs:
-        if name != "local" and name not in netfs.PROFILES:
-            raise ValueError(
-                f"unknown filesystem {name!r}: use local or one of {', '.join(netfs.PROFILES)}"
-            )
+        if name not in names:
+            raise ValueError(f"unknown filesystem {name!r}: use one of {', '.join(names)}")
     for shape in m.shapes:
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}: use {', '.join(SHAPES)}")

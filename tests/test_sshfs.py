@@ -22,7 +22,7 @@ from typing import Any, Literal
 import pytest
 
 from bench import sshfs
-from bench.netfs import _is_mounted
+from bench.mounts import is_mounted
 from bench.sshfs import PROFILES, SSHFS, SSHFSError, SSHFSMissingError, mounted
 from engine.residency import resident_bytes
 from tests.conftest import write_random
@@ -98,7 +98,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def assert_nothing_left(trace: _Trace) -> None:
     assert trace.pids, "the mount recorded no process: the trace is empty"
-    assert not _is_mounted(trace.mountpoint)
+    assert not is_mounted(trace.mountpoint)
     assert trace.netns not in _netns_names()
     link = subprocess.run(["ip", "link", "show", trace.veth], capture_output=True, timeout=10)
     assert link.returncode != 0, f"veth {trace.veth} is left"
