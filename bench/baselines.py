@@ -118,6 +118,7 @@ class SGLangStylePrefetcher:
         threads: reader threads (SGLang: ``--weight-loader-prefetch-num-threads``, 4).
         block_bytes: bytes per ``read()`` (SGLang: ``SGLANG_PREFETCH_BLOCK_SIZE_MB``, 16).
         bytes_read: bytes read so far (updated as files finish).
+        cpu_s: CPU seconds of the reader threads (updated as files finish).
         errors: one message per file that failed.
         started_at: ``time.monotonic()`` at start; None before.
         finished_at: ``time.monotonic()`` when every file was read; None before.
@@ -127,6 +128,7 @@ class SGLangStylePrefetcher:
     threads: int = SGLANG_THREADS
     block_bytes: int = SGLANG_BLOCK_BYTES
     bytes_read: int = 0
+    cpu_s: float = 0.0
     errors: list[str] = field(default_factory=list)
     started_at: float | None = None
     finished_at: float | None = None
@@ -134,7 +136,7 @@ class SGLangStylePrefetcher:
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     def _read_file(self, path: str) -> None:
-        n = 0
+        n, cpu0 = 0, time.thread_time()
         try:
             with open(path, "rb") as f:
                 while True:
@@ -148,6 +150,7 @@ class SGLangStylePrefetcher:
             log.warning("SGLang-style prefetch failed on %s: %s", path, exc)
         with self._lock:
             self.bytes_read += n
+            self.cpu_s += time.thread_time() - cpu0
 
     def _run(self) -> None:
         with ThreadPoolExecutor(
@@ -171,6 +174,7 @@ class SGLangStylePrefetcher:
             return {
                 "files": len(self.files),
                 "bytes_read": self.bytes_read,
+                "cpu_s": self.cpu_s,
                 "errors": list(self.errors),
                 "finished": self.finished_at is not None,
                 "seconds": (self.finished_at - self.started_at)
@@ -238,8 +242,10 @@ def stripe_plan(
     return out
 
 
-def _sendfile_stripes(stripes: list[tuple[str, int, int]], done: list[int]) -> None:
+def _sendfile_stripes(stripes: list[tuple[str, int, int]], done: list[float]) -> None:
+    """Warm `stripes` in order; ``done`` holds [bytes read, CPU seconds], kept current."""
     null = os.open(os.devnull, os.O_WRONLY)
+    cpu0 = time.thread_time()
     try:
         for path, offset, length in stripes:
             try:
@@ -252,6 +258,7 @@ def _sendfile_stripes(stripes: list[tuple[str, int, int]], done: list[int]) -> N
                             break
                         left -= n
                         done[0] += n
+                        done[1] = time.thread_time() - cpu0
                 finally:
                     os.close(fd)
             except OSError as exc:
@@ -271,15 +278,15 @@ def load_stripe(
     """Start the plain striping prefetch of this rank's stripes, then load as `load_plain`.
 
     Returns:
-        ``{"bytes_read": ...}`` of the prefetch thread when loading ended.
+        ``{"bytes_read": ..., "cpu_s": ...}`` of the prefetch thread when loading ended.
 
     Example:
         >>> load_stripe(files, 0, 4, lambda n, t: None)  # doctest: +SKIP
     """
-    done = [0]
+    done = [0.0, 0.0]
     stripes = stripe_plan(files, rank, world, stripe_bytes)
     threading.Thread(
         target=_sendfile_stripes, args=(stripes, done), name="stripe-prefetch", daemon=True
     ).start()
     load_plain(files, consume)
-    return {"bytes_read": done[0]}
+    return {"bytes_read": int(done[0]), "cpu_s": done[1]}

@@ -77,6 +77,7 @@ class Sample:
     rank_s: tuple[float, ...]
     cpu_s: float
     cpu_s_per_gb: float | None
+    prefetch_cpu_s_per_gb: float | None
     bytes_served: int | None
     bytes_served_ratio: float | None
     resident_before: float
@@ -108,12 +109,17 @@ class Sample:
         """
         cpu = sum(r.cpu_s for r in ranks) if cpu_s is None else cpu_s
         used = sum(r.bytes_consumed for r in ranks) if consumed is None else consumed
+        pf = [r.prefetch.get("cpu_s") for r in ranks if r.prefetch]
+        pf_cpu = sum(pf) if pf and None not in pf else None
         checksums = {r.checksum for r in ranks}
         return cls(
             wall_s=wall_s,
             rank_s=tuple(r.wall_s for r in ranks) if rank_s is None else tuple(rank_s),
             cpu_s=cpu,
             cpu_s_per_gb=cpu / (used / 1e9) if used else None,
+            prefetch_cpu_s_per_gb=(
+                pf_cpu / (total_bytes / 1e9) if pf_cpu is not None and total_bytes else None
+            ),
             bytes_served=served,
             bytes_served_ratio=served / total_bytes if served is not None else None,
             resident_before=min(1.0, max(0.0, resident)),
@@ -129,6 +135,7 @@ class Sample:
             "rank_s": list(self.rank_s),
             "cpu_s": self.cpu_s,
             "cpu_s_per_gb": self.cpu_s_per_gb,
+            "prefetch_cpu_s_per_gb": self.prefetch_cpu_s_per_gb,
             "bytes_served": self.bytes_served,
             "bytes_served_ratio": self.bytes_served_ratio,
             "resident_before": self.resident_before,
@@ -318,6 +325,7 @@ def summarize(samples: Sequence[Mapping[str, Any]], *, total_bytes: int) -> dict
         "unstable": len(walls) > 1 and spread > UNSTABLE_SPREAD,
         "bytes_served_ratio": served,
         "cpu_s_per_gb": med(s.get("cpu_s_per_gb") for s in samples),
+        "prefetch_cpu_s_per_gb": med(s.get("prefetch_cpu_s_per_gb") for s in samples),
         "peak_rss_mib": max(rss) / (1 << 20) if rss else None,
         "peak_anon_mib": max(anon) / (1 << 20) if anon else None,
     }

@@ -147,6 +147,7 @@ def run_rank(job: Job, rank: int, wait_release: Callable[[], None]) -> RankRepor
     consume = consumer if consumer is not None else (lambda n, t: None)
     prefetch = load(cfg, list(job.files), rank, job.world, consume)
     t_done, cpu = time.monotonic(), cpu_seconds() - cpu0
+    cpu += (prefetch or {}).get("reader_cpu_s", 0.0)  # a reader process reads for ours
     peak_anon, io1 = sampler.stop(), io_read_bytes()
     return RankReport(
         rank=rank,

@@ -40,8 +40,9 @@ CAPTION = (
     "vs none / vs sglang = speed-up (baseline time / time). /floor = time / floor:raw, "
     "the cold files read once by W processes x 4 threads (16 MiB preadv, no parsing). "
     "hot = the plain load with every byte cached. served = bytes served by storage / "
-    "checkpoint size. CPU s/GB = CPU s of all ranks / GB they consumed. RSS = largest "
-    "peak RSS of a rank (mapped file pages included)."
+    "checkpoint size. CPU s/GB = CPU s of all ranks (a reader process of theirs included) "
+    "/ GB they consumed. pf CPU s/GB = CPU s of the prefetch's own workers on all ranks / "
+    "GB of checkpoint. RSS = largest peak RSS of a rank (mapped file pages included)."
 )
 
 _FLOOR_ORDER = {"load": 0, "floor-raw": 1, "floor-fio": 2, "hot": 3}
@@ -58,6 +59,8 @@ class Row:
         vs_floor: median / floor:raw of the same group, or None.
         served: bytes served / checkpoint size, or None.
         cpu_s_per_gb, rss_mib: costs, or None.
+        prefetch_cpu_s_per_gb: CPU seconds of the prefetch's own workers (all ranks, a
+            reader process included) per GB of checkpoint, or None (no prefetch).
     """
 
     scenario: str
@@ -75,6 +78,7 @@ class Row:
     served: float | None
     cpu_s_per_gb: float | None
     rss_mib: float | None
+    prefetch_cpu_s_per_gb: float | None = None
 
 
 def rows(doc: Mapping[str, Any]) -> list[Row]:
@@ -137,6 +141,7 @@ def _group_rows(ranks: int, members: Sequence[Mapping[str, Any]]) -> list[Row]:
                 served=s.get("bytes_served_ratio"),
                 cpu_s_per_gb=s.get("cpu_s_per_gb"),
                 rss_mib=s.get("peak_rss_mib"),
+                prefetch_cpu_s_per_gb=s.get("prefetch_cpu_s_per_gb"),
             )
         )
     return out
@@ -191,7 +196,7 @@ def table(doc: Mapping[str, Any]) -> Any:
 
 
 _COLUMNS = ("config", "fs", "shape", "ranks", "time s", "vs none", "vs sglang", "/floor")
-_COLUMNS += ("served", "CPU s/GB", "RSS MiB")
+_COLUMNS += ("served", "CPU s/GB", "pf CPU s/GB", "RSS MiB")
 _LEFT = ("scenario", "config", "fs", "shape")
 
 
@@ -209,6 +214,7 @@ def _cells(r: Row) -> list[str]:
         _fmt(r.vs_floor, ".2f", "×"),
         _fmt(r.served, ".2f", "×"),
         _fmt(r.cpu_s_per_gb, ".3f"),
+        _fmt(r.prefetch_cpu_s_per_gb, ".3f"),
         _fmt(r.rss_mib, ".0f"),
     ]
 

@@ -532,6 +532,7 @@ class Prefetcher:
 
     def _make_report(self, pool: DaemonPool, loop_cpu_s: float, cancelled: bool) -> PrefetchReport:
         t, tuning = self._tally, self._tuning
+        reader_cpu_s = self._warmer.cpu_s if self._warmer is not None else 0.0
         return PrefetchReport(
             rank=self.rank,
             world=self.world,
@@ -546,7 +547,8 @@ class Prefetcher:
             failures=tuple(t.failures),
             notes=tuple(t.notes),
             elapsed_s=t.elapsed_s,
-            cpu_s=pool.cpu_s + loop_cpu_s + (self._warmer.cpu_s if self._warmer else 0.0),
+            cpu_s=pool.cpu_s + loop_cpu_s + reader_cpu_s,
+            reader_cpu_s=reader_cpu_s,
             cancelled=cancelled,
             **t.byte_counts(),
         )

@@ -83,6 +83,8 @@ class PrefetchReport:
             read whole).
         tuning: how the stripe size and the reads in flight were chosen: "given", the
             filesystem's default, or where run-time adaptation converged and why.
+        reader_cpu_s: the part of `cpu_s` spent in the reader process (another process:
+            not in this process's own CPU time).
     """
 
     rank: int
@@ -105,6 +107,7 @@ class PrefetchReport:
     dropped_bytes: int = 0
     read_bytes: int = 0
     tuning: str = ""
+    reader_cpu_s: float = 0.0
 
     @property
     def ok(self) -> bool:
