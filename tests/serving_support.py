@@ -1,0 +1,166 @@
+"""Helpers for the tests against real serving engines (vLLM, SGLang).
+
+- `require_module`: skip when the engine is not installed, fail under CI=true (where
+  ``scripts/setup.sh`` installs it), like the FUSE tests.
+- `plugin_env`: the environment for a subprocess in which the engine finds our plug-in
+  through its entry point, as it does after ``pip install ckpt-prefetch``.
+- `make_tiny_llama`: a small random Llama checkpoint (config.json, two safetensors
+  shards, an index) that vLLM serves without a tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require_module(name: str) -> None:
+    """Skip when `name` cannot be imported; fail instead under CI=true."""
+    if importlib.util.find_spec(name) is not None:
+        return
+    why = f"{name} is not installed (scripts/setup.sh installs it)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{why}; it is required in CI")
+    pytest.skip(why)
+
+
+def _declared_entry_points() -> dict[str, dict[str, str]]:
+    """The entry points pyproject.toml declares: {group: {name: value}}."""
+    import tomllib  # Python >= 3.11, as vLLM needs
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    return {group: dict(eps) for group, eps in project.get("entry-points", {}).items()}
+
+
+def _installed_entry_points() -> dict[str, dict[str, str]]:
+    found: dict[str, dict[str, str]] = {}
+    try:
+        dist = importlib.metadata.distribution("ckpt-prefetch")
+    except importlib.metadata.PackageNotFoundError:
+        return found
+    for ep in dist.entry_points:
+        found.setdefault(ep.group, {})[ep.name] = ep.value
+    return found
+
+
+def plugin_env(metadata_dir: Path, **extra: str) -> dict[str, str]:
+    """An environment whose Python finds this checkout's code and its entry points.
+
+    The code comes from this checkout (first on ``PYTHONPATH``). The installed
+    distribution's metadata is used when it already declares pyproject.toml's entry
+    points (a fresh ``pip install -e .``, as in CI); otherwise (an older install, or one
+    made from another checkout) a metadata-only ``.dist-info`` with pyproject.toml's entry
+    points is written to `metadata_dir` and put on the path first, which is what pip
+    would install.
+
+    Args:
+        metadata_dir: an empty directory for the ``.dist-info``, if one is needed.
+        **extra: more variables.
+
+    Returns:
+        A copy of ``os.environ`` with ``PYTHONPATH`` set and `extra` added.
+    """
+    declared = _declared_entry_points()
+    installed = _installed_entry_points()
+    paths = [str(ROOT)]
+    if any(installed.get(group, {}).get(k) != v for group, eps in declared.items() for k, v in eps.items()):
+        info = metadata_dir / "ckpt_prefetch-0.0.0+checkout.dist-info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: ckpt-prefetch\nVersion: 0.0.0+checkout\n"
+        )
+        lines = []
+        for group, eps in declared.items():
+            lines.append(f"[{group}]")
+            lines += [f"{name} = {value}" for name, value in eps.items()]
+            lines.append("")
+        (info / "entry_points.txt").write_text("\n".join(lines))
+        paths.append(str(metadata_dir))
+    env = dict(os.environ)
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
+    env.update(extra)
+    return env
+
+
+#: The tiny model's shape: 2 layers, hidden 256, vocabulary 8192 (about 21 MB in float32).
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 8192,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+}
+
+
+def make_tiny_llama(directory: Path, *, seed: int = 0) -> list[Path]:
+    """Write a random Llama checkpoint in two safetensors shards with an index.
+
+    Args:
+        directory: where to write (created).
+        seed: the weights' random seed.
+
+    Returns:
+        The shard paths, fsynced so that they can be evicted.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = TINY_LLAMA
+    h, inter, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"]
+    head_dim = h // cfg["num_attention_heads"]
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.05
+
+    first = {"model.embed_tokens.weight": rand(cfg["vocab_size"], h)}
+    second = {"lm_head.weight": rand(cfg["vocab_size"], h), "model.norm.weight": torch.ones(h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        (first if i == 0 else second).update(
+            {
+                p + "self_attn.q_proj.weight": rand(h, h),
+                p + "self_attn.k_proj.weight": rand(kv * head_dim, h),
+                p + "self_attn.v_proj.weight": rand(kv * head_dim, h),
+                p + "self_attn.o_proj.weight": rand(h, h),
+                p + "mlp.gate_proj.weight": rand(inter, h),
+                p + "mlp.up_proj.weight": rand(inter, h),
+                p + "mlp.down_proj.weight": rand(h, inter),
+                p + "input_layernorm.weight": torch.ones(h),
+                p + "post_attention_layernorm.weight": torch.ones(h),
+            }
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    shards = [directory / f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    weight_map = {}
+    for path, tensors in zip(shards, (first, second), strict=True):
+        save_file(tensors, str(path))
+        weight_map.update(dict.fromkeys(tensors, path.name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    return shards
+
