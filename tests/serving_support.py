@@ -71,7 +71,11 @@ def plugin_env(metadata_dir: Path, **extra: str) -> dict[str, str]:
     declared = _declared_entry_points()
     installed = _installed_entry_points()
     paths = [str(ROOT)]
-    if any(installed.get(group, {}).get(k) != v for group, eps in declared.items() for k, v in eps.items()):
+    if any(
+        installed.get(group, {}).get(k) != v
+        for group, eps in declared.items()
+        for k, v in eps.items()
+    ):
         info = metadata_dir / "ckpt_prefetch-0.0.0+checkout.dist-info"
         info.mkdir(parents=True, exist_ok=True)
         (info / "METADATA").write_text(
@@ -163,4 +167,3 @@ def make_tiny_llama(directory: Path, *, seed: int = 0) -> list[Path]:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     return shards
-

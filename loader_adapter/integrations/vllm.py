@@ -42,7 +42,14 @@ from collections.abc import Mapping
 
 from loader_adapter.discovery import LocalRank
 
-__all__ = ["LOAD_FORMAT", "REPLACE_ENV", "VLLM_KEYS", "register", "replace_requested", "vllm_local_rank"]
+__all__ = [
+    "LOAD_FORMAT",
+    "REPLACE_ENV",
+    "VLLM_KEYS",
+    "register",
+    "replace_requested",
+    "vllm_local_rank",
+]
 
 log = logging.getLogger(__name__)
 
