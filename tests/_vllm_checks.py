@@ -52,8 +52,7 @@ def _check(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
 def loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
     from safetensors.torch import load_file
     from vllm.config.load import LoadConfig
-    from vllm.model_executor.model_loader import DefaultModelLoader, get_model_loader
-    from vllm.model_executor.model_loader import weight_utils
+    from vllm.model_executor.model_loader import DefaultModelLoader, get_model_loader, weight_utils
     from vllm.plugins import load_general_plugins
 
     lines = _Lines()
@@ -70,7 +69,9 @@ def loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
     from loader_adapter.integrations import vllm as plugin
 
     plugin.register()
-    results["registered_lines"] = [m for m in lines.lines if "ckpt-prefetch" in m and "egister" in m]
+    results["registered_lines"] = [
+        m for m in lines.lines if "ckpt-prefetch" in m and "egister" in m
+    ]
 
     reference: dict[str, Any] = {}
     for f in sorted(os.listdir(checkpoint)):
@@ -87,18 +88,28 @@ def loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
             "class": type(loader).__name__,
             "digests": got,
             "ours": any(m.startswith("ckpt-prefetch: loading") for m in lines.lines),
-            "vllm_prefetch": any("Prefetching checkpoint files into page cache started" in m
-                                 for m in lines.lines),
+            "vllm_prefetch": any(
+                "Prefetching checkpoint files into page cache started" in m for m in lines.lines
+            ),
             "report": [m for m in lines.lines if "planned=" in m],
         }
 
-    _check(results, "ckpt_prefetch", lambda: load(LoadConfig(
-        load_format="ckpt-prefetch",
-        safetensors_load_strategy="prefetch",  # vLLM would start its own prefetch
-        model_loader_extra_config={"window_bytes": "1GiB", "chunk_bytes": "1MiB"},
-    )))
-    _check(results, "auto", lambda: load(LoadConfig(
-        load_format="auto", safetensors_load_strategy="prefetch")))
+    _check(
+        results,
+        "ckpt_prefetch",
+        lambda: load(
+            LoadConfig(
+                load_format="ckpt-prefetch",
+                safetensors_load_strategy="prefetch",  # vLLM would start its own prefetch
+                model_loader_extra_config={"window_bytes": "1GiB", "chunk_bytes": "1MiB"},
+            )
+        ),
+    )
+    _check(
+        results,
+        "auto",
+        lambda: load(LoadConfig(load_format="auto", safetensors_load_strategy="prefetch")),
+    )
 
     def replaced() -> dict[str, Any]:
         os.environ["CKPT_PREFETCH_VLLM_AUTO"] = "1"
@@ -108,7 +119,9 @@ def loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
         _vllm_loader.install(replace_default=True)
         try:
             return {
-                "prefetch": load(LoadConfig(load_format="auto", safetensors_load_strategy="prefetch")),
+                "prefetch": load(
+                    LoadConfig(load_format="auto", safetensors_load_strategy="prefetch")
+                ),
                 "lazy": load(LoadConfig(load_format="auto", safetensors_load_strategy="lazy")),
             }
         finally:
@@ -118,8 +131,9 @@ def loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
 
     def bad(extra: dict[str, Any], **config: Any) -> str:
         try:
-            get_model_loader(LoadConfig(load_format="ckpt-prefetch",
-                                        model_loader_extra_config=extra, **config))
+            get_model_loader(
+                LoadConfig(load_format="ckpt-prefetch", model_loader_extra_config=extra, **config)
+            )
         except ValueError as exc:
             return f"{type(exc).__name__}: {exc}"
         return "accepted"
@@ -137,8 +151,12 @@ def loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
 
         files = sorted(os.path.join(experts, f) for f in os.listdir(experts))
         ours = sorted(n for n, _ in load_safetensors(files, {}, local_expert_ids={0, 2}))
-        theirs = sorted(n for n, _ in weight_utils.safetensors_weights_iterator(
-            files, False, "lazy", local_expert_ids={0, 2}))
+        theirs = sorted(
+            n
+            for n, _ in weight_utils.safetensors_weights_iterator(
+                files, False, "lazy", local_expert_ids={0, 2}
+            )
+        )
         return {"ours": ours, "vllm": theirs}
 
     _check(results, "experts", experts_filter)
@@ -181,7 +199,10 @@ def rank_checks(hosts: list[str], port: int) -> dict[str, Any]:
         found[rank] = {"rank": local, "world": world, "source": source}
     for p in procs:
         p.join(60)
-    return {"ranks": [found[r] for r in range(len(hosts))], "exitcodes": [p.exitcode for p in procs]}
+    return {
+        "ranks": [found[r] for r in range(len(hosts))],
+        "exitcodes": [p.exitcode for p in procs],
+    }
 
 
 def main() -> None:

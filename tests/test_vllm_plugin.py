@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from serving_support import ROOT, make_tiny_llama, plugin_env, require_module
 
 pytestmark = pytest.mark.vllm
@@ -184,8 +183,9 @@ def test_local_rank_comes_from_vllms_world_group(env: dict[str, str]) -> None:
 # ------------------------------------------------------------ vLLM serving the model
 @pytest.fixture(scope="module")
 def netfs_model(tiny_model: Path) -> Any:
-    from bench.netfs import mounted
     from fuse_support import require_fuse
+
+    from bench.netfs import mounted
 
     require_fuse()
     with mounted(tiny_model, profile="slow-nfs") as fs:
