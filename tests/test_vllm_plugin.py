@@ -102,7 +102,9 @@ def loader_checks(
         tensors[f"model.layers.0.mlp.experts.{e}.w1.weight_scale"] = torch.ones(1)
     tensors["model.layers.0.mlp.gate.weight"] = torch.ones(4, 4)
     save_file(tensors, str(experts / "model.safetensors"))
-    result, log = _run(["tests/_vllm_checks.py", "loader", str(tiny_model), str(experts)], env)
+    result, log = _run(
+        ["tests/_engine_checks.py", "vllm-loader", str(tiny_model), str(experts)], env
+    )
     for key, value in result.items():
         if isinstance(value, dict) and "error" in value:
             pytest.fail(f"check {key!r} raised {value['error']}\n{value['trace']}\n{log[-3000:]}")
@@ -170,7 +172,7 @@ def _free_port() -> int:
 def test_local_rank_comes_from_vllms_world_group(env: dict[str, str]) -> None:
     # Three ranks of one vLLM world, two on node "a" and one on node "b": local ranks
     # follow the node, not the global rank.
-    result, log = _run(["tests/_vllm_checks.py", "ranks", "a,a,b", str(_free_port())], env)
+    result, log = _run(["tests/_engine_checks.py", "vllm-ranks", "a,a,b", str(_free_port())], env)
     assert result["exitcodes"] == [0, 0, 0], log[-3000:]
     source = "vllm world group"
     assert result["ranks"] == [
