@@ -90,7 +90,7 @@ def vllm_loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
         return {
             "class": type(loader).__name__,
             "digests": got,
-            "ours": any(m.startswith("ckpt-prefetch: loading") for m in lines.lines),
+            "ours": any(m.startswith("ckpt-prefetch: vLLM loads") for m in lines.lines),
             "vllm_prefetch": any(
                 "Prefetching checkpoint files into page cache started" in m for m in lines.lines
             ),

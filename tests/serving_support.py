@@ -14,7 +14,11 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +33,37 @@ def require_module(name: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{why}; it is required in CI")
     pytest.skip(why)
+
+
+def run_script(
+    args: list[str], env: dict[str, str], timeout: float = 280
+) -> tuple[dict[str, Any], str]:
+    """Run one of the tests' helper scripts; return its ``RESULT`` json and its output.
+
+    Args:
+        args: the script (relative to the checkout) and its arguments.
+        env: the environment (`plugin_env`).
+        timeout: seconds before the script is killed.
+
+    Returns:
+        (the json of its ``RESULT {...}`` line, its stdout and stderr: vLLM logs to
+        stdout).
+    """
+    proc = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    log = proc.stdout + proc.stderr
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :]), log
+    raise AssertionError(f"{args[0]} exited {proc.returncode} without a result:\n{log[-6000:]}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a gloo rendezvous or a server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _declared_entry_points() -> dict[str, dict[str, str]]:

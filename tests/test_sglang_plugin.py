@@ -12,34 +12,20 @@ code, hooked by SGLang's registry. Everything runs in a subprocess.
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
 from typing import Any
 
 import pytest
-from serving_support import ROOT, make_tiny_llama, plugin_env, require_module
+from serving_support import (
+    free_port,
+    make_tiny_llama,
+    plugin_env,
+    require_module,
+    run_script,
+)
 
 pytestmark = pytest.mark.sglang
 
 TARGET = "sglang.srt.model_loader.weight_utils."
-
-
-def _run(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], str]:
-    proc = subprocess.run(
-        [sys.executable, "tests/_engine_checks.py", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-    )
-    log = proc.stdout + proc.stderr
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :]), log
-    raise AssertionError(f"exited {proc.returncode} without a result:\n{log[-6000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def checks(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     checkpoint = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_llama(checkpoint)
-    result, log = _run(["sglang-hooks", str(checkpoint)], env)
+    result, log = run_script(["tests/_engine_checks.py", "sglang-hooks", str(checkpoint)], env)
     for key, value in result.items():
         if isinstance(value, dict) and "error" in value:
             pytest.fail(f"check {key!r} raised {value['error']}\n{value['trace']}\n{log[-3000:]}")
@@ -106,15 +92,11 @@ def test_sglangs_other_paths_get_our_prefetch_beside_them(
     assert "planned=" in run["lines"][-1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_local_rank_comes_from_sglangs_world_group(env: dict[str, str]) -> None:
-    result, log = _run(["sglang-ranks", "a,a,b", str(_free_port())], env)
+    result, log = run_script(
+        ["tests/_engine_checks.py", "sglang-ranks", "a,a,b", str(free_port())], env
+    )
     assert result["exitcodes"] == [0, 0, 0], log[-3000:]
     source = "sglang world group"
     assert result["ranks"] == [

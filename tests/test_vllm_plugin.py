@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,30 +22,18 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-from serving_support import ROOT, make_tiny_llama, plugin_env, require_module
+from serving_support import (
+    ROOT,
+    free_port,
+    make_tiny_llama,
+    plugin_env,
+    require_module,
+    run_script,
+)
 
 pytestmark = pytest.mark.vllm
 
 MiB = 1 << 20
-
-
-def _run(args: list[str], env: dict[str, str], timeout: float = 280) -> tuple[dict[str, Any], str]:
-    """Run a helper script; return its RESULT json and its output (vLLM logs to stdout)."""
-    proc = subprocess.run(
-        [sys.executable, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :]), proc.stdout + proc.stderr
-    raise AssertionError(
-        f"{args[0]} exited {proc.returncode} without a result:\n"
-        f"{(proc.stdout + proc.stderr)[-6000:]}"
-    )
 
 
 def _load_seconds(log: str) -> float:
@@ -102,7 +89,7 @@ def loader_checks(
         tensors[f"model.layers.0.mlp.experts.{e}.w1.weight_scale"] = torch.ones(1)
     tensors["model.layers.0.mlp.gate.weight"] = torch.ones(4, 4)
     save_file(tensors, str(experts / "model.safetensors"))
-    result, log = _run(
+    result, log = run_script(
         ["tests/_engine_checks.py", "vllm-loader", str(tiny_model), str(experts)], env
     )
     for key, value in result.items():
@@ -162,17 +149,13 @@ def test_expert_filter_skips_what_vllm_skips(loader_checks: dict[str, Any]) -> N
     assert "model.layers.0.mlp.experts.2.w1.weight" in experts["ours"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_local_rank_comes_from_vllms_world_group(env: dict[str, str]) -> None:
     # Three ranks of one vLLM world, two on node "a" and one on node "b": local ranks
     # follow the node, not the global rank.
-    result, log = _run(["tests/_engine_checks.py", "vllm-ranks", "a,a,b", str(_free_port())], env)
+    result, log = run_script(
+        ["tests/_engine_checks.py", "vllm-ranks", "a,a,b", str(free_port())], env
+    )
     assert result["exitcodes"] == [0, 0, 0], log[-3000:]
     source = "vllm world group"
     assert result["ranks"] == [
@@ -199,7 +182,7 @@ def _generate(
 ) -> tuple[dict[str, Any], str, Any]:
     fs.evict()
     fs.reset_counters()
-    result, log = _run(["tests/_vllm_generate.py", str(fs.path), load_format, *extra], env)
+    result, log = run_script(["tests/_vllm_generate.py", str(fs.path), load_format, *extra], env)
     return result, log, fs.counters()
 
 
@@ -217,7 +200,7 @@ def test_llm_gives_the_same_tokens_as_auto_and_storage_serves_each_byte_once(
     assert ours["tokens"] == auto["tokens"]
     assert all(len(t) == 8 for t in ours["tokens"])
     assert total <= _served(counters) <= 1.02 * total
-    assert "ckpt-prefetch: loading 2 safetensors file(s) through loader_adapter" in log
+    assert "ckpt-prefetch: vLLM loads 2 safetensors file(s) through loader_adapter" in log
     (report,) = _reports(log)
     assert report["world"] == 1 and report["planned"] == total
     assert report["warmed"] + report["cached"] + report["skipped"] == total
@@ -298,7 +281,7 @@ def _session_pids(sid: int) -> list[int]:
 def test_vllm_serve_answers_a_completion_and_leaves_no_process(
     env: dict[str, str], tiny_model: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     vllm = Path(sys.executable).with_name("vllm")
     cmd = [
         str(vllm) if vllm.exists() else "vllm", "serve", str(tiny_model),

@@ -11,19 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
 from engine import BACKENDS, STRATEGIES, PrefetchReport
 from engine.plan import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from engine.units import format_bytes, parse_size
-from loader_adapter.discovery import LocalRank
+from loader_adapter.discovery import LocalRank, discover_local_rank, local_rank_in_group
+from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator
 
 __all__ = [
     "OPTIONS_ENV",
     "OPTION_VALUES",
     "OptionError",
     "describe_report",
+    "engine_local_rank",
+    "load_with_prefetch",
     "options_from_env",
     "parse_options",
     "share_log_handlers",
@@ -202,6 +205,41 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
     return parse_options(config, where=where)
 
 
+def engine_local_rank(world_group: Callable[[], Any], source: str) -> LocalRank:
+    """This process's node-local rank and world, from a serving engine's world group.
+
+    vLLM and SGLang keep a ``GroupCoordinator`` for all their ranks, with a gloo
+    ``cpu_group``: its members gather their host identities over it
+    (`loader_adapter.local_rank_in_group`), a collective on the first call. Without
+    torch.distributed, or when the engine has no world group in this process,
+    `loader_adapter.discover_local_rank` answers.
+
+    Args:
+        world_group: returns the engine's world group (may raise when it has none).
+        source: the name the result gives its origin.
+
+    Returns:
+        The LocalRank.
+
+    Example:
+        >>> engine_local_rank(lambda: None, "x")  # no torch.distributed here
+        LocalRank(rank=0, world=1, source='default')
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            world = world_group()
+        except Exception as exc:  # the engine's groups are not built in this process
+            log.debug("no %s (%r); discovering the local rank", source, exc)
+            world = None
+        if world is not None:
+            if world.world_size == 1:
+                return LocalRank(0, 1, source)
+            return local_rank_in_group(world.cpu_group, source=source)
+    return discover_local_rank()
+
+
 def describe_report(report: PrefetchReport | None, local: LocalRank, prefetch: object) -> str:
     """One log line that says what the prefetch of one load did.
 
@@ -229,6 +267,69 @@ def describe_report(report: PrefetchReport | None, local: LocalRank, prefetch: o
         f"backend={report.backend} concurrency={report.concurrency} "
         f"chunk={format_bytes(report.chunk_bytes)}" + (" cancelled" if report.cancelled else "")
     )
+
+
+def load_with_prefetch(
+    files: list[str],
+    options: Mapping[str, Any],
+    local_rank: Callable[[], LocalRank],
+    *,
+    engine: str,
+    skip: Callable[[str], bool] | None = None,
+) -> Generator[tuple[str, Any], None, None]:
+    """A serving engine's safetensors weights, read by `safetensors_weights_iterator`.
+
+    Starts the prefetch at once (so that every rank makes the rank-discovery collective
+    as it starts loading) and logs one line saying so, and one with the report
+    (`describe_report`) when the iteration ends. The iterator is closed (its prefetch
+    cancelled and joined) when the caller has taken every tensor, stops early or lets
+    the generator go.
+
+    Args:
+        files: the safetensors files the engine chose.
+        options: `parse_options` output; ``prefetch`` defaults to True.
+        local_rank: returns this process's local rank (called only when prefetching).
+        engine: the engine's name, for the log.
+        skip: names of tensors not to yield (e.g. other ranks' experts).
+
+    Returns:
+        A generator of ``(name, tensor)``, the tensors of ``safe_open(...).get_tensor``.
+
+    Raises:
+        ValueError: an option the engine refuses (before any file is read).
+        OSError: a file is missing or unreadable.
+    """
+    engine_options = dict(options)
+    prefetch = engine_options.pop("prefetch", True)
+    local = local_rank() if prefetch is not False else LocalRank(0, 1, "unused")
+    it = safetensors_weights_iterator(
+        files, prefetch=prefetch, rank=local.rank, world=local.world, **engine_options
+    )
+    log.info(
+        "ckpt-prefetch: %s loads %d safetensors file(s) through loader_adapter: prefetch=%s "
+        "(%s), local rank %d of %d (%s)%s",
+        engine,
+        len(files),
+        prefetch,
+        "started" if it.prefetching else "not started",
+        local.rank,
+        local.world,
+        local.source,
+        f", options {engine_options}" if engine_options else "",
+    )
+    return _yield_then_report(it, local, prefetch, skip)
+
+
+def _yield_then_report(
+    it: WeightsIterator, local: LocalRank, prefetch: object, skip: Callable[[str], bool] | None
+) -> Generator[tuple[str, Any], None, None]:
+    try:
+        for name, tensor in it:
+            if skip is None or not skip(name):
+                yield name, tensor
+    finally:
+        it.close()
+        log.info("%s", describe_report(it.report, local, prefetch))
 
 
 def share_log_handlers(host: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Generator, Iterator
@@ -28,16 +29,16 @@ from vllm.model_executor.model_loader import DefaultModelLoader, register_model_
 from vllm.model_executor.model_loader import default_loader as default_loader
 from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
-from loader_adapter.discovery import LocalRank, discover_local_rank, local_rank_in_group
+from loader_adapter.discovery import LocalRank
 from loader_adapter.integrations._common import (
     OptionError,
-    describe_report,
+    engine_local_rank,
+    load_with_prefetch,
     options_from_env,
     parse_options,
     share_log_handlers,
 )
 from loader_adapter.integrations.vllm import LOAD_FORMAT, REPLACE_ENV, VLLM_KEYS
-from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator
 
 __all__ = ["CkptPrefetchModelLoader", "install", "load_safetensors", "vllm_local_rank"]
 
@@ -58,16 +59,7 @@ _replace_options: dict[str, Any] | None = None
 
 def vllm_local_rank() -> LocalRank:
     """See `loader_adapter.integrations.vllm.vllm_local_rank`."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        try:
-            world = parallel_state.get_world_group()
-        except AssertionError:  # torch.distributed without vLLM's groups
-            world = None
-        if world is not None:
-            if world.world_size == 1:
-                return LocalRank(0, 1, WORLD_GROUP)
-            return local_rank_in_group(world.cpu_group, source=WORLD_GROUP)
-    return discover_local_rank()
+    return engine_local_rank(parallel_state.get_world_group, WORLD_GROUP)
 
 
 def load_safetensors(
@@ -95,38 +87,11 @@ def load_safetensors(
         ValueError: an option the engine refuses (checked before any file is read).
         OSError: a file is missing or unreadable.
     """
-    engine_options = dict(options)
-    prefetch = engine_options.pop("prefetch", True)
-    local = vllm_local_rank() if prefetch is not False else LocalRank(0, 1, "unused")
-    it = safetensors_weights_iterator(
-        files, prefetch=prefetch, rank=local.rank, world=local.world, **engine_options
-    )
-    log.info(
-        "ckpt-prefetch: loading %d safetensors file(s) through loader_adapter: prefetch=%s "
-        "(%s), local rank %d of %d (%s)%s%s",
-        len(files),
-        prefetch,
-        "started" if it.prefetching else "not started",
-        local.rank,
-        local.world,
-        local.source,
-        f", options {engine_options}" if engine_options else "",
-        f", {len(local_expert_ids)} local experts" if local_expert_ids is not None else "",
-    )
-    return _filtered(it, local, prefetch, local_expert_ids)
-
-
-def _filtered(
-    it: WeightsIterator, local: LocalRank, prefetch: object, local_expert_ids: set[int] | None
-) -> Generator[tuple[str, torch.Tensor], None, None]:
-    try:
-        for name, tensor in it:
-            if local_expert_ids is not None and should_skip_weight(name, local_expert_ids):
-                continue
-            yield name, tensor
-    finally:
-        it.close()
-        log.info("%s", describe_report(it.report, local, prefetch))
+    skip = None
+    if local_expert_ids is not None:
+        log.info("ckpt-prefetch: this rank loads %d experts", len(local_expert_ids))
+        skip = functools.partial(should_skip_weight, local_expert_ids=local_expert_ids)
+    return load_with_prefetch(files, options, vllm_local_rank, engine="vLLM", skip=skip)
 
 
 def _switch(*args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:

@@ -40,15 +40,16 @@ from typing import Any
 
 from engine import PrefetchHandle, start_prefetch
 from loader_adapter.args import CHUNK_ENV
-from loader_adapter.discovery import LocalRank, discover_local_rank, local_rank_in_group
+from loader_adapter.discovery import LocalRank
 from loader_adapter.fsdetect import decide_auto
 from loader_adapter.integrations._common import (
     OptionError,
     describe_report,
+    engine_local_rank,
+    load_with_prefetch,
     options_from_env,
     share_log_handlers,
 )
-from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator
 
 __all__ = ["HOOKS", "WEIGHT_UTILS", "register", "sglang_local_rank"]
 
@@ -78,21 +79,13 @@ def sglang_local_rank() -> LocalRank:
         >>> sglang_local_rank()  # in a scheduler of a TP=8 server on one node  # doctest: +SKIP
         LocalRank(rank=3, world=8, source='sglang world group')
     """
-    import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        try:
-            from sglang.srt.runtime_context import get_parallel
+    def world_group() -> Any:
+        from sglang.srt.runtime_context import get_parallel
 
-            world = get_parallel().world_group
-        except Exception as exc:  # SGLang's groups are not built in this process
-            log.debug("no SGLang world group (%r); discovering the local rank", exc)
-            world = None
-        if world is not None:
-            if world.world_size == 1:
-                return LocalRank(0, 1, WORLD_GROUP)
-            return local_rank_in_group(world.cpu_group, source=WORLD_GROUP)
-    return discover_local_rank()
+        return get_parallel().world_group
+
+    return engine_local_rank(world_group, WORLD_GROUP)
 
 
 def _options(threads: int) -> dict[str, Any]:
@@ -124,32 +117,8 @@ def _plain(original: Callable[..., Pairs], *args: Any, **kwargs: Any) -> Pairs:
     if a.get("drop_cache_after_load"):
         return _beside(original, call)
     options = _options(a["prefetch_num_threads"])
-    prefetch = options.pop("prefetch")
-    files = list(a["hf_weights_files"])
-    local = sglang_local_rank() if prefetch is not False else LocalRank(0, 1, "unused")
-    it = safetensors_weights_iterator(
-        files, prefetch=prefetch, rank=local.rank, world=local.world, **options
-    )
-    log.info(
-        "ckpt-prefetch: SGLang loads %d safetensors file(s) through loader_adapter: "
-        "prefetch=%s (%s), local rank %d of %d (%s), options %s",
-        len(files),
-        prefetch,
-        "started" if it.prefetching else "not started",
-        local.rank,
-        local.world,
-        local.source,
-        options,
-    )
-    return _reported(it, local, prefetch)
-
-
-def _reported(it: WeightsIterator, local: LocalRank, prefetch: object) -> Pairs:
-    try:
-        yield from it
-    finally:
-        it.close()
-        log.info("%s", describe_report(it.report, local, prefetch))
+    files = [os.fspath(f) for f in a["hf_weights_files"]]
+    return load_with_prefetch(files, options, sglang_local_rank, engine="SGLang")
 
 
 def _buffered(original: Callable[..., Pairs], *args: Any, **kwargs: Any) -> Pairs:
