@@ -150,6 +150,7 @@ def test_expert_filter_skips_what_vllm_skips(loader_checks: dict[str, Any]) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)  # three processes import vLLM
 def test_local_rank_comes_from_vllms_world_group(env: dict[str, str]) -> None:
     # Three ranks of one vLLM world, two on node "a" and one on node "b": local ranks
     # follow the node, not the global rank.
@@ -188,6 +189,7 @@ def _generate(
 
 @pytest.mark.slow
 @pytest.mark.fuse
+@pytest.mark.timeout(600)  # two engine starts
 def test_llm_gives_the_same_tokens_as_auto_and_storage_serves_each_byte_once(
     netfs_model: Any, env: dict[str, str], tiny_model: Path
 ) -> None:
@@ -215,6 +217,7 @@ def test_llm_gives_the_same_tokens_as_auto_and_storage_serves_each_byte_once(
 
 @pytest.mark.slow
 @pytest.mark.fuse
+@pytest.mark.timeout(400)  # one engine start
 def test_two_tensor_parallel_ranks_share_the_checkpoint(
     netfs_model: Any, env: dict[str, str], tiny_model: Path
 ) -> None:
@@ -234,6 +237,7 @@ def test_two_tensor_parallel_ranks_share_the_checkpoint(
 
 @pytest.mark.slow
 @pytest.mark.fuse
+@pytest.mark.timeout(400)  # one engine start
 def test_bad_option_fails_the_load_before_any_weight_is_read(
     netfs_model: Any, env: dict[str, str]
 ) -> None:
@@ -278,6 +282,7 @@ def _session_pids(sid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)  # one engine start
 def test_vllm_serve_answers_a_completion_and_leaves_no_process(
     env: dict[str, str], tiny_model: Path, tmp_path: Path
 ) -> None:
