@@ -72,6 +72,9 @@ def vllm_loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
     from loader_adapter.integrations import vllm as plugin
 
     plugin.register()
+    from loader_adapter.integrations import _vllm_loader
+
+    _vllm_loader.install(replace_default=False)  # the layer below register(): idempotent too
     results["registered_lines"] = [
         m for m in lines.lines if "ckpt-prefetch" in m and "egister" in m
     ]

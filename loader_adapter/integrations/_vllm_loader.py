@@ -55,6 +55,8 @@ _active: contextvars.ContextVar[CkptPrefetchModelLoader | None] = contextvars.Co
 _original: Callable[..., Iterator[tuple[str, torch.Tensor]]] | None = None
 #: Options for the default load formats when ``$CKPT_PREFETCH_VLLM_AUTO`` is on, else None.
 _replace_options: dict[str, Any] | None = None
+#: Whether the load format is registered in this process (vLLM warns on a second time).
+_format_registered = False
 
 
 def vllm_local_rank() -> LocalRank:
@@ -192,13 +194,15 @@ def install(*, replace_default: bool) -> None:
     Raises:
         OptionError: `replace_default` and ``$CKPT_PREFETCH_OPTIONS`` is invalid.
     """
-    global _original, _replace_options
+    global _original, _replace_options, _format_registered
     _replace_options = options_from_env() if replace_default else None
     current = default_loader.safetensors_weights_iterator
     if current is not _switch:
         _original = current
         default_loader.safetensors_weights_iterator = _switch
-    register_model_loader(LOAD_FORMAT)(CkptPrefetchModelLoader)
+    if not _format_registered:
+        register_model_loader(LOAD_FORMAT)(CkptPrefetchModelLoader)
+        _format_registered = True
     share_log_handlers("vllm")
     if replace_default:
         log.info(
