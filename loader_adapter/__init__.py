@@ -13,7 +13,13 @@ Example:
 from typing import TYPE_CHECKING, Any
 
 from loader_adapter.args import add_prefetch_args, parse_window, prefetch_options_from_args
-from loader_adapter.discovery import HOST_ID_ENV, LocalRank, discover_local_rank, host_identity
+from loader_adapter.discovery import (
+    HOST_ID_ENV,
+    LocalRank,
+    discover_local_rank,
+    host_identity,
+    local_rank_in_group,
+)
 from loader_adapter.files import expand_checkpoint_files
 from loader_adapter.fsdetect import AutoDecision, decide_auto, filesystem_type
 from loader_adapter.header import SafetensorsHeader, TensorSpan, read_header
@@ -42,6 +48,7 @@ __all__ = [
     "LocalRank",
     "discover_local_rank",
     "host_identity",
+    "local_rank_in_group",
     # files and filesystems
     "AutoDecision",
     "decide_auto",

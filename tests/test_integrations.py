@@ -1,0 +1,186 @@
+"""What the engine plug-ins share, without any engine: options, report line, packaging."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serving_support import ROOT, make_tiny_llama
+
+from engine import start_prefetch
+from loader_adapter.discovery import LocalRank
+from loader_adapter.integrations._common import (
+    OPTION_VALUES,
+    OptionError,
+    describe_report,
+    options_from_env,
+    parse_options,
+)
+from loader_adapter.integrations.vllm import replace_requested
+
+MiB = 1 << 20
+
+
+def test_importing_the_package_and_plugins_imports_no_engine() -> None:
+    code = (
+        "import sys, loader_adapter, loader_adapter.integrations\n"
+        "import loader_adapter.integrations.vllm, loader_adapter.integrations.sglang\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'sglang'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, {}),
+        ({"prefetch": "auto"}, {"prefetch": "auto"}),
+        ({"prefetch": "off"}, {"prefetch": False}),
+        ({"prefetch": True, "skip_cached": False}, {"prefetch": True, "skip_cached": False}),
+        ({"window_bytes": "8GiB"}, {"window_bytes": 8 << 30}),
+        ({"window_bytes": None}, {"window_bytes": None}),
+        ({"window_bytes": "none"}, {"window_bytes": None}),
+        ({"window_bytes": "auto"}, {"window_bytes": "auto"}),
+        ({"chunk_bytes": 4 * MiB}, {"chunk_bytes": 4 * MiB}),
+        ({"chunk_bytes": "16MiB", "concurrency": 3}, {"chunk_bytes": 16 * MiB, "concurrency": 3}),
+        ({"strategy": "files", "backend": "pread"}, {"strategy": "files", "backend": "pread"}),
+    ],
+)
+def test_valid_options(given: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert parse_options(given, where="here") == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"windw": 1}, "ckpt-prefetch: here: unknown key 'windw'; valid keys: backend, "),
+        ({"a": 1, "b": 2}, "unknown keys 'a', 'b'; valid keys:"),
+        ({"prefetch": "maybe"}, "'prefetch' must be true, false or 'auto'"),
+        ({"strategy": "random"}, "'strategy' must be 'balanced' or 'files'; got 'random'"),
+        ({"backend": "mmap"}, "'backend' must be 'auto', 'sendfile', 'populate', 'pread'"),
+        ({"concurrency": 0}, "'concurrency' must be 'auto' or an integer >= 1"),
+        ({"concurrency": True}, "'concurrency' must be"),
+        ({"concurrency": 2.5}, "'concurrency' must be"),
+        (
+            {"chunk_bytes": 100},
+            "'chunk_bytes' must be 'auto', or a size from 4.00 KiB to 16.00 GiB",
+        ),
+        ({"chunk_bytes": "big"}, "'chunk_bytes' must be"),
+        ({"window_bytes": 0}, "'window_bytes' must be 'auto', null or 'none'"),
+        ({"window_bytes": -5}, "'window_bytes' must be"),
+        ({"skip_cached": "yes"}, "'skip_cached' must be true or false; got 'yes'"),
+    ],
+)
+def test_invalid_options_name_the_option_and_its_values(
+    given: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(OptionError) as info:
+        parse_options(given, where="here")
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_every_option_is_one_the_iterator_takes() -> None:
+    import inspect
+
+    engine_options = {
+        name
+        for name, p in inspect.signature(start_prefetch).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert set(OPTION_VALUES) - {"prefetch"} <= engine_options
+
+
+def test_keys_the_caller_handles_are_named_and_left_alone() -> None:
+    assert parse_options({"mine": 1, "concurrency": 2}, where="w", also_valid=["mine"]) == {
+        "concurrency": 2
+    }
+    with pytest.raises(OptionError, match="valid keys: backend, chunk_bytes, concurrency, mine"):
+        parse_options({"other": 1}, where="w", also_valid=["mine"])
+    with pytest.raises(OptionError, match="must be a JSON object"):
+        parse_options(["concurrency"], where="w")  # type: ignore[arg-type]
+
+
+def test_options_from_the_environment() -> None:
+    env = {"CKPT_PREFETCH_OPTIONS": json.dumps({"window_bytes": "1GiB", "prefetch": "auto"})}
+    assert options_from_env(env) == {"window_bytes": 1 << 30, "prefetch": "auto"}
+    assert options_from_env({}) == {} == options_from_env({"CKPT_PREFETCH_OPTIONS": " "})
+    with pytest.raises(OptionError, match=r"\$CKPT_PREFETCH_OPTIONS is not valid JSON"):
+        options_from_env({"CKPT_PREFETCH_OPTIONS": "window_bytes=1GiB"})
+    with pytest.raises(OptionError, match=r"\$CKPT_PREFETCH_OPTIONS: unknown key 'x'"):
+        options_from_env({"CKPT_PREFETCH_OPTIONS": '{"x": 1}'})
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("on", True), ("0", False), ("", False)])
+def test_vllm_replacement_is_opt_in(value: str, on: bool) -> None:
+    assert replace_requested({"CKPT_PREFETCH_VLLM_AUTO": value}) is on
+    assert replace_requested({}) is False
+
+
+def test_report_line_gives_exact_bytes(make_file: Any) -> None:
+    path = make_file("a.bin", 3 * MiB + 5)
+    with start_prefetch([path], 0, 1, chunk_bytes=MiB) as handle:
+        report = handle.wait(timeout=30)
+    assert report is not None
+    line = describe_report(report, LocalRank(0, 1, "vllm world group"), True)
+    assert line.startswith("ckpt-prefetch: local rank 0 of 1 (vllm world group): ")
+    assert f"planned={3 * MiB + 5} warmed={report.warmed_bytes} " in line
+    assert report.warmed_bytes + report.cached_bytes == 3 * MiB + 5
+    assert "strategy=balanced" in line and "chunk=1.00 MiB" in line
+
+
+def test_engine_log_lines_reach_the_serving_engines_handlers() -> None:
+    code = (
+        "import logging, sys\n"
+        "host = logging.getLogger('vllm')\n"
+        "h = logging.StreamHandler(sys.stdout); host.addHandler(h); host.setLevel(logging.INFO)\n"
+        "from loader_adapter.integrations._common import share_log_handlers\n"
+        "share_log_handlers('vllm'); share_log_handlers('vllm')\n"
+        "logging.getLogger('engine.engine').info('from the engine')\n"
+        "logging.getLogger('loader_adapter.iterator').debug('not at INFO')\n"
+        "assert logging.getLogger('engine').handlers == [h]\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60, capture_output=True
+    )
+    assert out.stdout.decode().splitlines() == ["from the engine"]
+
+
+def test_an_application_logging_config_is_kept() -> None:
+    code = (
+        "import logging\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "logging.getLogger('vllm').addHandler(logging.NullHandler())\n"
+        "from loader_adapter.integrations._common import share_log_handlers\n"
+        "share_log_handlers('vllm')\n"
+        "assert logging.getLogger('engine').handlers == []\n"
+        "assert logging.getLogger('engine').propagate\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_declared_entry_points_resolve_to_the_register_functions() -> None:
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)
+    eps = project["project"]["entry-points"]
+    assert set(eps) == {"vllm.general_plugins", "sglang.srt.plugins"}
+    for group in eps.values():
+        module, _, attr = group["ckpt-prefetch"].partition(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+    packages = project["tool"]["setuptools"]["packages"]
+    assert "loader_adapter.integrations" in packages  # or the plug-ins are not installed
+
+
+def test_tiny_checkpoint_index_names_every_shard(tmp_path: Path) -> None:
+    shards = make_tiny_llama(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    assert len(index["weight_map"]) == 2 + 2 * 9 + 1

