@@ -61,6 +61,8 @@ configurations (--configs, comma separated):
   ours          loader_adapter.safetensors_weights_iterator(prefetch=True), defaults
   ours-files    ours with strategy=files (file round-robin, for comparison)
   ours-c1-64m   ours with concurrency=1, chunk 64 MiB (any ours-c<N>-<MB>m)
+  ours-fixed    ours without run-time adaptation: 8 reads per node split among the
+                ranks, in this process (the defaults before adaptation)
   ours-<backend>, ours-window, ours-nowindow, ours-noprefetch
   ours:backend=pread,concurrency=2,chunk_mb=32,window=auto   (any options)
   sglang:threads=8,block_mb=32                                (any options)

@@ -13,6 +13,8 @@ A configuration is a kind and options, ``kind[:key=value,...]``, or an alias::
 
     ours-files = ours:strategy=files     ours-c1-64m = ours:concurrency=1,chunk_mb=64
     ours-window = ours:window=auto       ours-nowindow = ours:window=off
+    ours-fixed = ours:concurrency=fixed,backend=sendfile  (the defaults before run-time
+                 adaptation: 8 reads per node split among the ranks, read in-process)
     ours-<backend> = ours:backend=<backend>   (sendfile, pread, populate, fadvise, ...)
 
 Strings travel to the rank processes and into the results; `parse_config` checks them
@@ -56,6 +58,7 @@ ALIASES: dict[str, str] = {
     "ours-window": "ours:window=auto",
     "ours-nowindow": "ours:window=off",
     "ours-noprefetch": "ours:prefetch=off",
+    "ours-fixed": "ours:concurrency=fixed,backend=sendfile",
 }
 _SWEEP_RE = re.compile(r"^ours-c(\d+)-(\d+(?:\.\d+)?)m$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -103,7 +106,9 @@ class Config:
     def loader_options(self) -> dict[str, Any]:
         """Keyword options for ``safetensors_weights_iterator`` (kind ``ours`` only).
 
-        ``chunk_mb`` becomes ``chunk_bytes``; ``window=off`` means no window
+        ``chunk_mb`` becomes ``chunk_bytes``; ``concurrency=fixed`` stays ``"fixed"`` (the
+        rank resolves it: `engine.tuning.NODE_STREAMS` split among the ranks, without
+        run-time adaptation); ``window=off`` means no window
         (``window_bytes=None``), ``window=auto`` leaves the engine's default, a size
         (``512MiB``) sets ``window_bytes``; ``prefetch`` (on/off/auto) is returned under
         the key ``prefetch``.
@@ -113,7 +118,7 @@ class Config:
             if key == "chunk_mb":
                 out["chunk_bytes"] = self.mib(key, 0)
             elif key == "concurrency":
-                out["concurrency"] = int(value)
+                out["concurrency"] = value if value == "fixed" else int(value)
             elif key == "window":
                 if value == "off":
                     out["window_bytes"] = None
@@ -156,6 +161,8 @@ def _check_option(name: str, kind: str, key: str, value: str) -> None:
         raise ValueError(
             f"configuration {name!r}: unknown option {key!r} for {kind} (valid: {valid})"
         )
+    if key == "concurrency" and value == "fixed":
+        return
     if key in ("threads", "concurrency") and (not value.isdigit() or int(value) < 1):
         raise ValueError(f"configuration {name!r}: {key} must be an integer >= 1")
     if key in ("chunk_mb", "block_mb"):

@@ -56,6 +56,10 @@ def _load_ours(
 
     kwargs = cfg.loader_options()
     prefetch = kwargs.pop("prefetch")
+    if kwargs.get("concurrency") == "fixed":
+        from engine.tuning import NODE_STREAMS
+
+        kwargs["concurrency"] = max(1, -(-NODE_STREAMS // world))
     it = safetensors_weights_iterator(files, prefetch=prefetch, rank=rank, world=world, **kwargs)
     with it:
         for name, tensor in it:

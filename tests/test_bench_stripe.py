@@ -45,3 +45,12 @@ def test_stripe_is_a_configuration():
     assert cfg.kind == "stripe" and cfg.mib("chunk_mb", 0) == 32 * MiB
     with pytest.raises(ValueError, match="unknown option"):
         parse_config("stripe:threads=2")
+
+
+def test_ours_fixed_is_the_former_default():
+    cfg = parse_config("ours-fixed")
+    assert cfg.loader_options() == {
+        "prefetch": True,
+        "backend": "sendfile",
+        "concurrency": "fixed",
+    }
