@@ -66,11 +66,16 @@ def _worker(argv: Sequence[str]) -> int:
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--chunk-mb", type=int, default=16)
-    p.add_argument("--window-mb", type=int, default=0, help="0: automatic")
+    p.add_argument("--window-mb", type=int, default=0, help="0: automatic, -1: none")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--replica-dir", default=None)
     p.add_argument("--die-after-mb", type=int, default=0, help="SIGKILL self after this")
     p.add_argument("--stop-after-mb", type=int, default=0, help="SIGSTOP self after this")
+    p.add_argument(
+        "--verify", default=None, metavar="DIR",
+        help="compare every tensor with load_file on DIR (the originals, not the mount)",
+    )  # fmt: skip
+    p.add_argument("--cgroup", default=None, help="join this memory cgroup before loading")
     p.add_argument("checkpoint")
     a = p.parse_args(argv)
 
@@ -86,9 +91,15 @@ def _worker(argv: Sequence[str]) -> int:
         "gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=a.rank, world_size=a.world
     )
     consumer = Consumer(torch.empty(0, dtype=torch.uint8))
+    reference = _reference(a.verify) if a.verify else None
+    mismatches: list[str] = []
+    if a.cgroup:  # after the imports: only what the load brings in is charged
+        from bench.cgroup import join
+
+        join(a.cgroup)
     options: dict[str, Any] = {"chunk_bytes": a.chunk_mb << 20}
     if a.window_mb:
-        options["window_bytes"] = a.window_mb << 20
+        options["window_bytes"] = None if a.window_mb < 0 else a.window_mb << 20
     dist.barrier()
     t0 = time.monotonic()
     replica_peak = 0
@@ -102,8 +113,10 @@ def _worker(argv: Sequence[str]) -> int:
     with it:
         for name, tensor in it:
             consumer(name, tensor)
+            if reference is not None and not _same(reference.pop(name, None), tensor):
+                mismatches.append(name)
             del tensor
-            replica_peak = max(replica_peak, _replica_bytes(it))
+            replica_peak = max(replica_peak, getattr(it, "replica_bytes", 0))
             if a.die_after_mb and consumer.nbytes >= a.die_after_mb << 20:
                 os.kill(os.getpid(), signal.SIGKILL)
             if a.stop_after_mb and consumer.nbytes >= a.stop_after_mb << 20:
@@ -120,6 +133,8 @@ def _worker(argv: Sequence[str]) -> int:
         "bytes": consumer.nbytes,
         "checksum": consumer.checksum,
         "replica_peak_bytes": replica_peak,
+        "mismatches": mismatches + sorted(reference or ()),  # differing, then never yielded
+        "verified": reference is not None,
         "report": report.to_dict() if report is not None else None,
     }
     Path(a.out).write_text(json.dumps(out))
@@ -127,14 +142,27 @@ def _worker(argv: Sequence[str]) -> int:
     os._exit(0)
 
 
-def _replica_bytes(it: Any) -> int:
-    """Bytes the node's replica holds now (0 in node-local mode)."""
-    session = getattr(it, "_session", None)
-    if session is None:
-        return 0
-    with contextlib.suppress(Exception):
-        return session.replica.allocated_bytes()
-    return 0
+def _reference(checkpoint: str) -> dict[str, Any]:
+    """Every tensor of the checkpoint as ``safetensors.torch.load_file`` gives it."""
+    from safetensors.torch import load_file
+
+    from loader_adapter import expand_checkpoint_files
+
+    out: dict[str, Any] = {}
+    for path in expand_checkpoint_files(checkpoint):
+        out.update(load_file(path))
+    return out
+
+
+def _same(expected: Any, got: Any) -> bool:
+    """Same dtype, shape and bytes (bytes, not values: random bits hold NaNs)."""
+    import torch
+
+    if expected is None or expected.dtype != got.dtype or expected.shape != got.shape:
+        return False
+    return torch.equal(
+        expected.reshape(-1).view(torch.uint8), got.contiguous().reshape(-1).view(torch.uint8)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -182,6 +210,14 @@ class SimResult:
         return d
 
 
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -205,7 +241,8 @@ def run_mode(
 
     Global rank ``r`` is local rank ``r // nodes`` of node ``r % nodes`` (ranks of a node
     are not contiguous, as with some launchers). Extra arguments for some ranks (a fault
-    to inject) come in `worker_args`.
+    to inject) come in `worker_args`. Ranks stopped with SIGSTOP are continued once every
+    other rank has ended; ranks still running after `limit_s` are killed.
 
     Returns:
         (the results of the ranks that finished, the ranks that did not, wall seconds).
@@ -246,9 +283,16 @@ def run_mode(
         )
     try:
         deadline = time.monotonic() + limit_s
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            running = [p for p in procs if p.poll() is None]
+            if not running:
+                break
+            if all(_stopped(p.pid) for p in running):
+                # A stalled rank (SIGSTOP) comes back once every other rank is done.
+                for p in running:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.send_signal(signal.SIGCONT)
+            time.sleep(0.1)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -838,6 +838,13 @@ class ClusterWeightsIterator(Iterator[tuple[str, torch.Tensor]]):
         return self._report
 
     @property
+    def replica_bytes(self) -> int:
+        """Memory (or disk) the node's replica holds now; 0 in node-local mode."""
+        if self._session is None or self._session.replica.closed:
+            return 0
+        return self._session.replica.allocated_bytes()
+
+    @property
     def node_report(self) -> Any:
         """In node-local mode, the node-local prefetch's report (None otherwise)."""
         return self._fallback.report if self._fallback is not None else None
