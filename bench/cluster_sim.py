@@ -102,11 +102,16 @@ def _worker(argv: Sequence[str]) -> int:
         options["window_bytes"] = None if a.window_mb < 0 else a.window_mb << 20
     dist.barrier()
     t0 = time.monotonic()
+    cpu0 = time.process_time()
     replica_peak = 0
     report: Any = None
     if a.mode == "cluster":
         it: Any = cluster_weights_iterator(
-            a.checkpoint, replica_dir=a.replica_dir, exchange_timeout_s=a.timeout, **options
+            a.checkpoint,
+            replica_dir=a.replica_dir,
+            exchange_timeout_s=a.timeout,
+            setup_timeout_s=max(a.timeout, 120.0),
+            **options,
         )
     else:
         it = safetensors_weights_iterator(a.checkpoint, prefetch=True, **options)
@@ -123,12 +128,14 @@ def _worker(argv: Sequence[str]) -> int:
                 a.stop_after_mb = 0
                 os.kill(os.getpid(), signal.SIGSTOP)
     elapsed = time.monotonic() - t0
+    cpu = time.process_time() - cpu0
     report = it.report
     out = {
         "rank": a.rank,
         "host": os.environ.get(_HOST_ENV, ""),
         "mode": a.mode,
         "elapsed_s": elapsed,
+        "cpu_s": cpu,
         "tensors": consumer.tensors,
         "bytes": consumer.nbytes,
         "checksum": consumer.checksum,
@@ -176,6 +183,7 @@ class NodeRun:
     host: str
     bytes_served: int
     requests: int
+    server_cpu_s: float = 0.0
 
 
 @dataclass
@@ -208,6 +216,16 @@ class SimResult:
         d = asdict(self)
         d.update(bytes_served=self.bytes_served, served_ratio=self.served_ratio, load_s=self.load_s)
         return d
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds a process (all its threads) has used."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stopped(pid: int) -> bool:
@@ -346,17 +364,19 @@ def simulate(
             for fs in mounts:
                 fs.evict()
                 fs.reset_counters()
+            cpu0 = [_proc_cpu_s(fs.pid) for fs in mounts]
             ranks, failed, wall = run_mode(
                 mode, [fs.path for fs in mounts], ranks_per_node, workdir=work,
                 chunk_mb=chunk_mb, window_mb=window_mb, timeout_s=timeout_s,
             )  # fmt: skip
             counters = [fs.counters() for fs in mounts]
+            cpu = [_proc_cpu_s(fs.pid) - c0 for fs, c0 in zip(mounts, cpu0, strict=True)]
             results.append(
                 SimResult(
                     mode,
                     total,
                     [
-                        NodeRun(f"node{i}", c.bytes_served, c.requests)
+                        NodeRun(f"node{i}", c.bytes_served, c.requests, cpu[i])
                         for i, c in enumerate(counters)
                     ],
                     ranks,
@@ -377,7 +397,7 @@ def interconnect_estimate(result: SimResult, *, link_gbps: float, storage_bps: f
     """
     n = len(result.nodes)
     read_s = result.bytes_served / storage_bps  # the shared storage serves all bytes
-    received = sum(r["report"]["received_bytes"] for r in result.ranks if r.get("report"))
+    received = sum((r.get("report") or {}).get("received_bytes", 0) for r in result.ranks)
     per_node_received = received / n
     link_s = per_node_received / (link_gbps * 1e9 / 8)
     return max(read_s, link_s)
@@ -387,12 +407,16 @@ def _table(results: Sequence[SimResult]) -> str:
     lines = [
         f"{'mode':8} {'served':>10} {'x ckpt':>7} {'load s':>7} {'checksums':>9} {'failed':>6}",
     ]
+    everywhere = {x["checksum"] for r in results for x in r.ranks}
     for r in results:
         sums = {x["checksum"] for x in r.ranks}
         lines.append(
-            f"{r.mode:8} {r.bytes_served / 2**20:9.0f}M {r.served_ratio:7.3f} {r.load_s:7.1f} "
+            f"{r.mode:8} {r.bytes_served / 2**20:9.0f}M {r.served_ratio:7.4f} {r.load_s:7.1f} "
             f"{'same' if len(sums) == 1 else 'DIFFER':>9} {len(r.failed_ranks):6d}"
         )
+    lines.append(
+        f"checksums of all ranks in all modes: {'identical' if len(everywhere) == 1 else 'DIFFER'}"
+    )
     return "\n".join(lines)
 
 

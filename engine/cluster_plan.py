@@ -30,6 +30,7 @@ from engine.errors import InvalidOptionError
 from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes, plan
 
 __all__ = [
+    "ONE_NODE",
     "ClusterPlan",
     "MemberInfo",
     "Op",
@@ -264,6 +265,10 @@ def cluster_plan(
     )
 
 
+#: `agree`'s answer when there is nothing to exchange (not a failure).
+ONE_NODE = "all ranks are on one node"
+
+
 @dataclass(frozen=True, slots=True)
 class MemberInfo:
     """What one rank tells the others before cluster mode starts (gathered from every rank).
@@ -303,5 +308,5 @@ def agree(infos: Sequence[MemberInfo]) -> str | None:
         if (info.names, info.sizes) != (first.names, first.sizes):
             return f"rank {rank} sees different checkpoint files than rank 0"
     if len({info.host for info in infos}) < 2:
-        return "all ranks are on one node"
+        return ONE_NODE
     return None
