@@ -43,6 +43,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from engine import _libc
+from engine.cursor import _alive as _pid_exists
 from engine.errors import InvalidOptionError
 
 __all__ = ["READY_STATES", "Replica", "StripeState", "sweep_stale"]
@@ -85,12 +86,8 @@ READY_STATES = frozenset({StripeState.SENDING, StripeState.READY})
 
 def _alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, killed but not yet reaped by its parent, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not _pid_exists(pid):
         return False
-    except PermissionError:
-        return True
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rpartition(b")")[2].split()[0] != b"Z"

@@ -70,7 +70,7 @@ except ImportError:
 from loader_adapter.discovery import host_identity
 from loader_adapter.files import CheckpointFiles, expand_checkpoint_files
 from loader_adapter.fsdetect import decide_auto
-from loader_adapter.iterator import safetensors_weights_iterator, tensor_order
+from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator, tensor_order
 
 __all__ = [
     "DEFAULT_REPLICA_DIR",
@@ -826,12 +826,12 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
 # The iterator
 
 
-class ClusterWeightsIterator(Iterator[tuple[str, torch.Tensor]]):
+class ClusterWeightsIterator(WeightsIterator):
     """The iterator `cluster_weights_iterator` returns: ``(name, tensor)`` pairs.
 
-    Like `loader_adapter.WeightsIterator`: `close()` stops it early, it is a context
-    manager, and `report` is a `ClusterReport` once the iteration has ended (in node-local
-    mode, the node-local iterator's `engine.PrefetchReport` is `node_report`).
+    A `loader_adapter.WeightsIterator`: `close()` stops it early (and the exchange), it is
+    a context manager; but `report` is a `ClusterReport` once the iteration has ended (in
+    node-local mode the node-local prefetch's `engine.PrefetchReport` is `node_report`).
     """
 
     def __init__(
@@ -843,7 +843,7 @@ class ClusterWeightsIterator(Iterator[tuple[str, torch.Tensor]]):
         reason: str = "",
         place: dict[str, int] | None = None,
     ) -> None:
-        self._gen = gen
+        super().__init__(gen, None)
         self._session = session
         self._fallback = fallback
         self._reason = reason
@@ -851,16 +851,10 @@ class ClusterWeightsIterator(Iterator[tuple[str, torch.Tensor]]):
         self._report: ClusterReport | None = None
         self._t0 = time.monotonic()
 
-    def __iter__(self) -> ClusterWeightsIterator:
-        return self
-
-    def __next__(self) -> tuple[str, torch.Tensor]:
-        return next(self._gen)
-
     def close(self) -> None:
         """Stop the iteration and the exchange; the replica is left (removed by the last
         local rank). Idempotent."""
-        self._gen.close()  # type: ignore[attr-defined]
+        super().close()
         if self._fallback is not None:
             self._fallback.close()
         if self._session is not None:
@@ -868,11 +862,10 @@ class ClusterWeightsIterator(Iterator[tuple[str, torch.Tensor]]):
         if self._report is None:
             self._finish()
 
-    def __enter__(self) -> ClusterWeightsIterator:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    @property
+    def prefetching(self) -> bool:
+        """Always: cluster mode, or its node-local fallback with prefetch."""
+        return True
 
     @property
     def scope(self) -> str:
@@ -880,7 +873,7 @@ class ClusterWeightsIterator(Iterator[tuple[str, torch.Tensor]]):
         return "cluster" if self._session is not None else "node"
 
     @property
-    def report(self) -> ClusterReport | None:
+    def report(self) -> ClusterReport | None:  # type: ignore[override]
         """The load's `ClusterReport`, once the iteration has ended (None before)."""
         return self._report
 

@@ -186,3 +186,11 @@ def test_zombies_are_not_alive():
     assert not _alive(p.pid)  # exited, not reaped yet
     p.wait()
     assert _alive(os.getpid())
+
+
+def test_the_engine_side_of_cluster_mode_imports_no_torch():
+    code = (
+        "import sys, engine.cluster_plan, engine.replica\n"
+        "assert 'torch' not in sys.modules and 'safetensors' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=ENV)
