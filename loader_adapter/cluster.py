@@ -32,6 +32,7 @@ import collections
 import contextlib
 import datetime
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from engine import ResolvedFile, auto_window, memory_budget, resolve_files
+from engine import ResolvedFile, auto_window, memory_budget, resolve_files, start_prefetch
 from engine.cluster_plan import (
     ONE_NODE,
     ClusterPlan,
@@ -60,7 +61,7 @@ from engine.cluster_plan import (
     cluster_plan,
 )
 from engine.memory import trail_bytes
-from engine.plan import DEFAULT_CHUNK_BYTES
+from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes
 from engine.replica import READY_STATES, Replica, StripeState
 
 try:  # the engine's restructuring moves it
@@ -96,6 +97,12 @@ _TAIL_WINDOWS = 2
 _MIN_TAIL_BYTES = 256 << 10
 _POLL_MIN_S = 0.0005
 _POLL_MAX_S = 0.02
+#: Keyword options of `engine.start_prefetch`, accepted here as by the node-local loader.
+_ENGINE_OPTIONS = frozenset(
+    name
+    for name, p in inspect.signature(start_prefetch).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
 #: Transfers that timed out: gloo may still touch their memory, so it is never freed.
 _ABANDONED: list[Any] = []
 
@@ -329,20 +336,29 @@ class _Session:
         self._stopped = False
         n_threads = max(1, read_threads)
         for i in range(n_threads):
-            self._threads.append(self._spawn(self._read_loop, f"ckpt-cluster-read-{i}"))
+            self._threads.append(
+                self._spawn(self._read_loop, f"ckpt-cluster-read-{i}", self._reads_lost)
+            )
         self._outstanding: collections.deque[tuple[Op, Any, Any, bool]] = collections.deque()
         self._posting_done = False
-        self._threads.append(self._spawn(self._complete_loop, "ckpt-cluster-complete"))
-        self._exchange = self._spawn(self._exchange_loop, "ckpt-cluster-exchange")
+        self._threads.append(
+            self._spawn(self._complete_loop, "ckpt-cluster-complete", self._orphan_all_expected)
+        )
+        self._exchange = self._spawn(
+            self._exchange_loop, "ckpt-cluster-exchange", self._orphan_all_expected
+        )
         self._threads.append(self._exchange)
 
-    def _spawn(self, fn: Callable[[], None], name: str) -> threading.Thread:
+    def _spawn(
+        self, fn: Callable[[], None], name: str, on_crash: Callable[[], None] | None = None
+    ) -> threading.Thread:
         def run() -> None:
             try:
                 fn()
             except Exception as exc:  # every background failure lands in the report
                 self._fail(f"{name} crashed: {exc!r}")
-                self._orphan_all_expected()
+                if on_crash is not None:
+                    on_crash()
 
         t = threading.Thread(target=run, name=name, daemon=True)
         t.start()
@@ -442,8 +458,8 @@ class _Session:
                 continue
             try:
                 n = self._read_stripe(s)
-            except OSError as exc:
-                self._fail(f"reading {self.sources[s.file]} [{s.offset}, +{s.length}): {exc}")
+            except Exception as exc:  # the stripe is lost, the other stripes are not
+                self._fail(f"reading {self.sources[s.file]} [{s.offset}, +{s.length}): {exc!r}")
                 with self._cond:
                     self._read_failed.add(s.index)
                     self._cond.notify_all()
@@ -451,6 +467,14 @@ class _Session:
             self._count("read", n)
             self._sent_or_ready(s.index)
             self._sample_peak()
+
+    def _reads_lost(self) -> None:
+        """A reader crashed: nothing waits for the stripes no reader took (the loader and
+        the receivers read them from storage themselves)."""
+        with self._cond:
+            self._read_failed.update(s.index for s in self._own[self._next_read :])
+            self._next_read = len(self._own)
+            self._cond.notify_all()
 
     def _sent_or_ready(self, stripe: int) -> None:
         """Mark an own stripe SENDING while sends are pending, READY when none are."""
@@ -616,7 +640,7 @@ class _Session:
 
     def _needs_fallback(self, stripe: int) -> bool:
         state = self.replica.state(stripe)
-        if state is StripeState.ORPHAN:
+        if state is StripeState.ORPHAN or stripe in self._read_failed:
             return True
         return state is StripeState.EMPTY and not self._holder_alive(stripe)
 
@@ -976,7 +1000,8 @@ def cluster_weights_iterator(
             given up (its stripes are then read from storage); longer than the lag between
             nodes you accept.
         setup_timeout_s: how long the one collective waits for every rank to arrive.
-        read_threads: storage reads in flight per rank (default: 8 per node, shared).
+        read_threads: storage reads in flight per rank (default: the ``concurrency``
+            option if it is a number, else 8 per node shared among its ranks).
         **prefetch_options: `engine.start_prefetch` options. ``chunk_bytes`` (the stripe
             unit; rank 0's value is used, default 16 MiB), ``window_bytes`` (``"auto"``:
             none when the checkpoint fits in memory, else half the budget) and ``order``
@@ -989,8 +1014,14 @@ def cluster_weights_iterator(
         OSError: a checkpoint file is missing or unreadable.
         ValueError: an invalid option.
     """
-    if prefetch is False:
-        raise ValueError("cluster mode needs prefetch=True or 'auto'")
+    if not (prefetch is True or prefetch == "auto"):
+        raise ValueError(f"cluster mode needs prefetch=True or 'auto', got {prefetch!r}")
+    unknown = set(prefetch_options) - _ENGINE_OPTIONS
+    if unknown:  # before the collective: every rank raises alike
+        raise TypeError(
+            f"unknown prefetch option(s) {', '.join(sorted(unknown))}; "
+            f"valid: {', '.join(sorted(_ENGINE_OPTIONS))}"
+        )
     options = dict(prefetch_options)
     order = options.get("order", "sorted")
     resolved, failures = resolve_files(expand_checkpoint_files(files), order=order)
@@ -999,7 +1030,8 @@ def cluster_weights_iterator(
     if not resolved:
         raise ValueError("no checkpoint files given")
     chunk = options.get("chunk_bytes", "auto")
-    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk == "auto" else int(chunk)
+    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk == "auto" else chunk
+    check_chunk_bytes(chunk_bytes)
     total = sum(f.size for f in resolved)
     window = options.get("window_bytes", "auto")
     if window == "auto":
@@ -1039,6 +1071,9 @@ def cluster_weights_iterator(
         reason = f"cannot make the replica in {base}: {exc}"
         log.warning("cluster mode: %s; this rank loads in node-local mode", reason)
         return _node_local(files, prefetch, _Joined(reason, joined.hosts), options)
+    concurrency = options.get("concurrency")
+    if read_threads is None and isinstance(concurrency, int) and not isinstance(concurrency, bool):
+        read_threads = concurrency  # reads in flight per rank, as in node-local mode
     threads = read_threads or max(1, _NODE_STREAMS // local_world)
     session = _Session(
         plan, me, joined.group, replica, [f.path for f in resolved],

@@ -13,11 +13,11 @@ import contextlib
 from pathlib import Path
 
 import pytest
+from fuse_support import require_fuse
 
 from bench.checkpoint import make_checkpoint
 from bench.cluster_sim import run_mode
 from bench.netfs import mounted
-from tests.fuse_support import require_fuse
 
 MiB = 1 << 20
 TIMEOUT_S = 2.0

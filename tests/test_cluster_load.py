@@ -109,3 +109,32 @@ def test_one_node_loads_in_node_local_mode(checkpoint, tmp_path):
         (0, 2),
         (1, 2),
     ]
+
+
+def test_invalid_arguments_raise_before_any_collective(checkpoint):
+    from loader_adapter.cluster import cluster_weights_iterator
+
+    with pytest.raises(ValueError, match="prefetch=True"):
+        cluster_weights_iterator(checkpoint.directory, prefetch=False)
+    with pytest.raises(TypeError, match="unknown prefetch option"):
+        cluster_weights_iterator(checkpoint.directory, windw_bytes=1)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        cluster_weights_iterator(checkpoint.directory, chunk_bytes=100)
+
+
+def test_without_torch_distributed_it_loads_in_node_local_mode(checkpoint):
+    import torch
+    from safetensors.torch import load_file
+
+    from loader_adapter.cluster import cluster_weights_iterator
+
+    expected = {}
+    for path in checkpoint.files:
+        expected.update(load_file(path))
+    with cluster_weights_iterator(checkpoint.directory) as it:
+        got = {name: tensor.clone() for name, tensor in it}
+    assert it.scope == "node" and it.report.scope == "node"
+    assert it.report.reason == "torch.distributed is not initialized"
+    assert got.keys() == expected.keys()
+    for name, tensor in got.items():
+        assert torch.equal(tensor.view(torch.uint8), expected[name].view(torch.uint8))
