@@ -104,6 +104,7 @@ def _worker(argv: Sequence[str]) -> int:
     t0 = time.monotonic()
     cpu0 = time.process_time()
     replica_peak = 0
+    last_tensor = 0.0
     report: Any = None
     if a.mode == "cluster":
         it: Any = cluster_weights_iterator(
@@ -118,6 +119,7 @@ def _worker(argv: Sequence[str]) -> int:
     with it:
         for name, tensor in it:
             consumer(name, tensor)
+            last_tensor = time.monotonic() - t0
             if reference is not None and not _same(reference.pop(name, None), tensor):
                 mismatches.append(name)
             del tensor
@@ -135,6 +137,7 @@ def _worker(argv: Sequence[str]) -> int:
         "host": os.environ.get(_HOST_ENV, ""),
         "mode": a.mode,
         "elapsed_s": elapsed,
+        "last_tensor_s": last_tensor,
         "cpu_s": cpu,
         "tensors": consumer.tensors,
         "bytes": consumer.nbytes,
