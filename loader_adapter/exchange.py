@@ -651,9 +651,8 @@ class Exchange:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if not self._failed_peers and not busy and not self._abandoned:
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group(self.group)
+        # The gloo group stays until the process exits: destroying it closes this rank's
+        # connections, and a peer may not have read the last bytes sent on one yet.
 
     def report(self, **fields: Any) -> ClusterReport:
         topo = self.plan.topology
