@@ -1,0 +1,490 @@
+"""A simulated multi-node load on one machine: node-local mode against cluster mode.
+
+Each simulated node is one mount of the checkpoint's directory by the simulated network
+filesystem (`bench.netfs`: separate page caches, exact bytes-served counters), its own
+host identity (``CKPT_PREFETCH_HOST_ID``) and its own replica directory. All ranks of all
+nodes join one gloo group over loopback. For each mode, the page caches are evicted and
+the counters reset, fresh rank processes load the whole checkpoint (copying and
+checksumming every tensor, `bench.worker.Consumer`), and the storage bytes served to all
+nodes together are read from the counters.
+
+The storage's bandwidth: `bench.netfs` limits each mount on its own (one server per mount).
+A limit shared by all nodes would need one server process answering every mount, with one
+token bucket. Here each mount gets ``bandwidth / nodes``: while the nodes read at the same
+pace (both modes here are symmetric between nodes) that is the shared limit; a node that
+idles leaves its share unused, which a shared limit would not.
+
+Run it::
+
+    python -m bench.cluster_sim --size 2GiB --nodes 2 --ranks 2 --profile slow-nfs \\
+        --out docs/results/cluster.json
+
+One rank by hand (what the driver starts)::
+
+    python -m bench.cluster_sim worker --rank 0 --world 4 --port 29500 --host node0 \\
+        --mode cluster --out r0.json DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["NodeRun", "SimResult", "main", "run_mode", "simulate"]
+
+log = logging.getLogger(__name__)
+
+_ROOT = Path(__file__).resolve().parent.parent
+MODES = ("node", "cluster")
+_HOST_ENV = "CKPT_PREFETCH_HOST_ID"
+
+
+# --------------------------------------------------------------------------------------
+# One rank
+
+
+def _worker(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="cluster_sim worker")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--chunk-mb", type=int, default=16)
+    p.add_argument("--window-mb", type=int, default=0, help="0: automatic, -1: none")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--replica-dir", default=None)
+    p.add_argument("--die-after-mb", type=int, default=0, help="SIGKILL self after this")
+    p.add_argument("--stop-after-mb", type=int, default=0, help="SIGSTOP self after this")
+    p.add_argument(
+        "--verify", default=None, metavar="DIR",
+        help="compare every tensor with load_file on DIR (the originals, not the mount)",
+    )  # fmt: skip
+    p.add_argument("--cgroup", default=None, help="join this memory cgroup before loading")
+    p.add_argument("checkpoint")
+    a = p.parse_args(argv)
+
+    import torch
+    import torch.distributed as dist
+
+    from bench.worker import Consumer
+    from loader_adapter import safetensors_weights_iterator
+    from loader_adapter.cluster import cluster_weights_iterator
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=a.rank, world_size=a.world
+    )
+    consumer = Consumer(torch.empty(0, dtype=torch.uint8))
+    reference = _reference(a.verify) if a.verify else None
+    mismatches: list[str] = []
+    if a.cgroup:  # after the imports: only what the load brings in is charged
+        from bench.cgroup import join
+
+        join(a.cgroup)
+    options: dict[str, Any] = {"chunk_bytes": a.chunk_mb << 20}
+    if a.window_mb:
+        options["window_bytes"] = None if a.window_mb < 0 else a.window_mb << 20
+    dist.barrier()
+    t0 = time.monotonic()
+    cpu0 = time.process_time()
+    replica_peak = 0
+    last_tensor = 0.0
+    report: Any = None
+    if a.mode == "cluster":
+        it: Any = cluster_weights_iterator(
+            a.checkpoint,
+            replica_dir=a.replica_dir,
+            exchange_timeout_s=a.timeout,
+            setup_timeout_s=max(a.timeout, 120.0),
+            **options,
+        )
+    else:
+        it = safetensors_weights_iterator(a.checkpoint, prefetch=True, **options)
+    with it:
+        for name, tensor in it:
+            consumer(name, tensor)
+            last_tensor = time.monotonic() - t0
+            if reference is not None and not _same(reference.pop(name, None), tensor):
+                mismatches.append(name)
+            del tensor
+            replica_peak = max(replica_peak, getattr(it, "replica_bytes", 0))
+            if a.die_after_mb and consumer.nbytes >= a.die_after_mb << 20:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if a.stop_after_mb and consumer.nbytes >= a.stop_after_mb << 20:
+                a.stop_after_mb = 0
+                os.kill(os.getpid(), signal.SIGSTOP)
+    elapsed = time.monotonic() - t0
+    cpu = time.process_time() - cpu0
+    report = it.report
+    out = {
+        "rank": a.rank,
+        "host": os.environ.get(_HOST_ENV, ""),
+        "mode": a.mode,
+        "elapsed_s": elapsed,
+        "last_tensor_s": last_tensor,
+        "cpu_s": cpu,
+        "tensors": consumer.tensors,
+        "bytes": consumer.nbytes,
+        "checksum": consumer.checksum,
+        "replica_peak_bytes": replica_peak,
+        "mismatches": mismatches + sorted(reference or ()),  # differing, then never yielded
+        "verified": reference is not None,
+        "report": report.to_dict() if report is not None else None,
+    }
+    Path(a.out).write_text(json.dumps(out))
+    # No barrier or destroy: a peer that died must not hold this rank back.
+    os._exit(0)
+
+
+def _reference(checkpoint: str) -> dict[str, Any]:
+    """Every tensor of the checkpoint as ``safetensors.torch.load_file`` gives it."""
+    from safetensors.torch import load_file
+
+    from loader_adapter import expand_checkpoint_files
+
+    out: dict[str, Any] = {}
+    for path in expand_checkpoint_files(checkpoint):
+        out.update(load_file(path))
+    return out
+
+
+def _same(expected: Any, got: Any) -> bool:
+    """Same dtype, shape and bytes (bytes, not values: random bits hold NaNs)."""
+    import torch
+
+    if expected is None or expected.dtype != got.dtype or expected.shape != got.shape:
+        return False
+    return torch.equal(
+        expected.reshape(-1).view(torch.uint8), got.contiguous().reshape(-1).view(torch.uint8)
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class NodeRun:
+    """One simulated node's figures for one mode."""
+
+    host: str
+    bytes_served: int
+    requests: int
+    server_cpu_s: float = 0.0
+
+
+@dataclass
+class SimResult:
+    """One mode of a simulated cluster load."""
+
+    mode: str
+    checkpoint_bytes: int
+    nodes: list[NodeRun]
+    ranks: list[dict[str, Any]]
+    wall_s: float
+    failed_ranks: list[int] = field(default_factory=list)
+
+    @property
+    def bytes_served(self) -> int:
+        """Storage bytes served to all nodes together."""
+        return sum(n.bytes_served for n in self.nodes)
+
+    @property
+    def served_ratio(self) -> float:
+        """Storage bytes served over the checkpoint's size."""
+        return self.bytes_served / self.checkpoint_bytes
+
+    @property
+    def load_s(self) -> float:
+        """Time to the last tensor of the slowest rank that finished."""
+        return max((r["elapsed_s"] for r in self.ranks), default=float("nan"))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(bytes_served=self.bytes_served, served_ratio=self.served_ratio, load_s=self.load_s)
+        return d
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds a process (all its threads) has used."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_mode(
+    mode: str,
+    node_dirs: Sequence[str | os.PathLike[str]],
+    ranks_per_node: int,
+    *,
+    workdir: str | os.PathLike[str],
+    chunk_mb: int = 16,
+    window_mb: int = 0,
+    timeout_s: float = 60.0,
+    replica_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    worker_args: dict[int, list[str]] | None = None,
+    limit_s: float = 600.0,
+) -> tuple[list[dict[str, Any]], list[int], float]:
+    """Start every rank of every node in one gloo group and wait for them.
+
+    Global rank ``r`` is local rank ``r // nodes`` of node ``r % nodes`` (ranks of a node
+    are not contiguous, as with some launchers). Extra arguments for some ranks (a fault
+    to inject) come in `worker_args`. Ranks stopped with SIGSTOP are continued once every
+    other rank has ended; ranks still running after `limit_s` are killed.
+
+    Returns:
+        (the results of the ranks that finished, the ranks that did not, wall seconds).
+    """
+    nodes = len(node_dirs)
+    world = nodes * ranks_per_node
+    port = _free_port()
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+    t0 = time.monotonic()
+    for rank in range(world):
+        node = rank % nodes
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        env.update(
+            {
+                _HOST_ENV: f"node{node}",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")])),
+                "GLOO_SOCKET_IFNAME": "lo",
+                "OMP_NUM_THREADS": "1",
+            }
+        )
+        cmd = [
+            sys.executable, "-m", "bench.cluster_sim", "worker",
+            "--rank", str(rank), "--world", str(world), "--port", str(port), "--mode", mode,
+            "--out", str(work / f"{mode}-r{rank}.json"), "--chunk-mb", str(chunk_mb),
+            "--window-mb", str(window_mb), "--timeout", str(timeout_s),
+        ]  # fmt: skip
+        if replica_dirs is not None:
+            cmd += ["--replica-dir", str(replica_dirs[node])]
+        cmd += (worker_args or {}).get(rank, [])
+        cmd.append(str(node_dirs[node]))
+        log_file = open(work / f"{mode}-r{rank}.log", "wb")  # noqa: SIM115 - closed below
+        logs.append(log_file)
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=_ROOT)
+        )
+    try:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            running = [p for p in procs if p.poll() is None]
+            if not running:
+                break
+            if all(_stopped(p.pid) for p in running):
+                # A stalled rank (SIGSTOP) comes back once every other rank is done.
+                for p in running:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.send_signal(signal.SIGCONT)
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGCONT)  # a stopped rank cannot die otherwise
+                    p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    wall = time.monotonic() - t0
+    results, failed = [], []
+    for rank in range(world):
+        out = work / f"{mode}-r{rank}.json"
+        if out.exists():
+            results.append(json.loads(out.read_text()))
+        else:
+            failed.append(rank)
+    return results, failed, wall
+
+
+def simulate(
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    nodes: int = 2,
+    ranks_per_node: int = 2,
+    profile: str = "slow-nfs",
+    modes: Sequence[str] = MODES,
+    chunk_mb: int = 16,
+    window_mb: int = 0,
+    timeout_s: float = 60.0,
+    split_bandwidth: bool = True,
+    workdir: str | os.PathLike[str] | None = None,
+) -> list[SimResult]:
+    """Load `checkpoint_dir` on `nodes` simulated nodes in each mode; see the module doc."""
+    from bench.netfs import PROFILES, mounted
+
+    prof = PROFILES[profile]
+    overrides: dict[str, Any] = {}
+    if split_bandwidth and prof.bandwidth_bps:
+        overrides["bandwidth_bps"] = prof.bandwidth_bps / nodes
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    work = Path(workdir or tempfile.mkdtemp(prefix="cluster-sim-"))
+    results: list[SimResult] = []
+    with contextlib.ExitStack() as stack:
+        mounts = [
+            stack.enter_context(mounted(checkpoint_dir, profile=profile, **overrides))
+            for _ in range(nodes)
+        ]
+        for mode in modes:
+            for fs in mounts:
+                fs.evict()
+                fs.reset_counters()
+            cpu0 = [_proc_cpu_s(fs.pid) for fs in mounts]
+            ranks, failed, wall = run_mode(
+                mode, [fs.path for fs in mounts], ranks_per_node, workdir=work,
+                chunk_mb=chunk_mb, window_mb=window_mb, timeout_s=timeout_s,
+            )  # fmt: skip
+            counters = [fs.counters() for fs in mounts]
+            cpu = [_proc_cpu_s(fs.pid) - c0 for fs, c0 in zip(mounts, cpu0, strict=True)]
+            results.append(
+                SimResult(
+                    mode,
+                    total,
+                    [
+                        NodeRun(f"node{i}", c.bytes_served, c.requests, cpu[i])
+                        for i, c in enumerate(counters)
+                    ],
+                    ranks,
+                    wall,
+                    failed,
+                )
+            )
+            log.info("%s: %.2fx served, %.1f s", mode, results[-1].served_ratio, results[-1].load_s)
+    return results
+
+
+def interconnect_estimate(result: SimResult, *, link_gbps: float, storage_bps: float) -> float:
+    """Seconds a real cluster would need, from the measured bytes and stated link speeds.
+
+    Each node reads its share of the storage bytes at ``storage_bps / nodes`` (the storage
+    is shared) and receives what it did not read over its own link of `link_gbps` Gbit/s;
+    the two overlap, so the load takes the longer of them. Node-local mode has no exchange.
+    """
+    n = len(result.nodes)
+    read_s = result.bytes_served / storage_bps  # the shared storage serves all bytes
+    received = sum((r.get("report") or {}).get("received_bytes", 0) for r in result.ranks)
+    per_node_received = received / n
+    link_s = per_node_received / (link_gbps * 1e9 / 8)
+    return max(read_s, link_s)
+
+
+def _table(results: Sequence[SimResult]) -> str:
+    lines = [
+        f"{'mode':8} {'served':>10} {'x ckpt':>7} {'load s':>7} {'checksums':>9} {'failed':>6}",
+    ]
+    everywhere = {x["checksum"] for r in results for x in r.ranks}
+    for r in results:
+        sums = {x["checksum"] for x in r.ranks}
+        lines.append(
+            f"{r.mode:8} {r.bytes_served / 2**20:9.0f}M {r.served_ratio:7.4f} {r.load_s:7.1f} "
+            f"{'same' if len(sums) == 1 else 'DIFFER':>9} {len(r.failed_ranks):6d}"
+        )
+    lines.append(
+        f"checksums of all ranks in all modes: {'identical' if len(everywhere) == 1 else 'DIFFER'}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: ``worker`` for one rank, else the whole simulation."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        return _worker(argv[1:])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.cluster_sim", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--size", default="2GiB", help="checkpoint size (default 2GiB)")
+    p.add_argument("--checkpoint", default=None, help="an existing checkpoint directory")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=2, help="ranks per node")
+    p.add_argument("--profile", default="slow-nfs")
+    p.add_argument("--chunk-mb", type=int, default=16)
+    p.add_argument("--window-mb", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--link-gbps", type=float, default=200.0, help="interconnect for the estimate")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from bench.checkpoint import make_checkpoint, parse_size
+    from bench.netfs import PROFILES
+
+    tmp = None
+    ckpt = a.checkpoint
+    if ckpt is None:
+        tmp = tempfile.mkdtemp(prefix="cluster-ckpt-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+        ckpt = str(make_checkpoint(tmp, size_bytes=parse_size(a.size)).directory)
+    try:
+        t0 = time.monotonic()
+        results = simulate(
+            ckpt, nodes=a.nodes, ranks_per_node=a.ranks, profile=a.profile,
+            chunk_mb=a.chunk_mb, window_mb=a.window_mb, timeout_s=a.timeout,
+        )  # fmt: skip
+        storage_bps = PROFILES[a.profile].bandwidth_bps or 1e12
+        print(_table(results))
+        estimates = {
+            r.mode: interconnect_estimate(r, link_gbps=a.link_gbps, storage_bps=storage_bps)
+            for r in results
+        }
+        for mode, est in estimates.items():
+            print(f"estimate {mode}: {est:.1f} s with {a.link_gbps:g} Gbit/s links")
+        if a.out:
+            doc = {
+                "version": 1,
+                "command": " ".join(["python -m bench.cluster_sim", *argv]),
+                "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+                "profile": a.profile,
+                "storage_bps": storage_bps,
+                "bandwidth_split_per_node": True,
+                "link_gbps": a.link_gbps,
+                "duration_s": time.monotonic() - t0,
+                "results": [r.to_dict() for r in results],
+                "estimates_s": estimates,
+            }
+            Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

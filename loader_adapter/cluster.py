@@ -1,0 +1,460 @@
+"""Cluster mode: each byte of the checkpoint read from shared storage once for the whole job.
+
+The stripes of the checkpoint are split among the nodes and among each node's ranks
+(`engine.cluster_plan`). Each rank reads its stripes from storage into its node's replica
+(`engine.replica`), sends each one to one rank of every other node through
+``torch.distributed`` point-to-point messages (gloo), and receives its share of the other
+nodes' stripes into the replica. The loader reads the replica's files with ``safe_open``
+and yields a tensor only once every stripe under it is ready, so the tensors are exactly
+those of ``safetensors.torch.load_file`` on the original files. ``docs/cluster.md`` has the
+design: where bytes live, the ready map, the exchange schedule, faults and limits.
+
+Collective and symmetric: every rank of the default process group calls
+`cluster_weights_iterator` with the same files and options. One collective decides (an
+``all_gather_object`` on a gloo group with a timeout): every rank takes the same branch,
+cluster mode or node-local mode (`loader_adapter.safetensors_weights_iterator` with
+prefetch, local ranks taken from the same gathered host list, no further collective).
+After that only point-to-point messages run, each with a timeout: a peer that dies or
+stalls is given up, the stripes it owed are read from storage by the node that needed
+them, and the report says so.
+
+Example:
+    >>> dist.init_process_group("gloo")  # doctest: +SKIP
+    >>> with cluster_weights_iterator("/nfs/ckpt") as it:  # doctest: +SKIP
+    ...     for name, tensor in it:
+    ...         params[name].copy_(tensor)
+    ...     print(it.report)
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import inspect
+import json
+import logging
+import os
+import secrets
+import struct
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from engine import ResolvedFile, auto_window, memory_budget, resolve_files, start_prefetch
+from engine.cluster_plan import (
+    ONE_NODE,
+    ClusterPlan,
+    MemberInfo,
+    agree,
+    cluster_plan,
+)
+from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes
+from engine.replica import Replica
+from loader_adapter.discovery import host_identity
+from loader_adapter.exchange import DEFAULT_INFLIGHT, ClusterReport, Exchange
+from loader_adapter.files import CheckpointFiles, expand_checkpoint_files
+from loader_adapter.fsdetect import decide_auto
+from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator, tensor_order
+
+__all__ = [
+    "DEFAULT_REPLICA_DIR",
+    "REPLICA_DIR_ENV",
+    "ClusterReport",
+    "ClusterWeightsIterator",
+    "cluster_weights_iterator",
+]
+
+log = logging.getLogger(__name__)
+
+#: Where replicas live unless `replica_dir` or ``$CKPT_PREFETCH_REPLICA_DIR`` says otherwise.
+DEFAULT_REPLICA_DIR = "/dev/shm"
+#: Environment variable naming the replica directory (a local disk, say).
+REPLICA_DIR_ENV = "CKPT_PREFETCH_REPLICA_DIR"
+#: Reads in flight per node aimed at (as `engine.tuning.NODE_STREAMS`), split among ranks.
+_NODE_STREAMS = 8
+#: Keyword options of `engine.start_prefetch`, accepted here as by the node-local loader.
+_ENGINE_OPTIONS = frozenset(
+    name
+    for name, p in inspect.signature(start_prefetch).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
+# --------------------------------------------------------------------------------------
+# Joining: the one collective
+
+
+@dataclass(frozen=True)
+class _Joined:
+    """The outcome of the collective: cluster mode with its plan, or node-local mode."""
+
+    reason: str
+    hosts: tuple[str, ...] = ()
+    plan: ClusterPlan | None = None
+    nonce: str = ""
+    max_tensor_bytes: int = 0
+    group: Any = None
+
+
+def _max_tensor_bytes(paths: Sequence[str]) -> int:
+    """The largest tensor of the checkpoint, from the headers."""
+    largest = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for key, info in header.items():
+            if key != "__metadata__":
+                start, end = info["data_offsets"]
+                largest = max(largest, end - start)
+    return largest
+
+
+def _free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _member_error(
+    files: Sequence[ResolvedFile], replica_base: str, need_bytes: int, prefetch: Any
+) -> str | None:
+    """Why this rank cannot take part in cluster mode, or None."""
+    if prefetch == "auto":
+        decision = decide_auto([f.path for f in files], sum(f.size for f in files))
+        if not decision.enabled:
+            return f"prefetch='auto' says no here ({decision.reason})"
+    if not os.path.isdir(replica_base) or not os.access(replica_base, os.W_OK | os.X_OK):
+        return f"replica directory {replica_base} is not a writable directory"
+    try:
+        free = _free_bytes(replica_base)
+    except OSError as exc:
+        return f"cannot stat {replica_base}: {exc}"
+    if free < need_bytes:
+        return f"{replica_base} has {free >> 20} MiB free, the replica needs {need_bytes >> 20} MiB"
+    return None
+
+
+def _join(
+    files: Sequence[ResolvedFile],
+    *,
+    chunk_bytes: int,
+    replica_base: str,
+    need_bytes: int,
+    windowed: bool,
+    timeout_s: float,
+    prefetch: Any,
+) -> _Joined:
+    """Every rank of the default group: gather each rank's view, decide the same way."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return _Joined("torch.distributed is not initialized")
+    world = dist.get_world_size()
+    try:
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # no gloo: nobody can make the group, so every rank is here
+        return _Joined(f"cannot make a gloo group: {exc!r}")
+    info = MemberInfo(
+        host_identity(),
+        tuple(os.path.basename(f.path) for f in files),
+        tuple(f.size for f in files),
+        _member_error(files, replica_base, need_bytes, prefetch),
+    )
+    extra: dict[str, Any] = {}
+    if dist.get_rank() == 0:
+        extra["nonce"] = secrets.token_hex(6)
+        extra["chunk_bytes"] = chunk_bytes
+        if windowed and info.error is None:
+            try:
+                extra["max_tensor_bytes"] = _max_tensor_bytes([f.path for f in files])
+            except (OSError, ValueError, KeyError, struct.error) as exc:
+                info = MemberInfo(info.host, info.names, info.sizes, f"bad header: {exc!r}")
+    gathered: list[Any] = [None] * world
+    try:
+        dist.all_gather_object(gathered, (info, extra), group=group)
+    except Exception as exc:  # timed out: a rank never came, or died
+        return _Joined(f"gathering the ranks' views failed: {exc!r}")
+    infos = [g[0] for g in gathered]
+    hosts = tuple(i.host for i in infos)
+    reason = agree(infos)
+    if reason is not None:
+        return _Joined(reason, hosts)
+    first = gathered[0][1]
+    plan = cluster_plan([f.size for f in files], hosts, chunk_bytes=first["chunk_bytes"])
+    return _Joined("", hosts, plan, first["nonce"], first.get("max_tensor_bytes", 0), group)
+
+
+# --------------------------------------------------------------------------------------
+# The iterator
+
+
+class ClusterWeightsIterator(WeightsIterator):
+    """The iterator `cluster_weights_iterator` returns: ``(name, tensor)`` pairs.
+
+    A `loader_adapter.WeightsIterator`: `close()` stops it early (and the exchange), it is
+    a context manager; but `report` is a `ClusterReport` once the iteration has ended (in
+    node-local mode the node-local prefetch's `engine.PrefetchReport` is `node_report`).
+    """
+
+    def __init__(
+        self,
+        gen: Iterator[tuple[str, torch.Tensor]],
+        *,
+        session: Exchange | None = None,
+        fallback: Any = None,
+        reason: str = "",
+        place: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__(gen, None)
+        self._session = session
+        self._fallback = fallback
+        self._reason = reason
+        self._place = place or {}
+        self._report: ClusterReport | None = None
+        self._t0 = time.monotonic()
+
+    def close(self) -> None:
+        """Stop the iteration and the exchange; the replica is left (removed by the last
+        local rank). Idempotent."""
+        super().close()
+        if self._fallback is not None:
+            self._fallback.close()
+        if self._session is not None:
+            self._session.cancel()
+        if self._report is None:
+            self._finish()
+
+    @property
+    def prefetching(self) -> bool:
+        """Always: cluster mode, or its node-local fallback with prefetch."""
+        return True
+
+    @property
+    def scope(self) -> str:
+        """``"cluster"``, or ``"node"`` when the job fell back to node-local mode."""
+        return "cluster" if self._session is not None else "node"
+
+    @property
+    def report(self) -> ClusterReport | None:  # type: ignore[override]
+        """The load's `ClusterReport`, once the iteration has ended (None before)."""
+        return self._report
+
+    @property
+    def replica_bytes(self) -> int:
+        """Memory (or disk) the node's replica holds now; 0 in node-local mode."""
+        if self._session is None or self._session.replica.closed:
+            return 0
+        return self._session.replica.allocated_bytes()
+
+    @property
+    def node_report(self) -> Any:
+        """In node-local mode, the node-local prefetch's report (None otherwise)."""
+        return self._fallback.report if self._fallback is not None else None
+
+    def _finish(self) -> None:
+        if self._session is not None:
+            self._report = self._session.report()
+        else:
+            self._report = ClusterReport(
+                scope="node", reason=self._reason,
+                elapsed_s=time.monotonic() - self._t0, **self._place,
+            )  # fmt: skip
+
+
+def _replica_tensors(
+    files: Sequence[ResolvedFile], session: Exchange, done: Callable[[], None]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every tensor from the replica, each once its bytes are there."""
+    plan, replica = session.plan, session.replica
+    try:
+        for i, f in enumerate(files):
+            start = plan.file_starts[i]
+            if f.size >= 8:
+                session.wait_range(start, start + 8)
+                (n,) = struct.unpack("<Q", bytes(replica.view(i, 0, 8)))
+                session.wait_range(start, start + min(f.size, 8 + n))
+            else:
+                session.wait_range(start, start + f.size)
+            path = str(replica.paths[i])
+            waited = 0
+            with safe_open(path, framework="pt") as st:
+                for name, end in tensor_order(path):
+                    if end > waited:
+                        session.wait_range(start + waited, start + end)
+                        waited = end
+                    tensor = st.get_tensor(name)
+                    yield name, tensor
+                    del tensor
+                    session.advance(start + end)
+            session.advance(start + f.size)
+        session.finish()
+        done()
+    finally:
+        session.cancel()
+
+
+def _node_tensors(it: Any, done: Callable[[], None]) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from it
+    done()
+
+
+def _local_place(hosts: Sequence[str]) -> tuple[int, int] | None:
+    """(local rank, local world) of this rank from the gathered host list."""
+    if not hosts or not dist.is_initialized():
+        return None
+    me = dist.get_rank()
+    same = [r for r, h in enumerate(hosts) if h == hosts[me]]
+    return same.index(me), len(same)
+
+
+def cluster_weights_iterator(
+    files: CheckpointFiles,
+    *,
+    prefetch: bool | str = True,
+    replica_dir: str | os.PathLike[str] | None = None,
+    exchange_timeout_s: float = 60.0,
+    setup_timeout_s: float = 300.0,
+    read_threads: int | None = None,
+    **prefetch_options: Any,
+) -> ClusterWeightsIterator:
+    """Iterate over a checkpoint's tensors, each byte read from storage once for the job.
+
+    Every rank of the (initialised) default process group must call it with the same
+    arguments: it runs one collective. The tensors and their order are those of
+    `loader_adapter.safetensors_weights_iterator`. In cluster mode they are backed by the
+    node's replica: with a window, copy each tensor before asking for the next one (the
+    replica is freed behind the slowest local rank, and a freed range reads as zeros).
+    When cluster mode cannot run (one node, no gloo, a rank without room for the replica,
+    different files, ...) every rank loads in node-local mode instead and `report.reason`
+    says why.
+
+    Args:
+        files: ``.safetensors`` paths, a checkpoint directory, or an index JSON.
+        prefetch: True, or ``"auto"`` (node-local mode unless every rank's files are on a
+            network or FUSE filesystem). False is not cluster mode: use the plain loader.
+        replica_dir: where each node keeps its replica (default ``$CKPT_PREFETCH_REPLICA_DIR``
+            or ``/dev/shm``); a local disk works too.
+        exchange_timeout_s: how long one transfer may wait for its peer before the peer is
+            given up (its stripes are then read from storage); longer than the lag between
+            nodes you accept.
+        setup_timeout_s: how long the one collective waits for every rank to arrive.
+        read_threads: storage reads in flight per rank (default: the ``concurrency``
+            option if it is a number, else 8 per node shared among its ranks).
+        **prefetch_options: `engine.start_prefetch` options. ``chunk_bytes`` (the stripe
+            unit; rank 0's value is used, default 16 MiB), ``window_bytes`` (``"auto"``:
+            none when the checkpoint fits in memory, else half the budget) and ``order``
+            apply in cluster mode; all apply in node-local mode.
+
+    Returns:
+        A `ClusterWeightsIterator` (its `report` is a `ClusterReport` once it ended).
+
+    Raises:
+        OSError: a checkpoint file is missing or unreadable.
+        ValueError: an invalid option.
+    """
+    if not (prefetch is True or prefetch == "auto"):
+        raise ValueError(f"cluster mode needs prefetch=True or 'auto', got {prefetch!r}")
+    unknown = set(prefetch_options) - _ENGINE_OPTIONS
+    if unknown:  # before the collective: every rank raises alike
+        raise TypeError(
+            f"unknown prefetch option(s) {', '.join(sorted(unknown))}; "
+            f"valid: {', '.join(sorted(_ENGINE_OPTIONS))}"
+        )
+    options = dict(prefetch_options)
+    order = options.get("order", "sorted")
+    resolved, failures = resolve_files(expand_checkpoint_files(files), order=order)
+    if failures:
+        raise OSError(failures[0].errno or 0, failures[0].message, failures[0].path)
+    if not resolved:
+        raise ValueError("no checkpoint files given")
+    chunk = options.get("chunk_bytes", "auto")
+    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk == "auto" else chunk
+    check_chunk_bytes(chunk_bytes)
+    total = sum(f.size for f in resolved)
+    window = options.get("window_bytes", "auto")
+    if window == "auto":
+        window, why = auto_window(total, budget=memory_budget(), min_bytes=4 * chunk_bytes)
+        log.info("cluster mode: %s", why)
+    base = os.fspath(replica_dir or os.environ.get(REPLICA_DIR_ENV) or DEFAULT_REPLICA_DIR)
+    need = total if window is None else min(total, 2 * int(window) + 4 * chunk_bytes)
+    joined = _join(
+        resolved,
+        chunk_bytes=chunk_bytes,
+        replica_base=base,
+        need_bytes=need,
+        windowed=window is not None,
+        timeout_s=setup_timeout_s,
+        prefetch=prefetch,
+    )
+    if joined.plan is None:
+        return _node_local(files, prefetch, joined, options)
+
+    plan = joined.plan
+    me = dist.get_rank()
+    topo = plan.topology
+    node = topo.node_of[me]
+    local_world = topo.local_world(node)
+    if window is not None:
+        # A tensor larger than the window would wait for stripes the window never lets in.
+        window = max(int(window), joined.max_tensor_bytes + 2 * plan.chunk_bytes)
+    host_key = hashlib.sha256(topo.hosts[me].encode()).hexdigest()[:8]
+    name = f"ckpt-prefetch-{os.geteuid()}-{joined.nonce}-{host_key}"
+    try:
+        replica = Replica.open(
+            base, name, [os.path.basename(f.path) for f in resolved], [f.size for f in resolved],
+            len(plan.stripes), topo.local_rank_of[me], local_world,
+        )  # fmt: skip
+    except OSError as exc:
+        # Only this rank: its peers time out on it and read its stripes from storage.
+        reason = f"cannot make the replica in {base}: {exc}"
+        log.warning("cluster mode: %s; this rank loads in node-local mode", reason)
+        return _node_local(files, prefetch, _Joined(reason, joined.hosts), options)
+    concurrency = options.get("concurrency")
+    if read_threads is None and isinstance(concurrency, int) and not isinstance(concurrency, bool):
+        read_threads = concurrency  # reads in flight per rank, as in node-local mode
+    threads = read_threads or max(1, _NODE_STREAMS // local_world)
+    session = Exchange(
+        plan, me, joined.group, replica, [f.path for f in resolved],
+        window_bytes=window, timeout_s=exchange_timeout_s,
+        read_threads=threads, inflight=DEFAULT_INFLIGHT,
+    )  # fmt: skip
+    log.info(
+        "cluster mode: node %d of %d, local rank %d of %d, %d stripes of %d MiB, window %s, "
+        "replica %s",
+        node, topo.num_nodes, topo.local_rank_of[me], local_world, len(plan.stripes),
+        plan.chunk_bytes >> 20, "none" if window is None else f"{window >> 20} MiB",
+        replica.directory,
+    )  # fmt: skip
+    holder: list[ClusterWeightsIterator] = []
+    gen = _replica_tensors(resolved, session, lambda: holder[0]._finish())
+    weakref.finalize(gen, session.cancel)  # a generator never started runs no `finally`
+    it = ClusterWeightsIterator(gen, session=session)
+    holder.append(it)
+    return it
+
+
+def _node_local(
+    files: CheckpointFiles, prefetch: Any, joined: _Joined, options: dict[str, Any]
+) -> ClusterWeightsIterator:
+    """Node-local mode, local ranks from the gathered hosts (no further collective)."""
+    place = _local_place(joined.hosts)
+    level = logging.INFO if joined.reason == ONE_NODE else logging.WARNING
+    log.log(level, "cluster mode off: %s; loading in node-local mode", joined.reason)
+    if place is None:
+        env = (os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE"))
+        place = (int(env[0]), int(env[1])) if all(env) else (0, 1)  # type: ignore[arg-type]
+    it = safetensors_weights_iterator(
+        files, prefetch=prefetch, rank=place[0], world=place[1], **options
+    )
+    holder: list[ClusterWeightsIterator] = []
+    gen = _node_tensors(it, lambda: holder[0]._finish())
+    out = ClusterWeightsIterator(
+        gen, fallback=it, reason=joined.reason,
+        place={"local_rank": place[0], "local_world": place[1]},
+    )  # fmt: skip
+    holder.append(out)
+    return out

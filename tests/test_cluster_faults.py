@@ -1,0 +1,84 @@
+"""Cluster mode under faults: a rank of one node killed or stalled mid-load.
+
+Two simulated nodes (two mounts of a throttled FUSE filesystem: separate page caches) with
+two ranks each. The other ranks must go on loading exactly the right tensors, reading from
+storage what the lost rank owed, and report it; a stalled rank that comes back finishes
+too. No wall-clock assertion: "bounded" means every surviving rank ends by itself before
+the driver's deadline (`LIMIT_S`), which is several exchange timeouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+from fuse_support import require_fuse
+
+from bench.checkpoint import make_checkpoint
+from bench.cluster_sim import run_mode
+from bench.netfs import mounted
+
+MiB = 1 << 20
+TIMEOUT_S = 2.0
+LIMIT_S = 90.0
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ck"), size_bytes=32 * MiB, shards=3)
+
+
+def _run(checkpoint, tmp_path: Path, fault: list[str]):
+    require_fuse()
+    reps = [tmp_path / "rep0", tmp_path / "rep1"]
+    verify = ["--verify", str(checkpoint.directory)]
+    for d in reps:
+        d.mkdir()
+    with contextlib.ExitStack() as stack:
+        mounts = [
+            stack.enter_context(
+                mounted(checkpoint.directory, profile="local-fuse", bandwidth_bps=16e6)
+            )
+            for _ in range(2)
+        ]
+        ranks, failed, _ = run_mode(
+            "cluster", [m.path for m in mounts], 2, workdir=tmp_path / "w", chunk_mb=2,
+            timeout_s=TIMEOUT_S, replica_dirs=reps, limit_s=LIMIT_S,
+            worker_args={r: [*verify, *(fault if r == 3 else [])] for r in range(4)},
+        )  # fmt: skip
+        served = sum(m.counters().bytes_served for m in mounts)
+    return ranks, failed, served, reps
+
+
+def _check_exact(ranks, checkpoint):
+    for r in ranks:
+        assert r["mismatches"] == [], r["mismatches"][:5]
+        assert r["tensors"] == checkpoint.tensor_count
+    assert len({r["checksum"] for r in ranks}) == 1
+
+
+def test_a_killed_rank_leaves_the_others_loading_from_storage(checkpoint, tmp_path):
+    ranks, failed, served, reps = _run(checkpoint, tmp_path, ["--die-after-mb", "6"])
+    assert failed == [3]  # killed by itself; the others ended on their own
+    _check_exact(ranks, checkpoint)
+    by_rank = {r["rank"]: r["report"] for r in ranks}
+    # Its partner on the other node gave up on it; its node-mate read what it owed.
+    assert 3 in by_rank[2]["failed_peers"]
+    assert any("gave up on rank 3" in f for f in by_rank[2]["failures"])
+    assert by_rank[1]["fallback_bytes"] > 0
+    assert sum(rep["fallback_bytes"] for rep in by_rank.values()) > 0
+    assert served >= checkpoint.total_bytes  # the fallback reads came from storage
+    assert [list(d.iterdir()) for d in reps] == [[], []]  # the survivor removed node 1's
+
+
+def test_a_stalled_rank_is_given_up_and_finishes_when_it_comes_back(checkpoint, tmp_path):
+    ranks, failed, _, reps = _run(checkpoint, tmp_path, ["--stop-after-mb", "6"])
+    assert failed == []  # the stalled rank, continued after the others ended, finished too
+    _check_exact(ranks, checkpoint)
+    by_rank = {r["rank"]: r["report"] for r in ranks}
+    assert 3 in by_rank[2]["failed_peers"]
+    assert by_rank[1]["fallback_bytes"] > 0  # its node-mate did not wait for it
+    assert by_rank[3]["failures"]  # the stalled rank knows its exchange broke
+    assert [list(d.iterdir()) for d in reps] == [[], []]
