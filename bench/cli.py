@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,9 @@ configurations (--configs, comma separated):
                 in a daemon thread, loading at once beside it
   stripe        plain striping: 64 MiB stripes dealt round-robin, one sendfile thread
                 per rank, no residency check, loading at once beside it
+  vllm          vLLM's own safetensors_weights_iterator with its prefetch (strategy
+                "prefetch": sorted(files)[rank::world], 8 threads of 16 MiB read()),
+                ranks in a gloo group; skipped with a warning when vllm is missing
   ours          loader_adapter.safetensors_weights_iterator(prefetch=True), defaults
   ours-files    ours with strategy=files (file round-robin, for comparison)
   ours-c1-64m   ours with concurrency=1, chunk 64 MiB (any ours-c<N>-<MB>m)
@@ -393,6 +396,20 @@ def _chosen_matrices(
             yield dataclasses.replace(m, **_matrix_overrides(args, name))
 
 
+def _without_missing_engines(mats: Iterable[Matrix]) -> Iterator[Matrix]:
+    """Drop configurations of a serving engine that is not installed, with a warning."""
+    import importlib.util
+
+    from bench.configs import parse_config
+
+    missing = importlib.util.find_spec("vllm") is None
+    for m in mats:
+        keep = tuple(c for c in m.configs if not (missing and parse_config(c).kind == "vllm"))
+        if keep != m.configs:
+            log.warning("vllm is not installed: configuration vllm skipped (pip install '.[vllm]')")
+        yield dataclasses.replace(m, configs=keep)
+
+
 def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Suite:
     from bench.store import default_workdir
     from bench.suites import SCENARIOS, full_suite, quick_suite
@@ -409,7 +426,7 @@ def _build_suite(args: argparse.Namespace, argv: Sequence[str]) -> Suite:
         catalogue.setdefault(m.scenario, []).append(m)
     for scenario in {m.scenario for m in base.matrices}:
         catalogue[scenario] = [m for m in base.matrices if m.scenario == scenario]
-    mats = tuple(_chosen_matrices(args, catalogue, scenarios))
+    mats = tuple(_without_missing_engines(_chosen_matrices(args, catalogue, scenarios)))
     name = base.name
     if any(getattr(args, k) for k in ("fs", "ranks", "shapes", "size", "configs", "scenario")):
         name = f"{name}-custom"

@@ -82,9 +82,8 @@ def _worker(argv: Sequence[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from bench.worker import Consumer
+    from bench.consumer import Consumer
     from loader_adapter import safetensors_weights_iterator
-    from loader_adapter.cluster import cluster_weights_iterator
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -106,9 +105,11 @@ def _worker(argv: Sequence[str]) -> int:
     replica_peak = 0
     last_tensor = 0.0
     report: Any = None
-    if a.mode == "cluster":
-        it: Any = cluster_weights_iterator(
+    if a.mode == "cluster":  # through the loader's public entry, as a server calls it
+        it: Any = safetensors_weights_iterator(
             a.checkpoint,
+            prefetch=True,
+            scope="cluster",
             replica_dir=a.replica_dir,
             exchange_timeout_s=a.timeout,
             setup_timeout_s=max(a.timeout, 120.0),
@@ -444,8 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from bench.checkpoint import make_checkpoint, parse_size
+    from bench.checkpoint import make_checkpoint
     from bench.netfs import PROFILES
+    from engine.units import parse_size
 
     tmp = None
     ckpt = a.checkpoint

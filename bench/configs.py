@@ -6,6 +6,9 @@ A configuration is a kind and options, ``kind[:key=value,...]``, or an alias::
     sglang[:threads=4,block_mb=16]
                               the SGLang-style prefetch, then a plain load
     stripe[:chunk_mb=64]      plain byte striping: one sendfile thread per rank, no checks
+    vllm[:threads=8,block_mb=16]
+                              vLLM's own safetensors_weights_iterator with its prefetch
+                              (strategy "prefetch"), ranks in a gloo group (needs vllm)
     ours[:strategy=,backend=,concurrency=,chunk_mb=,window=,skip_cached=,order=,prefetch=]
                               loader_adapter.safetensors_weights_iterator(prefetch=True)
     raw[:threads=4,chunk_mb=16]
@@ -29,15 +32,18 @@ from typing import Any
 
 from engine.units import parse_size
 
-__all__ = ["ALIASES", "KINDS", "Config", "parse_config"]
+__all__ = ["ALIASES", "KINDS", "NEEDS_GROUP", "Config", "parse_config"]
 
 #: The kinds of configuration a rank can run.
-KINDS: tuple[str, ...] = ("none", "sglang", "stripe", "ours", "raw")
+KINDS: tuple[str, ...] = ("none", "sglang", "stripe", "vllm", "ours", "raw")
+#: Kinds whose ranks form a ``torch.distributed`` group (the job gets a rendezvous).
+NEEDS_GROUP: frozenset[str] = frozenset({"vllm"})
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "none": (),
     "sglang": ("threads", "block_mb"),
     "stripe": ("chunk_mb",),
+    "vllm": ("threads", "block_mb"),
     "ours": (
         "strategy",
         "backend",

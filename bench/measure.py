@@ -11,12 +11,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import tempfile
+import uuid
 from typing import Any
 
 from bench.checkpoint import Checkpoint
-from bench.configs import Config
+from bench.configs import NEEDS_GROUP, Config
 from bench.filesystems import HOT_RESIDENT_MIN, FileSystem, make_cold, make_hot
 from bench.launchers import Launcher
 from bench.models import Sample
@@ -69,6 +73,9 @@ def measure(
         BenchError: the cache cannot be made cold, or a rank failed or timed out.
     """
     resident = _start(fs, ckpt, hot=hot, cgroup=cgroup)
+    rdzv = None
+    if cfg.kind in NEEDS_GROUP:  # the ranks form a gloo group: a fresh meeting place each time
+        rdzv = os.path.join(tempfile.gettempdir(), f"ckpt-prefetch-bench-{uuid.uuid4().hex}")
     job = Job(
         config=cfg.spec,
         files=list(fs.files),
@@ -76,9 +83,15 @@ def measure(
         max_tensor_bytes=ckpt.max_tensor_bytes,
         cgroup=str(cgroup.path) if cgroup is not None else None,
         checksum=cfg.kind != "raw",
+        rendezvous=rdzv,
     )
     fs.start_count()
-    t_release, reports = launcher.run(job, ranks, timeout)
+    try:
+        t_release, reports = launcher.run(job, ranks, timeout)
+    finally:
+        if rdzv is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rdzv)
     served, fs_detail = fs.account(fs.served(), [r.io_read_bytes for r in reports])
     detail: dict[str, Any] = {"hot": hot, "cpu_s_per_gb_definition": _CPU_DEFINITION}
     detail.update(fs_detail)

@@ -139,6 +139,8 @@ class Job:
         max_tensor_bytes: size of the copy buffer (the largest tensor).
         cgroup: a memory cgroup directory to join once ready, or None.
         checksum: compute the checksum (off only for the raw floor, which has no tensors).
+        rendezvous: a file path not yet made, where the ranks meet to form a gloo group
+            (configurations that need ``torch.distributed``), or None.
     """
 
     config: str
@@ -147,6 +149,7 @@ class Job:
     max_tensor_bytes: int = 0
     cgroup: str | None = None
     checksum: bool = True
+    rendezvous: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

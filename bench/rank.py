@@ -49,6 +49,28 @@ def _load_stripe(
     return load_stripe(files, rank, world, consume, stripe_bytes=stripe)
 
 
+def _load_vllm(
+    cfg: Config, files: list[str], rank: int, world: int, consume: Consume
+) -> dict[str, Any]:
+    """vLLM's own iterator with its prefetch: sorted whole files by global rank, 16 MiB
+    ``read()`` calls on a daemon thread (vLLM's defaults), the gloo group made in
+    `_prepare`. Strategy ``"prefetch"`` explicitly: vLLM turns it on by itself only for
+    mounts it names nfs or lustre, and the simulated mounts are FUSE."""
+    import torch.distributed as dist
+    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+
+    it = safetensors_weights_iterator(
+        sorted(files), False, "prefetch",
+        safetensors_prefetch_num_threads=cfg.count("threads", 8),
+        safetensors_prefetch_block_size=cfg.mib("block_mb", 16 << 20),
+    )  # fmt: skip
+    for name, tensor in it:
+        consume(name, tensor)
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"files": len(files)}
+
+
 def _load_ours(
     cfg: Config, files: list[str], rank: int, world: int, consume: Consume
 ) -> dict[str, Any] | None:
@@ -80,6 +102,7 @@ _LOADERS: dict[str, Callable[..., dict[str, Any] | None]] = {
     "none": _load_none,
     "sglang": _load_sglang,
     "stripe": _load_stripe,
+    "vllm": _load_vllm,
     "ours": _load_ours,
     "raw": _load_raw,
 }
@@ -100,7 +123,23 @@ def load(
     return loader(cfg, files, rank, world, consume)
 
 
-def _prepare(cfg: Config, job: Job) -> Consumer | None:
+def _join_vllm_group(job: Job, rank: int) -> None:
+    """Import vLLM's loader (seconds) and form the job's gloo group, before the release."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM would log to stdout
+    import vllm.model_executor.model_loader.weight_utils  # noqa: F401
+
+    if job.rendezvous is None:
+        raise ValueError("the vllm configuration needs a rendezvous for its gloo group")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{job.rendezvous}", rank=rank, world_size=job.world
+    )
+
+
+def _prepare(cfg: Config, job: Job, rank: int) -> Consumer | None:
     """Imports and the copy buffer, paid before the release; None for the raw floor."""
     if cfg.kind == "raw":
         import bench.floor  # noqa: F401
@@ -113,6 +152,8 @@ def _prepare(cfg: Config, job: Job) -> Consumer | None:
 
     if cfg.kind == "ours":
         import loader_adapter  # noqa: F401
+    if cfg.kind == "vllm":
+        _join_vllm_group(job, rank)
     buf = torch.empty(max(1, job.max_tensor_bytes), dtype=torch.uint8)
     buf.fill_(0)  # pay first-touch page faults before the release
     return Consumer(buf, with_checksum=job.checksum)
@@ -138,7 +179,7 @@ def run_rank(job: Job, rank: int, wait_release: Callable[[], None]) -> RankRepor
         >>> run_rank(Job("none", files, 1), 0, lambda: None).checksum  # doctest: +SKIP
     """
     cfg = parse_config(job.config)
-    consumer = _prepare(cfg, job)
+    consumer = _prepare(cfg, job, rank)
     if job.cgroup:
         from bench.cgroup import join
 

@@ -26,19 +26,29 @@ from pathlib import Path
 from engine.errors import InvalidOptionError
 from engine.plan import ResolvedFile
 
-__all__ = ["ConsumerCursor", "RankBoard"]
+__all__ = ["ConsumerCursor", "RankBoard", "pid_alive"]
 
 log = logging.getLogger(__name__)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (killed, not yet reaped by its parent) does not.
+
+    Example:
+        >>> pid_alive(os.getpid())
+        True
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class RankBoard:
@@ -129,7 +139,7 @@ class RankBoard:
                     if finished >= self.started_ns:
                         continue  # done with this load: needs nothing more
                     return None  # left by an earlier load: this load's rank has not started
-                if not _alive(pid):
+                if not pid_alive(pid):
                     return None
             low = pos if low is None else min(low, pos)
         return low
@@ -143,7 +153,7 @@ class RankBoard:
         struct.pack_into("<q", m, off + 24, max(1, time.monotonic_ns()))
         try:
             slots = [self._SLOT.unpack_from(m, r * self._SLOT.size) for r in range(self.world)]
-            if all(pid == 0 or fin or not _alive(pid) for pid, _, _, fin, _ in slots):
+            if all(pid == 0 or fin or not pid_alive(pid) for pid, _, _, fin, _ in slots):
                 self.path.unlink(missing_ok=True)
         except OSError as exc:
             log.debug("could not remove %s: %s", self.path, exc)

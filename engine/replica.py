@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from engine import _libc
-from engine.cursor import _alive as _pid_exists
+from engine.cursor import pid_alive as _alive
 from engine.errors import InvalidOptionError
 
 __all__ = ["READY_STATES", "Replica", "StripeState", "sweep_stale"]
@@ -82,17 +82,6 @@ class StripeState(enum.IntEnum):
 
 #: States in which a stripe's bytes are in the replica.
 READY_STATES = frozenset({StripeState.SENDING, StripeState.READY})
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, killed but not yet reaped by its parent, does not)."""
-    if not _pid_exists(pid):
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 def sweep_stale(base: Path, prefix: str, *, keep: Path | None = None) -> int:

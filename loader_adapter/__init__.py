@@ -25,6 +25,12 @@ from loader_adapter.fsdetect import AutoDecision, decide_auto, filesystem_type
 from loader_adapter.header import SafetensorsHeader, TensorSpan, read_header
 
 if TYPE_CHECKING:
+    from loader_adapter.cluster import (
+        REPLICA_DIR_ENV,
+        ClusterWeightsIterator,
+        cluster_weights_iterator,
+    )
+    from loader_adapter.exchange import ClusterReport
     from loader_adapter.iterator import (
         PrefetchMode,
         WeightsIterator,
@@ -39,6 +45,11 @@ __all__ = [
     "WeightsIterator",
     "load_state_dict",
     "safetensors_weights_iterator",
+    # cluster scope
+    "REPLICA_DIR_ENV",
+    "ClusterReport",
+    "ClusterWeightsIterator",
+    "cluster_weights_iterator",
     # serving-engine flags
     "add_prefetch_args",
     "parse_window",
@@ -67,13 +78,23 @@ _ITERATOR_NAMES = frozenset(
 )  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
-    if name in _ITERATOR_NAMES:
-        from loader_adapter import iterator
+_LAZY = {
+    **dict.fromkeys(_ITERATOR_NAMES, "loader_adapter.iterator"),
+    **dict.fromkeys(
+        ("REPLICA_DIR_ENV", "ClusterWeightsIterator", "cluster_weights_iterator"),
+        "loader_adapter.cluster",
+    ),
+    "ClusterReport": "loader_adapter.exchange",
+}
 
-        return getattr(iterator, name)
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'loader_adapter' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _ITERATOR_NAMES)
+    return sorted(set(globals()) | set(_LAZY))

@@ -92,7 +92,8 @@ def add_prefetch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     ``--weight-loader-prefetch-num-threads N`` (reads in flight per rank, as in SGLang),
     ``--prefetch-mode {off,on,auto}``, ``--prefetch-strategy``, ``--prefetch-backend``,
     ``--prefetch-chunk-mb`` (default ``$SGLANG_PREFETCH_BLOCK_SIZE_MB`` when set) and
-    ``--prefetch-window`` (a size, ``auto`` or ``none``). Invalid values make argparse
+    ``--prefetch-window`` (a size, ``auto`` or ``none``), ``--prefetch-scope`` (``node`` or
+    ``cluster``) and ``--prefetch-replica-dir``. Invalid values make argparse
     exit with a usage error that names the valid values.
 
     Args:
@@ -158,6 +159,21 @@ def add_prefetch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="most bytes warmed ahead of the loader, e.g. 8GiB; auto bounds it by the "
         "available memory; none for no limit (default: auto)",
     )
+    group.add_argument(
+        "--prefetch-scope",
+        choices=("node", "cluster"),
+        default=None,
+        help="node: each node reads the checkpoint once (default); cluster: each byte is "
+        "read from storage once for the whole job, the rest sent between nodes through "
+        "torch.distributed",
+    )
+    group.add_argument(
+        "--prefetch-replica-dir",
+        default=None,
+        metavar="DIR",
+        help="cluster scope: where each node keeps its replica of the checkpoint "
+        "(default: $CKPT_PREFETCH_REPLICA_DIR or /dev/shm)",
+    )
     return parser
 
 
@@ -205,4 +221,8 @@ def prefetch_options_from_args(namespace: argparse.Namespace) -> dict[str, Any]:
     window = get("prefetch_window")
     if window is not None:
         options["window_bytes"] = None if window == "none" else window
+    if get("prefetch_scope") is not None:
+        options["scope"] = get("prefetch_scope")
+    if get("prefetch_replica_dir") is not None:
+        options["replica_dir"] = get("prefetch_replica_dir")
     return options

@@ -35,12 +35,8 @@ import torch.distributed as dist
 
 from engine.cluster_plan import ClusterPlan, Op, OpKind, Stripe
 from engine.memory import trail_bytes
+from engine.mounts import read_ahead_bytes
 from engine.replica import READY_STATES, Replica, StripeState
-
-try:  # the engine's restructuring moves it
-    from engine.mounts import read_ahead_bytes  # type: ignore[import-not-found]
-except ImportError:
-    from engine.backends import read_ahead_bytes
 
 __all__ = ["DEFAULT_INFLIGHT", "ClusterReport", "Exchange"]
 

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from engine import (
+    InvalidOptionError,
     PrefetchHandle,
     PrefetchOptions,
     PrefetchReport,
@@ -424,6 +425,7 @@ def safetensors_weights_iterator(
     prefetch: PrefetchMode = False,
     rank: int | None = None,
     world: int | None = None,
+    scope: str = "node",
     **prefetch_options: Any,
 ) -> WeightsIterator:
     """Iterate over a safetensors checkpoint's tensors, optionally prefetching the files.
@@ -447,6 +449,13 @@ def safetensors_weights_iterator(
             ``torch.distributed`` grouped by host, then 0). With torch.distributed, every
             rank must call this with the same `prefetch`.
         world: number of ranks on this node; None discovers it with `rank`.
+        scope: ``"node"`` (each node reads the checkpoint from storage once) or
+            ``"cluster"`` (each byte read from storage once for the whole job, the rest
+            exchanged between nodes through ``torch.distributed``: see
+            `loader_adapter.cluster.cluster_weights_iterator`, whose options ``replica_dir``,
+            ``exchange_timeout_s``, ``setup_timeout_s`` and ``read_threads`` it then
+            accepts; ranks come from the default process group, so `rank` and `world`
+            must be None).
         **prefetch_options: fields of `engine.PrefetchOptions` (``strategy``,
             ``backend``, ``concurrency``, ``chunk_bytes``, ``skip_cached``,
             ``window_bytes``, ``order``, ``progress``); only ``order`` matters without a
@@ -468,6 +477,16 @@ def safetensors_weights_iterator(
         >>> for name, tensor in safetensors_weights_iterator("/ckpt", prefetch="auto"):
         ...     model.load_weight(name, tensor.to("cuda"))  # doctest: +SKIP
     """
+    if scope not in ("node", "cluster"):
+        raise InvalidOptionError(f"scope must be 'node' or 'cluster', got {scope!r}")
+    if scope == "cluster" and prefetch is not False:
+        if rank is not None or world is not None:
+            raise InvalidOptionError(
+                "scope='cluster' takes the ranks from torch.distributed: pass no rank or world"
+            )
+        from loader_adapter.cluster import cluster_weights_iterator  # imports this module
+
+        return cluster_weights_iterator(files, prefetch=prefetch, **prefetch_options)
     setup = _setup(files, prefetch, rank, world, prefetch_options, follow_consumer=True)
     gen = _tensors(setup.files, setup.prefetch)
     if setup.prefetch is not None:

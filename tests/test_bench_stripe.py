@@ -54,3 +54,10 @@ def test_ours_fixed_is_the_former_default():
         "backend": "sendfile",
         "concurrency": "fixed",
     }
+
+
+def test_vllm_is_a_configuration_whose_ranks_form_a_group():
+    from bench.configs import NEEDS_GROUP
+
+    cfg = parse_config("vllm:threads=4")
+    assert cfg.kind == "vllm" and cfg.kind in NEEDS_GROUP and cfg.count("threads", 8) == 4

@@ -138,3 +138,32 @@ def test_without_torch_distributed_it_loads_in_node_local_mode(checkpoint):
     assert got.keys() == expected.keys()
     for name, tensor in got.items():
         assert torch.equal(tensor.view(torch.uint8), expected[name].view(torch.uint8))
+
+
+def test_the_loader_takes_the_cluster_scope(checkpoint):
+    from loader_adapter import safetensors_weights_iterator
+
+    with safetensors_weights_iterator(checkpoint.directory, prefetch=True, scope="cluster") as it:
+        n = sum(1 for _ in it)
+    assert n == checkpoint.tensor_count
+    assert it.report.reason == "torch.distributed is not initialized"  # a cluster report
+    with pytest.raises(ValueError, match="scope must be"):
+        safetensors_weights_iterator(checkpoint.directory, scope="rack")
+    with pytest.raises(ValueError, match="no rank or world"):
+        safetensors_weights_iterator(checkpoint.directory, prefetch=True, scope="cluster", rank=0)
+
+
+def test_the_scope_flags_reach_the_loader():
+    import argparse
+
+    from loader_adapter import add_prefetch_args, prefetch_options_from_args
+
+    p = add_prefetch_args(argparse.ArgumentParser())
+    args = p.parse_args(
+        ["--prefetch-mode", "on", "--prefetch-scope", "cluster", "--prefetch-replica-dir", "/x"]
+    )
+    assert prefetch_options_from_args(args) == {
+        "prefetch": True,
+        "scope": "cluster",
+        "replica_dir": "/x",
+    }

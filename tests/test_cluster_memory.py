@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from bench.cgroup import available, memory_cgroup
 from bench.checkpoint import make_checkpoint
 from bench.cluster_sim import run_mode
-from bench.worker import Consumer
+from bench.consumer import Consumer
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(240)
