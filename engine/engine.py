@@ -12,7 +12,6 @@ never raised.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -185,9 +184,14 @@ class _Scheduler:
                 timeout = min(timeout or INTERVAL_S, INTERVAL_S)
             if timeout is None:
                 await self._wake.wait()
-            else:  # other ranks and the clock do not wake this loop: look again soon
-                with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError only from 3.11
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                continue
+            # Other ranks and the clock wake nobody: a timer does. Not `asyncio.wait_for`,
+            # which on Python 3.11 can swallow a cancellation that lands as it times out.
+            timer = asyncio.get_running_loop().call_later(timeout, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
 
     def _adapt(self) -> None:
         """Feed the pace its measurements once an interval has passed."""
