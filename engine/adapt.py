@@ -9,7 +9,8 @@ controller measures while the prefetch runs and climbs only while climbing pays:
 
 - it starts where the engine tells it (the engine passes its former fixed default);
 - when the loader waits at the frontier (or nobody consumes yet) and the node's CPU has
-  room, it tries one more stream; the trial is kept only when the node's warming rate
+  room, it tries one more stream (only after one interval at the current setting was
+  measured: judged against the start-up interval, any trial would pass); the trial is kept only when the node's warming rate
   rises by at least `GAIN`, otherwise it steps back and holds that ceiling a while;
 - when the node's CPU is saturated it halves its streams (the prefetch must not slow the
   ranks it serves); when the loader is far behind the frontier it returns to the
@@ -41,8 +42,9 @@ __all__ = [
 
 #: Relative gain of the node's warming rate that keeps a trial with one more stream.
 GAIN = 0.10
-#: Node CPU busy fraction (of all cores) at which the prefetch sheds a stream.
-BUSY_CPU = 0.95
+#: Node CPU busy fraction (of all cores) at which the prefetch sheds streams: above it the
+#: ranks that parse and copy tensors (and a client daemon such as sshfs) need the cores.
+BUSY_CPU = 0.90
 #: The smallest read the controller issues.
 MIN_READ_BYTES = 4 << 20
 #: Intervals a stream count that did not pay stays out of reach before it is tried again.
@@ -187,6 +189,9 @@ def decide(state: Controller, m: Measurement) -> Controller:
     Example:
         >>> s = start(4, 64 << 20)
         >>> s = decide(s, Measurement(1.0, 100 << 20, lag_bytes=0, node_busy=0.3))
+        >>> s.setting.streams, s.reason  # the first interval only measures
+        (1, 'start at 1 stream')
+        >>> s = decide(s, Measurement(1.0, 100 << 20, lag_bytes=0, node_busy=0.3))
         >>> s.setting.streams, s.reason
         (2, 'loader waits at the frontier and the CPU has room: try 2 streams')
         >>> s = decide(s, Measurement(1.0, 102 << 20, lag_bytes=0, node_busy=0.3))
@@ -212,6 +217,8 @@ def decide(state: Controller, m: Measurement) -> Controller:
             reason = f"{streams} streams did not pay ({gain}): back to {back}"
             return _to(state, back, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS)
         state = replace(state, trial_from=None, reason=f"{streams} streams paid ({gain})")
+    if state.base_rate <= 0:  # nothing measured at this setting yet: measure before trying
+        return replace(state, base_rate=m.rate)
     limit = (
         state.max_streams if state.ceiling is None else min(state.max_streams, state.ceiling - 1)
     )

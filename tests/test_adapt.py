@@ -77,14 +77,23 @@ def test_a_loader_far_behind_the_frontier_goes_back_to_the_cheapest_setting():
 
 def test_a_trial_that_did_not_pay_is_held_off_then_tried_again():
     seen = run(start(8, STRIPE), lambda s: 100e6, intervals=3 * (HOLD_INTERVALS + 2))
-    assert seen[0] == 2 and seen[1] == 1  # tried 2, no gain, back to 1
-    assert seen[2:HOLD_INTERVALS].count(2) == 0  # held off
+    assert seen[0] == 1  # the first interval measures
+    assert seen[1] == 2 and seen[2] == 1  # tried 2, no gain, back to 1
+    assert seen[3:HOLD_INTERVALS].count(2) == 0  # held off
     assert 2 in seen[HOLD_INTERVALS:]  # and tried again later
+
+
+def test_no_trial_is_judged_against_the_start_up_interval():
+    # Reads are only starting in the first interval: whatever comes next is "faster".
+    state = start(8, STRIPE, streams=2)
+    state = decide(state, Measurement(0.5, 1 * MiB, lag_bytes=0, node_busy=0.3))
+    assert state.setting.streams == 2 and state.trial_from is None
 
 
 def test_no_loader_still_climbs():
     state = start(4, STRIPE)
-    state = decide(state, Measurement(1.0, 100 * MiB, lag_bytes=None, node_busy=None))
+    for _ in range(2):
+        state = decide(state, Measurement(1.0, 100 * MiB, lag_bytes=None, node_busy=None))
     assert state.setting.streams == 2 and "no loader" in state.reason
 
 
