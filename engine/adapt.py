@@ -10,8 +10,9 @@ controller measures while the prefetch runs and climbs only while climbing pays:
 - it starts where the engine tells it (the engine passes its former fixed default);
 - when the loader waits at the frontier (or nobody consumes yet) and the node's CPU has
   room, it tries one more stream (only after one interval at the current setting was
-  measured: judged against the start-up interval, any trial would pass); the trial is kept only when the node's warming rate
-  rises by at least `GAIN`, otherwise it steps back and holds that ceiling a while;
+  measured: judged against the start-up interval, any trial would pass); the trial is
+  kept only when the node's warming rate rises by at least `GAIN`, otherwise it steps
+  back and holds that ceiling a while;
 - when the node's CPU is saturated it halves its streams (the prefetch must not slow the
   ranks it serves); when the loader is far behind the frontier it returns to the
   cheapest setting, since warming further ahead buys nothing.
