@@ -117,8 +117,8 @@ class SGLangStylePrefetcher:
         files: the files of this rank (see `sglang_plan`).
         threads: reader threads (SGLang: ``--weight-loader-prefetch-num-threads``, 4).
         block_bytes: bytes per ``read()`` (SGLang: ``SGLANG_PREFETCH_BLOCK_SIZE_MB``, 16).
-        bytes_read: bytes read so far (updated as files finish).
-        cpu_s: CPU seconds of the reader threads (updated as files finish).
+        bytes_read: bytes read so far (updated block by block).
+        cpu_s: CPU seconds of the reader threads (updated block by block).
         errors: one message per file that failed.
         started_at: ``time.monotonic()`` at start; None before.
         finished_at: ``time.monotonic()`` when every file was read; None before.
@@ -136,21 +136,20 @@ class SGLangStylePrefetcher:
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     def _read_file(self, path: str) -> None:
-        n, cpu0 = 0, time.thread_time()
+        # Counted block by block: the load may end before a large file is read through.
+        cpu = time.thread_time()
         try:
             with open(path, "rb") as f:
-                while True:
-                    data = f.read(self.block_bytes)
-                    if not data:
-                        break
-                    n += len(data)
+                while data := f.read(self.block_bytes):
+                    now = time.thread_time()
+                    with self._lock:
+                        self.bytes_read += len(data)
+                        self.cpu_s += now - cpu
+                    cpu = now
         except OSError as exc:
             with self._lock:
                 self.errors.append(f"{path}: {exc.strerror or exc}")
             log.warning("SGLang-style prefetch failed on %s: %s", path, exc)
-        with self._lock:
-            self.bytes_read += n
-            self.cpu_s += time.thread_time() - cpu0
 
     def _run(self) -> None:
         with ThreadPoolExecutor(
