@@ -2,15 +2,16 @@
 
 This module runs as its own process (``python -m bench._netfs_server CONFIG_JSON``) so
 that a stalled or blocked FUSE server can never deadlock the reads of the process that
-mounted it. Of the bench it imports only `bench.protocol` (standard library only), whose
-control messages it answers.
+mounted it. Of the bench it imports only `bench.protocol`, whose control messages it
+answers, and `bench.bandwidth` (both standard library only).
 
 The filesystem serves ``backing_dir`` read-only through a mount that keeps the kernel page
 cache across opens, as NFS does (``keep_cache`` on every open, ``auto_cache`` off, large
 attribute and entry timeouts). Every read is counted, delayed by a per-request latency,
-paced by a token bucket shared by all server threads, and can be failed or stalled on
-demand. A control thread answers requests on a Unix socket, also while reads block: one
-handler per request type, looked up in `HANDLERS`.
+paced by a bandwidth limit (`bench.bandwidth`: this server's own, or one shared with other
+servers through a file), and can be failed or stalled on demand. A control thread
+answers requests on a Unix socket, also while reads block: one handler per request type,
+looked up in `HANDLERS`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import protocol as proto
+from bench.bandwidth import LocalLink, SharedLink
 
 log = logging.getLogger("netfs.server")
 
@@ -44,13 +46,17 @@ def _rel(path: str) -> str:
 
 
 class ServerState:
-    """Faults, throttles and counters, shared by every FUSE thread and the control thread."""
+    """Faults, throttles and counters, shared by every FUSE thread and the control thread.
 
-    def __init__(self, bandwidth_bps: float | None, latency_s: float) -> None:
+    Args:
+        link: The bandwidth limit the reads draw from (this server's or a shared one).
+        latency_s: Seconds added to each read request.
+    """
+
+    def __init__(self, link: LocalLink | SharedLink, latency_s: float) -> None:
         self.cond = threading.Condition()
-        self.bandwidth_bps = bandwidth_bps or None
+        self.link = link
         self.latency_s = float(latency_s)
-        self._tat = 0.0  # theoretical arrival time of the shared link (GCRA token bucket)
         self.stall_until: float | None = None  # monotonic deadline; math.inf = until unstall
         self.eio: dict[str, list[tuple[int, int]]] = {}
         self.vanished: set[str] = set()
@@ -124,9 +130,12 @@ class ServerState:
         with self.cond:
             self.vanished.add(rel)
 
+    @property
+    def bandwidth_bps(self) -> float | None:
+        return self.link.bps
+
     def set_bandwidth(self, bps: float | None) -> None:
-        with self.cond:
-            self.bandwidth_bps = bps or None
+        self.link.set_bps(bps)  # a shared link: for every server that draws from it
 
     def set_latency(self, seconds: float) -> None:
         with self.cond:
@@ -186,17 +195,13 @@ class ServerState:
         """Sleep until a request of ``nbytes`` that arrived at ``arrival`` is delivered.
 
         Latency is added to each request independently (requests in flight overlap);
-        bandwidth is one link shared by all threads: each request reserves the next
-        ``nbytes / bandwidth`` seconds of it, no earlier than its arrival plus latency.
+        bandwidth is one link shared by all threads (and by other servers, when shared):
+        each request reserves the next ``nbytes / bandwidth`` seconds of it, no earlier
+        than its arrival plus latency.
         """
         with self.cond:
             ready = arrival + self.latency_s
-            bps = self.bandwidth_bps
-            if bps:
-                begin = max(ready, self._tat)
-                self._tat = begin + nbytes / bps
-                ready = self._tat
-        delay = ready - time.monotonic()
+        delay = self.link.reserve(nbytes, ready) - time.monotonic()
         if delay > 0:
             time.sleep(delay)
 
@@ -453,7 +458,11 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     import mfusepy  # imported here only: the parent never needs it
 
-    state = ServerState(cfg.bandwidth_bps, cfg.latency_s)
+    if cfg.bandwidth_file:
+        link: LocalLink | SharedLink = SharedLink(cfg.bandwidth_file)
+    else:
+        link = LocalLink(cfg.bandwidth_bps)
+    state = ServerState(link, cfg.latency_s)
     ControlServer(cfg.control, state, cfg.parent_pid).start()
     limits = {
         "max_read": cfg.max_read,

@@ -13,11 +13,14 @@ on one machine, with exact counts of the bytes and requests the "server" answere
 * a token bucket shared by all server threads caps the aggregate bandwidth, each read
   request waits ``latency_s`` first, and ``max_background`` is raised above the kernel's
   default of 12 so that high latency does not serialise readahead;
+* several mounts can share one bandwidth limit (`SharedBandwidth`: one storage serving
+  several nodes), each with its own counters;
 * faults on demand: EIO for a byte range, a stall, a file that vanishes.
 
 Each :func:`mounted` context is one "node": two mounts of the same backing directory have
-separate page caches. These are simulations; the profile names say what they imitate, not
-what they measured.
+separate page caches. By default each mount has its own bandwidth limit; give the mounts
+one `SharedBandwidth` to make them one storage with one limit. These are simulations; the
+profile names say what they imitate, not what they measured.
 
 Only the server process imports mfusepy, so this module imports on machines without FUSE.
 
@@ -25,6 +28,9 @@ Example:
     >>> with mounted("/data/ckpt", profile="slow-nfs") as fs:      # doctest: +SKIP
     ...     data = (fs.path / "model.safetensors").read_bytes()
     ...     fs.counters().bytes_served
+    >>> with SharedBandwidth(300e6) as link:                        # doctest: +SKIP
+    ...     with mounted(d, shared_bandwidth=link) as a, mounted(d, shared_bandwidth=link) as b:
+    ...         ...  # a and b together get 300 MB/s; a.counters() counts a's bytes only
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import protocol as proto
+from bench.bandwidth import SharedBandwidth
 from bench.mounts import is_mounted, read_ahead_kb, set_read_ahead_kb
 from engine.residency import evict
 
@@ -60,6 +67,7 @@ __all__ = [
     "NetFS",
     "NetFSError",
     "NetFSProfile",
+    "SharedBandwidth",
     "fuse_available",
     "mounted",
     "set_read_ahead",
@@ -84,7 +92,8 @@ class NetFSProfile:
     Attributes:
         name: Short label, a key of :data:`PROFILES`.
         bandwidth_bps: Aggregate bandwidth in bytes/s shared by all server threads;
-            ``None`` for no throttle.
+            ``None`` for no throttle. A mount given a `SharedBandwidth` reports that
+            limit's rate here (it shares it with the other mounts).
         latency_s: Seconds added to each read request (requests in flight overlap).
         threads: Most server threads (libfuse ``max_threads``); 1 = single-threaded.
         max_read: Largest read request in bytes (mount option ``max_read``; libfuse3
@@ -325,6 +334,7 @@ class NetFS:
         path: The mount point.
         backing_dir: The directory it serves.
         profile: The settings it was mounted with (overrides applied).
+        shared_bandwidth: The limit it shares with other mounts, or None (its own).
         pid: Process id of the server.
         read_ahead_kb: The mount's readahead window as the kernel reports it after
             mounting (``profile.read_ahead_kb`` only when setting it worked, e.g. as
@@ -338,10 +348,12 @@ class NetFS:
         profile: NetFSProfile,
         proc: subprocess.Popen[bytes],
         control: ControlClient,
+        shared_bandwidth: SharedBandwidth | None = None,
     ) -> None:
         self.path = path
         self.backing_dir = backing_dir
         self.profile = profile
+        self.shared_bandwidth = shared_bandwidth
         self.pid = proc.pid
         self._proc = proc
         self._control: ControlClient | None = control
@@ -438,7 +450,7 @@ class NetFS:
         self._call(proto.ClearFaults())
 
     def set_bandwidth(self, bps: float | None) -> None:
-        """Change the aggregate bandwidth.
+        """Change the aggregate bandwidth (of every mount sharing it, when shared).
 
         Args:
             bps: Bytes per second; ``None`` or 0 for no throttle.
@@ -571,6 +583,7 @@ def mounted(
     profile: str | NetFSProfile = "slow-nfs",
     mountpoint: str | os.PathLike[str] | None = None,
     startup_timeout: float = 30.0,
+    shared_bandwidth: SharedBandwidth | None = None,
     **overrides: Any,
 ) -> Iterator[NetFS]:
     """Mount ``backing_dir`` read-only as a simulated network filesystem.
@@ -586,6 +599,10 @@ def mounted(
         mountpoint: Empty directory to mount on (created if missing); default: a new
             temporary directory, removed afterwards.
         startup_timeout: Seconds to wait for the mount to answer.
+        shared_bandwidth: A limit this mount shares with every other mount given it
+            (one storage serving several nodes), in place of the profile's own
+            ``bandwidth_bps``; it must stay open while the mount is. Counters stay per
+            mount.
         **overrides: Profile fields to replace: ``bandwidth_bps``, ``latency_s``,
             ``threads``, ``max_read``, ``read_ahead_kb``, ``max_background``,
             ``congestion_threshold``.
@@ -595,18 +612,23 @@ def mounted(
 
     Raises:
         NetFSError: The mount did not come up.
+        TypeError: ``bandwidth_bps`` given together with `shared_bandwidth`.
 
     Example:
         >>> with mounted(tmp, profile="local-fuse", latency_s=0.01) as fs:  # doctest: +SKIP
         ...     (fs.path / "a.bin").read_bytes()
     """
+    if shared_bandwidth is not None:
+        if "bandwidth_bps" in overrides:
+            raise TypeError("give the rate to SharedBandwidth, not bandwidth_bps, when sharing")
+        overrides = {**overrides, "bandwidth_bps": shared_bandwidth.bps}
     resolved = _resolve_profile(profile, overrides)
     backing = Path(os.path.realpath(backing_dir))
     if not backing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "backing_dir is not a directory", str(backing))
     runtime = Path(tempfile.mkdtemp(prefix="netfs-"))
     mp = _make_mountpoint(runtime, mountpoint)
-    config = _server_config(resolved, backing, mp, runtime)
+    config = _server_config(resolved, backing, mp, runtime, shared_bandwidth)
     log_path = runtime / "server.log"
     proc = _start_server(config, log_path)
     fs: NetFS | None = None
@@ -615,7 +637,7 @@ def mounted(
         if resolved.read_ahead_kb is not None:
             set_read_ahead(mp, resolved.read_ahead_kb)
         control = ControlClient(config.control, timeout=_CONTROL_TIMEOUT_S)
-        fs = NetFS(mp, backing, resolved, proc, control)
+        fs = NetFS(mp, backing, resolved, proc, control, shared_bandwidth)
         log.info("mounted %s at %s (%s, server pid %d)", backing, mp, resolved.name, proc.pid)
         yield fs
     finally:
@@ -656,7 +678,11 @@ def _make_mountpoint(runtime: Path, mountpoint: str | os.PathLike[str] | None) -
 
 
 def _server_config(
-    resolved: NetFSProfile, backing: Path, mp: Path, runtime: Path
+    resolved: NetFSProfile,
+    backing: Path,
+    mp: Path,
+    runtime: Path,
+    shared_bandwidth: SharedBandwidth | None,
 ) -> proto.ServerConfig:
     return proto.ServerConfig(
         backing=str(backing),
@@ -672,6 +698,7 @@ def _server_config(
         allow_other=os.geteuid() == 0,
         fsname=f"netfs-{resolved.name}",
         log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING",
+        bandwidth_file=shared_bandwidth.path if shared_bandwidth is not None else None,
     )
 
 

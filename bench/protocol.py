@@ -309,6 +309,9 @@ class ServerConfig:
         parent_pid: the mounting process; the server leaves when it is gone.
         bandwidth_bps, latency_s, threads, max_read, max_background,
             congestion_threshold: the profile (see ``bench.netfs.NetFSProfile``).
+        bandwidth_file: a `bench.bandwidth.SharedBandwidth` state file, or None. When
+            given, the server's reads draw from that limit, shared with every server
+            given the same file, and `bandwidth_bps` is ignored.
         allow_other: let other users read the mount (root only).
         fsname: the mount's source name, as mount tables show it.
         log_level: the server's logging level.
@@ -327,6 +330,7 @@ class ServerConfig:
     allow_other: bool = False
     fsname: str = "netfs"
     log_level: str = "INFO"
+    bandwidth_file: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -395,7 +399,10 @@ class ClearFaults:
 @_CONTROL.message("op", "set_bandwidth")
 @dataclass(frozen=True)
 class SetBandwidth:
-    """Cap the aggregate bandwidth at `bps` bytes/s (None or 0: no cap)."""
+    """Cap the aggregate bandwidth at `bps` bytes/s (None or 0: no cap).
+
+    On a server that draws from a shared limit, the cap changes for every server sharing it.
+    """
 
     bps: float | None
 

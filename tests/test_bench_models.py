@@ -265,9 +265,10 @@ def test_each_protocol_reads_only_its_own_messages() -> None:
 
 def test_the_netfs_server_answers_every_control_message() -> None:
     from bench._netfs_server import HANDLERS, ServerState
+    from bench.bandwidth import LocalLink
 
     assert set(HANDLERS) == {type(m) for m in CONTROL_MESSAGES}
-    state = ServerState(bandwidth_bps=None, latency_s=0.0)
+    state = ServerState(LocalLink(None), latency_s=0.0)
     for message in CONTROL_MESSAGES:
         HANDLERS[type(message)](state, message)
     assert state.shutting_down and state.latency_s == 0.002 and state.bandwidth_bps == 3e8
@@ -294,6 +295,8 @@ def test_the_netfs_server_config_round_trips() -> None:
         allow_other=True,
     )
     assert proto.ServerConfig.from_json(cfg.to_json()) == cfg
+    shared = dataclasses.replace(cfg, bandwidth_file="/dev/shm/netfs-bandwidth-x")
+    assert proto.ServerConfig.from_json(shared.to_json()) == shared
 
 
 def test_prefetch_cpu_counts_every_rank_per_gb_of_checkpoint() -> None:

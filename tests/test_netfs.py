@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bench.mounts import is_mounted
-from bench.netfs import PROFILES, NetFS, mounted
+from bench.netfs import PROFILES, NetFS, SharedBandwidth, mounted
 from tests.fuse_support import require_fuse
 
 MiB = 1 << 20
@@ -93,6 +93,12 @@ def test_bad_profile_or_override_fails_before_mounting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown profile"), mounted(tmp_path, profile="nope"):
         pass
     with pytest.raises(TypeError, match="unknown override"), mounted(tmp_path, speed=1):
+        pass
+    with (
+        SharedBandwidth(1e6, directory=tmp_path) as link,
+        pytest.raises(TypeError, match="SharedBandwidth"),
+        mounted(tmp_path, shared_bandwidth=link, bandwidth_bps=2e6),
+    ):
         pass
 
 
@@ -250,6 +256,53 @@ def test_bandwidth_is_a_lower_bound(backing: tuple[Path, dict[str, bytes]]) -> N
         elapsed = time.perf_counter() - t0
         assert fs.counters().bytes_served == BIG
     assert elapsed >= 0.9  # 64 MiB at 64 MB/s is 1.05 s; never an upper bound
+
+
+@pytest.mark.fuse
+def test_two_mounts_sharing_a_limit_serve_exact_bytes_from_one_bucket(
+    backing: tuple[Path, dict[str, bytes]],
+) -> None:
+    root, files = backing
+    rate = 128e6
+
+    def scenario() -> None:
+        with (
+            SharedBandwidth(rate) as link,
+            mounted(root, profile="slow-nfs", latency_s=0.0, shared_bandwidth=link) as a,
+            mounted(root, profile="slow-nfs", latency_s=0.0, shared_bandwidth=link) as b,
+        ):
+            assert a.profile.bandwidth_bps == b.profile.bandwidth_bps == rate
+            got: dict[Path, bytes] = {}
+
+            def reader(fs: NetFS) -> None:
+                got[fs.path] = read_all(fs.path / "big.bin", 16 * MiB)
+
+            readers = [threading.Thread(target=reader, args=(fs,)) for fs in (a, b)]
+            t0 = time.perf_counter()
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join(60)
+            elapsed = time.perf_counter() - t0
+            assert list(got.values()) == [files["big.bin"]] * 2
+            served = [a.counters().bytes_served, b.counters().bytes_served]
+            # Every byte either server sent was granted by the one bucket, and only those.
+            assert link.snapshot().granted_bytes == sum(served)
+            expect(served, [BIG, BIG], "bytes served per node")
+            assert elapsed >= 0.9 * 2 * BIG / rate  # one limit for both (each its own: half)
+
+            a.set_bandwidth(rate / 2)  # through one mount, for both
+            assert link.bps == rate / 2
+            before = link.snapshot()
+            assert read_all(b.path / "small.bin") == files["small.bin"]
+            after = link.snapshot()
+            expect(after.granted_bytes - before.granted_bytes, 4 * MiB, "granted to node B")
+            # Each of B's requests held the link for its bytes at the new rate, at least.
+            assert after.tat - before.tat >= 4 * MiB / (rate / 2) * (1 - 1e-9)
+            b.set_bandwidth(None)
+            assert link.bps is None
+
+    retry_on_reclaim(scenario)
 
 
 @pytest.mark.fuse
