@@ -8,11 +8,9 @@ the counters reset, fresh rank processes load the whole checkpoint (copying and
 checksumming every tensor, `bench.worker.Consumer`), and the storage bytes served to all
 nodes together are read from the counters.
 
-The storage's bandwidth: `bench.netfs` limits each mount on its own (one server per mount).
-A limit shared by all nodes would need one server process answering every mount, with one
-token bucket. Here each mount gets ``bandwidth / nodes``: while the nodes read at the same
-pace (both modes here are symmetric between nodes) that is the shared limit; a node that
-idles leaves its share unused, which a shared limit would not.
+The storage's bandwidth: every node's mount draws from one `bench.netfs.SharedBandwidth`
+at the profile's rate, so the nodes share one limit as they would share one storage (a
+node that idles leaves the whole rate to the others); the counters stay per node.
 
 Run it::
 
@@ -200,6 +198,8 @@ class SimResult:
     ranks: list[dict[str, Any]]
     wall_s: float
     failed_ranks: list[int] = field(default_factory=list)
+    granted_bytes: int = 0  # what the shared bandwidth limit granted to all nodes
+    load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the machine's, at the end
 
     @property
     def bytes_served(self) -> int:
@@ -345,29 +345,26 @@ def simulate(
     chunk_mb: int = 16,
     window_mb: int = 0,
     timeout_s: float = 60.0,
-    split_bandwidth: bool = True,
     workdir: str | os.PathLike[str] | None = None,
 ) -> list[SimResult]:
     """Load `checkpoint_dir` on `nodes` simulated nodes in each mode; see the module doc."""
-    from bench.netfs import PROFILES, mounted
+    from bench.netfs import PROFILES, SharedBandwidth, mounted
 
-    prof = PROFILES[profile]
-    overrides: dict[str, Any] = {}
-    if split_bandwidth and prof.bandwidth_bps:
-        overrides["bandwidth_bps"] = prof.bandwidth_bps / nodes
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     work = Path(workdir or tempfile.mkdtemp(prefix="cluster-sim-"))
     results: list[SimResult] = []
     with contextlib.ExitStack() as stack:
+        storage = stack.enter_context(SharedBandwidth(PROFILES[profile].bandwidth_bps))
         mounts = [
-            stack.enter_context(mounted(checkpoint_dir, profile=profile, **overrides))
+            stack.enter_context(mounted(checkpoint_dir, profile=profile, shared_bandwidth=storage))
             for _ in range(nodes)
         ]
         for mode in modes:
             for fs in mounts:
                 fs.evict()
                 fs.reset_counters()
+            granted0 = storage.snapshot().granted_bytes
             cpu0 = [_proc_cpu_s(fs.pid) for fs in mounts]
             ranks, failed, wall = run_mode(
                 mode, [fs.path for fs in mounts], ranks_per_node, workdir=work,
@@ -386,6 +383,8 @@ def simulate(
                     ranks,
                     wall,
                     failed,
+                    storage.snapshot().granted_bytes - granted0,
+                    os.getloadavg(),
                 )
             )
             log.info("%s: %.2fx served, %.1f s", mode, results[-1].served_ratio, results[-1].load_s)
@@ -409,14 +408,16 @@ def interconnect_estimate(result: SimResult, *, link_gbps: float, storage_bps: f
 
 def _table(results: Sequence[SimResult]) -> str:
     lines = [
-        f"{'mode':8} {'served':>10} {'x ckpt':>7} {'load s':>7} {'checksums':>9} {'failed':>6}",
+        f"{'mode':8} {'served':>10} {'x ckpt':>7} {'load s':>7} {'checksums':>9} {'failed':>6} "
+        f"{'load avg (1, 5, 15 min)':>24}",
     ]
     everywhere = {x["checksum"] for r in results for x in r.ranks}
     for r in results:
         sums = {x["checksum"] for x in r.ranks}
         lines.append(
             f"{r.mode:8} {r.bytes_served / 2**20:9.0f}M {r.served_ratio:7.4f} {r.load_s:7.1f} "
-            f"{'same' if len(sums) == 1 else 'DIFFER':>9} {len(r.failed_ranks):6d}"
+            f"{'same' if len(sums) == 1 else 'DIFFER':>9} {len(r.failed_ranks):6d} "
+            f"{' '.join(f'{x:.1f}' for x in r.load_avg):>24}"
         )
     lines.append(
         f"checksums of all ranks in all modes: {'identical' if len(everywhere) == 1 else 'DIFFER'}"
@@ -456,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt = str(make_checkpoint(tmp, size_bytes=parse_size(a.size)).directory)
     try:
         t0 = time.monotonic()
+        load_start = os.getloadavg()
         results = simulate(
             ckpt, nodes=a.nodes, ranks_per_node=a.ranks, profile=a.profile,
             chunk_mb=a.chunk_mb, window_mb=a.window_mb, timeout_s=a.timeout,
@@ -475,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
                 "profile": a.profile,
                 "storage_bps": storage_bps,
-                "bandwidth_split_per_node": True,
+                "bandwidth_shared_by_nodes": True,
+                "load_avg_start": load_start,
                 "link_gbps": a.link_gbps,
                 "duration_s": time.monotonic() - t0,
                 "results": [r.to_dict() for r in results],
