@@ -1,10 +1,11 @@
 """Cluster mode under faults: a rank of one node killed or stalled mid-load.
 
-Two simulated nodes (two mounts of a throttled FUSE filesystem: separate page caches) with
-two ranks each. The other ranks must go on loading exactly the right tensors, reading from
-storage what the lost rank owed, and report it; a stalled rank that comes back finishes
-too. No wall-clock assertion: "bounded" means every surviving rank ends by itself before
-the driver's deadline (`LIMIT_S`), which is several exchange timeouts.
+Two simulated nodes (two mounts of a throttled FUSE filesystem: separate page caches, one
+shared bandwidth limit) with two ranks each. The other ranks must go on loading exactly
+the right tensors, reading from storage what the lost rank owed, and report it; a stalled
+rank that comes back finishes too. No wall-clock assertion: "bounded" means every
+surviving rank ends by itself before the driver's deadline (`LIMIT_S`), which is several
+exchange timeouts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fuse_support import require_fuse
 
 from bench.checkpoint import make_checkpoint
 from bench.cluster_sim import run_mode
-from bench.netfs import mounted
+from bench.netfs import SharedBandwidth, mounted
 
 MiB = 1 << 20
 TIMEOUT_S = 2.0
@@ -37,9 +38,10 @@ def _run(checkpoint, tmp_path: Path, fault: list[str]):
     for d in reps:
         d.mkdir()
     with contextlib.ExitStack() as stack:
+        storage = stack.enter_context(SharedBandwidth(32e6))
         mounts = [
             stack.enter_context(
-                mounted(checkpoint.directory, profile="local-fuse", bandwidth_bps=16e6)
+                mounted(checkpoint.directory, profile="local-fuse", shared_bandwidth=storage)
             )
             for _ in range(2)
         ]
