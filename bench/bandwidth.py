@@ -79,13 +79,10 @@ class LinkState:
         Returns:
             ``(the new state, the time at which the request is delivered)``.
         """
-        granted = dataclasses.replace(
-            self, granted_bytes=self.granted_bytes + nbytes, requests=self.requests + 1
-        )
-        if not self.bps:
-            return granted, ready
-        end = max(ready, self.tat) + nbytes / self.bps
-        return dataclasses.replace(granted, tat=end), end
+        tat = max(ready, self.tat) + nbytes / self.bps if self.bps else self.tat
+        when = tat if self.bps else ready
+        # Built directly, not with dataclasses.replace: this runs for every read request.
+        return LinkState(self.bps, tat, self.granted_bytes + nbytes, self.requests + 1), when
 
 
 class _Link:
