@@ -8,11 +8,19 @@ point without touching it, and set a mount's read-ahead.
 from __future__ import annotations
 
 import os
+import threading
 
 from engine import mounts as _mounts
 from engine.mounts import Mount, mount_of
 
-__all__ = ["Mount", "is_mounted", "mount_of", "read_ahead_kb", "set_read_ahead_kb"]
+__all__ = [
+    "Mount",
+    "is_mounted",
+    "mount_of",
+    "read_ahead_kb",
+    "set_read_ahead_kb",
+    "stat_within",
+]
 
 
 def is_mounted(path: str) -> bool:
@@ -41,3 +49,30 @@ def set_read_ahead_kb(path: str | os.PathLike[str], kb: int) -> None:
     """
     with open(_mounts.read_ahead_path(os.stat(path).st_dev), "w", encoding="ascii") as f:
         f.write(str(int(kb)))
+
+
+def stat_within(path: str | os.PathLike[str], timeout: float) -> os.stat_result | OSError | None:
+    """``os.stat(path)`` from a daemon thread, waiting at most `timeout` seconds.
+
+    A mount's root that a stalled server never answers makes the stat hang; the caller
+    gets None instead, and the daemon thread is left to end when the server answers.
+
+    Returns:
+        The stat result, the error it raised, or None when it did not answer in time.
+
+    Example:
+        >>> isinstance(stat_within("/", 5.0), os.stat_result)
+        True
+    """
+    answer: list[os.stat_result | OSError] = []
+
+    def probe() -> None:
+        try:
+            answer.append(os.stat(path))
+        except OSError as exc:
+            answer.append(exc)
+
+    t = threading.Thread(target=probe, name="bench-stat-probe", daemon=True)
+    t.start()
+    t.join(max(0.0, timeout))
+    return answer[0] if answer else None

@@ -57,7 +57,7 @@ from typing import Any
 
 from bench import protocol as proto
 from bench.bandwidth import SharedBandwidth
-from bench.mounts import is_mounted, read_ahead_kb, set_read_ahead_kb
+from bench.mounts import is_mounted, read_ahead_kb, set_read_ahead_kb, stat_within
 from engine.residency import evict
 
 __all__ = [
@@ -739,20 +739,9 @@ def _wait_for_mount(
         if time.monotonic() > deadline:
             raise failure(f"not mounted after {timeout:.0f} s")
         time.sleep(0.01)
-    answer: list[os.stat_result | OSError] = []
-
-    def stat_root() -> None:
-        try:
-            answer.append(os.stat(mountpoint))
-        except OSError as exc:
-            answer.append(exc)
-
-    probe = threading.Thread(target=stat_root, name="netfs-mount-probe", daemon=True)
-    probe.start()
-    probe.join(max(0.0, deadline - time.monotonic()))
-    if not answer:
+    result = stat_within(mountpoint, deadline - time.monotonic())
+    if result is None:
         raise failure(f"mount root did not answer a stat in {timeout:.0f} s")
-    result = answer[0]
     if isinstance(result, OSError):
         raise failure(f"stat of the mount root failed: {result}")
     if result.st_dev == parent_dev:

@@ -82,7 +82,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -91,7 +90,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench import _sftp_counter as wire
-from bench.mounts import is_mounted, read_ahead_kb
+from bench.mounts import is_mounted, read_ahead_kb, stat_within
 from bench.netfs import NetFSError, set_read_ahead, unmount
 from engine.residency import evict
 
@@ -1041,18 +1040,8 @@ def _wait_for_mount(
         if time.monotonic() > deadline:
             raise SSHFSError(f"sshfs did not mount in time:\n{_tail(log_path)}")
         time.sleep(0.02)
-    answer: list[os.stat_result | OSError] = []
-
-    def stat_root() -> None:
-        try:
-            answer.append(os.stat(mountpoint))
-        except OSError as exc:
-            answer.append(exc)
-
-    probe = threading.Thread(target=stat_root, name="sshfs-mount-probe", daemon=True)
-    probe.start()
-    probe.join(max(0.1, deadline - time.monotonic()))
-    if answer and not isinstance(answer[0], OSError):
+    answer = stat_within(mountpoint, max(0.1, deadline - time.monotonic()))
+    if answer is not None and not isinstance(answer, OSError):
         return
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=1.0)  # sshfs mounts before it connects: did the connection fail?
