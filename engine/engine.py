@@ -441,10 +441,15 @@ class Prefetcher:
         opt = self.options
         chunk = opt.chunk_bytes if opt.chunk_bytes != "auto" else 0
         concurrency = opt.concurrency if opt.concurrency != "auto" else 0
-        first = resolved[0].path if resolved else None
+        first = resolved[0] if resolved else None
         if chunk and concurrency and opt.backend != "auto":
             return Tuning(chunk, concurrency, "given")
-        auto = await pool.run(auto_tuning, first, self.world)  # statfs may block: on the pool
+        auto = await pool.run(  # the mount table, else statfs (which may block): on the pool
+            functools.partial(
+                auto_tuning, first.path if first else None, self.world,
+                dev=first.dev if first else None,
+            )
+        )  # fmt: skip
         if opt.backend == "auto" and auto.network:
             self.backend, self._backend_reason = (
                 ProcessBackend(),

@@ -123,6 +123,47 @@ def filesystem_type_fd(fd: int) -> int:
     return buf.f_type & 0xFFFFFFFF
 
 
+#: Mount-table type names (``/proc/self/mountinfo``) of network, cluster and FUSE
+#: filesystems, beside the statfs magics above. ``fuse.<name>`` and ``fuseblk`` are FUSE.
+NETWORK_FSTYPE_NAMES = frozenset(
+    {*NETWORK_FILESYSTEMS.values(), "nfs4", "smb3", "glusterfs", "virtiofs", "gfs2", "ocfs2"}
+)
+
+
+def is_network_fstype(name: str) -> bool:
+    """Whether a mount-table type name is a network, cluster or FUSE filesystem.
+
+    Example:
+        >>> is_network_fstype("fuse.sshfs"), is_network_fstype("nfs4"), is_network_fstype("ext4")
+        (True, True, False)
+    """
+    return name in NETWORK_FSTYPE_NAMES or name.startswith("fuse")
+
+
+def is_network_device(dev: int) -> bool | None:
+    """Whether the filesystem of device `dev` (``st_dev``) is a network or FUSE one, from
+    the mount table alone: no request reaches the filesystem, so a stalled server cannot
+    block the answer (``statfs`` on FUSE asks the server).
+
+    Returns:
+        True or False; None when no mount of this process has that device.
+
+    Example:
+        >>> is_network_device(os.stat("/proc").st_dev)
+        False
+    """
+    from engine.mounts import read_mountinfo
+
+    try:
+        mounts = read_mountinfo()
+    except OSError:
+        return None
+    for m in mounts:
+        if m.device == dev:
+            return is_network_fstype(m.fstype)
+    return None
+
+
 def is_network_fs(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is on a network, cluster or FUSE filesystem (see `NETWORK_FILESYSTEMS`).
 

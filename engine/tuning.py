@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from engine.fstype import is_network_fs
+from engine.fstype import is_network_device, is_network_fs
 
 __all__ = ["MAX_STREAMS_PER_RANK", "NODE_STREAMS", "Tuning", "auto_tuning", "max_streams"]
 
@@ -65,13 +65,18 @@ def max_streams(world: int) -> int:
     return max(1, min(MAX_STREAMS_PER_RANK, -(-MAX_NODE_STREAMS // world)))
 
 
-def auto_tuning(path: str | os.PathLike[str] | None, world: int) -> Tuning:
+def auto_tuning(
+    path: str | os.PathLike[str] | None, world: int, *, dev: int | None = None
+) -> Tuning:
     """Choose stripe size and per-rank concurrency for a checkpoint whose files include `path`.
 
     Args:
         path: one of the checkpoint's files (its filesystem decides the stripe size);
             None when there is none (an empty plan).
         world: number of local ranks; the node's `NODE_STREAMS` are split among them.
+        dev: the file's ``st_dev`` when known: the mount table then tells the filesystem
+            without asking it (``statfs`` is the fallback, and on FUSE it waits for the
+            server).
 
     Returns:
         A `Tuning`.
@@ -82,10 +87,12 @@ def auto_tuning(path: str | os.PathLike[str] | None, world: int) -> Tuning:
         (2, 64)
     """
     concurrency = max(1, -(-NODE_STREAMS // world))
-    try:
-        network = path is not None and is_network_fs(path)
-    except OSError:
-        network = False
+    network = is_network_device(dev) if dev is not None else None
+    if network is None:
+        try:
+            network = path is not None and is_network_fs(path)
+        except OSError:
+            network = False
     if network:
         chunk, kind = NETWORK_CHUNK_BYTES, "network/FUSE filesystem"
     else:
