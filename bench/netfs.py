@@ -53,7 +53,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import protocol as proto
 from bench.bandwidth import SharedBandwidth
@@ -70,6 +70,7 @@ __all__ = [
     "SharedBandwidth",
     "fuse_available",
     "mounted",
+    "profile_with_overrides",
     "set_read_ahead",
     "unmount",
 ]
@@ -555,16 +556,31 @@ def set_read_ahead(mountpoint: str | os.PathLike[str], kb: int) -> None:
         log.warning("cannot set read_ahead_kb=%d at %s: %s", kb, mountpoint, exc)
 
 
-def _resolve_profile(profile: str | NetFSProfile, overrides: dict[str, Any]) -> NetFSProfile:
+P = TypeVar("P")
+
+
+def profile_with_overrides(
+    profiles: dict[str, P], profile: str | P, overrides: dict[str, Any], fields: set[str]
+) -> P:
+    """A named (or given) profile dataclass with `overrides` applied.
+
+    Raises:
+        ValueError: an unknown profile name.
+        TypeError: an override that is not one of `fields`.
+    """
     if isinstance(profile, str):
         try:
-            profile = PROFILES[profile]
+            profile = profiles[profile]
         except KeyError:
-            raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}") from None
-    unknown = set(overrides) - _PROFILE_FIELDS
+            raise ValueError(f"unknown profile {profile!r}; known: {sorted(profiles)}") from None
+    unknown = set(overrides) - fields
     if unknown:
-        raise TypeError(f"unknown override(s) {sorted(unknown)}; valid: {sorted(_PROFILE_FIELDS)}")
-    resolved = dataclasses.replace(profile, **overrides) if overrides else profile
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    return dataclasses.replace(profile, **overrides) if overrides else profile  # type: ignore[type-var]
+
+
+def _resolve_profile(profile: str | NetFSProfile, overrides: dict[str, Any]) -> NetFSProfile:
+    resolved = profile_with_overrides(PROFILES, profile, overrides, _PROFILE_FIELDS)
     if (
         resolved.threads < 1
         or resolved.max_read < 4096

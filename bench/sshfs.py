@@ -91,7 +91,7 @@ from typing import Any, Literal
 
 from bench import _sftp_counter as wire
 from bench.mounts import is_mounted, read_ahead_kb, stat_within
-from bench.netfs import NetFSError, set_read_ahead, unmount
+from bench.netfs import NetFSError, profile_with_overrides, set_read_ahead, unmount
 from engine.residency import evict
 
 __all__ = [
@@ -1052,15 +1052,7 @@ def _wait_for_mount(
 
 
 def _resolve_profile(profile: str | SSHFSProfile, overrides: dict[str, Any]) -> SSHFSProfile:
-    if isinstance(profile, str):
-        try:
-            profile = PROFILES[profile]
-        except KeyError:
-            raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}") from None
-    unknown = set(overrides) - _PROFILE_FIELDS
-    if unknown:
-        raise TypeError(f"unknown override(s) {sorted(unknown)}; valid: {sorted(_PROFILE_FIELDS)}")
-    resolved = dataclasses.replace(profile, **overrides) if overrides else profile
+    resolved = profile_with_overrides(PROFILES, profile, overrides, _PROFILE_FIELDS)
     if (
         resolved.latency_s < 0
         or resolved.latency_at not in ("server", "link")
