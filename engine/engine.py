@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.adapt import MIN_READ_BYTES
-from engine.backends import ProcessBackend, resolve_backend
+from engine.backends import ProcessBackend, SendfileBackend, resolve_backend
 from engine.cursor import ConsumerCursor, RankBoard
 from engine.errors import Failure, InvalidOptionError
 from engine.memory import auto_window, trail_bytes
@@ -37,6 +37,7 @@ from engine.plan import (
     split_extents,
 )
 from engine.pool import DaemonPool
+from engine.reader_process import ReaderGone
 from engine.report import Outcome, OutcomeKind, PrefetchReport, Progress, Tally
 from engine.schedule import Consumer, Decision, Situation, TrailState, Wait, decide
 from engine.tuning import NODE_STREAMS, Tuning, auto_tuning, max_streams
@@ -528,9 +529,13 @@ class Prefetcher:
 
     def _scheduler(self, setup: _Setup, pool: DaemonPool) -> _Scheduler:
         threads = setup.tuning.max_concurrency or setup.tuning.concurrency
-        warmer = self._warmer = warmer_for(
-            self.backend, pool, self.options.skip_cached, threads=threads
-        )
+        try:
+            warmer = warmer_for(self.backend, pool, self.options.skip_cached, threads=threads)
+        except ReaderGone as exc:  # no process could be started (a pids limit, ...)
+            log.warning("prefetch: %s; reading in this process instead", exc)
+            self.backend, self._backend_reason = SendfileBackend(), f"fallback: {exc}"
+            warmer = warmer_for(self.backend, pool, self.options.skip_cached)
+        self._warmer = warmer
         return _Scheduler(setup, warmer, pool, self._tally, self.cursor, self._emit_progress)
 
     def _concurrency_used(self) -> int:

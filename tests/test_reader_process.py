@@ -171,3 +171,16 @@ def test_auto_reads_a_network_mount_from_a_reader_process(tmp_path):
         assert report.warmed_bytes == 12 * MiB
         assert fs.counters().bytes_served == 12 * MiB
         assert all(resident_bytes(f) == 6 * MiB for f in files)
+
+
+def test_a_reader_that_cannot_start_falls_back_to_reading_here(make_file, monkeypatch):
+    import engine.reader_process as rp
+
+    def refuse(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")  # a pids limit
+
+    monkeypatch.setattr(rp.subprocess, "Popen", refuse)
+    path = make_file("f.bin", 3 * MiB)
+    report = start_prefetch([path], backend="process", skip_cached=False).wait(30)
+    assert report is not None and report.ok, report
+    assert report.backend == "sendfile" and report.warmed_bytes == 3 * MiB
