@@ -7,17 +7,22 @@ point without touching it, and set a mount's read-ahead.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 from engine import mounts as _mounts
 from engine.mounts import Mount, mount_of
+from engine.residency import evict
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Mount",
     "is_mounted",
     "mount_of",
     "read_ahead_kb",
+    "evict_mirrored",
     "set_read_ahead_kb",
     "stat_within",
 ]
@@ -76,3 +81,23 @@ def stat_within(path: str | os.PathLike[str], timeout: float) -> os.stat_result 
     t.start()
     t.join(max(0.0, timeout))
     return answer[0] if answer else None
+
+
+def evict_mirrored(mountpoint: str | os.PathLike[str], backing_dir: str | os.PathLike[str]) -> None:
+    """Drop the page cache of every file of a served directory: through the mount and in
+    the backing directory the server reads (else the "storage" answers from memory).
+
+    Regular files only; a file that cannot be opened (vanished through the mount) is
+    skipped. ``posix_fadvise(DONTNEED)`` (`engine.evict`): pages some process maps stay.
+    """
+    for dirpath, _dirs, files in os.walk(backing_dir):
+        for name in files:
+            backing = os.path.join(dirpath, name)
+            if not os.path.isfile(backing) or os.path.islink(backing):
+                continue
+            rel = os.path.relpath(backing, backing_dir)
+            for target in (os.path.join(mountpoint, rel), backing):
+                try:
+                    evict(target)
+                except OSError as exc:
+                    log.debug("evict %s: %s", target, exc)

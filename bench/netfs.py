@@ -57,8 +57,13 @@ from typing import Any, TypeVar
 
 from bench import protocol as proto
 from bench.bandwidth import SharedBandwidth
-from bench.mounts import is_mounted, read_ahead_kb, set_read_ahead_kb, stat_within
-from engine.residency import evict
+from bench.mounts import (
+    evict_mirrored,
+    is_mounted,
+    read_ahead_kb,
+    set_read_ahead_kb,
+    stat_within,
+)
 
 __all__ = [
     "PROFILES",
@@ -479,17 +484,7 @@ class NetFS:
         Example:
             >>> fs.evict()  # doctest: +SKIP
         """
-        for dirpath, _dirs, files in os.walk(self.backing_dir):
-            for name in files:
-                backing = os.path.join(dirpath, name)
-                if not os.path.isfile(backing) or os.path.islink(backing):
-                    continue
-                rel = os.path.relpath(backing, self.backing_dir)
-                for target in (os.path.join(self.path, rel), backing):
-                    try:
-                        evict(target)
-                    except OSError as exc:
-                        log.debug("evict %s: %s", target, exc)
+        evict_mirrored(self.path, self.backing_dir)
 
     # ---------------------------------------------------------------- shutdown
     def _close(self) -> None:

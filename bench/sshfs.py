@@ -90,9 +90,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench import _sftp_counter as wire
-from bench.mounts import is_mounted, read_ahead_kb, stat_within
+from bench.mounts import evict_mirrored, is_mounted, read_ahead_kb, stat_within
 from bench.netfs import NetFSError, profile_with_overrides, set_read_ahead, unmount
-from engine.residency import evict
+from engine.cursor import pid_alive as _alive
 
 __all__ = [
     "PROFILES",
@@ -279,12 +279,6 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     return raw[raw.rindex(b")") + 2 :].decode().split()
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def _descendants(root: int) -> list[int]:
@@ -703,17 +697,7 @@ class SSHFS:
         """
         if self._stopped:
             raise SSHFSError("cannot evict through the mount while the server is stalled")
-        for dirpath, _dirs, files in os.walk(self.backing_dir):
-            for name in files:
-                backing = os.path.join(dirpath, name)
-                if not os.path.isfile(backing) or os.path.islink(backing):
-                    continue
-                rel = os.path.relpath(backing, self.backing_dir)
-                for target in (os.path.join(self.path, rel), backing):
-                    try:
-                        evict(target)
-                    except OSError as exc:
-                        log.debug("evict %s: %s", target, exc)
+        evict_mirrored(self.path, self.backing_dir)
 
     def describe(self) -> dict[str, Any]:
         """What was measured, for a results document.

@@ -24,6 +24,7 @@ import pytest
 from bench import sshfs
 from bench.mounts import is_mounted
 from bench.sshfs import PROFILES, SSHFS, SSHFSError, SSHFSMissingError, mounted
+from engine.cursor import pid_alive
 from engine.residency import resident_bytes
 from tests.conftest import write_random
 from tests.fuse_support import require_fuse
@@ -89,7 +90,7 @@ def _processes_mentioning(text: str) -> list[int]:
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
                 with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    if text.encode() in f.read() and sshfs._alive(int(entry.name)):
+                    if text.encode() in f.read() and pid_alive(int(entry.name)):
                         found.append(int(entry.name))
             except OSError:
                 continue
@@ -102,7 +103,7 @@ def assert_nothing_left(trace: _Trace) -> None:
     assert trace.netns not in _netns_names()
     link = subprocess.run(["ip", "link", "show", trace.veth], capture_output=True, timeout=10)
     assert link.returncode != 0, f"veth {trace.veth} is left"
-    assert [p for p in trace.pids if sshfs._alive(p)] == []
+    assert [p for p in trace.pids if pid_alive(p)] == []
     assert _processes_mentioning(str(trace.runtime)) == []
     assert not trace.runtime.exists()
 
