@@ -278,10 +278,16 @@ class Replica:
         """Record that `local_rank` is not to be waited for any more (it stalled)."""
         struct.pack_into("<q", self._map, self._slot_offset(local_rank) + 32, 1)
 
-    def rank_alive(self, local_rank: int) -> bool:
-        """Whether `local_rank` registered, runs, and was not marked failed."""
+    def rank_alive(self, local_rank: int, *, grace_s: float) -> bool:
+        """Whether `local_rank` runs and was not marked failed.
+
+        A rank that has not registered yet counts as alive for `grace_s` after this one
+        registered (local ranks start at different times), then as gone.
+        """
         pid, _, _, _, failed = self._slot(local_rank)
-        return pid != 0 and not failed and _alive(pid)
+        if pid == 0:
+            return time.monotonic_ns() - self.started_ns <= grace_s * 1e9
+        return not failed and _alive(pid)
 
     def slowest(self, *, grace_s: float, include_failed: bool = False) -> int | None:
         """The smallest position of the local ranks still consuming; None when none is.

@@ -482,7 +482,9 @@ class Exchange:
     # ----------------------------------------------------------------- repair
     def _holder_alive(self, stripe: int) -> bool:
         holder = self.plan.holder(self.plan.stripes[stripe], self.node)
-        return self.replica.rank_alive(self.plan.topology.local_rank_of[holder])
+        return self.replica.rank_alive(
+            self.plan.topology.local_rank_of[holder], grace_s=self.timeout_s
+        )
 
     def _needs_fallback(self, stripe: int) -> bool:
         state = self.replica.state(stripe)

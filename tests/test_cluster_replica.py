@@ -87,6 +87,20 @@ def test_punch_frees_memory_and_reads_zeros(tmp_path):
         r.close()
 
 
+def test_a_local_rank_that_has_not_registered_yet_is_alive_for_the_grace(tmp_path):
+    # A late-starting local rank is not dead: treating it so made its stripes fall back to
+    # storage reads (a flaky "fallback_bytes == 0" in test_cluster_load).
+    a = _open(tmp_path, 0)
+    try:
+        assert a.rank_alive(1, grace_s=60)
+        assert not a.rank_alive(1, grace_s=0)
+        b = _open(tmp_path, 1)
+        assert a.rank_alive(1, grace_s=0)  # registered and running
+        b.close()
+    finally:
+        a.close()
+
+
 def test_slowest_follows_the_local_ranks(tmp_path):
     a = _open(tmp_path, 0)
     try:
@@ -99,7 +113,7 @@ def test_slowest_follows_the_local_ranks(tmp_path):
         b.mark_failed(1)
         assert a.slowest(grace_s=60) == 500
         assert a.slowest(grace_s=60, include_failed=True) == 300
-        assert not a.rank_alive(1) and a.rank_alive(0)
+        assert not a.rank_alive(1, grace_s=60) and a.rank_alive(0, grace_s=60)
         a.finish_consuming()
         assert a.slowest(grace_s=60) is None
         b.close()
