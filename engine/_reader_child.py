@@ -34,6 +34,8 @@ REPLY = struct.Struct("<qqqi")
 FLAG_SKIP_CACHED = 1
 #: sendfile moves at most this much per call, so that a cancel is seen between pieces.
 PIECE_BYTES = 8 << 20
+#: Files each reader thread keeps open between requests.
+FILES_PER_THREAD = 8
 
 _SYS_CACHESTAT = 451
 _PR_SET_PDEATHSIG = 1
@@ -52,9 +54,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _all_cached(fd: int, offset: int, length: int) -> bool:
+def _all_cached(fd: int, size: int, offset: int, length: int) -> bool:
     start = offset - offset % _PAGE
-    end = min(offset + length, os.fstat(fd).st_size)
+    end = min(offset + length, size)
     if end <= offset:
         return True
     rng, out = _Range(start, end - start), _Stat()
@@ -79,19 +81,56 @@ def _warm(null: int, fd: int, offset: int, length: int) -> int:
     return done
 
 
+class _Files:
+    """One thread's open files, least recently used closed first.
+
+    On a network client an open and a close are each a round trip to the server (sshfs:
+    an SFTP OPEN and CLOSE): opening once per file instead of once per range keeps a
+    stream's link busy between its ranges. Per thread, so no descriptor is closed under
+    another thread's read.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[bytes, tuple[int, int]] = {}
+
+    def get(self, path: bytes) -> tuple[int, int]:
+        """(descriptor, size) of `path`, opened if needed."""
+        entry = self._open.pop(path, None)
+        if entry is None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                entry = (fd, os.fstat(fd).st_size)
+            except OSError:
+                os.close(fd)
+                raise
+            while len(self._open) >= FILES_PER_THREAD:
+                old = next(iter(self._open))
+                os.close(self._open.pop(old)[0])
+        self._open[path] = entry  # most recently used last
+        return entry
+
+    def drop(self, path: bytes) -> None:
+        """Close `path` (after an error on it: the next range opens it afresh)."""
+        entry = self._open.pop(path, None)
+        if entry is not None:
+            os.close(entry[0])
+
+
 def _serve(jobs: queue.SimpleQueue, out: int, lock: threading.Lock, null: int) -> None:
+    files = _Files()
     while True:
         rid, path, offset, length, flags = jobs.get()
         warmed = cached = code = 0
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd, size = files.get(path)
             try:
-                if flags & FLAG_SKIP_CACHED and _all_cached(fd, offset, length):
+                if flags & FLAG_SKIP_CACHED and _all_cached(fd, size, offset, length):
                     cached = length
                 else:
                     warmed = _warm(null, fd, offset, length)
-            finally:
-                os.close(fd)
+            except OSError:
+                files.drop(path)
+                raise
         except OSError as exc:
             code = exc.errno or errno.EIO
         reply = REPLY.pack(rid, warmed, cached, code)

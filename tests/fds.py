@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 
-def fds_under(*roots: str | os.PathLike[str]) -> int:
-    """Descriptors of this process open on files under `roots` (files or directories).
+def fds_under(*roots: str | os.PathLike[str], pid: int | str = "self") -> int:
+    """Descriptors of this process (or `pid`) open on files under `roots` (files or
+    directories).
 
     Counting the whole of /proc/self/fd measures the event loop's implementation (an
     io_uring ring, eventfds, pipes) and what earlier tests left open; counting the
@@ -14,9 +15,9 @@ def fds_under(*roots: str | os.PathLike[str]) -> int:
     """
     prefixes = [os.path.realpath(r) for r in roots]
     n = 0
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:  # closed since the listing
             continue
         if any(target == p or target.startswith(p.rstrip("/") + "/") for p in prefixes):

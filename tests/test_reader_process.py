@@ -14,6 +14,7 @@ import pytest
 
 from bench.netfs import mounted
 from engine import resident_bytes, start_prefetch
+from engine._reader_child import FILES_PER_THREAD
 from engine.reader_process import ReaderGone, ReaderProcess
 from tests.conftest import write_random
 from tests.fds import fds_under
@@ -22,7 +23,7 @@ from tests.fuse_support import require_fuse
 MiB = 1 << 20
 
 
-def _gone(pid: int, timeout: float = 5.0) -> bool:
+def _gone(pid: int, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -50,6 +51,22 @@ def test_warms_an_evicted_file_for_this_process(make_file):
     assert sum(x.warmed_bytes for x in results) == 12 * MiB + 123
     assert resident_bytes(path) == 12 * MiB + 123
     assert fds_under(path) == 0  # the child opened the file, not this process
+
+
+def test_each_reader_thread_opens_a_file_once_and_keeps_few_open(make_file, tmp_path):
+    # On a network client every open and close is a round trip to the server.
+    path = make_file("once.bin", 8 * MiB)
+    others = [make_file(f"o{i}.bin", MiB) for i in range(FILES_PER_THREAD + 4)]
+    r = ReaderProcess(threads=1)
+    try:
+        for off in range(0, 8 * MiB, MiB):
+            assert r.submit(path, off, MiB).result(30).warmed_bytes == MiB
+        assert fds_under(path, pid=r.pid) == 1
+        for p in others:
+            assert r.submit(p, 0, MiB).result(30).warmed_bytes == MiB
+        assert fds_under(tmp_path, pid=r.pid) == FILES_PER_THREAD
+    finally:
+        r.close()
 
 
 def test_reads_stop_at_the_end_of_a_shrunk_file(make_file):
