@@ -117,6 +117,14 @@ def vllm_loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
         lambda: load(LoadConfig(load_format="auto", safetensors_load_strategy="prefetch")),
     )
 
+    def cluster() -> dict[str, Any]:
+        config = {"scope": "cluster", "replica_dir": "/tmp", "exchange_timeout_s": 30}
+        out = load(LoadConfig(load_format="ckpt-prefetch", model_loader_extra_config=config))
+        out["cluster_lines"] = [m for m in lines.lines if "cluster scope" in m]
+        return out
+
+    _check(results, "cluster", cluster)
+
     def replaced() -> dict[str, Any]:
         os.environ["CKPT_PREFETCH_VLLM_AUTO"] = "1"
         os.environ["CKPT_PREFETCH_OPTIONS"] = '{"concurrency": 2}'
@@ -337,6 +345,12 @@ def sglang_hook_checks(checkpoint: str) -> dict[str, Any]:
         lambda: run(plain, prefetch=True, prefetch_num_threads=2, drop_cache_after_load=True),
     )
     _check(results, "buffered_on", lambda: run(buffered, 2, prefetch=True, prefetch_num_threads=3))
+    os.environ["CKPT_PREFETCH_OPTIONS"] = json.dumps({"scope": "cluster", "replica_dir": "/tmp"})
+    try:  # no torch.distributed here: the cluster scope falls back to node-local, and says so
+        _check(results, "plain_cluster", lambda: run(plain, prefetch=True))
+        _check(results, "buffered_cluster", lambda: run(buffered, 2, prefetch=True))
+    finally:
+        del os.environ["CKPT_PREFETCH_OPTIONS"]
     # SGLang's own, unhooked: shows that the spy sees SGLang's prefetch when it runs.
     _check(results, "sglang_own", lambda: run(plain.__wrapped__, prefetch=True))
     return results

@@ -13,8 +13,10 @@ import pytest
 from serving_support import ROOT, make_tiny_llama
 
 from engine import start_prefetch
+from loader_adapter.cluster import cluster_weights_iterator
 from loader_adapter.discovery import LocalRank
 from loader_adapter.integrations._common import (
+    CLUSTER_ONLY,
     OPTION_VALUES,
     OptionError,
     describe_report,
@@ -50,6 +52,11 @@ def test_importing_the_package_and_plugins_imports_no_engine() -> None:
         ({"chunk_bytes": 4 * MiB}, {"chunk_bytes": 4 * MiB}),
         ({"chunk_bytes": "16MiB", "concurrency": 3}, {"chunk_bytes": 16 * MiB, "concurrency": 3}),
         ({"strategy": "files", "backend": "pread"}, {"strategy": "files", "backend": "pread"}),
+        ({"scope": "node"}, {"scope": "node"}),
+        (
+            {"scope": "cluster", "replica_dir": "/mnt/nvme", "exchange_timeout_s": 30},
+            {"scope": "cluster", "replica_dir": "/mnt/nvme", "exchange_timeout_s": 30.0},
+        ),
     ],
 )
 def test_valid_options(given: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -75,6 +82,15 @@ def test_valid_options(given: dict[str, Any], expected: dict[str, Any]) -> None:
         ({"window_bytes": 0}, "'window_bytes' must be 'auto', null or 'none'"),
         ({"window_bytes": -5}, "'window_bytes' must be"),
         ({"skip_cached": "yes"}, "'skip_cached' must be true or false; got 'yes'"),
+        ({"scope": "world"}, "'scope' must be 'node' (each node reads the checkpoint once)"),
+        ({"scope": "cluster", "replica_dir": ""}, "'replica_dir' must be a directory"),
+        ({"scope": "cluster", "exchange_timeout_s": 0}, "'exchange_timeout_s' must be a number"),
+        ({"scope": "cluster", "exchange_timeout_s": True}, "'exchange_timeout_s' must be"),
+        ({"replica_dir": "/dev/shm"}, '\'replica_dir\' only apply with "scope": "cluster"'),
+        (
+            {"scope": "node", "exchange_timeout_s": 5},
+            '\'exchange_timeout_s\' only apply with "scope": "cluster"',
+        ),
     ],
 )
 def test_invalid_options_name_the_option_and_its_values(
@@ -94,14 +110,18 @@ def test_every_option_is_one_the_iterator_takes() -> None:
         for name, p in inspect.signature(start_prefetch).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    assert set(OPTION_VALUES) - {"prefetch"} <= engine_options
+    assert set(OPTION_VALUES) - {"prefetch", "scope", *CLUSTER_ONLY} <= engine_options
+    cluster = inspect.signature(cluster_weights_iterator).parameters
+    assert set(CLUSTER_ONLY) <= {n for n, p in cluster.items() if p.kind is p.KEYWORD_ONLY}
 
 
 def test_keys_the_caller_handles_are_named_and_left_alone() -> None:
     assert parse_options({"mine": 1, "concurrency": 2}, where="w", also_valid=["mine"]) == {
         "concurrency": 2
     }
-    with pytest.raises(OptionError, match="valid keys: backend, chunk_bytes, concurrency, mine"):
+    with pytest.raises(
+        OptionError, match="valid keys: backend, chunk_bytes, concurrency, exchange_timeout_s, mine"
+    ):
         parse_options({"other": 1}, where="w", also_valid=["mine"])
     with pytest.raises(OptionError, match="must be a JSON object"):
         parse_options(["concurrency"], where="w")  # type: ignore[arg-type]

@@ -92,6 +92,19 @@ def test_sglangs_other_paths_get_our_prefetch_beside_them(
     assert "planned=" in run["lines"][-1]
 
 
+def test_cluster_scope_in_the_options_reaches_each_iterator(checks: dict[str, Any]) -> None:
+    plain, buffered = checks["plain_cluster"], checks["buffered_cluster"]
+    for run in (plain, buffered):
+        assert run["digests"] == checks["reference"] and run["sglang_prefetch"] == 0
+    # No torch.distributed in this process: the cluster scope falls back, and says why.
+    assert any("loads 2 safetensors file(s) through loader_adapter in the cluster scope" in x
+               for x in plain["lines"]), plain["lines"]  # fmt: skip
+    assert plain["lines"][-1].startswith("ckpt-prefetch: cluster scope fell back to node-local")
+    # SGLang's buffered iterator reads the files itself: the node scope, with a warning.
+    assert buffered["lines"][0].startswith("ckpt-prefetch: the cluster scope needs our iterator")
+    assert "planned=" in buffered["lines"][-1]
+
+
 @pytest.mark.slow
 def test_local_rank_comes_from_sglangs_world_group(env: dict[str, str]) -> None:
     result, log = run_script(

@@ -119,6 +119,17 @@ def test_load_format_reads_the_same_tensors_without_vllms_prefetch(
     assert auto["digests"] == loader_checks["reference"]
 
 
+def test_cluster_scope_passes_through_the_extra_config(loader_checks: dict[str, Any]) -> None:
+    run = loader_checks["cluster"]
+    assert run["class"] == "CkptPrefetchModelLoader"
+    assert run["digests"] == loader_checks["reference"] and not run["vllm_prefetch"]
+    # No torch.distributed in this process: the cluster scope falls back, and says why.
+    assert run["cluster_lines"][0].startswith("ckpt-prefetch: vLLM loads"), run["cluster_lines"]
+    assert run["cluster_lines"][-1].startswith(
+        "ckpt-prefetch: cluster scope fell back to node-local mode"
+    )
+
+
 def test_opt_in_replaces_vllms_prefetch_under_auto(loader_checks: dict[str, Any]) -> None:
     replaced = loader_checks["replaced"]
     assert replaced["prefetch"]["ours"] and not replaced["prefetch"]["vllm_prefetch"]
@@ -131,7 +142,9 @@ def test_opt_in_replaces_vllms_prefetch_under_auto(loader_checks: dict[str, Any]
 
 def test_bad_options_name_the_option_and_the_valid_values(loader_checks: dict[str, Any]) -> None:
     bad = loader_checks["bad"]
-    valid = "valid keys: backend, chunk_bytes, concurrency, enable_weights_track, prefetch, "
+    valid = (
+        "valid keys: backend, chunk_bytes, concurrency, enable_weights_track, exchange_timeout_s, "
+    )
     assert "unknown key 'windw'" in bad["unknown"] and valid in bad["unknown"]
     assert "unknown key 'enable_multithread_load'" in bad["multithread"]
     assert "'concurrency' must be 'auto' or an integer >= 1" in bad["type"]
@@ -253,8 +266,8 @@ def test_bad_option_fails_the_load_before_any_weight_is_read(
     log = proc.stdout + proc.stderr
     assert (
         "ckpt-prefetch: --model-loader-extra-config: unknown key 'windw'; valid keys: "
-        "backend, chunk_bytes, concurrency, enable_weights_track, prefetch, skip_cached, "
-        "strategy, window_bytes" in log
+        "backend, chunk_bytes, concurrency, enable_weights_track, exchange_timeout_s, prefetch, "
+        "replica_dir, scope, skip_cached, strategy, window_bytes" in log
     ), log[-4000:]
     assert _served(netfs_model.counters()) == 0
 

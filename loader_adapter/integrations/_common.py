@@ -23,7 +23,9 @@ from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterato
 __all__ = [
     "OPTIONS_ENV",
     "OPTION_VALUES",
+    "CLUSTER_ONLY",
     "OptionError",
+    "describe_cluster_report",
     "describe_report",
     "engine_local_rank",
     "load_with_prefetch",
@@ -52,7 +54,15 @@ OPTION_VALUES: dict[str, str] = {
         "'auto', null or 'none' (no limit), or a size >= 1 byte (bytes, or a string such as '8GiB')"
     ),
     "skip_cached": "true or false",
+    "scope": (
+        "'node' (each node reads the checkpoint once) or 'cluster' (each byte read from "
+        "storage once for the whole job, the rest sent between nodes)"
+    ),
+    "replica_dir": "a directory on a local disk or tmpfs (scope 'cluster' only)",
+    "exchange_timeout_s": "a number of seconds > 0 (scope 'cluster' only)",
 }
+#: Options that only the cluster scope takes.
+CLUSTER_ONLY = ("replica_dir", "exchange_timeout_s")
 
 
 class OptionError(ValueError):
@@ -109,6 +119,16 @@ def _window(value: object) -> int | str | None:
     return n if n is not None and n >= 1 else None
 
 
+def _directory(value: object) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _seconds(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if value > 0 else None
+
+
 _NO_WINDOW = object()
 
 _PARSERS: dict[str, Callable[[object], object]] = {
@@ -119,6 +139,9 @@ _PARSERS: dict[str, Callable[[object], object]] = {
     "chunk_bytes": _chunk,
     "window_bytes": lambda v: _NO_WINDOW if v is None or v == "none" else _window(v),
     "skip_cached": _bool,
+    "scope": _choice(("node", "cluster")),
+    "replica_dir": _directory,
+    "exchange_timeout_s": _seconds,
 }
 
 
@@ -135,7 +158,8 @@ def parse_options(
             named among the valid keys in the message about an unknown key.
 
     Returns:
-        Keyword options, only those given: ``prefetch`` (True, False or ``"auto"``) and
+        Keyword options, only those given: ``prefetch`` (True, False or ``"auto"``),
+        ``scope`` with the cluster scope's ``replica_dir`` and ``exchange_timeout_s``, and
         the `engine.start_prefetch` options (``window_bytes`` None means no limit).
 
     Raises:
@@ -171,6 +195,12 @@ def parse_options(
                 f"ckpt-prefetch: {where}: {key!r} must be {OPTION_VALUES[key]}; got {value!r}"
             )
         options[key] = None if parsed is _NO_WINDOW else parsed
+    stray = [k for k in CLUSTER_ONLY if k in options]
+    if stray and options.get("scope") != "cluster":
+        raise OptionError(
+            f"ckpt-prefetch: {where}: {', '.join(repr(k) for k in stray)} only apply with "
+            '"scope": "cluster"'
+        )
     return options
 
 
@@ -281,14 +311,17 @@ def load_with_prefetch(
 
     Starts the prefetch at once (so that every rank makes the rank-discovery collective
     as it starts loading) and logs one line saying so, and one with the report
-    (`describe_report`) when the iteration ends. The iterator is closed (its prefetch
-    cancelled and joined) when the caller has taken every tensor, stops early or lets
-    the generator go.
+    (`describe_report`, or `describe_cluster_report` in the cluster scope) when the
+    iteration ends. The iterator is closed (its prefetch cancelled and joined) when the
+    caller has taken every tensor, stops early or lets the generator go.
 
     Args:
         files: the safetensors files the engine chose.
-        options: `parse_options` output; ``prefetch`` defaults to True.
-        local_rank: returns this process's local rank (called only when prefetching).
+        options: `parse_options` output; ``prefetch`` defaults to True. With ``scope``
+            ``"cluster"`` every rank of the default process group must be loading the
+            same files (as the ranks of one tensor- or pipeline-parallel model do).
+        local_rank: returns this process's local rank (called only when prefetching in
+            the node scope; the cluster scope finds its own from the default group).
         engine: the engine's name, for the log.
         skip: names of tensors not to yield (e.g. other ranks' experts).
 
@@ -301,6 +334,20 @@ def load_with_prefetch(
     """
     engine_options = dict(options)
     prefetch = engine_options.pop("prefetch", True)
+    scope = engine_options.pop("scope", "node")
+    if scope == "cluster" and prefetch is not False:
+        it = safetensors_weights_iterator(
+            files, prefetch=prefetch, scope="cluster", **engine_options
+        )
+        log.info(
+            "ckpt-prefetch: %s loads %d safetensors file(s) through loader_adapter in the "
+            "cluster scope: prefetch=%s%s",
+            engine, len(files), prefetch,
+            f", options {engine_options}" if engine_options else "",
+        )  # fmt: skip
+        return _yield_then_report(it, skip, lambda: describe_cluster_report(it.report))
+    for key in CLUSTER_ONLY:
+        engine_options.pop(key, None)
     local = local_rank() if prefetch is not False else LocalRank(0, 1, "unused")
     it = safetensors_weights_iterator(
         files, prefetch=prefetch, rank=local.rank, world=local.world, **engine_options
@@ -317,11 +364,41 @@ def load_with_prefetch(
         local.source,
         f", options {engine_options}" if engine_options else "",
     )
-    return _yield_then_report(it, local, prefetch, skip)
+    return _yield_then_report(it, skip, lambda: describe_report(it.report, local, prefetch))
+
+
+def describe_cluster_report(report: Any) -> str:
+    """One log line that says what a cluster-scope load did.
+
+    Args:
+        report: the load's `loader_adapter.cluster.ClusterReport` (None: it never ended).
+
+    Returns:
+        The line; byte counts are exact so that tools can read them back.
+
+    Example:
+        >>> from loader_adapter.exchange import ClusterReport
+        >>> describe_cluster_report(ClusterReport(scope="node", reason="one node"))
+        'ckpt-prefetch: cluster scope fell back to node-local mode: one node'
+    """
+    if report is None:
+        return "ckpt-prefetch: cluster scope: the load did not end"
+    if report.scope != "cluster":
+        return f"ckpt-prefetch: cluster scope fell back to node-local mode: {report.reason}"
+    line = (
+        f"ckpt-prefetch: cluster scope, rank {report.rank} of {report.world}, node "
+        f"{report.node} of {report.nodes}, local rank {report.local_rank} of "
+        f"{report.local_world}: read={report.read_bytes} received={report.received_bytes} "
+        f"sent={report.sent_bytes} fallback={report.fallback_bytes} bytes "
+        f"({format_bytes(report.read_bytes)} read from storage in {report.elapsed_s:.2f} s)"
+    )
+    if report.failures:
+        line += f"; {len(report.failures)} problem(s): " + "; ".join(report.failures)
+    return line
 
 
 def _yield_then_report(
-    it: WeightsIterator, local: LocalRank, prefetch: object, skip: Callable[[str], bool] | None
+    it: WeightsIterator, skip: Callable[[str], bool] | None, describe: Callable[[], str]
 ) -> Generator[tuple[str, Any], None, None]:
     try:
         for name, tensor in it:
@@ -329,7 +406,7 @@ def _yield_then_report(
                 yield name, tensor
     finally:
         it.close()
-        log.info("%s", describe_report(it.report, local, prefetch))
+        log.info("%s", describe())
 
 
 def share_log_handlers(host: str) -> None:

@@ -43,6 +43,7 @@ from loader_adapter.args import CHUNK_ENV
 from loader_adapter.discovery import LocalRank
 from loader_adapter.fsdetect import decide_auto
 from loader_adapter.integrations._common import (
+    CLUSTER_ONLY,
     OptionError,
     describe_report,
     engine_local_rank,
@@ -139,6 +140,14 @@ def _beside(original: Callable[..., Pairs], call: Any) -> Pairs:
             "be followed, so the whole checkpoint is warmed",
             original.__name__,
         )
+    if options.pop("scope", "node") == "cluster":
+        log.warning(
+            "ckpt-prefetch: the cluster scope needs our iterator, and SGLang's %s reads the "
+            "original files itself: this load warms them in the node scope",
+            original.__name__,
+        )
+    for key in CLUSTER_ONLY:
+        options.pop(key, None)
     call.arguments["prefetch"] = False
     files = [os.fspath(f) for f in call.arguments["hf_weights_files"]]
     if prefetch == "auto":

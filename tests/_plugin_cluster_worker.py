@@ -1,0 +1,70 @@
+"""One rank of a two-"node" gloo job that loads through the plug-ins' shared path.
+
+``python tests/_plugin_cluster_worker.py RANK WORLD PORT CHECKPOINT OPTIONS_JSON OUT``:
+joins the gloo group, loads with `load_with_prefetch` and the options a plug-in would
+parse, compares every tensor with ``safetensors.torch.load_file``, and writes what it saw
+(tensors, mismatches, our log lines) as JSON to OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from loader_adapter.integrations._common import load_with_prefetch, parse_options
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (random bits hold NaNs, which equal nothing)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(
+        a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    )
+
+
+def main(rank: int, world: int, port: int, checkpoint: str, options: str, out: str) -> None:
+    lines = _Lines()
+    logging.getLogger("loader_adapter").addHandler(lines)
+    logging.getLogger("loader_adapter").setLevel(logging.INFO)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    files = sorted(str(p) for p in Path(checkpoint).glob("*.safetensors"))
+    reference: dict[str, torch.Tensor] = {}
+    for f in files:
+        reference.update(load_file(f))
+    parsed = parse_options(json.loads(options), where="test")
+    seen, mismatches = 0, []
+    for name, tensor in load_with_prefetch(files, parsed, lambda: None, engine="test"):
+        seen += 1
+        if not _same(reference.pop(name), tensor):
+            mismatches.append(name)
+    dist.barrier()
+    dist.destroy_process_group()
+    Path(out).write_text(
+        json.dumps(
+            {"tensors": seen, "left": sorted(reference), "mismatches": mismatches,
+             "lines": lines.lines}
+        )
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(int(a[0]), int(a[1]), int(a[2]), a[3], a[4], a[5])
