@@ -31,7 +31,7 @@ def checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ck"), size_bytes=32 * MiB, shards=3)
 
 
-def _run(checkpoint, tmp_path: Path, fault: list[str]):
+def _run(checkpoint, tmp_path: Path, fault: list[str], on_mounts=None):
     require_fuse()
     reps = [tmp_path / "rep0", tmp_path / "rep1"]
     verify = ["--verify", str(checkpoint.directory)]
@@ -45,6 +45,8 @@ def _run(checkpoint, tmp_path: Path, fault: list[str]):
             )
             for _ in range(2)
         ]
+        if on_mounts is not None:
+            on_mounts(mounts)
         ranks, failed, _ = run_mode(
             "cluster", [m.path for m in mounts], 2, workdir=tmp_path / "w", chunk_mb=2,
             timeout_s=TIMEOUT_S, replica_dirs=reps, limit_s=LIMIT_S,
@@ -83,4 +85,25 @@ def test_a_stalled_rank_is_given_up_and_finishes_when_it_comes_back(checkpoint, 
     assert 3 in by_rank[2]["failed_peers"]
     assert by_rank[1]["fallback_bytes"] > 0  # its node-mate did not wait for it
     assert by_rank[3]["failures"]  # the stalled rank knows its exchange broke
+    assert [list(d.iterdir()) for d in reps] == [[], []]
+
+
+def test_a_read_error_on_one_node_fails_only_that_nodes_load(checkpoint, tmp_path):
+    # Node 1's storage client fails reads of the first file's [4, 8) MiB (stripes of 2 MiB
+    # alternate between the nodes, so node 1 reads some of them): node 1's ranks get the
+    # error, as a load without prefetch would; node 0 gives its partner up after the
+    # exchange timeout and reads what it owed from its own, healthy client.
+    first = sorted(Path(checkpoint.directory).glob("*.safetensors"))[0].name
+    ranks, failed, served, reps = _run(
+        checkpoint, tmp_path, [], on_mounts=lambda m: m[1].inject_eio(first, 4 * MiB, 4 * MiB)
+    )
+    assert failed == [1, 3]  # node 1: the load raised
+    logs = "".join((tmp_path / "w" / f"cluster-r{r}.log").read_text() for r in failed)
+    assert "Input/output error" in logs
+    _check_exact(ranks, checkpoint)  # node 0: every tensor exact
+    by_rank = {r["rank"]: r["report"] for r in ranks}
+    failures = [f for rep in by_rank.values() for f in rep["failures"]]
+    assert any("gave up on rank" in f for f in failures), failures
+    assert sum(rep["fallback_bytes"] for rep in by_rank.values()) > 0
+    assert served >= checkpoint.total_bytes  # node 0's own reads, its fallback reads included
     assert [list(d.iterdir()) for d in reps] == [[], []]
