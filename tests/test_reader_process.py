@@ -15,6 +15,7 @@ import pytest
 from bench.netfs import mounted
 from engine import resident_bytes, start_prefetch
 from engine._reader_child import FILES_PER_THREAD
+from engine.cursor import pid_alive
 from engine.reader_process import ReaderGone, ReaderProcess
 from tests.conftest import write_random
 from tests.fds import fds_under
@@ -24,20 +25,13 @@ MiB = 1 << 20
 
 
 def _gone(pid: int, timeout: float = 15.0) -> bool:
+    """Whether `pid` ends (or is a zombie awaiting its reaper) within `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:  # a zombie awaiting its reaper is gone too
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.02)
-    return False
+    return True
 
 
 def test_warms_an_evicted_file_for_this_process(make_file):

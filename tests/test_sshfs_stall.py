@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.sshfs import mounted
+from engine.cursor import pid_alive
 from tests.test_sshfs import SLOW, backing  # noqa: F401  (the module's fixture)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(90)]
@@ -41,14 +42,6 @@ _SCRIPT = textwrap.dedent(
     print(json.dumps({"cancel_s": cancel_s, "children": kids, "t": time.time()}), flush=True)
     """
 )
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except FileNotFoundError:
-        return True
 
 
 def _run_with_the_server_stopped(fs, backend: str) -> tuple[subprocess.Popen[str], dict]:
@@ -83,9 +76,11 @@ def test_cancel_and_exit_are_prompt_while_the_real_server_is_stopped(
         assert exited - out["t"] < 2.0, f"exit took {exited - out['t']:.1f} s"
         assert out["children"], "the open should be waiting in a reader process"
         deadline = time.monotonic() + 20
-        while not all(_gone(p) for p in out["children"]) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in out["children"]) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert all(_gone(p) for p in out["children"]), "a reader outlived the server's return"
+        assert not any(pid_alive(p) for p in out["children"]), (
+            "a reader outlived the server's return"
+        )
 
 
 def test_an_in_process_read_holds_the_process_until_the_server_answers(
