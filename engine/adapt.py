@@ -14,8 +14,12 @@ controller measures while the prefetch runs and climbs only while climbing pays:
   kept only when the node's warming rate rises by at least `GAIN`, otherwise it steps
   back and holds that ceiling a while;
 - when the node's CPU is saturated it halves its streams (the prefetch must not slow the
-  ranks it serves); when the loader is far behind the frontier it returns to the
-  cheapest setting, since warming further ahead buys nothing.
+  ranks it serves), but as a trial too: a busy CPU says that cores are short, not that
+  the prefetch's streams are what takes them (a storage client or server on the same
+  cores works per byte, however many streams ask). When the node's warming rate falls
+  by more than `GAIN` with fewer streams, the streams come back and stay a while;
+- when the loader is far behind the frontier it returns to the cheapest setting, since
+  warming further ahead buys nothing.
 
 Reads stay large: the stripe is split among the streams (``stripe / streams``, at least
 `MIN_READ_BYTES`), so more streams read neighbouring pieces of the same stripe, which keeps
@@ -105,7 +109,10 @@ class Controller:
         base_rate: the rate measured at the last accepted setting (0: none yet).
         trial_from: the setting a trial started from (None: not trying).
         ceiling: stream counts at or above this are not tried (a trial that did not pay).
-        hold: intervals left before the ceiling lifts.
+        shed_from: the setting a shed (fewer streams on a busy CPU) started from (None:
+            not shedding).
+        floor: stream counts below this are not shed to (a shed that cost rate).
+        hold: intervals left before the ceiling and the floor lift.
         reason: why the current setting was chosen, in words.
     """
 
@@ -116,6 +123,8 @@ class Controller:
     base_rate: float = 0.0
     trial_from: Setting | None = None
     ceiling: int | None = None
+    shed_from: Setting | None = None
+    floor: int | None = None
     hold: int = 0
     reason: str = "start"
 
@@ -173,6 +182,10 @@ def _to(state: Controller, streams: int, reason: str, **changes: object) -> Cont
     return replace(state, setting=setting, reason=reason, **changes)  # type: ignore[arg-type]
 
 
+def _streams(n: int) -> str:
+    return f"{n} stream{'s' if n > 1 else ''}"
+
+
 def _pct(new: float, old: float) -> str:
     return f"{(new / old - 1) * 100:+.0f}%" if old > 0 else "n/a"
 
@@ -201,16 +214,21 @@ def decide(state: Controller, m: Measurement) -> Controller:
     """
     streams = state.setting.streams
     hold = max(0, state.hold - 1)
-    state = replace(state, hold=hold, ceiling=state.ceiling if hold > 0 else None)
+    if hold == 0:
+        state = replace(state, hold=0, ceiling=None, floor=None)
+    else:
+        state = replace(state, hold=hold)
     if m.seconds <= 0:
         return state
-    if m.node_busy is not None and m.node_busy >= BUSY_CPU:
-        return _shed(state, m.node_busy)
     if m.lag_bytes is not None and m.lag_bytes >= AHEAD_STRIPES * streams * state.span_bytes:
         if streams == 1:
-            return replace(state, trial_from=None, base_rate=m.rate)
+            return replace(state, trial_from=None, shed_from=None, base_rate=m.rate)
         reason = "loader is far behind the frontier: back to 1 stream"
-        return _to(state, 1, reason, trial_from=None, base_rate=0.0)
+        return _to(state, 1, reason, trial_from=None, shed_from=None, base_rate=0.0)
+    if state.shed_from is not None:
+        return _judge_shed(state, m)
+    if m.node_busy is not None and m.node_busy >= BUSY_CPU:
+        return _shed(state, m)
     if state.trial_from is not None:
         back = state.trial_from.streams
         gain = _pct(m.rate, state.base_rate)
@@ -230,13 +248,39 @@ def decide(state: Controller, m: Measurement) -> Controller:
     return replace(state, base_rate=m.rate)
 
 
-def _shed(state: Controller, busy: float) -> Controller:
-    """The node's CPU is saturated: give a stream back (or end a trial), hold the ceiling."""
+def _shed(state: Controller, m: Measurement) -> Controller:
+    """The node's CPU is saturated: end a climbing trial, or try half the streams."""
     streams = state.setting.streams
-    back = state.trial_from.streams if state.trial_from is not None else max(1, streams // 2)
-    if back == streams:
-        return replace(state, base_rate=0.0)
-    reason = f"node CPU {busy:.0%} busy: back to {back} stream{'s' if back > 1 else ''}"
+    busy = f"node CPU {m.node_busy:.0%} busy"
+    if state.trial_from is not None:
+        back = state.trial_from.streams
+        reason = f"{busy}: back to {_streams(back)}"
+        return _to(
+            state, back, reason, trial_from=None, base_rate=0.0, ceiling=streams,
+            hold=HOLD_INTERVALS,
+        )  # fmt: skip
+    if state.base_rate <= 0:  # the start-up interval: measure before judging anything by it
+        return replace(state, base_rate=m.rate)
+    back = max(1, streams // 2, state.floor or 1)
+    if back >= streams:
+        return replace(state, base_rate=m.rate)
+    reason = f"{busy}: try {_streams(back)}"
     return _to(
-        state, back, reason, trial_from=None, base_rate=0.0, ceiling=streams, hold=HOLD_INTERVALS
-    )
+        state, back, reason, shed_from=state.setting, base_rate=m.rate, ceiling=streams,
+        hold=HOLD_INTERVALS,
+    )  # fmt: skip
+
+
+def _judge_shed(state: Controller, m: Measurement) -> Controller:
+    """Keep fewer streams unless the node's warming rate fell by more than `GAIN`."""
+    assert state.shed_from is not None
+    streams, back = state.setting.streams, state.shed_from.streams
+    change = _pct(m.rate, state.base_rate)
+    if m.rate < state.base_rate * (1 - GAIN):
+        reason = f"{_streams(streams)} cost rate ({change}): back to {back}"
+        return _to(
+            state, back, reason, shed_from=None, base_rate=0.0, ceiling=None, floor=back,
+            hold=HOLD_INTERVALS,
+        )  # fmt: skip
+    reason = f"{state.reason.split(':')[0]}: {_streams(streams)} kept ({change})"
+    return replace(state, shed_from=None, base_rate=m.rate, reason=reason)

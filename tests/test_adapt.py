@@ -63,6 +63,26 @@ def test_cpu_cost_of_the_client_keeps_one_stream():
     assert seen[-20:].count(1) >= 18
 
 
+def test_a_shed_that_costs_rate_is_undone_and_held():
+    # A busy CPU whose load does not shrink with fewer streams (the storage client or
+    # server works per byte): halving the streams only halves the rate.
+    seen = run(start(8, STRIPE, streams=4), lambda s: s * 100e6, intervals=60, busy=0.99)
+    assert seen[0] == 4  # the start-up interval only measures
+    assert seen[1] == 2 and seen[2] == 4  # tried 2, lost half the rate, back to 4
+    assert seen[3 : HOLD_INTERVALS + 1] == [4] * (HOLD_INTERVALS - 2)  # held
+    assert seen.count(4) >= 0.75 * len(seen)
+
+
+def test_a_shed_that_keeps_the_rate_is_kept():
+    state = start(8, STRIPE, streams=4)
+    state = decide(state, Measurement(1.0, 400 * MiB, lag_bytes=0, node_busy=0.99))
+    state = decide(state, Measurement(1.0, 400 * MiB, lag_bytes=0, node_busy=0.99))
+    assert state.setting.streams == 2 and state.shed_from is not None
+    state = decide(state, Measurement(1.0, 380 * MiB, lag_bytes=0, node_busy=0.99))
+    assert state.setting.streams == 2 and state.shed_from is None
+    assert state.reason == "node CPU 99% busy: 2 streams kept (-5%)"
+
+
 def test_a_loader_far_behind_the_frontier_goes_back_to_the_cheapest_setting():
     state = start(8, STRIPE)
     for _ in range(6):
