@@ -17,7 +17,9 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -80,7 +82,8 @@ client: sshfs to an sshd in a network namespace over a tc-limited veth, made and
 by the run; needs root, sshfs, openssh-server and iproute2, which setup.sh installs).
 Without FUSE the netfs and sshfs profiles fall back to local disk with a warning.
 
-exit status: 0 ok, 1 error, 2 usage, 3 checksum mismatch (different tensors).
+exit status: 0 ok, 1 error, 2 usage, 3 checksum mismatch (different tensors), 130 Ctrl-C,
+143 SIGTERM (both keep the results so far in <suite>-partial.json).
 """
 
 
@@ -641,12 +644,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 ok, 1 error, 2 usage, 3 checksum mismatch.
+        The exit status: 0 ok, 1 error, 2 usage, 3 checksum mismatch, 130 Ctrl-C, 143
+        SIGTERM (both tear down what the run started and keep its results so far).
 
     Example:
         >>> main(["compare", "a.json", "b.json"])  # doctest: +SKIP
         0
     """
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    terminated: list[int] = []
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the teardown
+        raise KeyboardInterrupt  # unwinds like Ctrl-C: mounts, namespaces, servers go
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        code = _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 128 + signal.SIGTERM if terminated else code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     if not argv or (

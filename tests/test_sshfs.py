@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from engine.residency import resident_bytes
 from tests.conftest import write_random
 from tests.fuse_support import require_fuse
 from tests.test_netfs import read_all, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(60)]
 
@@ -346,3 +349,48 @@ def test_a_dead_server_is_an_error_not_a_hang(backing: tuple[Path, dict[str, byt
             read_all(fs.path / "sub" / "odd.bin")
         assert fs.counters().bytes_served < BIG
     assert_nothing_left(trace)
+
+
+def _sshfs_mounts_of(source_part: str) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [
+            line.split()[1]
+            for line in f
+            if line.split()[2] == "fuse.sshfs" and source_part in line.split()[0]
+        ]
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_to_the_bench_tears_the_real_client_down(tmp_path: Path) -> None:
+    # A bench stopped by SIGTERM (a job's time limit, `kill`) left sshfs mounted, sshd
+    # running and the namespace in place: SIGTERM now unwinds as Ctrl-C does.
+    _require_kernel()
+    cache = tmp_path / "cache"
+    netns_before = _netns_names()
+    cmd = [
+        sys.executable, "-m", "bench.cli", "run", "--fs", "sshfs", "--shapes", "single",
+        "--size", "64MiB", "--configs", "none", "--repeats", "50", "--warmup", "0",
+        "--no-fio", "--no-hot", "--out", str(tmp_path / "out"), "--no-plot",
+    ]  # fmt: skip
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_until(lambda: bool(_sshfs_mounts_of(str(cache))) or proc.poll() is not None, 180)
+        mounts = _sshfs_mounts_of(str(cache))
+        assert mounts, f"the bench never mounted sshfs: {proc.poll()}"
+        runtime = Path(mounts[0]).parent
+        time.sleep(1.0)  # a load under way
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, out[-3000:]
+    assert _sshfs_mounts_of(str(cache)) == []
+    assert _netns_names() <= netns_before
+    assert _processes_mentioning(str(runtime)) == []
+    assert not runtime.exists()
+    assert (tmp_path / "out" / "quick-custom-partial.json").exists(), out[-3000:]
