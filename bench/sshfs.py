@@ -66,12 +66,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import ipaddress
 import logging
 import mmap
 import os
 import pwd
-import random
 import secrets
 import select
 import shlex
@@ -91,8 +89,28 @@ from typing import Any, Literal
 
 from bench import _sftp_counter as wire
 from bench.mounts import evict_mirrored, is_mounted, read_ahead_kb, stat_within
-from bench.netfs import NetFSError, profile_with_overrides, set_read_ahead, unmount
-from engine.cursor import pid_alive as _alive
+from bench.netfs import profile_with_overrides, set_read_ahead, unmount
+from bench.procs import (
+    cpu_seconds,
+    descendants,
+    pids_with_arg,
+    reap,
+    signal_all,
+    stop_processes,
+    tail,
+)
+from bench.sshfs_env import (
+    SSHFSError,
+    SSHFSMissingError,
+    Tools,
+    find_tools,
+    limit_link,
+    pick_subnet,
+    run_command,
+    sshfs_available,
+    version,
+)
+from engine.cursor import pid_alive
 
 __all__ = [
     "PROFILES",
@@ -111,40 +129,11 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
 _COUNTER_SCRIPT = _HERE / "_sftp_counter.py"
 _RELAY_SCRIPT = _HERE / "_relay.py"
-_DEV_FUSE = "/dev/fuse"
 _SSHD_PRIVSEP_DIR = "/run/sshd"
-_SFTP_SERVERS = (
-    "/usr/lib/openssh/sftp-server",
-    "/usr/libexec/openssh/sftp-server",
-    "/usr/libexec/sftp-server",
-    "/usr/lib/ssh/sftp-server",
-)
 # Ports inside the namespace made for the run: nothing else listens there.
 _SSHD_PORT = 22022
 _RELAY_PORT = 22023
 _SERVER_ALIVE_S = 5  # x ServerAliveCountMax 3: a silent link is an error after ~15 s
-_CMD_TIMEOUT_S = 15.0
-_KiB = 1 << 10
-
-
-class SSHFSError(NetFSError):
-    """The sshfs mount, its link or its server could not be set up, used or removed.
-
-    A subclass of :class:`bench.netfs.NetFSError`, so the bench handles both kinds of
-    network filesystem with one ``except``.
-    """
-
-
-class SSHFSMissingError(SSHFSError):
-    """A program, file or privilege that the real client needs is not there.
-
-    Attributes:
-        piece: What is missing (``"sshfs"``, ``"/dev/fuse"``, ...).
-    """
-
-    def __init__(self, piece: str, hint: str) -> None:
-        super().__init__(f"{piece} is missing: {hint}")
-        self.piece = piece
 
 
 @dataclass(frozen=True)
@@ -249,235 +238,11 @@ class CPUTimes:
     server_s: float
 
 
-# ------------------------------------------------------------------ small helpers
-def _run(cmd: list[str], what: str, timeout: float = _CMD_TIMEOUT_S) -> str:
-    """Run a command; return its stdout, or raise SSHFSError with its stderr."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise SSHFSError(f"{what}: `{shlex.join(cmd)}` took over {timeout:.0f} s") from exc
-    except OSError as exc:
-        raise SSHFSError(f"{what}: `{shlex.join(cmd)}` failed: {exc}") from exc
-    if done.returncode != 0:
-        message = (done.stderr or done.stdout).strip()
-        raise SSHFSError(f"{what}: `{shlex.join(cmd)}` exited {done.returncode}: {message}")
-    return done.stdout
-
-
-def _tail(path: Path, limit: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError:
-        return ""
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (state is [0]); None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2 :].decode().split()
-
-
-def _descendants(root: int) -> list[int]:
-    """Every live descendant of ``root``, deepest first (from one scan of /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    order: list[int] = []
-
-    def visit(pid: int) -> None:
-        for child in children.get(pid, ()):
-            visit(child)
-            order.append(child)
-
-    visit(root)
-    return [p for p in order if _alive(p)]
-
-
-def _pids_with_arg(arg: str) -> list[int]:
-    """Live processes with ``arg`` as one of their command-line arguments."""
-    wanted = os.fsencode(arg)
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if wanted in args and _alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """utime + stime + reaped children's times of each process, in seconds."""
-    ticks = 0
-    for pid in pids:
-        fields = _stat_fields(pid)
-        if fields is not None:
-            ticks += sum(int(x) for x in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait until none of ``pids`` runs; return those still running after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if _alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.02)
-        left = [p for p in left if _alive(p)]
-    return left
-
-
-def _stop_processes(pids: list[int], what: str) -> None:
-    """SIGTERM, then SIGKILL what is left; deepest first so parents reap their children."""
-    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        left = [p for p in pids if _alive(p)]
-        if not left:
-            return
-        _signal_all(left, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-        _signal_all(left, sig)
-        left = _wait_gone(left, grace)
-        if not left:
-            return
-        log.log(
-            logging.INFO if sig == signal.SIGTERM else logging.WARNING,
-            "%s: %s still running after %s",
-            what,
-            left,
-            sig.name,
-        )
-    raise SSHFSError(f"{what}: processes {left} survive SIGKILL")
-
-
-def _reap(proc: subprocess.Popen[Any] | None, timeout: float = 5.0) -> None:
-    if proc is None:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-
-
-def _version(cmd: list[str], prefix: str) -> str:
-    """The first line of ``cmd``'s output that starts with ``prefix``, or "?"."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    lines = (done.stdout + done.stderr).splitlines()
-    return next((line.strip() for line in lines if line.startswith(prefix)), "?")
-
-
-# --------------------------------------------------------------- what is needed
-@dataclass(frozen=True)
-class _Tools:
-    sshfs: str
-    ssh: str
-    ssh_keygen: str
-    sshd: str
-    sftp_server: str
-    ip: str
-    tc: str
-    fusermount: str
-
-
-def _find_tools() -> _Tools:
-    """Every program the real client needs, or SSHFSMissingError naming the first gap."""
-    found: dict[str, str] = {}
-    for attr, prog, package in (
-        ("sshfs", "sshfs", "sshfs"),
-        ("ssh", "ssh", "openssh-client"),
-        ("ssh_keygen", "ssh-keygen", "openssh-client"),
-        ("sshd", "sshd", "openssh-server"),
-        ("ip", "ip", "iproute2"),
-        ("tc", "tc", "iproute2"),
-        ("fusermount", "fusermount3", "fuse3"),
-    ):
-        path = shutil.which(prog)
-        if path is None:
-            raise SSHFSMissingError(prog, f"not found on PATH (apt-get install {package})")
-        found[attr] = path
-    server = next((p for p in _SFTP_SERVERS if os.access(p, os.X_OK)), None)
-    if server is None:
-        raise SSHFSMissingError(
-            "sftp-server", f"none of {', '.join(_SFTP_SERVERS)} (apt-get install openssh-server)"
-        )
-    try:
-        fd = os.open(_DEV_FUSE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SSHFSMissingError(_DEV_FUSE, f"cannot be opened: {exc.strerror}") from exc
-    os.close(fd)
-    if os.geteuid() != 0:
-        raise SSHFSMissingError(
-            "root", "network namespaces, veth pairs, tc and sshd need root (CAP_NET_ADMIN)"
-        )
-    if not os.path.exists("/proc/self/ns/net"):
-        raise SSHFSMissingError("network namespaces", "the kernel has no CONFIG_NET_NS")
-    return _Tools(sftp_server=server, **found)
-
-
-def sshfs_available() -> tuple[bool, str]:
-    """Tell whether :func:`mounted` can work here (programs, /dev/fuse, root).
-
-    Returns:
-        ``(True, description)`` or ``(False, what is missing and how to install it)``.
-
-    Example:
-        >>> ok, why = sshfs_available()
-    """
-    try:
-        tools = _find_tools()
-    except SSHFSMissingError as exc:
-        return False, str(exc)
-    return True, f"{tools.sshfs}, {tools.sshd}, {tools.sftp_server}, {_DEV_FUSE}, root"
-
-
-# ----------------------------------------------------------------------- the link
-def _pick_subnet(ip: str) -> ipaddress.IPv4Network:
-    """A link-local /30 that no address or route of the root namespace overlaps."""
-    used: list[ipaddress.IPv4Network] = []
-    for line in _run([ip, "-4", "-o", "addr", "show"], "list addresses").splitlines():
-        parts = line.split()
-        if "inet" in parts:
-            used.append(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
-    for line in _run([ip, "-4", "route", "show", "table", "all"], "list routes").splitlines():
-        with contextlib.suppress(ValueError, IndexError):
-            first = line.split()[0]
-            if first not in ("default", "broadcast", "local", "unreachable"):
-                used.append(ipaddress.ip_network(first, strict=False))
-    rng = random.Random(secrets.randbits(64))
-    for _ in range(1000):
-        third = rng.choice([x for x in range(1, 254) if x != 169])  # .169: cloud metadata
-        net = ipaddress.ip_network(f"169.254.{third}.{4 * rng.randrange(64)}/30")
-        if not any(net.overlaps(u) for u in used):
-            return net
-    raise SSHFSError("no free /30 in 169.254.0.0/16")
-
-
-def _tbf(tc: str, dev: str, bps: float, netns: list[str]) -> None:
-    rate_bit = int(bps * 8)
-    burst = max(256 * _KiB, int(bps / 100))  # 10 ms of traffic, and room for GSO packets
-    _run(
-        [*netns, tc, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_bit}bit",
-         "burst", str(burst), "latency", "50ms"],
-        f"limit {dev} to {bps / 1e6:.0f} MB/s",
-    )  # fmt: skip
+def _stop(pids: list[int], what: str) -> None:
+    """Stop `pids` (SIGTERM, then SIGKILL); an SSHFSError names any that survive."""
+    left = stop_processes(pids, what)
+    if left:
+        raise SSHFSError(f"{what}: processes {left} survive SIGKILL")
 
 
 # ------------------------------------------------------------------- the mount
@@ -510,7 +275,7 @@ class SSHFS:
         self._token = self.netns.rsplit("-", 1)[1][:6]
         self._veth_client = f"csf{self._token}c"
         self._veth_server = f"csf{self._token}s"
-        self._tools: _Tools | None = None
+        self._tools: Tools | None = None
         self._made_netns = False
         self._sshd: subprocess.Popen[bytes] | None = None
         self._relay: subprocess.Popen[bytes] | None = None
@@ -603,9 +368,9 @@ class SSHFS:
         client = self._client_pids()
         server: list[int] = []
         for proc in (self._sshd, self._relay):
-            if proc is not None and _alive(proc.pid):
-                server += [proc.pid, *_descendants(proc.pid)]
-        return CPUTimes(client_s=_cpu_seconds(client), server_s=_cpu_seconds(server))
+            if proc is not None and pid_alive(proc.pid):
+                server += [proc.pid, *descendants(proc.pid)]
+        return CPUTimes(client_s=cpu_seconds(client), server_s=cpu_seconds(server))
 
     def pids(self) -> dict[str, list[int]]:
         """Processes running for this mount now, by role.
@@ -618,21 +383,21 @@ class SSHFS:
         if client := self._client_pids():
             out["client"] = client
         for role, proc in (("server", self._sshd), ("relay", self._relay)):
-            if proc is not None and _alive(proc.pid):
-                out[role] = [proc.pid, *_descendants(proc.pid)]
+            if proc is not None and pid_alive(proc.pid):
+                out[role] = [proc.pid, *descendants(proc.pid)]
         return out
 
     def _client_pids(self) -> list[int]:
         """sshfs and its ssh processes (sshfs double-forks ssh: found by the key's path)."""
-        pids = _pids_with_arg(f"-oIdentityFile={self._runtime / 'client_key'}")
-        if self._sshfs is not None and _alive(self._sshfs.pid):
+        pids = pids_with_arg(f"-oIdentityFile={self._runtime / 'client_key'}")
+        if self._sshfs is not None and pid_alive(self._sshfs.pid):
             pids = [self._sshfs.pid, *(p for p in pids if p != self._sshfs.pid)]
         return pids
 
     # ------------------------------------------------------------------- faults
     def _sftp_server_pids(self) -> list[int]:
         pids = [v[wire.S_SERVER_PID] for v in self._slots().values() if not v[wire.S_DONE]]
-        return [p for p in pids if _alive(p)]
+        return [p for p in pids if pid_alive(p)]
 
     def stall(self, target: Literal["server", "link"] = "server") -> None:
         """Make the server stop answering until :meth:`unstall` (SIGSTOP).
@@ -651,21 +416,21 @@ class SSHFS:
             >>> fs.stall(); time.sleep(2); fs.unstall()  # doctest: +SKIP
         """
         if target == "link":
-            if self._relay is None or not _alive(self._relay.pid):
+            if self._relay is None or not pid_alive(self._relay.pid):
                 raise SSHFSError('no relay to stop: it runs only with latency_at="link"')
             pids = [self._relay.pid]
         else:
             pids = self._sftp_server_pids()
             if not pids:
                 raise SSHFSError("no sftp-server is running")
-        _signal_all(pids, signal.SIGSTOP)
+        signal_all(pids, signal.SIGSTOP)
         self._stopped += [p for p in pids if p not in self._stopped]
         log.info("stalled the %s (%s)", target, pids)
 
     def unstall(self) -> None:
         """Let stopped server processes go on (SIGCONT); no-op when none is stopped."""
         if self._stopped:
-            _signal_all(self._stopped, signal.SIGCONT)
+            signal_all(self._stopped, signal.SIGCONT)
             log.info("continued %s", self._stopped)
         self._stopped = []
 
@@ -677,8 +442,8 @@ class SSHFS:
         """
         self.unstall()
         for proc in (self._relay, self._sshd):
-            if proc is not None and _alive(proc.pid):
-                _signal_all([*_descendants(proc.pid), proc.pid], signal.SIGKILL)
+            if proc is not None and pid_alive(proc.pid):
+                signal_all([*descendants(proc.pid), proc.pid], signal.SIGKILL)
         log.info("killed the server of %s", self.path)
 
     # ------------------------------------------------------------------- cache
@@ -730,7 +495,7 @@ class SSHFS:
         }
 
     # ------------------------------------------------------------------- set up
-    def _start(self, tools: _Tools, timeout: float) -> None:
+    def _start(self, tools: Tools, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self._tools = tools
         self._make_keys(tools)
@@ -743,39 +508,46 @@ class SSHFS:
         _probe_ssh(self.server_addr, port, deadline)
         self._mount(tools, port, deadline)
         self.versions = {
-            "sshfs": _version([tools.sshfs, "--version"], "SSHFS"),
-            "ssh": _version([tools.ssh, "-V"], "OpenSSH"),
+            "sshfs": version([tools.sshfs, "--version"], "SSHFS"),
+            "ssh": version([tools.ssh, "-V"], "OpenSSH"),
         }
 
-    def _make_keys(self, tools: _Tools) -> None:
+    def _make_keys(self, tools: Tools) -> None:
         for name in ("host_key", "client_key"):
-            _run([tools.ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C", "ckpt-sshfs", "-f",
-                  str(self._runtime / name)], f"make {name}")  # fmt: skip
+            run_command(
+                [tools.ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C", "ckpt-sshfs", "-f",
+                 str(self._runtime / name)],
+                f"make {name}",
+            )  # fmt: skip
         shutil.copy(self._runtime / "client_key.pub", self._runtime / "authorized_keys")
         self._counter_dir.mkdir(mode=0o700)
 
-    def _make_link(self, tools: _Tools) -> None:
+    def _make_link(self, tools: Tools) -> None:
         ip, ns = tools.ip, self.netns
         in_ns = [ip, "netns", "exec", ns]
-        net = _pick_subnet(ip)
+        net = pick_subnet(ip)
         hosts = list(net.hosts())
         self.client_addr, self.server_addr = str(hosts[0]), str(hosts[1])
-        _run([ip, "netns", "add", ns], "make the network namespace")
+        run_command([ip, "netns", "add", ns], "make the network namespace")
         self._made_netns = True
-        _run([ip, "link", "add", self._veth_client, "type", "veth", "peer", "name",
-              self._veth_server, "netns", ns], "make the veth pair")  # fmt: skip
-        _run([ip, "addr", "add", f"{self.client_addr}/30", "dev", self._veth_client], "address")
-        _run([ip, "link", "set", self._veth_client, "up"], "link up")
-        _run([*in_ns, ip, "addr", "add", f"{self.server_addr}/30", "dev", self._veth_server],
-             "address in the namespace")  # fmt: skip
-        _run([*in_ns, ip, "link", "set", self._veth_server, "up"], "link up in the namespace")
-        _run([*in_ns, ip, "link", "set", "lo", "up"], "loopback up in the namespace")
+        run_command([ip, "link", "add", self._veth_client, "type", "veth", "peer", "name",
+                     self._veth_server, "netns", ns], "make the veth pair")  # fmt: skip
+        run_command(
+            [ip, "addr", "add", f"{self.client_addr}/30", "dev", self._veth_client], "address"
+        )
+        run_command([ip, "link", "set", self._veth_client, "up"], "link up")
+        run_command([*in_ns, ip, "addr", "add", f"{self.server_addr}/30", "dev", self._veth_server],
+                    "address in the namespace")  # fmt: skip
+        run_command(
+            [*in_ns, ip, "link", "set", self._veth_server, "up"], "link up in the namespace"
+        )
+        run_command([*in_ns, ip, "link", "set", "lo", "up"], "loopback up in the namespace")
         if self.profile.bandwidth_bps:
-            _tbf(tools.tc, self._veth_client, self.profile.bandwidth_bps, [])
-            _tbf(tools.tc, self._veth_server, self.profile.bandwidth_bps, in_ns)
+            limit_link(tools.tc, self._veth_client, self.profile.bandwidth_bps, [])
+            limit_link(tools.tc, self._veth_server, self.profile.bandwidth_bps, in_ns)
         log.debug("link %s <-> %s in %s", self.client_addr, self.server_addr, ns)
 
-    def _start_sshd(self, tools: _Tools, deadline: float) -> None:
+    def _start_sshd(self, tools: Tools, deadline: float) -> None:
         rt = self._runtime
         subsystem = rt / "sftp-subsystem.sh"
         request_delay = 0.0 if self._uses_relay else self.profile.latency_s
@@ -828,12 +600,12 @@ class SSHFS:
             )
         while b"Server listening on" not in log_path.read_bytes():
             if self._sshd.poll() is not None:
-                raise SSHFSError(f"sshd exited with {self._sshd.returncode}:\n{_tail(log_path)}")
+                raise SSHFSError(f"sshd exited with {self._sshd.returncode}:\n{tail(log_path)}")
             if time.monotonic() > deadline:
-                raise SSHFSError(f"sshd did not listen in time:\n{_tail(log_path)}")
+                raise SSHFSError(f"sshd did not listen in time:\n{tail(log_path)}")
             time.sleep(0.02)
 
-    def _start_relay(self, tools: _Tools, deadline: float) -> None:
+    def _start_relay(self, tools: Tools, deadline: float) -> None:
         log_path = self._runtime / "relay.log"
         with open(log_path, "wb") as err:
             self._relay = subprocess.Popen(
@@ -848,9 +620,9 @@ class SSHFS:
         assert self._relay.stdout is not None
         ready, _, _ = select.select([self._relay.stdout], [], [], deadline - time.monotonic())
         if not ready or self._relay.stdout.readline().strip() != b"ready":
-            raise SSHFSError(f"the latency relay did not start:\n{_tail(log_path)}")
+            raise SSHFSError(f"the latency relay did not start:\n{tail(log_path)}")
 
-    def _mount(self, tools: _Tools, port: int, deadline: float) -> None:
+    def _mount(self, tools: Tools, port: int, deadline: float) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         if is_mounted(str(self.path)):
             raise SSHFSError(f"{self.path} is already a mount point")
@@ -899,7 +671,7 @@ class SSHFS:
         try:
             _wait_for_mount(self._sshfs, self.path, deadline, log_path)
         except SSHFSError as exc:  # the server's side of a refused login is in sshd's log
-            raise SSHFSError(f"{exc}\nsshd log:\n{_tail(self._runtime / 'sshd.log')}") from None
+            raise SSHFSError(f"{exc}\nsshd log:\n{tail(self._runtime / 'sshd.log')}") from None
         if self.profile.read_ahead_kb is not None:
             set_read_ahead(str(self.path), self.profile.read_ahead_kb)
         if self.profile.max_background is not None:
@@ -948,11 +720,11 @@ class SSHFS:
         ssh = [p for p in self._client_pids() if p != proc.pid]
         with contextlib.suppress(subprocess.TimeoutExpired):  # it ends once unmounted
             proc.wait(timeout=0.2 if self._detached_busy else 5.0)
-        _stop_processes([*ssh, proc.pid], "sshfs")
-        _reap(proc)
+        _stop([*ssh, proc.pid], "sshfs")
+        reap(proc)
         if proc.returncode not in (0, None, -signal.SIGTERM):
             log.debug(
-                "sshfs exited with %s:\n%s", proc.returncode, _tail(self._runtime / "sshfs.log")
+                "sshfs exited with %s:\n%s", proc.returncode, tail(self._runtime / "sshfs.log")
             )
 
     def _stop_server_proc(self, proc: subprocess.Popen[bytes] | None, what: str) -> None:
@@ -961,8 +733,8 @@ class SSHFS:
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
-        _stop_processes([*_descendants(proc.pid), proc.pid], what)
-        _reap(proc)
+        _stop([*descendants(proc.pid), proc.pid], what)
+        reap(proc)
         if proc.stdout is not None:
             proc.stdout.close()
 
@@ -970,14 +742,15 @@ class SSHFS:
         ip = self._tools.ip if self._tools is not None else "ip"
         if self._made_netns:
             with contextlib.suppress(SSHFSError):
-                left = [int(p) for p in _run([ip, "netns", "pids", self.netns], "pids").split()]
+                pids = run_command([ip, "netns", "pids", self.netns], "pids")
+                left = [int(p) for p in pids.split()]
                 if left:
                     log.warning("processes %s still in %s: killing them", left, self.netns)
-                    _stop_processes(left, self.netns)
-            _run([ip, "netns", "delete", self.netns], "remove the network namespace")
+                    _stop(left, self.netns)
+            run_command([ip, "netns", "delete", self.netns], "remove the network namespace")
             self._made_netns = False
         with contextlib.suppress(SSHFSError):  # gone with the namespace, normally
-            _run([ip, "link", "delete", self._veth_client], "remove the veth pair")
+            run_command([ip, "link", "delete", self._veth_client], "remove the veth pair")
 
     def _remove_runtime(self) -> None:
         for mapped in self._maps.values():
@@ -1020,9 +793,9 @@ def _wait_for_mount(
     so that a server that never answers makes this raise instead of hang)."""
     while not is_mounted(str(mountpoint)):
         if proc.poll() is not None:
-            raise SSHFSError(f"sshfs exited with {proc.returncode}:\n{_tail(log_path)}")
+            raise SSHFSError(f"sshfs exited with {proc.returncode}:\n{tail(log_path)}")
         if time.monotonic() > deadline:
-            raise SSHFSError(f"sshfs did not mount in time:\n{_tail(log_path)}")
+            raise SSHFSError(f"sshfs did not mount in time:\n{tail(log_path)}")
         time.sleep(0.02)
     answer = stat_within(mountpoint, max(0.1, deadline - time.monotonic()))
     if answer is not None and not isinstance(answer, OSError):
@@ -1030,9 +803,9 @@ def _wait_for_mount(
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=1.0)  # sshfs mounts before it connects: did the connection fail?
     if proc.returncode is not None:
-        raise SSHFSError(f"sshfs exited with {proc.returncode}:\n{_tail(log_path)}")
+        raise SSHFSError(f"sshfs exited with {proc.returncode}:\n{tail(log_path)}")
     why = f"failed: {answer[0]}" if answer else "did not answer"
-    raise SSHFSError(f"a stat of the sshfs mount root {why}:\n{_tail(log_path)}")
+    raise SSHFSError(f"a stat of the sshfs mount root {why}:\n{tail(log_path)}")
 
 
 def _resolve_profile(profile: str | SSHFSProfile, overrides: dict[str, Any]) -> SSHFSProfile:
@@ -1087,7 +860,7 @@ def mounted(
     backing = Path(os.path.realpath(backing_dir))
     if not backing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "backing_dir is not a directory", str(backing))
-    tools = _find_tools()
+    tools = find_tools()
     fs = SSHFS(backing, resolved, Path(tempfile.mkdtemp(prefix="sshfs-")))
     try:
         fs._start(tools, startup_timeout)

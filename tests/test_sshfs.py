@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import pytest
 
-from bench import sshfs
+from bench import sshfs, sshfs_env
 from bench.mounts import is_mounted
 from bench.sshfs import PROFILES, SSHFS, SSHFSError, SSHFSMissingError, mounted
 from engine.cursor import pid_alive
@@ -177,7 +177,7 @@ def test_a_missing_program_is_named(
 
 def test_a_missing_dev_fuse_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _require_kernel()
-    monkeypatch.setattr(sshfs, "_DEV_FUSE", str(tmp_path / "no-fuse"))
+    monkeypatch.setattr(sshfs_env, "DEV_FUSE", str(tmp_path / "no-fuse"))
     with pytest.raises(SSHFSMissingError, match="no-fuse"), mounted(tmp_path):
         pass
 
