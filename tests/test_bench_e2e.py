@@ -84,8 +84,10 @@ def test_quick_suite_reduced_local(tmp_path: Path) -> None:
     _check_document(doc, "local")
     assert doc["filesystems"]["local"]["kind"] == "local"
     for r in doc["results"]:
-        if r["kind"] == "hot":  # everything was cached: no storage reads by the ranks
-            assert r["summary"]["bytes_served_ratio"] == 0
+        if r["kind"] == "hot":  # the checkpoint was cached: the ranks read none of it
+            # A rank's read_bytes counts every file it faults in from disk, its libraries
+            # too when memory pressure evicted them (once 0.09% of this checkpoint in CI).
+            assert r["summary"]["bytes_served_ratio"] < 0.01
 
 
 @pytest.mark.fuse
