@@ -43,7 +43,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NodeRun", "SimResult", "main", "run_mode", "simulate"]
+__all__ = [
+    "NodeRun",
+    "SimResult",
+    "main",
+    "reference_tensors",
+    "run_mode",
+    "same_bytes",
+    "simulate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +96,7 @@ def _worker(argv: Sequence[str]) -> int:
         "gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=a.rank, world_size=a.world
     )
     consumer = Consumer(torch.empty(0, dtype=torch.uint8))
-    reference = _reference(a.verify) if a.verify else None
+    reference = reference_tensors(a.verify) if a.verify else None
     mismatches: list[str] = []
     if a.cgroup:  # after the imports: only what the load brings in is charged
         from bench.cgroup import join
@@ -119,7 +127,7 @@ def _worker(argv: Sequence[str]) -> int:
         for name, tensor in it:
             consumer(name, tensor)
             last_tensor = time.monotonic() - t0
-            if reference is not None and not _same(reference.pop(name, None), tensor):
+            if reference is not None and not same_bytes(reference.pop(name, None), tensor):
                 mismatches.append(name)
             del tensor
             replica_peak = max(replica_peak, getattr(it, "replica_bytes", 0))
@@ -151,7 +159,7 @@ def _worker(argv: Sequence[str]) -> int:
     os._exit(0)
 
 
-def _reference(checkpoint: str) -> dict[str, Any]:
+def reference_tensors(checkpoint: str) -> dict[str, Any]:
     """Every tensor of the checkpoint as ``safetensors.torch.load_file`` gives it."""
     from safetensors.torch import load_file
 
@@ -163,7 +171,7 @@ def _reference(checkpoint: str) -> dict[str, Any]:
     return out
 
 
-def _same(expected: Any, got: Any) -> bool:
+def same_bytes(expected: Any, got: Any) -> bool:
     """Same dtype, shape and bytes (bytes, not values: random bits hold NaNs)."""
     import torch
 

@@ -13,10 +13,9 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
+from bench.cluster_sim import reference_tensors, same_bytes
 from loader_adapter.integrations._common import load_with_prefetch, parse_options
 
 
@@ -29,15 +28,6 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes (random bits hold NaNs, which equal nothing)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(
-        a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
-    )
-
-
 def main(rank: int, world: int, port: int, checkpoint: str, options: str, out: str) -> None:
     lines = _Lines()
     logging.getLogger("loader_adapter").addHandler(lines)
@@ -46,14 +36,12 @@ def main(rank: int, world: int, port: int, checkpoint: str, options: str, out: s
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     files = sorted(str(p) for p in Path(checkpoint).glob("*.safetensors"))
-    reference: dict[str, torch.Tensor] = {}
-    for f in files:
-        reference.update(load_file(f))
+    reference = reference_tensors(checkpoint)
     parsed = parse_options(json.loads(options), where="test")
     seen, mismatches = 0, []
     for name, tensor in load_with_prefetch(files, parsed, lambda: None, engine="test"):
         seen += 1
-        if not _same(reference.pop(name), tensor):
+        if not same_bytes(reference.pop(name, None), tensor):
             mismatches.append(name)
     dist.barrier()
     dist.destroy_process_group()
