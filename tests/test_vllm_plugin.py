@@ -9,13 +9,9 @@ simulated network filesystem, so the served-byte counters tell what storage was 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,7 @@ from serving_support import (
     plugin_env,
     require_module,
     run_script,
+    vllm_serve,
 )
 
 pytestmark = pytest.mark.vllm
@@ -103,6 +100,27 @@ def test_entry_point_registers_once_per_process(loader_checks: dict[str, Any]) -
     lines = loader_checks["registered_lines"]
     assert len(lines) == 1, lines
     assert "Registered model loader" in lines[0] and "`ckpt-prefetch`" in lines[0]
+
+
+def test_vllms_default_path_is_untouched_unless_asked(loader_checks: dict[str, Any]) -> None:
+    # vLLM's own iterator stays under its name after the plug-in registered, after a
+    # ckpt-prefetch load (the switch is in only while ours asks), and after the opt-in
+    # replacement was turned off again.
+    assert loader_checks["untouched_after_register"]
+    assert loader_checks["untouched_after_ours"]
+    assert loader_checks["untouched_after_replace_off"]
+    assert loader_checks["warnings"] == []  # a supported vLLM: no warning
+
+
+def test_env_options_apply_under_the_load_format_and_the_extra_config_wins(
+    loader_checks: dict[str, Any],
+) -> None:
+    run = loader_checks["env_merged"]
+    assert run["digests"] == loader_checks["reference"]
+    (start,) = run["start"]
+    assert "concurrency=3 (--model-loader-extra-config)" in start, start
+    assert "skip_cached=False ($CKPT_PREFETCH_OPTIONS)" in start, start
+    assert "concurrency=3" in run["report"][0]
 
 
 def test_load_format_reads_the_same_tensors_without_vllms_prefetch(
@@ -272,79 +290,15 @@ def test_bad_option_fails_the_load_before_any_weight_is_read(
     assert _served(netfs_model.counters()) == 0
 
 
-def _get(url: str, body: dict[str, Any] | None = None, timeout: float = 5) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        raw = response.read()
-        return response.status, json.loads(raw) if raw else None
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session
-                pids.append(int(entry))
-    return pids
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # one engine start
 def test_vllm_serve_answers_a_completion_and_leaves_no_process(
     env: dict[str, str], tiny_model: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    vllm = Path(sys.executable).with_name("vllm")
-    cmd = [
-        str(vllm) if vllm.exists() else "vllm", "serve", str(tiny_model),
-        "--load-format", "ckpt-prefetch",
-        "--model-loader-extra-config", json.dumps({"window_bytes": "auto"}),
-        "--port", str(port), "--skip-tokenizer-init", "--gpu-memory-utilization", "0.1",
-        "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager", "--dtype", "float32",
-    ]  # fmt: skip
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:
-        server = subprocess.Popen(
-            cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            assert time.monotonic() < deadline, "not healthy in 240 s"
-            try:
-                if _get(f"http://127.0.0.1:{port}/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        status, body = _get(
-            f"http://127.0.0.1:{port}/v1/completions",
-            {"model": str(tiny_model), "prompt": [1, 5, 9, 100, 200], "max_tokens": 8,
-             "temperature": 0, "return_token_ids": True},
-            timeout=60,
-        )  # fmt: skip
-        assert status == 200
-        assert len(body["choices"][0]["token_ids"]) == 8
-        assert body["usage"]["completion_tokens"] == 8
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        finally:
-            deadline = time.monotonic() + 30
-            while _session_pids(server.pid) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            left = _session_pids(server.pid)
-            for pid in left:  # do not leave them to the next test
-                os.kill(pid, signal.SIGKILL)
-    log = log_path.read_text()
-    assert not left, f"processes left after tear-down: {left}"
-    assert server.returncode is not None
-    (report,) = _reports(log)
+    extra = ["--model-loader-extra-config", json.dumps({"window_bytes": "auto"})]
+    with vllm_serve(tiny_model, "ckpt-prefetch", env, log_path, *extra) as server:
+        assert len(server.complete([1, 5, 9, 100, 200])) == 8
+    assert not server.left, f"processes left after tear-down: {server.left}"
+    (report,) = _reports(log_path.read_text())
     assert report["planned"] == _shards_bytes(tiny_model)

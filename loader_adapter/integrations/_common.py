@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine import BACKENDS, STRATEGIES, PrefetchReport
@@ -19,16 +20,20 @@ from engine.plan import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from engine.units import format_bytes, parse_size
 from loader_adapter.discovery import LocalRank, discover_local_rank, local_rank_in_group
 from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator
+from loader_adapter.progress_log import ProgressLog
 
 __all__ = [
     "OPTIONS_ENV",
     "OPTION_VALUES",
     "CLUSTER_ONLY",
+    "MergedOptions",
     "OptionError",
     "describe_cluster_report",
     "describe_report",
     "engine_local_rank",
+    "env_config",
     "load_with_prefetch",
+    "merge_options",
     "options_from_env",
     "parse_options",
     "share_log_handlers",
@@ -172,6 +177,15 @@ def parse_options(
         Traceback (most recent call last):
         OptionError: ckpt-prefetch: test: unknown key 'windw'; valid keys: backend, ...
     """
+    options = _parse_values(config, where, also_valid)
+    _check_together(options, where)
+    return options
+
+
+def _parse_values(
+    config: Mapping[str, object], where: str, also_valid: Iterable[str]
+) -> dict[str, Any]:
+    """Each key and value checked (`parse_options` without the checks of keys together)."""
     if not isinstance(config, Mapping):
         raise OptionError(
             f"ckpt-prefetch: {where} must be a JSON object (a dict), got {type(config).__name__}"
@@ -195,13 +209,125 @@ def parse_options(
                 f"ckpt-prefetch: {where}: {key!r} must be {OPTION_VALUES[key]}; got {value!r}"
             )
         options[key] = None if parsed is _NO_WINDOW else parsed
+    return options
+
+
+def _check_together(options: Mapping[str, Any], where: str) -> None:
     stray = [k for k in CLUSTER_ONLY if k in options]
     if stray and options.get("scope") != "cluster":
         raise OptionError(
             f"ckpt-prefetch: {where}: {', '.join(repr(k) for k in stray)} only apply with "
             '"scope": "cluster"'
         )
-    return options
+
+
+@dataclass(frozen=True)
+class MergedOptions:
+    """Plug-in options gathered from several places, and where each one came from.
+
+    Attributes:
+        values: keyword options, as `parse_options` returns them.
+        origins: option -> where its value came from (``$CKPT_PREFETCH_OPTIONS``,
+            ``--model-loader-extra-config``, a flag of the engine...).
+    """
+
+    values: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def with_default(self, key: str, value: Any, origin: str) -> MergedOptions:
+        """A copy with `key` set to `value` unless it is already set.
+
+        Example:
+            >>> MergedOptions().with_default("prefetch", "auto", "x").values
+            {'prefetch': 'auto'}
+        """
+        if key in self.values:
+            return self
+        return MergedOptions({key: value, **self.values}, {key: origin, **self.origins})
+
+    def describe(self) -> str:
+        """``key=value (origin), ...``, for the start line; empty without options.
+
+        Example:
+            >>> MergedOptions({"concurrency": 2}, {"concurrency": "$X"}).describe()
+            'concurrency=2 ($X)'
+        """
+        return ", ".join(
+            f"{k}={format_bytes(v) if k.endswith('_bytes') and isinstance(v, int) else v!r}"
+            f" ({self.origins.get(k, '?')})"
+            for k, v in self.values.items()
+        ).replace("'", "")
+
+
+def merge_options(
+    *sources: tuple[str, Mapping[str, object]], also_valid: Iterable[str] = ()
+) -> MergedOptions:
+    """Check options from several places and merge them; a later source wins per key.
+
+    Each source's keys and values are checked with messages that name that source; the
+    rules that tie options together (``replica_dir`` needs ``"scope": "cluster"``) are
+    checked on the merged result, so an option may be set in one place and its scope in
+    another.
+
+    Args:
+        sources: ``(where, config)`` pairs, lowest priority first.
+        also_valid: keys the caller handles itself (not in the result).
+
+    Returns:
+        The merged options with the origin of each.
+
+    Raises:
+        OptionError: an unknown key, an invalid value, or options that do not go together.
+
+    Example:
+        >>> m = merge_options(("$ENV", {"concurrency": 2, "window_bytes": "1GiB"}),
+        ...                   ("--extra", {"window_bytes": "2GiB"}))
+        >>> m.values, m.origins["window_bytes"]
+        ({'concurrency': 2, 'window_bytes': 2147483648}, '--extra')
+    """
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    extra = tuple(also_valid)
+    for where, config in sources:
+        if not isinstance(config, Mapping):
+            raise OptionError(
+                f"ckpt-prefetch: {where} must be a JSON object (a dict), got "
+                f"{type(config).__name__}"
+            )
+        parsed = _parse_values(config, where, extra)
+        values.update(parsed)
+        origins.update(dict.fromkeys(parsed, where))
+    where = " + ".join(w for w, c in sources if c) or "options"
+    _check_together(values, where)
+    return MergedOptions(values, origins)
+
+
+def env_config(environ: Mapping[str, str] | None = None) -> Mapping[str, object]:
+    """The raw JSON object in ``$CKPT_PREFETCH_OPTIONS`` (``{}`` when unset or empty).
+
+    Args:
+        environ: the environment to read; None for ``os.environ``.
+
+    Returns:
+        The decoded object (checked by `merge_options` or `parse_options`).
+
+    Raises:
+        OptionError: the variable is not valid JSON.
+
+    Example:
+        >>> env_config({"CKPT_PREFETCH_OPTIONS": '{"concurrency": 2}'})
+        {'concurrency': 2}
+    """
+    raw = (os.environ if environ is None else environ).get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise OptionError(
+            f"ckpt-prefetch: ${OPTIONS_ENV} is not valid JSON ({exc}); expected an object such "
+            'as \'{"window_bytes": "8GiB", "concurrency": 2}\''
+        ) from None
 
 
 def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -221,18 +347,7 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         >>> options_from_env({"CKPT_PREFETCH_OPTIONS": '{"concurrency": 2}'})
         {'concurrency': 2}
     """
-    raw = (os.environ if environ is None else environ).get(OPTIONS_ENV, "").strip()
-    if not raw:
-        return {}
-    where = f"${OPTIONS_ENV}"
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise OptionError(
-            f"ckpt-prefetch: {where} is not valid JSON ({exc}); expected an object such as "
-            '\'{"window_bytes": "8GiB", "concurrency": 2}\''
-        ) from None
-    return parse_options(config, where=where)
+    return parse_options(env_config(environ), where=f"${OPTIONS_ENV}")
 
 
 def engine_local_rank(world_group: Callable[[], Any], source: str) -> LocalRank:
@@ -289,19 +404,26 @@ def describe_report(report: PrefetchReport | None, local: LocalRank, prefetch: o
     where = f"local rank {local.rank} of {local.world} ({local.source})"
     if report is None:
         return f"ckpt-prefetch: no prefetch (prefetch={prefetch!r}), {where}"
-    return (
+    line = (
         f"ckpt-prefetch: {where}: planned={report.planned_bytes} warmed={report.warmed_bytes} "
         f"cached={report.cached_bytes} skipped={report.skipped_bytes} "
-        f"failed={report.failed_bytes} bytes ({format_bytes(report.warmed_bytes)} warmed "
-        f"in {report.elapsed_s:.2f} s, {report.files} file(s)); strategy={report.strategy} "
+        f"failed={report.failed_bytes} bytes ({format_bytes(report.warmed_bytes)} read from "
+        f"storage in {report.elapsed_s:.2f} s, {report.throughput_bps / 1e9:.2f} GB/s mean, "
+        f"{report.files} file(s)); strategy={report.strategy} "
         f"backend={report.backend} concurrency={report.concurrency} "
         f"chunk={format_bytes(report.chunk_bytes)}" + (" cancelled" if report.cancelled else "")
     )
+    reasons = [*report.notes, *(str(f) for f in report.failures)]
+    if "fallback" in report.backend:
+        reasons.insert(0, f"backend {report.backend}")
+    if reasons:
+        line += "; fallbacks: " + "; ".join(reasons)
+    return line
 
 
 def load_with_prefetch(
     files: list[str],
-    options: Mapping[str, Any],
+    options: MergedOptions | Mapping[str, Any],
     local_rank: Callable[[], LocalRank],
     *,
     engine: str,
@@ -310,16 +432,19 @@ def load_with_prefetch(
     """A serving engine's safetensors weights, read by `safetensors_weights_iterator`.
 
     Starts the prefetch at once (so that every rank makes the rank-discovery collective
-    as it starts loading) and logs one line saying so, and one with the report
-    (`describe_report`, or `describe_cluster_report` in the cluster scope) when the
-    iteration ends. The iterator is closed (its prefetch cancelled and joined) when the
-    caller has taken every tensor, stops early or lets the generator go.
+    as it starts loading) and logs one line saying so, with each option and where it came
+    from; while the load runs, local rank 0 logs a progress line every 10 s
+    (`loader_adapter.progress_log`); when the iteration ends, one line with the report
+    (`describe_report`, or `describe_cluster_report` in the cluster scope). The iterator is
+    closed (its prefetch cancelled and joined) when the caller has taken every tensor,
+    stops early or lets the generator go.
 
     Args:
         files: the safetensors files the engine chose.
-        options: `parse_options` output; ``prefetch`` defaults to True. With ``scope``
-            ``"cluster"`` every rank of the default process group must be loading the
-            same files (as the ranks of one tensor- or pipeline-parallel model do).
+        options: `merge_options` output (or plain `parse_options` keywords); ``prefetch``
+            defaults to True. With ``scope`` ``"cluster"`` every rank of the default
+            process group must be loading the same files (as the ranks of one tensor- or
+            pipeline-parallel model do).
         local_rank: returns this process's local rank (called only when prefetching in
             the node scope; the cluster scope finds its own from the default group).
         engine: the engine's name, for the log.
@@ -332,7 +457,9 @@ def load_with_prefetch(
         ValueError: an option the engine refuses (before any file is read).
         OSError: a file is missing or unreadable.
     """
-    engine_options = dict(options)
+    merged = options if isinstance(options, MergedOptions) else MergedOptions(dict(options))
+    engine_options = dict(merged.values)
+    given = f", options {merged.describe()}" if merged.values else ", default options"
     prefetch = engine_options.pop("prefetch", True)
     scope = engine_options.pop("scope", "node")
     if scope == "cluster" and prefetch is not False:
@@ -342,10 +469,9 @@ def load_with_prefetch(
         log.info(
             "ckpt-prefetch: %s loads %d safetensors file(s) through loader_adapter in the "
             "cluster scope: prefetch=%s%s",
-            engine, len(files), prefetch,
-            f", options {engine_options}" if engine_options else "",
+            engine, len(files), prefetch, given,
         )  # fmt: skip
-        return _yield_then_report(it, skip, lambda: describe_cluster_report(it.report))
+        return _yield_then_report(it, skip, lambda: describe_cluster_report(it.report), None)
     for key in CLUSTER_ONLY:
         engine_options.pop(key, None)
     local = local_rank() if prefetch is not False else LocalRank(0, 1, "unused")
@@ -362,9 +488,16 @@ def load_with_prefetch(
         local.rank,
         local.world,
         local.source,
-        f", options {engine_options}" if engine_options else "",
+        given,
     )
-    return _yield_then_report(it, skip, lambda: describe_report(it.report, local, prefetch))
+    progress = ProgressLog(
+        it.progress,
+        label=f"local rank {local.rank} of {local.world}",
+        enabled=it.prefetching and local.rank == 0,
+    )
+    return _yield_then_report(
+        it, skip, lambda: describe_report(it.report, local, prefetch), progress
+    )
 
 
 def describe_cluster_report(report: Any) -> str:
@@ -398,13 +531,20 @@ def describe_cluster_report(report: Any) -> str:
 
 
 def _yield_then_report(
-    it: WeightsIterator, skip: Callable[[str], bool] | None, describe: Callable[[], str]
+    it: WeightsIterator,
+    skip: Callable[[str], bool] | None,
+    describe: Callable[[], str],
+    progress: ProgressLog | None,
 ) -> Generator[tuple[str, Any], None, None]:
+    if progress is not None:
+        progress.start()
     try:
         for name, tensor in it:
             if skip is None or not skip(name):
                 yield name, tensor
     finally:
+        if progress is not None:
+            progress.stop()
         it.close()
         log.info("%s", describe())
 

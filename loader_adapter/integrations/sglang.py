@@ -44,11 +44,14 @@ from loader_adapter.discovery import LocalRank
 from loader_adapter.fsdetect import decide_auto
 from loader_adapter.integrations._common import (
     CLUSTER_ONLY,
+    OPTIONS_ENV,
+    MergedOptions,
     OptionError,
     describe_report,
     engine_local_rank,
+    env_config,
     load_with_prefetch,
-    options_from_env,
+    merge_options,
     share_log_handlers,
 )
 
@@ -89,29 +92,61 @@ def sglang_local_rank() -> LocalRank:
     return engine_local_rank(world_group, WORLD_GROUP)
 
 
-def _options(threads: int) -> dict[str, Any]:
-    """Our options for one load: SGLang's thread count and block size, then the JSON."""
-    options: dict[str, Any] = {"prefetch": True, "concurrency": threads}
+def _options(threads: int) -> MergedOptions:
+    """Our options for one load: SGLang's flags, its block size, then ``$CKPT_PREFETCH_OPTIONS``.
+
+    SGLang's thread count always has a value (its default when not given), so the JSON,
+    which the user writes only to say something, wins per key.
+    """
+    block: dict[str, object] = {}
     block_mb = os.environ.get(CHUNK_ENV, "").strip()
     if block_mb:
         if not block_mb.isdigit() or int(block_mb) < 1:
             raise OptionError(
                 f"ckpt-prefetch: ${CHUNK_ENV} must be a positive integer (MiB), got {block_mb!r}"
             )
-        options["chunk_bytes"] = int(block_mb) << 20
-    options.update(options_from_env())
-    return options
+        block["chunk_bytes"] = int(block_mb) << 20
+    return merge_options(
+        ("--weight-loader-prefetch-checkpoints", {"prefetch": True}),
+        ("--weight-loader-prefetch-num-threads", {"concurrency": threads}),
+        (f"${CHUNK_ENV}", block),
+        (f"${OPTIONS_ENV}", env_config()),
+    )
+
+
+_warned: set[str] = set()
 
 
 def _bind(original: Callable[..., Pairs], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    call = inspect.signature(original).bind(*args, **kwargs)
-    call.apply_defaults()
+    """SGLang's call, bound to its signature; None (SGLang's own path) when it cannot be read.
+
+    The hooks wrap SGLang's functions in every SGLang process: a signature this release
+    does not understand must leave SGLang's own iterator running, with one warning.
+    """
+    try:
+        call = inspect.signature(original).bind(*args, **kwargs)
+        call.apply_defaults()
+        needed = ("hf_weights_files", "prefetch", "prefetch_num_threads")
+        missing = [name for name in needed if name not in call.arguments]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (TypeError, KeyError, ValueError) as exc:
+        message = (
+            f"ckpt-prefetch: SGLang's {getattr(original, '__name__', original)} takes arguments "
+            f"this release does not understand ({exc!r}); SGLang loads as usual"
+        )
+        if message not in _warned:
+            _warned.add(message)
+            log.warning("%s", message)
+        return None
     return call
 
 
 def _plain(original: Callable[..., Pairs], *args: Any, **kwargs: Any) -> Pairs:
     """AROUND hook of SGLang's ``safetensors_weights_iterator``."""
     call = _bind(original, args, kwargs)
+    if call is None:
+        return original(*args, **kwargs)
     a = call.arguments
     if not a.get("prefetch") or a.get("disable_mmap"):
         return original(*args, **kwargs)
@@ -125,14 +160,15 @@ def _plain(original: Callable[..., Pairs], *args: Any, **kwargs: Any) -> Pairs:
 def _buffered(original: Callable[..., Pairs], *args: Any, **kwargs: Any) -> Pairs:
     """AROUND hook of SGLang's ``buffered_multi_thread_safetensors_weights_iterator``."""
     call = _bind(original, args, kwargs)
-    if not call.arguments.get("prefetch") or call.arguments.get("disable_mmap"):
+    if call is None or not call.arguments.get("prefetch") or call.arguments.get("disable_mmap"):
         return original(*args, **kwargs)
     return _beside(original, call)
 
 
 def _beside(original: Callable[..., Pairs], call: Any) -> Pairs:
     """SGLang's iterator without its prefetch, our engine warming the files beside it."""
-    options = _options(call.arguments["prefetch_num_threads"])
+    merged = _options(call.arguments["prefetch_num_threads"])
+    options = dict(merged.values)
     prefetch = options.pop("prefetch")
     if options.pop("window_bytes", None) is not None:
         log.warning(
@@ -165,7 +201,7 @@ def _beside(original: Callable[..., Pairs], call: Any) -> Pairs:
         local.rank,
         local.world,
         local.source,
-        options,
+        merged.describe(),
     )
     return _alongside(original(*call.args, **call.kwargs), handle, local)
 
@@ -191,8 +227,10 @@ def register() -> None:
     """Register our AROUND hooks with SGLang's hook registry (the plug-in's entry point).
 
     SGLang applies the hooks after all plug-ins registered theirs. Calling this again
-    registers nothing more. ``$CKPT_PREFETCH_OPTIONS`` is checked now, so that a bad value
-    stops SGLang's start rather than a load.
+    registers nothing more. Where SGLang's hook registry is missing or changed (a release
+    this one does not support), one WARNING says so and SGLang runs as it would without
+    ckpt-prefetch. ``$CKPT_PREFETCH_OPTIONS`` is checked now, so that a bad value stops
+    SGLang's start rather than a load (an option the user set is never ignored).
 
     Raises:
         OptionError: ``$CKPT_PREFETCH_OPTIONS`` is invalid.
@@ -201,11 +239,17 @@ def register() -> None:
         >>> register()  # doctest: +SKIP
         >>> HookRegistry.apply_hooks()  # doctest: +SKIP
     """
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from loader_adapter.integrations._guard import SGLANG, guarded
 
-    options_from_env()
-    for target, hook in HOOKS.items():
-        if any(h is hook for _, h, _ in HookRegistry._hooks.get(target, ())):
-            continue
-        HookRegistry.register(target, hook, HookType.AROUND)
-    share_log_handlers("sglang")
+    merge_options((f"${OPTIONS_ENV}", env_config()))
+
+    def hook() -> None:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        for target, fn in HOOKS.items():
+            if any(h is fn for _, h, _ in HookRegistry._hooks.get(target, ())):
+                continue
+            HookRegistry.register(target, fn, HookType.AROUND)
+        share_log_handlers("sglang")
+
+    guarded(SGLANG, hook, on_failure=lambda why: None)

@@ -84,9 +84,14 @@ def replace_requested(environ: Mapping[str, str] | None = None) -> bool:
 def register() -> None:
     """Register the ``ckpt-prefetch`` load format with vLLM (the plug-in's entry point).
 
-    vLLM calls this in every process, and may call it more than once: the second and later
-    calls in a process do nothing. Raises at once (failing vLLM's start) when
-    ``$CKPT_PREFETCH_VLLM_AUTO`` is on and ``$CKPT_PREFETCH_OPTIONS`` is invalid.
+    vLLM calls this in every process, with no ``try``, and may call it more than once: the
+    second and later calls in a process do nothing. Nothing of vLLM's default path is
+    replaced unless ``$CKPT_PREFETCH_VLLM_AUTO`` asks for it. Where vLLM's internals that
+    the plug-in needs are missing (a release this one does not support), one WARNING says
+    so and vLLM runs as it would without ckpt-prefetch; ``--load-format ckpt-prefetch``
+    then fails at start with that message. Raises (failing vLLM's start) only when
+    ``$CKPT_PREFETCH_VLLM_AUTO`` is on and ``$CKPT_PREFETCH_OPTIONS`` is invalid: an
+    option the user set is never silently ignored.
 
     Raises:
         OptionError: ``$CKPT_PREFETCH_OPTIONS`` is invalid while the replacement is on.
@@ -98,10 +103,38 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from loader_adapter.integrations import _vllm_loader
-
-    _vllm_loader.install(replace_default=replace_requested())
     _registered = True
+    from loader_adapter.integrations._common import OptionError
+    from loader_adapter.integrations._guard import VLLM, guarded
+
+    def hook() -> None:
+        from loader_adapter.integrations import _vllm_loader
+
+        _vllm_loader.install(replace_default=replace_requested())
+
+    guarded(VLLM, hook, on_failure=_register_refusal, user_errors=(OptionError,))
+
+
+def _register_refusal(message: str) -> None:
+    """Register a ``ckpt-prefetch`` load format that fails with `message` when used.
+
+    So that ``--load-format ckpt-prefetch`` on an unsupported vLLM stops at start saying
+    why, rather than with vLLM's "load format is not supported". Where even vLLM's
+    loader registry is missing, vLLM's own error stands (the warning was logged).
+    """
+    from vllm.model_executor.model_loader import BaseModelLoader, register_model_loader
+
+    class UnsupportedVllm(BaseModelLoader):  # type: ignore[misc]
+        def __init__(self, load_config: object) -> None:
+            raise RuntimeError(f"--load-format {LOAD_FORMAT} cannot run here: {message}")
+
+        def download_model(self, model_config: object) -> None:  # pragma: no cover
+            raise NotImplementedError
+
+        def load_weights(self, model: object, model_config: object) -> None:  # pragma: no cover
+            raise NotImplementedError
+
+    register_model_loader(LOAD_FORMAT)(UnsupportedVllm)
 
 
 def vllm_local_rank() -> LocalRank:
