@@ -17,18 +17,52 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from engine import Progress
 from engine.units import format_bytes
 
-__all__ = ["INTERVAL_S", "ProgressLog", "progress_line"]
+__all__ = ["INTERVAL_ENV", "INTERVAL_S", "ProgressLog", "interval_from_env", "progress_line"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds between two progress lines.
 INTERVAL_S = 10.0
+#: Environment variable that sets them (0 turns the lines off).
+INTERVAL_ENV = "CKPT_PREFETCH_PROGRESS_S"
+
+
+def interval_from_env(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds between progress lines: ``$CKPT_PREFETCH_PROGRESS_S``, else `INTERVAL_S`.
+
+    Args:
+        environ: the environment to read; None for ``os.environ``.
+
+    Returns:
+        The interval; 0 when the lines are off.
+
+    Raises:
+        ValueError: the variable is not a number >= 0.
+
+    Example:
+        >>> interval_from_env({}), interval_from_env({"CKPT_PREFETCH_PROGRESS_S": "30"})
+        (10.0, 30.0)
+    """
+    raw = (os.environ if environ is None else environ).get(INTERVAL_ENV, "").strip()
+    if not raw:
+        return INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(
+            f"ckpt-prefetch: ${INTERVAL_ENV} must be a number of seconds >= 0 (0: no progress "
+            f"lines), got {raw!r}"
+        )
+    return value
 
 
 def _duration(seconds: float) -> str:
@@ -101,7 +135,7 @@ class ProgressLog:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._enabled = enabled
+        self._enabled = enabled and interval_s > 0
         #: Lines logged so far (for tests and the end line).
         self.lines = 0
 

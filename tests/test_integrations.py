@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from serving_support import ROOT, make_tiny_llama
+from serving_support import ROOT, make_tiny_llama, require_module
 
 from engine import start_prefetch
 from loader_adapter.cluster import cluster_weights_iterator
@@ -20,9 +21,12 @@ from loader_adapter.integrations._common import (
     OPTION_VALUES,
     OptionError,
     describe_report,
+    env_config,
+    merge_options,
     options_from_env,
     parse_options,
 )
+from loader_adapter.integrations._guard import SGLANG, VLLM, Host, guarded
 from loader_adapter.integrations.vllm import replace_requested
 
 MiB = 1 << 20
@@ -204,3 +208,96 @@ def test_tiny_checkpoint_index_names_every_shard(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [p.name for p in shards]
     assert len(index["weight_map"]) == 2 + 2 * 9 + 1
+
+
+# ----------------------------------------------- options from several places, merged
+def test_merged_options_later_source_wins_and_each_names_its_origin() -> None:
+    merged = merge_options(
+        ("$CKPT_PREFETCH_OPTIONS", {"concurrency": 2, "window_bytes": "1GiB"}),
+        ("--model-loader-extra-config", {"window_bytes": "2GiB", "skip_cached": False}),
+    )
+    assert merged.values == {"concurrency": 2, "window_bytes": 2 << 30, "skip_cached": False}
+    assert merged.origins == {
+        "concurrency": "$CKPT_PREFETCH_OPTIONS",
+        "window_bytes": "--model-loader-extra-config",
+        "skip_cached": "--model-loader-extra-config",
+    }
+    text = merged.describe()
+    assert "window_bytes=2.00 GiB (--model-loader-extra-config)" in text
+    assert "concurrency=2 ($CKPT_PREFETCH_OPTIONS)" in text
+
+
+def test_merged_options_check_keys_per_source_and_together() -> None:
+    # the scope in one place, its cluster-only option in another: valid together
+    merged = merge_options(("$ENV", {"replica_dir": "/nvme"}), ("--extra", {"scope": "cluster"}))
+    assert merged.values == {"replica_dir": "/nvme", "scope": "cluster"}
+    with pytest.raises(OptionError, match=r"\$ENV: 'concurrency' must be"):
+        merge_options(("$ENV", {"concurrency": 0}), ("--extra", {}))
+    with pytest.raises(OptionError, match=r"--extra: unknown key 'windw'"):
+        merge_options(("$ENV", {}), ("--extra", {"windw": 1}))
+    with pytest.raises(OptionError, match="only apply with"):
+        merge_options(("$ENV", {"replica_dir": "/nvme"}), ("--extra", {"scope": "node"}))
+
+
+def test_env_config_refuses_what_is_not_json() -> None:
+    with pytest.raises(OptionError, match="not valid JSON"):
+        env_config({"CKPT_PREFETCH_OPTIONS": "{concurrency: 2}"})
+    assert env_config({}) == {}
+
+
+# ------------------------------------------------ a failure of ours never stops the host
+def test_guard_logs_once_and_returns_false(caplog: pytest.LogCaptureFixture) -> None:
+    refused: list[str] = []
+
+    def broken() -> None:
+        raise ImportError("cannot import name 'x' from 'vllm.y'")
+
+    with caplog.at_level(logging.WARNING, logger="loader_adapter.integrations._guard"):
+        assert guarded(VLLM, broken, on_failure=refused.append) is False
+        assert guarded(VLLM, broken, on_failure=refused.append) is False
+    (record,) = caplog.records  # once, although it failed twice
+    assert "cannot hook into vLLM" in record.getMessage()
+    assert "vLLM runs as it would without ckpt-prefetch" in record.getMessage()
+    assert "supports vLLM >=0.28,<0.35" in record.getMessage()
+    assert len(refused) == 2 and "cannot import name 'x'" in refused[0]
+
+
+def test_guard_survives_a_failing_refusal_and_raises_user_errors() -> None:
+    def broken() -> None:
+        raise AttributeError("gone")
+
+    def refusal(why: str) -> None:
+        raise RuntimeError("no registry either")
+
+    assert guarded(SGLANG, broken, on_failure=refusal) is False
+
+    def bad_option() -> None:
+        raise OptionError("ckpt-prefetch: $CKPT_PREFETCH_OPTIONS: bad")
+
+    with pytest.raises(OptionError):
+        guarded(SGLANG, bad_option, on_failure=refusal, user_errors=(OptionError,))
+
+
+def test_guard_warns_about_an_untested_version(caplog: pytest.LogCaptureFixture) -> None:
+    host = Host("Engine", ("pytest",), "<1", "engine<1")  # pytest is >= 8: outside
+    with caplog.at_level(logging.WARNING, logger="loader_adapter.integrations._guard"):
+        assert guarded(host, lambda: None, on_failure=lambda why: None) is True
+    assert "outside the versions this release was tested with" in caplog.text
+
+
+def test_sglang_without_its_hook_registry_starts_and_warns() -> None:
+    require_module("sglang")
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "sys.modules['sglang.srt.plugins.hook_registry'] = None  # a release without it\n"
+        "from loader_adapter.integrations import sglang\n"
+        "sglang.register(); sglang.register()\n"
+        "print('STARTED')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "STARTED" in proc.stdout, proc.stderr[-3000:]
+    assert proc.stderr.count("cannot hook into SGLang") == 1, proc.stderr[-3000:]
+    assert "SGLang runs as it would without ckpt-prefetch" in proc.stderr

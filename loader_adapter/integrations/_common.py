@@ -20,7 +20,7 @@ from engine.plan import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from engine.units import format_bytes, parse_size
 from loader_adapter.discovery import LocalRank, discover_local_rank, local_rank_in_group
 from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator
-from loader_adapter.progress_log import ProgressLog
+from loader_adapter.progress_log import ProgressLog, interval_from_env
 
 __all__ = [
     "OPTIONS_ENV",
@@ -458,6 +458,7 @@ def load_with_prefetch(
         OSError: a file is missing or unreadable.
     """
     merged = options if isinstance(options, MergedOptions) else MergedOptions(dict(options))
+    interval_s = interval_from_env()  # checked before anything starts
     engine_options = dict(merged.values)
     given = f", options {merged.describe()}" if merged.values else ", default options"
     prefetch = engine_options.pop("prefetch", True)
@@ -493,6 +494,7 @@ def load_with_prefetch(
     progress = ProgressLog(
         it.progress,
         label=f"local rank {local.rank} of {local.world}",
+        interval_s=interval_s,
         enabled=it.prefetching and local.rank == 0,
     )
     return _yield_then_report(
