@@ -1,7 +1,7 @@
 """Build a vLLM ``LLM`` for a model and generate greedily from token ids; run as a subprocess.
 
 Usage: python tests/_vllm_generate.py MODEL LOAD_FORMAT [--extra JSON] [--strategy S]
-       [--tp N] [--max-tokens N]
+       [--tp N] [--max-tokens N] [--memory FRACTION]
 
 Prints one line ``RESULT {"tokens": [[...], ...], "init_s": ...}`` on stdout; vLLM's log
 (and ours, through it) goes to stderr. ``LLM`` starts an engine-core process, hence the
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--strategy", default=None, help="safetensors_load_strategy")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--memory", type=float, default=0.1, help="gpu_memory_utilization")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -38,7 +39,7 @@ def main() -> None:
         safetensors_load_strategy=args.strategy,
         tensor_parallel_size=args.tp,
         skip_tokenizer_init=True,
-        gpu_memory_utilization=0.1,  # on CPU: the fraction of host RAM for the KV cache
+        gpu_memory_utilization=args.memory,  # on CPU: the share of host RAM for weights and KV
         max_model_len=256,
         max_num_seqs=4,
         enforce_eager=True,

@@ -178,12 +178,15 @@ TINY_LLAMA = {
 }
 
 
-def make_tiny_llama(directory: Path, *, seed: int = 0) -> list[Path]:
+def make_tiny_llama(
+    directory: Path, *, seed: int = 0, config: dict[str, Any] | None = None
+) -> list[Path]:
     """Write a random Llama checkpoint in two safetensors shards with an index.
 
     Args:
         directory: where to write (created).
         seed: the weights' random seed.
+        config: fields that replace `TINY_LLAMA`'s (a bigger model: more layers...).
 
     Returns:
         The shard paths, fsynced so that they can be evicted.
@@ -191,7 +194,7 @@ def make_tiny_llama(directory: Path, *, seed: int = 0) -> list[Path]:
     import torch
     from safetensors.torch import save_file
 
-    cfg = TINY_LLAMA
+    cfg = {**TINY_LLAMA, **(config or {})}
     h, inter, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"]
     head_dim = h // cfg["num_attention_heads"]
     g = torch.Generator().manual_seed(seed)
@@ -203,7 +206,7 @@ def make_tiny_llama(directory: Path, *, seed: int = 0) -> list[Path]:
     second = {"lm_head.weight": rand(cfg["vocab_size"], h), "model.norm.weight": torch.ones(h)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        (first if i == 0 else second).update(
+        (first if i < cfg["num_hidden_layers"] // 2 or i == 0 else second).update(
             {
                 p + "self_attn.q_proj.weight": rand(h, h),
                 p + "self_attn.k_proj.weight": rand(kv * head_dim, h),
