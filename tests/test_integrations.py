@@ -308,7 +308,6 @@ def test_dependencies_never_cap_what_serving_engines_pin() -> None:
     # on torch, numpy or safetensors would one day make installing us move the server's
     # own versions (or fail to resolve beside it).
     import tomllib
-
     from packaging.requirements import Requirement
 
     with open(ROOT / "pyproject.toml", "rb") as f:
