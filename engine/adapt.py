@@ -9,15 +9,24 @@ controller measures while the prefetch runs and climbs only while climbing pays:
 
 - it starts where the engine tells it (the engine passes its former fixed default);
 - when the loader waits at the frontier (or nobody consumes yet) and the node's CPU has
-  room, it tries one more stream (only after one interval at the current setting was
-  measured: judged against the start-up interval, any trial would pass); the trial is
-  kept only when the node's warming rate rises by at least `GAIN`, otherwise it steps
-  back and holds that ceiling a while;
-- when the node's CPU is saturated it halves its streams (the prefetch must not slow the
-  ranks it serves), but as a trial too: a busy CPU says that cores are short, not that
-  the prefetch's streams are what takes them (a storage client or server on the same
-  cores works per byte, however many streams ask). When the node's warming rate falls
-  by more than `GAIN` with fewer streams, the streams come back and stay a while;
+  room, it tries more streams (a quarter more, at least one; only after one interval at
+  the current setting was measured: judged against the start-up interval, any trial
+  would pass); the trial is kept only when the node's warming rate rises by at least the
+  *threshold*, otherwise it steps back and holds that ceiling a while. There is no
+  ceiling of its own: it climbs as long as climbing pays, up to the bound the engine
+  derives from the node's resources (`engine.tuning.stream_limit`);
+- the threshold is `GAIN`, or twice the noise of the rate measured while the setting held
+  still, whichever is larger, so that a noisy rate (a shared link, a busy VM) is not
+  read as a gain and the streams do not creep up on noise;
+- when the node's CPU is saturated (`busy_threshold`: less than a tenth of the cores, and
+  less than one core, idle) it halves its streams (the prefetch must not slow the ranks
+  it serves), but as a trial too: a busy CPU says that cores are short, not that the
+  prefetch's streams are what takes them (a storage client or server on the same cores
+  works per byte, however many streams ask). A shed is judged against the rate *before
+  the first shed* of a run of them (the anchor), not the last: when the node's warming
+  rate falls below the anchor by more than `GAIN`, the streams come back and stay a
+  while, so sheds cannot compound (8 → 4 → 2 → 1, each just under `GAIN`) and all of
+  them together cost at most `GAIN` of the rate;
 - when the loader is far behind the frontier it returns to the cheapest setting, since
   warming further ahead buys nothing.
 
@@ -37,9 +46,11 @@ __all__ = [
     "BUSY_CPU",
     "GAIN",
     "MIN_READ_BYTES",
+    "NOISE_FACTOR",
     "Controller",
     "Measurement",
     "Setting",
+    "busy_threshold",
     "decide",
     "read_bytes_for",
     "start",
@@ -47,9 +58,16 @@ __all__ = [
 
 #: Relative gain of the node's warming rate that keeps a trial with one more stream.
 GAIN = 0.10
-#: Node CPU busy fraction (of all cores) at which the prefetch sheds streams: above it the
-#: ranks that parse and copy tensors (and a client daemon such as sshfs) need the cores.
+#: Node CPU busy fraction (of all cores) at or above which the prefetch sheds streams, on a
+#: node of 10 cores or fewer: the ranks that parse and copy tensors (and a client daemon
+#: such as sshfs) need the cores. On more cores, the threshold is one core idle
+#: (`busy_threshold`): 90% of 128 cores leaves 12 idle.
 BUSY_CPU = 0.90
+#: A trial must beat the steady rate's noise (mean relative change between intervals at
+#: one setting) this many times over, when that is more than `GAIN`.
+NOISE_FACTOR = 2.0
+#: Steady intervals measured at a setting before a trial is judged against their mean.
+MIN_STEADY = 3
 #: The smallest read the controller issues.
 MIN_READ_BYTES = 4 << 20
 #: Intervals a stream count that did not pay stays out of reach before it is tried again.
@@ -96,6 +114,18 @@ class Measurement:
         return self.warmed_bytes / self.seconds if self.seconds > 0 else 0.0
 
 
+def busy_threshold(cores: int) -> float:
+    """The node CPU busy fraction at which streams are shed, for a node of `cores` cores.
+
+    `BUSY_CPU` on small nodes; on large ones, one core left idle.
+
+    Example:
+        >>> busy_threshold(2), busy_threshold(10), busy_threshold(128)
+        (0.9, 0.9, 0.9921875)
+    """
+    return max(BUSY_CPU, 1.0 - 1.0 / max(1, cores))
+
+
 @dataclass(frozen=True, slots=True)
 class Controller:
     """The controller's state between intervals (immutable; `decide` returns the next).
@@ -114,6 +144,12 @@ class Controller:
         floor: stream counts below this are not shed to (a shed that cost rate).
         hold: intervals left before the ceiling and the floor lift.
         reason: why the current setting was chosen, in words.
+        busy_cpu: the node CPU busy fraction that sheds (`busy_threshold`).
+        steady: intervals measured at the current setting (its rate is their mean).
+        noise: mean relative change of the rate between consecutive steady intervals over
+            the whole prefetch (0: unknown); `noise_n` of them.
+        last_rate: the rate of the previous steady interval (0: none).
+        anchor_rate: the rate before the first shed of a run of sheds (0: none).
     """
 
     setting: Setting
@@ -127,6 +163,17 @@ class Controller:
     floor: int | None = None
     hold: int = 0
     reason: str = "start"
+    busy_cpu: float = BUSY_CPU
+    steady: int = 0
+    noise: float = 0.0
+    noise_n: int = 0
+    last_rate: float = 0.0
+    anchor_rate: float = 0.0
+
+    @property
+    def threshold(self) -> float:
+        """The relative gain a trial must show: `GAIN`, or more on a noisy rate."""
+        return max(GAIN, NOISE_FACTOR * self.noise)
 
 
 def read_bytes_for(streams: int, stripe_bytes: int) -> int:
@@ -150,7 +197,12 @@ def read_bytes_for(streams: int, stripe_bytes: int) -> int:
 
 
 def start(
-    max_streams: int, stripe_bytes: int, *, streams: int = 1, span_bytes: int | None = None
+    max_streams: int,
+    stripe_bytes: int,
+    *,
+    streams: int = 1,
+    span_bytes: int | None = None,
+    busy_cpu: float = BUSY_CPU,
 ) -> Controller:
     """The controller's first state: `streams` reads in flight, the stripe split among them.
 
@@ -159,6 +211,7 @@ def start(
         stripe_bytes: the plan's stripe size.
         streams: where to start (clipped to 1..max_streams).
         span_bytes: stripe x local ranks (None: one rank).
+        busy_cpu: the node CPU busy fraction that sheds (`busy_threshold` of the cores).
 
     Returns:
         The initial `Controller`.
@@ -173,13 +226,34 @@ def start(
     n = min(max(1, streams), max_streams)
     return Controller(
         Setting(n, read_bytes_for(n, stripe_bytes)), max_streams, stripe_bytes, span,
-        reason=f"start at {n} stream{'s' if n > 1 else ''}",
+        reason=f"start at {n} stream{'s' if n > 1 else ''}", busy_cpu=busy_cpu, steady=-1,
     )  # fmt: skip
 
 
 def _to(state: Controller, streams: int, reason: str, **changes: object) -> Controller:
     setting = Setting(streams, read_bytes_for(streams, state.stripe_bytes))
+    changes.setdefault("steady", 0)
+    changes.setdefault("last_rate", 0.0)
     return replace(state, setting=setting, reason=reason, **changes)  # type: ignore[arg-type]
+
+
+def _measured(state: Controller, rate: float) -> Controller:
+    """One more steady interval at the current setting: its mean rate and the noise."""
+    if state.steady < 0:  # the start-up interval: reads were only starting, not counted
+        return replace(state, steady=0)
+    noise, k = state.noise, state.noise_n
+    if state.last_rate > 0:  # a link's noise lasts: the mean over the whole prefetch
+        k += 1
+        noise += (abs(rate / state.last_rate - 1.0) - noise) / k
+    n = state.steady + 1
+    old = state.base_rate
+    base = rate if n == 1 or old <= 0 else old + (rate - old) / n
+    return replace(state, steady=n, base_rate=base, noise=noise, noise_n=k, last_rate=rate)
+
+
+def _step_up(streams: int) -> int:
+    """The next stream count to try: a quarter more, at least one more."""
+    return streams + max(1, streams // 4)
 
 
 def _streams(n: int) -> str:
@@ -202,8 +276,9 @@ def decide(state: Controller, m: Measurement) -> Controller:
 
     Example:
         >>> s = start(4, 64 << 20)
-        >>> s = decide(s, Measurement(1.0, 100 << 20, lag_bytes=0, node_busy=0.3))
-        >>> s.setting.streams, s.reason  # the first interval only measures
+        >>> for _ in range(MIN_STEADY):  # the start-up interval, then the setting measured
+        ...     s = decide(s, Measurement(1.0, 100 << 20, lag_bytes=0, node_busy=0.3))
+        >>> s.setting.streams, s.reason
         (1, 'start at 1 stream')
         >>> s = decide(s, Measurement(1.0, 100 << 20, lag_bytes=0, node_busy=0.3))
         >>> s.setting.streams, s.reason
@@ -222,30 +297,42 @@ def decide(state: Controller, m: Measurement) -> Controller:
         return state
     if m.lag_bytes is not None and m.lag_bytes >= AHEAD_STRIPES * streams * state.span_bytes:
         if streams == 1:
-            return replace(state, trial_from=None, shed_from=None, base_rate=m.rate)
+            return _measured(
+                replace(state, trial_from=None, shed_from=None, anchor_rate=0.0), m.rate
+            )
         reason = "loader is far behind the frontier: back to 1 stream"
-        return _to(state, 1, reason, trial_from=None, shed_from=None, base_rate=0.0)
+        return _to(
+            state, 1, reason, trial_from=None, shed_from=None, base_rate=0.0, anchor_rate=0.0
+        )
     if state.shed_from is not None:
         return _judge_shed(state, m)
-    if m.node_busy is not None and m.node_busy >= BUSY_CPU:
+    if m.node_busy is not None and m.node_busy >= state.busy_cpu:
         return _shed(state, m)
     if state.trial_from is not None:
         back = state.trial_from.streams
         gain = _pct(m.rate, state.base_rate)
-        if m.rate < state.base_rate * (1 + GAIN):
+        if m.rate < state.base_rate * (1 + state.threshold):
             reason = f"{streams} streams did not pay ({gain}): back to {back}"
             return _to(state, back, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS)
-        state = replace(state, trial_from=None, reason=f"{streams} streams paid ({gain})")
-    if state.base_rate <= 0:  # nothing measured at this setting yet: measure before trying
-        return replace(state, base_rate=m.rate)
+        state = replace(
+            state, trial_from=None, reason=f"{streams} streams paid ({gain})", base_rate=0.0,
+            anchor_rate=0.0, steady=0, last_rate=0.0,
+        )  # fmt: skip
+    state = _measured(state, m.rate)
+    if state.steady < MIN_STEADY:  # measure at this setting before trying another
+        return state
     limit = (
         state.max_streams if state.ceiling is None else min(state.max_streams, state.ceiling - 1)
     )
     if streams < limit:
+        up = min(limit, _step_up(streams))
         waits = "loader waits at the frontier" if m.lag_bytes is not None else "no loader yet"
-        reason = f"{waits} and the CPU has room: try {streams + 1} streams"
-        return _to(state, streams + 1, reason, trial_from=state.setting, base_rate=m.rate)
-    return replace(state, base_rate=m.rate)
+        reason = f"{waits} and the CPU has room: try {up} streams"
+        return _to(
+            state, up, reason, trial_from=state.setting, base_rate=state.base_rate,
+            steady=state.steady, last_rate=state.last_rate,
+        )  # fmt: skip
+    return state
 
 
 def _shed(state: Controller, m: Measurement) -> Controller:
@@ -259,28 +346,34 @@ def _shed(state: Controller, m: Measurement) -> Controller:
             state, back, reason, trial_from=None, base_rate=0.0, ceiling=streams,
             hold=HOLD_INTERVALS,
         )  # fmt: skip
-    if state.base_rate <= 0:  # the start-up interval: measure before judging anything by it
-        return replace(state, base_rate=m.rate)
+    state = _measured(state, m.rate)
+    if state.steady < 1:  # the start-up interval: measure before judging anything by it
+        return state
     back = max(1, streams // 2, state.floor or 1)
     if back >= streams:
-        return replace(state, base_rate=m.rate)
+        return state
+    anchor = state.anchor_rate or state.base_rate
     reason = f"{busy}: try {_streams(back)}"
     return _to(
-        state, back, reason, shed_from=state.setting, base_rate=m.rate, ceiling=streams,
-        hold=HOLD_INTERVALS,
+        state, back, reason, shed_from=state.setting, base_rate=state.base_rate,
+        anchor_rate=anchor, ceiling=streams, hold=HOLD_INTERVALS,
     )  # fmt: skip
 
 
 def _judge_shed(state: Controller, m: Measurement) -> Controller:
-    """Keep fewer streams unless the node's warming rate fell by more than `GAIN`."""
+    """Keep fewer streams unless the node's warming rate fell below the anchor by `GAIN`."""
     assert state.shed_from is not None
     streams, back = state.setting.streams, state.shed_from.streams
-    change = _pct(m.rate, state.base_rate)
-    if m.rate < state.base_rate * (1 - GAIN):
-        reason = f"{_streams(streams)} cost rate ({change}): back to {back}"
-        return _to(
+    anchor = state.anchor_rate or state.base_rate
+    change = _pct(m.rate, anchor)
+    if m.rate < anchor * (1 - GAIN):
+        reason = f"{_streams(streams)} cost rate ({change} since the first shed): back to {back}"
+        return _to(  # the anchor stays: a later shed is judged against it too
             state, back, reason, shed_from=None, base_rate=0.0, ceiling=None, floor=back,
             hold=HOLD_INTERVALS,
         )  # fmt: skip
     reason = f"{state.reason.split(':')[0]}: {_streams(streams)} kept ({change})"
-    return replace(state, shed_from=None, base_rate=m.rate, reason=reason)
+    return _measured(
+        replace(state, shed_from=None, base_rate=0.0, steady=0, last_rate=0.0, reason=reason),
+        m.rate,
+    )

@@ -40,7 +40,7 @@ from engine.pool import DaemonPool
 from engine.reader_process import ReaderGone
 from engine.report import Outcome, OutcomeKind, PrefetchReport, Progress, Tally
 from engine.schedule import Consumer, Decision, Situation, TrailState, Wait, decide
-from engine.tuning import NODE_STREAMS, Tuning, auto_tuning, max_streams
+from engine.tuning import NODE_STREAMS, Tuning, auto_tuning, max_streams, stream_limit
 from engine.warm import Dropper, OpenFile, Warmer, warmer_for
 
 __all__ = ["PrefetchReport", "Prefetcher", "Progress", "prefetch_async"]
@@ -461,9 +461,10 @@ class Prefetcher:
         chunk = chunk or auto.chunk_bytes
         if concurrency:
             return Tuning(chunk, concurrency, auto.reason, network=auto.network)
-        top = max(max_streams(self.world), auto.concurrency)
+        bound, why = stream_limit(self.world)
+        top = max(bound, auto.concurrency)
         return Tuning(
-            chunk, auto.concurrency, auto.reason + f"; adapted at run time (1..{top})",
+            chunk, auto.concurrency, auto.reason + f"; adapted at run time (1..{top}, {why})",
             max_concurrency=top, network=auto.network,
         )  # fmt: skip
 

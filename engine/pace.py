@@ -10,6 +10,7 @@ the node's CPU was (``/proc/stat``), and lets the pure controller choose the nex
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from engine import adapt
@@ -62,8 +63,9 @@ class Pace:
         streams: int = 1,
     ) -> None:
         self.state = adapt.start(
-            max_streams, stripe_bytes, streams=streams, span_bytes=stripe_bytes * world
-        )
+            max_streams, stripe_bytes, streams=streams, span_bytes=stripe_bytes * world,
+            busy_cpu=adapt.busy_threshold(os.cpu_count() or 1),
+        )  # fmt: skip
         self._board = board
         self._last_t = time.monotonic()
         self._last_cpu = cpu_times()

@@ -17,20 +17,37 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 from dataclasses import dataclass
 
 from engine.fstype import is_network_device, is_network_fs
 
-__all__ = ["MAX_STREAMS_PER_RANK", "NODE_STREAMS", "Tuning", "auto_tuning", "max_streams"]
+__all__ = [
+    "HARD_NODE_STREAMS",
+    "NODE_STREAMS",
+    "Tuning",
+    "auto_tuning",
+    "max_streams",
+    "stream_limit",
+]
 
 log = logging.getLogger(__name__)
 
 #: Reads in flight per node that the automatic concurrency starts from (split among ranks).
 NODE_STREAMS = 8
-#: The most reads in flight per node that run-time adaptation may climb to.
-MAX_NODE_STREAMS = 16
-#: ... and per rank.
-MAX_STREAMS_PER_RANK = 16
+#: The most reads in flight per node that run-time adaptation may climb to, whatever the
+#: node's resources: a bound for safety, not a figure measured here (a Lustre client on an
+#: H100 node needs about 32 streams for 8.5 GiB/s; 256 leaves room for storage that needs
+#: far more, while a runaway controller cannot open thousands of reads at a server).
+HARD_NODE_STREAMS = 256
+#: Descriptors one stream may hold: a reader thread keeps up to 8 files open, and /dev/null.
+FDS_PER_STREAM = 9
+#: Share of the process's descriptor limit that the prefetch's streams may take.
+FD_SHARE = 0.5
+#: Memory one stream may hold in flight (a buffered backend reads at least this much).
+BYTES_PER_STREAM = 4 << 20
+#: Share of the node's available memory that reads in flight may hold.
+MEMORY_SHARE = 1 / 64
 NETWORK_CHUNK_BYTES = 16 << 20
 LOCAL_CHUNK_BYTES = 64 << 20
 
@@ -55,14 +72,74 @@ class Tuning:
     network: bool = False
 
 
-def max_streams(world: int) -> int:
-    """The most reads in flight one of `world` local ranks may adapt to.
+def _nofile() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def stream_limit(
+    world: int, *, nofile: int | None = None, mem_available: int | None = None
+) -> tuple[int, str]:
+    """The most reads in flight one of `world` local ranks may adapt to, and why.
+
+    Derived from resources, not from a stream count measured on one machine: the
+    descriptors of one rank's process (each stream may hold `FDS_PER_STREAM`; the streams
+    take at most `FD_SHARE` of the limit), the node's memory (each stream may hold
+    `BYTES_PER_STREAM`; all of them at most `MEMORY_SHARE` of what is available), and
+    `HARD_NODE_STREAMS` for safety, the node's bounds split among its ranks.
+
+    Args:
+        world: local ranks.
+        nofile: the descriptor limit (None: this process's ``RLIMIT_NOFILE``).
+        mem_available: the node's available memory (None: ``MemAvailable``).
+
+    Returns:
+        (streams per rank, >= 1; the bound that decided, in words).
 
     Example:
-        >>> max_streams(1), max_streams(4), max_streams(32)
-        (16, 4, 1)
+        >>> stream_limit(1, nofile=1024, mem_available=24 << 30)
+        (56, 'descriptors: 1024 x 0.5 / 9 per stream')
+        >>> stream_limit(8, nofile=1 << 20, mem_available=1 << 40)
+        (32, 'safety bound: 256 per node')
     """
-    return max(1, min(MAX_STREAMS_PER_RANK, -(-MAX_NODE_STREAMS // world)))
+    nofile = _nofile() if nofile is None else nofile
+    mem = _mem_available() if mem_available is None else mem_available
+    world = max(1, world)
+    bounds = [
+        (-(-HARD_NODE_STREAMS // world), f"safety bound: {HARD_NODE_STREAMS} per node"),
+        (
+            int(nofile * FD_SHARE) // FDS_PER_STREAM,
+            f"descriptors: {nofile} x {FD_SHARE} / {FDS_PER_STREAM} per stream",
+        ),
+    ]
+    if mem:
+        per_node = int(mem * MEMORY_SHARE) // BYTES_PER_STREAM
+        bounds.append(
+            (per_node // world, f"memory: {mem >> 20} MiB available x {MEMORY_SHARE:.3g}")
+        )
+    n, why = min(bounds, key=lambda b: b[0])
+    return max(1, n), why
+
+
+def max_streams(world: int) -> int:
+    """The most reads in flight one of `world` local ranks may adapt to (`stream_limit`).
+
+    Example:
+        >>> max_streams(1) >= max_streams(4) >= max_streams(4096) == 1
+        True
+    """
+    return stream_limit(world)[0]
 
 
 def auto_tuning(
