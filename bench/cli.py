@@ -76,7 +76,7 @@ measurement: cold cache (evicted and checked < 1% resident), rank processes star
 fresh and released together, done when the last rank has copied every tensor into its
 own memory; a checksum of all tensors must agree across configurations and ranks.
 
-filesystems (--fs): local, fast-nfs, slow-nfs, lustre-like, local-fuse (the netfs
+filesystems (--fs): local, fast-nfs, slow-nfs, lustre-like, many-streams, local-fuse (the netfs
 profiles are simulations through FUSE), sshfs, sshfs-quick (a real network filesystem
 client: sshfs to an sshd in a network namespace over a tc-limited veth, made and removed
 by the run; needs root, sshfs, openssh-server and iproute2, which setup.sh installs).
@@ -157,7 +157,7 @@ def _add_matrix_args(r: argparse.ArgumentParser) -> None:
         "--fs",
         type=_csv,
         metavar="LIST",
-        help="filesystems: local, netfs profiles (fast-nfs, slow-nfs, lustre-like, "
+        help="filesystems: local, netfs profiles (fast-nfs, slow-nfs, lustre-like, many-streams, "
         "local-fuse) and/or sshfs profiles (sshfs, sshfs-quick); quick: slow-nfs and sshfs",
     )
     r.add_argument("--ranks", type=_ints, metavar="LIST", help="rank counts, e.g. 1,4 (quick: 4)")

@@ -149,16 +149,28 @@ def fio_available() -> bool:
     return FIO_AVAILABLE
 
 
+def _floor_config(fs: str) -> Config:
+    """The raw floor's readers: 4 threads per rank, or as many as the profile needs.
+
+    Example:
+        >>> _floor_config("slow-nfs").spec, _floor_config("many-streams").spec
+        ('raw', 'raw:threads=32')
+    """
+    from bench.netfs import PROFILES
+
+    threads = PROFILES[fs].floor_threads if fs in PROFILES else 4
+    return parse_config("raw" if threads == 4 else f"raw:threads={threads}")
+
+
 def _rank_steps(suite: Suite, group: Group, ranks: int) -> list[Sampling]:
     """Warm-ups, the rotated rounds of floor and configurations, then the hot loads."""
     prefix = f"{group.where} {ranks}r"
+    raw = _floor_config(group.fs)
     steps = [
-        Sampling(
-            group, "floor-raw", parse_config("raw"), ranks, f"{prefix}: warm-up {i + 1}", keep=False
-        )
+        Sampling(group, "floor-raw", raw, ranks, f"{prefix}: warm-up {i + 1}", keep=False)
         for i in range(suite.warmup)
     ]
-    order = [("floor-raw", Config(name="floor:raw", kind="raw"))]
+    order = [("floor-raw", Config(name="floor:raw", kind="raw", options=raw.options))]
     order += [("load", parse_config(c)) for c in group.matrix.configs]
     for rep in range(suite.repeats):
         k = rep % len(order)

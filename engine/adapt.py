@@ -26,7 +26,9 @@ controller measures while the prefetch runs and climbs only while climbing pays:
   the first shed* of a run of them (the anchor), not the last: when the node's warming
   rate falls below the anchor by more than `GAIN`, the streams come back and stay a
   while, so sheds cannot compound (8 → 4 → 2 → 1, each just under `GAIN`) and all of
-  them together cost at most `GAIN` of the rate;
+  them together cost at most `GAIN` of the rate. A shed that cost rate also shows that the
+  busy CPU is not the prefetch's doing (a client or server working per byte): from then on
+  a busy CPU sheds no more and does not stop trials of more streams;
 - when the loader is far behind the frontier it returns to the cheapest setting, since
   warming further ahead buys nothing.
 
@@ -150,6 +152,9 @@ class Controller:
             the whole prefetch (0: unknown); `noise_n` of them.
         last_rate: the rate of the previous steady interval (0: none).
         anchor_rate: the rate before the first shed of a run of sheds (0: none).
+        storage_bound: a shed cost rate: the busy CPU is not the prefetch's doing (a
+            client or server working per byte), so a busy CPU no longer sheds, and more
+            streams are still tried (judged, as always, by the rate).
     """
 
     setting: Setting
@@ -169,6 +174,7 @@ class Controller:
     noise_n: int = 0
     last_rate: float = 0.0
     anchor_rate: float = 0.0
+    storage_bound: bool = False
 
     @property
     def threshold(self) -> float:
@@ -306,7 +312,8 @@ def decide(state: Controller, m: Measurement) -> Controller:
         )
     if state.shed_from is not None:
         return _judge_shed(state, m)
-    if m.node_busy is not None and m.node_busy >= state.busy_cpu:
+    busy = m.node_busy is not None and m.node_busy >= state.busy_cpu
+    if busy and not state.storage_bound:
         return _shed(state, m)
     if state.trial_from is not None:
         back = state.trial_from.streams
@@ -327,7 +334,8 @@ def decide(state: Controller, m: Measurement) -> Controller:
     if streams < limit:
         up = min(limit, _step_up(streams))
         waits = "loader waits at the frontier" if m.lag_bytes is not None else "no loader yet"
-        reason = f"{waits} and the CPU has room: try {up} streams"
+        room = "the CPU is busy but fewer streams cost rate" if busy else "the CPU has room"
+        reason = f"{waits} and {room}: try {up} streams"
         return _to(
             state, up, reason, trial_from=state.setting, base_rate=state.base_rate,
             steady=state.steady, last_rate=state.last_rate,
@@ -370,10 +378,11 @@ def _judge_shed(state: Controller, m: Measurement) -> Controller:
         reason = f"{_streams(streams)} cost rate ({change} since the first shed): back to {back}"
         return _to(  # the anchor stays: a later shed is judged against it too
             state, back, reason, shed_from=None, base_rate=0.0, ceiling=None, floor=back,
-            hold=HOLD_INTERVALS,
+            hold=HOLD_INTERVALS, storage_bound=True,
         )  # fmt: skip
     reason = f"{state.reason.split(':')[0]}: {_streams(streams)} kept ({change})"
-    return _measured(
-        replace(state, shed_from=None, base_rate=0.0, steady=0, last_rate=0.0, reason=reason),
-        m.rate,
-    )
+    kept = replace(
+        state, shed_from=None, base_rate=0.0, steady=0, last_rate=0.0, reason=reason,
+        storage_bound=False,
+    )  # fmt: skip
+    return _measured(kept, m.rate)

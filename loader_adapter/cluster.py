@@ -56,6 +56,7 @@ from engine.cluster_plan import (
 )
 from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes
 from engine.replica import Replica
+from engine.tuning import NODE_STREAMS, max_streams
 from loader_adapter.discovery import host_identity
 from loader_adapter.exchange import DEFAULT_INFLIGHT, ClusterReport, Exchange
 from loader_adapter.files import CheckpointFiles, expand_checkpoint_files
@@ -76,8 +77,6 @@ log = logging.getLogger(__name__)
 DEFAULT_REPLICA_DIR = "/dev/shm"
 #: Environment variable naming the replica directory (a local disk, say).
 REPLICA_DIR_ENV = "CKPT_PREFETCH_REPLICA_DIR"
-#: Reads in flight per node aimed at (as `engine.tuning.NODE_STREAMS`), split among ranks.
-_NODE_STREAMS = 8
 #: Keyword options of `engine.start_prefetch`, accepted here as by the node-local loader.
 _ENGINE_OPTIONS = frozenset(
     name
@@ -416,11 +415,13 @@ def cluster_weights_iterator(
     concurrency = options.get("concurrency")
     if read_threads is None and isinstance(concurrency, int) and not isinstance(concurrency, bool):
         read_threads = concurrency  # reads in flight per rank, as in node-local mode
-    threads = read_threads or max(1, _NODE_STREAMS // local_world)
+    threads = read_threads or max(1, NODE_STREAMS // local_world)
     session = Exchange(
         plan, me, joined.group, replica, [f.path for f in resolved],
         window_bytes=window, timeout_s=exchange_timeout_s,
         read_threads=threads, inflight=DEFAULT_INFLIGHT,
+        # adapted at run time, as in node-local mode, unless the reads in flight were given
+        max_read_threads=None if read_threads else max(threads, max_streams(local_world)),
     )  # fmt: skip
     log.info(
         "cluster mode: node %d of %d, local rank %d of %d, %d stripes of %d MiB, window %s, "

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from engine.cluster_plan import ClusterPlan, Op, OpKind, Stripe
 from engine.memory import trail_bytes
 from engine.mounts import read_ahead_bytes
+from engine.pace import Pace
 from engine.replica import READY_STATES, Replica, StripeState
 
 __all__ = ["DEFAULT_INFLIGHT", "ClusterReport", "Exchange"]
@@ -81,6 +82,8 @@ class ClusterReport:
         timeline_s: seconds from the start to the last read, send, receive, fallback read
             and punch of this rank (where a load spends its time).
         replica_dir: the replica's directory (removed at the end).
+        tuning: how many storage reads this rank kept in flight: fixed, or where run-time
+            adaptation (`engine.adapt`, on this rank's read rate) ended and why.
     """
 
     scope: str
@@ -106,6 +109,7 @@ class ClusterReport:
     elapsed_s: float = 0.0
     timeline_s: dict[str, float] = field(default_factory=dict)
     replica_dir: str = ""
+    tuning: str = ""
 
     @property
     def ok(self) -> bool:
@@ -137,6 +141,7 @@ class Exchange:
         timeout_s: float,
         read_threads: int,
         inflight: int,
+        max_read_threads: int | None = None,
     ) -> None:
         self.plan = plan
         self.rank = rank
@@ -180,10 +185,22 @@ class Exchange:
         self._unsent: set[int] = set()
         self._inflight = max(1, inflight)
         self._stopped = False
-        n_threads = max(1, read_threads)
+        # Storage reads in flight: fixed, or adapted at run time like a node-local prefetch
+        # (`engine.pace`): `max_read_threads` readers wait, the first `_allowed` of them read.
+        self._allowed = max(1, read_threads)
+        self._pace: Pace | None = None
+        n_threads = self._allowed
+        if max_read_threads is not None and max_read_threads > self._allowed:
+            n_threads = max_read_threads
+            self._pace = Pace(
+                max_read_threads, plan.chunk_bytes, topo.local_world(self.node), None,
+                streams=self._allowed,
+            )  # fmt: skip
         for i in range(n_threads):
             self._threads.append(
-                self._spawn(self._read_loop, f"ckpt-cluster-read-{i}", self._reads_lost)
+                self._spawn(
+                    lambda i=i: self._read_loop(i), f"ckpt-cluster-read-{i}", self._reads_lost
+                )
             )
         self._outstanding: collections.deque[tuple[Op, Any, Any, bool]] = collections.deque()
         self._posting_done = False
@@ -280,9 +297,13 @@ class Exchange:
         return True
 
     # ------------------------------------------------------------------ reads
-    def _read_loop(self) -> None:
+    def _read_loop(self, i: int = 0) -> None:
         backlog_max = None if self.window is None else max(2, self.window // self.plan.chunk_bytes)
         while not self._cancel.is_set():
+            if i >= self._allowed and not self._wait_until(
+                lambda: i < self._allowed or self._next_read >= len(self._own)
+            ):
+                return
             with self._lock:
                 if self._next_read >= len(self._own):
                     return
@@ -313,6 +334,19 @@ class Exchange:
             self._count("read", n)
             self._sent_or_ready(s.index)
             self._sample_peak()
+            self._adapt()
+
+    def _adapt(self) -> None:
+        """Once an interval, let the controller set the storage reads in flight."""
+        pace = self._pace
+        if pace is None or not pace.due():
+            return
+        with self._cond:
+            if not pace.due():  # another reader decided meanwhile
+                return
+            pace.tick(self._counts["read"], None)
+            self._allowed = pace.setting.streams
+            self._cond.notify_all()
 
     def _reads_lost(self) -> None:
         """A reader crashed: nothing waits for the stripes no reader took (the loader and
@@ -683,6 +717,11 @@ class Exchange:
             elapsed_s=time.monotonic() - self._t0,
             timeline_s=timeline,
             replica_dir=str(self.replica.directory),
+            tuning=(
+                self._pace.summary()
+                if self._pace is not None
+                else f"fixed: {self._allowed} storage read(s) in flight"
+            ),
             **fields,
         )
 

@@ -75,8 +75,9 @@ def test_a_shed_that_costs_rate_is_undone_and_held():
     seen = run(start(8, STRIPE, streams=4), lambda s: s * 100e6, intervals=60, busy=0.99)
     assert seen[0] == 4  # the start-up interval only measures
     assert seen[1] == 2 and seen[2] == 4  # tried 2, lost half the rate, back to 4
-    assert seen[3 : HOLD_INTERVALS + 1] == [4] * (HOLD_INTERVALS - 2)  # held
-    assert seen.count(4) >= 0.75 * len(seen)
+    # The busy CPU is not the prefetch's doing: no more sheds, and since more streams pay
+    # here, it climbs although the CPU stays busy.
+    assert 2 not in seen[3:] and seen[-1] == 8
 
 
 def test_a_shed_that_keeps_the_rate_is_kept():
@@ -197,8 +198,8 @@ def test_climbs_past_sixteen_when_the_storage_needs_it():
 def test_sheds_just_under_the_gain_do_not_compound(loss):
     # A busy CPU where each halving costs `loss` of the rate: judged against the rate before
     # the first shed, the second halving already costs too much and is undone.
-    def rate_of(s: int) -> float:
-        return 800e6 * (1 - loss) ** {8: 0, 4: 1, 2: 2, 1: 3}[s]
+    def rate_of(s: int) -> float:  # each halving below 8 costs `loss`; more than 8: no gain
+        return 800e6 * (1 - loss) ** (3 - min(3, s.bit_length() - 1))
 
     state = start(8, STRIPE, streams=8)
     kept = []
@@ -227,12 +228,16 @@ def test_all_sheds_together_cost_at_most_the_gain(losses, spread, seed):
         rates[count] = rates[count * 2] * (1 - loss)
     rng = random.Random(seed)
     state = start(16, STRIPE, streams=16)
+
+    def rate(s: int) -> float:  # between two counts, the rate of the lower one
+        return rates[max(c for c in counts if c <= s)]
+
     for _ in range(60):
         s = state.setting.streams
-        r = rates[s] * (1 + rng.uniform(-spread, spread))
+        r = rate(s) * (1 + rng.uniform(-spread, spread))
         state = decide(state, Measurement(1.0, int(r), lag_bytes=0, node_busy=0.99))
         if state.shed_from is None and state.trial_from is None:
-            assert rates[state.setting.streams] >= 1e9 * (1 - GAIN - 2 * spread) - 1
+            assert rate(state.setting.streams) >= 1e9 * (1 - GAIN - 2 * spread) - 1
 
 
 def test_busy_threshold_leaves_one_core_on_big_nodes():

@@ -89,7 +89,10 @@ def test_ctrl_c_exits_130_with_a_partial_summary(tmp_path):
     for p in files:
         evict(p)
     # One slow stream: 8 x 4 MiB at 64 KiB per read with fadvise off keeps it busy.
+    # A shell that starts a command in the background (`cmd &`) has it ignore SIGINT, and
+    # Python then installs no KeyboardInterrupt: restore the default, as a terminal has it.
     code = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import sys, time, engine.backends as b\n"
         "orig = b.PreadBackend.read_into_cache\n"
         "def slow(self, fd, off, n):\n"

@@ -62,6 +62,7 @@ def test_two_nodes_load_exact_tensors_reading_each_byte_once(checkpoint, tmp_pat
         assert abs(read - total / 2) <= 2 * MiB  # half each, to a stripe
     assert sum(rep["sent_bytes"] for rep in reports) == total
     assert [list(d.iterdir()) for d in reps] == [[], []]  # replicas removed
+    assert all(rep["tuning"].startswith("adaptive: ") for rep in reports), reports[0]["tuning"]
 
 
 def test_a_window_bounds_the_replica_in_shared_memory(checkpoint, tmp_path):
@@ -167,3 +168,28 @@ def test_the_scope_flags_reach_the_loader():
         "scope": "cluster",
         "replica_dir": "/x",
     }
+
+
+@pytest.mark.fuse
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_storage_reads_in_flight_adapt_on_a_store_that_needs_many_streams(tmp_path):
+    # One stream of this store is slow (80 ms per 1 MiB request), its aggregate high: more
+    # reads in flight pay, and each node's reader climbs above where it started (8).
+    from fuse_support import require_fuse
+
+    from bench.netfs import mounted
+
+    require_fuse()
+    big = make_checkpoint(tmp_path / "ck", size_bytes=768 * MiB, shards=4)
+    with mounted(big.directory, profile="many-streams") as fs:
+        fs.evict()
+        ranks, failed, _ = run_mode(
+            "cluster", [fs.path] * 2, 1, workdir=tmp_path / "w", chunk_mb=16, timeout_s=60,
+        )  # fmt: skip
+    assert failed == []
+    reports = [r["report"] for r in ranks]
+    assert all(rep["scope"] == "cluster" for rep in reports)
+    streams = [int(rep["tuning"].split()[1]) for rep in reports]  # "adaptive: N streams ..."
+    assert max(streams) > 8, [rep["tuning"] for rep in reports]
+    assert sum(rep["read_bytes"] for rep in reports) == big.total_bytes

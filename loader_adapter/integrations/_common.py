@@ -526,6 +526,7 @@ def describe_cluster_report(report: Any) -> str:
         f"{report.local_world}: read={report.read_bytes} received={report.received_bytes} "
         f"sent={report.sent_bytes} fallback={report.fallback_bytes} bytes "
         f"({format_bytes(report.read_bytes)} read from storage in {report.elapsed_s:.2f} s)"
+        + (f"; {report.tuning}" if report.tuning else "")
     )
     if report.failures:
         line += f"; {len(report.failures)} problem(s): " + "; ".join(report.failures)
