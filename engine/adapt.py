@@ -321,13 +321,16 @@ def decide(state: Controller, m: Measurement) -> Controller:
         if m.rate < state.base_rate * (1 + state.threshold):
             reason = f"{streams} streams did not pay ({gain}): back to {back}"
             return _to(state, back, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS)
+        # It paid: the trial's interval measured the new setting; the next step is tried
+        # at once, judged against it (a rate lifted by noise makes the next trial fail).
         state = replace(
-            state, trial_from=None, reason=f"{streams} streams paid ({gain})", base_rate=0.0,
-            anchor_rate=0.0, steady=0, last_rate=0.0,
+            state, trial_from=None, reason=f"{streams} streams paid ({gain})", base_rate=m.rate,
+            anchor_rate=0.0, steady=MIN_STEADY, last_rate=m.rate,
         )  # fmt: skip
-    state = _measured(state, m.rate)
-    if state.steady < MIN_STEADY:  # measure at this setting before trying another
-        return state
+    else:
+        state = _measured(state, m.rate)
+        if state.steady < MIN_STEADY:  # measure at this setting before trying another
+            return state
     limit = (
         state.max_streams if state.ceiling is None else min(state.max_streams, state.ceiling - 1)
     )

@@ -16,12 +16,33 @@ import time
 from engine import adapt
 from engine.cursor import RankBoard
 
-__all__ = ["INTERVAL_S", "Pace", "cpu_times"]
+__all__ = ["INTERVAL_S", "Pace", "cpu_times", "interval_for"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two decisions: long enough for a few large reads to complete.
+#: Seconds between two decisions at least: long enough for a few large reads to complete.
 INTERVAL_S = 0.5
+#: ... at most, however slow each read is.
+MAX_INTERVAL_S = 3.0
+#: Reads of each stream an interval should see complete: with fewer, the rate it measures
+#: jumps by whole reads (noise), and a stream added for a trial has not finished its
+#: first read when the trial is judged.
+READS_PER_INTERVAL = 4
+
+
+def interval_for(streams: int, read_bytes: int, rate: float) -> float:
+    """Seconds the next interval lasts: `READS_PER_INTERVAL` reads of each stream.
+
+    Measured, not tuned: a read takes ``streams x read_bytes / rate`` at the node's rate.
+
+    Example:
+        >>> interval_for(8, 4 << 20, 1e9), interval_for(8, 4 << 20, 67e6)
+        (0.5, 2.0032...)
+    """
+    if rate <= 0:
+        return INTERVAL_S
+    per_read = streams * read_bytes / rate
+    return min(MAX_INTERVAL_S, max(INTERVAL_S, READS_PER_INTERVAL * per_read))
 
 
 def cpu_times() -> tuple[int, int] | None:
@@ -68,6 +89,7 @@ class Pace:
         )  # fmt: skip
         self._board = board
         self._last_t = time.monotonic()
+        self.interval_s = INTERVAL_S  # follows the time one read takes (`interval_for`)
         self._last_cpu = cpu_times()
         self._last_slots: tuple[int, ...] = board.warmed() if board is not None else ()
         self._last_own = 0
@@ -81,7 +103,7 @@ class Pace:
 
     def due(self) -> bool:
         """Whether an interval has passed since the last decision."""
-        return time.monotonic() - self._last_t >= INTERVAL_S
+        return time.monotonic() - self._last_t >= self.interval_s
 
     def _node_warmed(self, own_warmed: int) -> int:
         if self._board is None:
@@ -119,6 +141,7 @@ class Pace:
         before = self.state.setting
         self.state = adapt.decide(self.state, m)
         after = self.state.setting
+        self.interval_s = interval_for(before.streams, before.read_bytes, m.rate)
         if after != before:
             self.history.append(
                 (now - self._t0, after.streams, after.read_bytes, self.state.reason)

@@ -189,6 +189,8 @@ class Exchange:
         # (`engine.pace`): `max_read_threads` readers wait, the first `_allowed` of them read.
         self._allowed = max(1, read_threads)
         self._pace: Pace | None = None
+        self._progress_lock = threading.Lock()
+        self._read_so_far = 0  # bytes read from storage, counted per piece
         n_threads = self._allowed
         if max_read_threads is not None and max_read_threads > self._allowed:
             n_threads = max_read_threads
@@ -273,10 +275,23 @@ class Exchange:
         tail = min(s.length, self._tail_bytes(s.file))
         head = s.length - tail
         n = self.replica.fill_from(s.file, s.offset + head, tail, self._src_fd(s.file, tail=True))
-        if head:
-            n += self.replica.fill_from(s.file, s.offset, head, self._src_fd(s.file))
+        self._progress(n)
+        # The head in pieces: the controller measures the rate per interval, and a whole
+        # stripe per count makes that rate jump in stripes (noise it would not climb on).
+        for off in range(0, head, _PIECE_BYTES):
+            k = self.replica.fill_from(
+                s.file, s.offset + off, min(_PIECE_BYTES, head - off), self._src_fd(s.file)
+            )
+            self._progress(k)
+            n += k
         _drop_cache(self._src_fd(s.file), s.offset, s.length)
         return n
+
+    def _progress(self, n: int) -> None:
+        if self._pace is not None:
+            with self._progress_lock:
+                self._read_so_far += n
+            self._adapt()
 
     def _gate(self) -> float:
         """How far (exclusive) this node may bring stripes in: slowest consumer + window."""
@@ -334,7 +349,6 @@ class Exchange:
             self._count("read", n)
             self._sent_or_ready(s.index)
             self._sample_peak()
-            self._adapt()
 
     def _adapt(self) -> None:
         """Once an interval, let the controller set the storage reads in flight."""
@@ -344,7 +358,7 @@ class Exchange:
         with self._cond:
             if not pace.due():  # another reader decided meanwhile
                 return
-            pace.tick(self._counts["read"], None)
+            pace.tick(self._read_so_far, None)
             self._allowed = pace.setting.streams
             self._cond.notify_all()
 
@@ -724,6 +738,10 @@ class Exchange:
             ),
             **fields,
         )
+
+
+#: The pieces a stripe is read in (as the node-local engine's smallest adapted read).
+_PIECE_BYTES = 4 << 20
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:
