@@ -9,10 +9,14 @@ controller measures while the prefetch runs and climbs only while climbing pays:
 
 - it starts where the engine tells it (the engine passes its former fixed default);
 - when the loader waits at the frontier (or nobody consumes yet) and the node's CPU has
-  room, it tries more streams (a quarter more, at least one; only after one interval at
-  the current setting was measured: judged against the start-up interval, any trial
-  would pass); the trial is kept only when the node's warming rate rises by at least the
-  *threshold*, otherwise it steps back and holds that ceiling a while. There is no
+  room, it tries more streams (only after a few intervals at the current setting were
+  measured: judged against the start-up interval, any trial would pass); the trial is
+  kept only when the node's warming rate rises by at least the *threshold*, otherwise it
+  steps back and holds that ceiling a while. Trials double the streams at first (slow
+  start: storage that needs 32 or 128 reads in flight is reached in a few steps) while
+  the rate grows about in proportion; a doubling that gains clearly less shows the knee
+  (linear up to it: near ``streams x gain``), which is taken, and from then on trials add
+  a quarter (at least one) and the next follows at once while they pay. There is no
   ceiling of its own: it climbs as long as climbing pays, up to the bound the engine
   derives from the node's resources (`engine.tuning.stream_limit`);
 - the threshold is `GAIN`, or twice the noise of the rate measured while the setting held
@@ -155,6 +159,8 @@ class Controller:
         storage_bound: a shed cost rate: the busy CPU is not the prefetch's doing (a
             client or server working per byte), so a busy CPU no longer sheds, and more
             streams are still tried (judged, as always, by the rate).
+        doubling: trials double the streams (slow start) until one gains clearly less than
+            in proportion, fails or a shed comes; then they add a quarter.
     """
 
     setting: Setting
@@ -175,6 +181,7 @@ class Controller:
     last_rate: float = 0.0
     anchor_rate: float = 0.0
     storage_bound: bool = False
+    doubling: bool = True
 
     @property
     def threshold(self) -> float:
@@ -257,9 +264,19 @@ def _measured(state: Controller, rate: float) -> Controller:
     return replace(state, steady=n, base_rate=base, noise=noise, noise_n=k, last_rate=rate)
 
 
-def _step_up(streams: int) -> int:
-    """The next stream count to try: a quarter more, at least one more."""
-    return streams + max(1, streams // 4)
+def _step_up(streams: int, doubling: bool) -> int:
+    """The next stream count to try: twice as many in slow start, else a quarter more.
+
+    Example:
+        >>> _step_up(4, True), _step_up(4, False), _step_up(16, False)
+        (8, 5, 20)
+    """
+    return 2 * streams if doubling else streams + max(1, streams // 4)
+
+
+#: In slow start, a trial keeps doubling when the rate grew by at least this share of the
+#: streams' growth (near-linear: the storage is far from full).
+LINEAR = 0.75
 
 
 def _streams(n: int) -> str:
@@ -320,7 +337,17 @@ def decide(state: Controller, m: Measurement) -> Controller:
         gain = _pct(m.rate, state.base_rate)
         if m.rate < state.base_rate * (1 + state.threshold):
             reason = f"{streams} streams did not pay ({gain}): back to {back}"
-            return _to(state, back, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS)
+            return _to(
+                state, back, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS,
+                doubling=False,
+            )  # fmt: skip
+        ratio = m.rate / state.base_rate
+        if state.doubling and ratio < 1 + LINEAR * (streams / back - 1):
+            # Less than in proportion: the storage fills between `back` and `streams`.
+            # Linear up to a knee puts the knee near back x ratio: go there, then step.
+            knee = min(streams, max(back + 1, round(back * ratio)))
+            reason = f"{streams} streams paid {gain}, less than in proportion: {knee}"
+            return _to(state, knee, reason, trial_from=None, doubling=False, anchor_rate=0.0)
         # It paid: the trial's interval measured the new setting; the next step is tried
         # at once, judged against it (a rate lifted by noise makes the next trial fail).
         state = replace(
@@ -335,7 +362,7 @@ def decide(state: Controller, m: Measurement) -> Controller:
         state.max_streams if state.ceiling is None else min(state.max_streams, state.ceiling - 1)
     )
     if streams < limit:
-        up = min(limit, _step_up(streams))
+        up = min(limit, _step_up(streams, state.doubling))
         waits = "loader waits at the frontier" if m.lag_bytes is not None else "no loader yet"
         room = "the CPU is busy but fewer streams cost rate" if busy else "the CPU has room"
         reason = f"{waits} and {room}: try {up} streams"
@@ -363,11 +390,14 @@ def _shed(state: Controller, m: Measurement) -> Controller:
     back = max(1, streams // 2, state.floor or 1)
     if back >= streams:
         return state
-    anchor = state.anchor_rate or state.base_rate
+    # The rate of this busy interval, not the setting's mean: a CPU that turned busy (the
+    # ranks began to parse) may have slowed warming already, and the shed must not be
+    # blamed for that.
+    anchor = state.anchor_rate or m.rate
     reason = f"{busy}: try {_streams(back)}"
     return _to(
-        state, back, reason, shed_from=state.setting, base_rate=state.base_rate,
-        anchor_rate=anchor, ceiling=streams, hold=HOLD_INTERVALS,
+        state, back, reason, shed_from=state.setting, base_rate=m.rate,
+        anchor_rate=anchor, ceiling=streams, hold=HOLD_INTERVALS, doubling=False,
     )  # fmt: skip
 
 

@@ -247,3 +247,12 @@ def test_busy_threshold_leaves_one_core_on_big_nodes():
     for _ in range(4):  # 95% busy on 128 cores: 6 cores idle, nothing to shed
         state = decide(state, Measurement(1.0, 800 * MiB, lag_bytes=0, node_busy=0.95))
     assert state.setting.streams >= 8 and "busy" not in state.reason
+
+
+def test_slow_start_finds_a_far_knee_in_a_few_steps_then_steps_finely():
+    # A store that needs 100 streams, from 2: doubling while the rate grows in proportion,
+    # then straight to near the knee (100), instead of a hundred single steps.
+    seen = run(start(256, STRIPE, streams=2), lambda s: min(s, 100) * 10e6, intervals=40)
+    first = next(i for i, s in enumerate(seen) if s >= 90)
+    assert first <= 20, seen
+    assert 90 <= seen[-1] <= 125, seen[-10:]
