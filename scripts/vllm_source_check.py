@@ -11,15 +11,16 @@ safetensors itself; ``shuffle_safetensors_files`` is refused; vLLM's EPLB expert
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from _engine_checks import _digest as digests
+from _engine_checks import _Lines as Lines
 from safetensors.torch import load_file, save_file
 
 failed: list[str] = []
@@ -33,24 +34,6 @@ def check(name: str, fn: Callable[[], tuple[bool, str]]) -> None:
     print(f"{'PASS' if ok else 'FAIL'} {name}: {seen}", flush=True)
     if not ok:
         failed.append(name)
-
-
-def digests(pairs: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
-    return {
-        n: hashlib.sha256(
-            t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        ).hexdigest()
-        for n, t in pairs
-    }
-
-
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 def main() -> None:
