@@ -69,8 +69,8 @@ GAIN = 0.10
 #: such as sshfs) need the cores. On more cores, the threshold is one core idle
 #: (`busy_threshold`): 90% of 128 cores leaves 12 idle.
 BUSY_CPU = 0.90
-#: A trial must beat the steady rate's noise (mean relative change between intervals at
-#: one setting) this many times over, when that is more than `GAIN`.
+#: A trial must beat the steady rate's noise (the mean relative change between intervals
+#: at one setting, the largest left out) this many times over, when that is more than `GAIN`.
 NOISE_FACTOR = 2.0
 #: Steady intervals measured at a setting before a trial is judged against their mean.
 MIN_STEADY = 3
@@ -152,8 +152,8 @@ class Controller:
         reason: why the current setting was chosen, in words.
         busy_cpu: the node CPU busy fraction that sheds (`busy_threshold`).
         steady: intervals measured at the current setting (its rate is their mean).
-        noise: mean relative change of the rate between consecutive steady intervals over
-            the whole prefetch (0: unknown); `noise_n` of them.
+        changes: (sum, count, largest) of the relative changes of the rate between
+            consecutive steady intervals over the whole prefetch (a link's noise lasts).
         last_rate: the rate of the previous steady interval (0: none).
         anchor_rate: the rate before the first shed of a run of sheds (0: none).
         storage_bound: a shed cost rate: the busy CPU is not the prefetch's doing (a
@@ -176,8 +176,7 @@ class Controller:
     reason: str = "start"
     busy_cpu: float = BUSY_CPU
     steady: int = 0
-    noise: float = 0.0
-    noise_n: int = 0
+    changes: tuple[float, int, float] = (0.0, 0, 0.0)
     last_rate: float = 0.0
     anchor_rate: float = 0.0
     storage_bound: bool = False
@@ -187,6 +186,16 @@ class Controller:
     def threshold(self) -> float:
         """The relative gain a trial must show: `GAIN`, or more on a noisy rate."""
         return max(GAIN, NOISE_FACTOR * self.noise)
+
+    @property
+    def noise(self) -> float:
+        """The rate's noise: the mean relative change between steady intervals, leaving
+        out the largest one (0: unknown), so that one jump (the ramp of the first reads) is
+        not taken for noise."""
+        total, n, largest = self.changes
+        if n == 0:
+            return 0.0
+        return (total - largest) / (n - 1) if n >= 2 else total
 
 
 def read_bytes_for(streams: int, stripe_bytes: int) -> int:
@@ -254,14 +263,15 @@ def _measured(state: Controller, rate: float) -> Controller:
     """One more steady interval at the current setting: its mean rate and the noise."""
     if state.steady < 0:  # the start-up interval: reads were only starting, not counted
         return replace(state, steady=0)
-    noise, k = state.noise, state.noise_n
-    if state.last_rate > 0:  # a link's noise lasts: the mean over the whole prefetch
-        k += 1
-        noise += (abs(rate / state.last_rate - 1.0) - noise) / k
+    changes = state.changes
+    if state.last_rate > 0:  # a link's noise lasts: kept across settings
+        change = abs(rate / state.last_rate - 1.0)
+        total, n, largest = changes
+        changes = (total + change, n + 1, max(largest, change))
     n = state.steady + 1
     old = state.base_rate
     base = rate if n == 1 or old <= 0 else old + (rate - old) / n
-    return replace(state, steady=n, base_rate=base, noise=noise, noise_n=k, last_rate=rate)
+    return replace(state, steady=n, base_rate=base, changes=changes, last_rate=rate)
 
 
 def _step_up(streams: int, doubling: bool) -> int:

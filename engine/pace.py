@@ -88,6 +88,7 @@ class Pace:
             busy_cpu=adapt.busy_threshold(os.cpu_count() or 1),
         )  # fmt: skip
         self._board = board
+        self._world = world
         self._last_t = time.monotonic()
         self.interval_s = INTERVAL_S  # follows the time one read takes (`interval_for`)
         self._last_cpu = cpu_times()
@@ -141,7 +142,9 @@ class Pace:
         before = self.state.setting
         self.state = adapt.decide(self.state, m)
         after = self.state.setting
-        self.interval_s = interval_for(before.streams, before.read_bytes, m.rate)
+        # The rate is the node's when the ranks share a board: so are the streams.
+        streams = before.streams * (self._world if self._board is not None else 1)
+        self.interval_s = interval_for(streams, before.read_bytes, m.rate)
         if after != before:
             self.history.append(
                 (now - self._t0, after.streams, after.read_bytes, self.state.reason)

@@ -175,9 +175,10 @@ def noisy(rate_of, spread: float, seed: int):
 def test_noise_on_a_flat_rate_does_not_make_streams_creep_up(spread, seed):
     # More streams gain nothing here: only the noise could make a trial look like a gain.
     seen = run(start(64, STRIPE, streams=4), noisy(lambda s: 400e6, spread, seed), intervals=400)
-    assert max(seen) <= 8, max(seen)  # a trial or two, never a climb to the bound
+    # a false gain now and then (a trial or two kept), never a climb towards the bound (64)
+    assert max(seen) <= 10, max(seen)
     tail = seen[200:]
-    assert sum(tail) / len(tail) <= 5.5
+    assert sum(tail) / len(tail) <= 6.5
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -256,3 +257,16 @@ def test_slow_start_finds_a_far_knee_in_a_few_steps_then_steps_finely():
     first = next(i for i, s in enumerate(seen) if s >= 90)
     assert first <= 20, seen
     assert 90 <= seen[-1] <= 125, seen[-10:]
+
+
+def test_the_ramp_of_the_first_reads_is_not_taken_for_noise():
+    # The first intervals ramp up (reads only starting): that jump is not noise, and a
+    # doubling that then gains 80% is kept.
+    state = start(64, STRIPE, streams=2)
+    for rate in (5e6, 20e6, 60e6, 61e6):  # start-up (not counted), ramp, steady
+        state = decide(state, Measurement(1.0, int(rate), lag_bytes=0, node_busy=0.3))
+    assert state.setting.streams == 4 and state.trial_from is not None
+    assert state.noise < 0.05
+    state = decide(state, Measurement(1.0, int(108e6), lag_bytes=0, node_busy=0.3))
+    # kept, and in proportion (+77% for twice the streams): the next doubling at once
+    assert state.setting.streams == 8 and state.trial_from is not None, state.reason
