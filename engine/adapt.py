@@ -285,7 +285,7 @@ def _step_up(streams: int, doubling: bool) -> int:
 
 
 #: In slow start, a trial keeps doubling when the rate grew by at least this share of the
-#: streams' growth (near-linear: the storage is far from full).
+#: streams' growth (the storage is far from full).
 LINEAR = 0.75
 
 
@@ -351,7 +351,7 @@ def decide(state: Controller, m: Measurement) -> Controller:
                 state, back, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS,
                 doubling=False,
             )  # fmt: skip
-        ratio = m.rate / state.base_rate
+        ratio = m.rate / state.base_rate if state.base_rate > 0 else float("inf")
         if state.doubling and ratio < 1 + LINEAR * (streams / back - 1):
             # Less than in proportion: the storage fills between `back` and `streams`.
             # Linear up to a knee puts the knee near back x ratio: go there, then step.
