@@ -74,6 +74,9 @@ BUSY_CPU = 0.90
 NOISE_FACTOR = 2.0
 #: Steady intervals measured at a setting before a trial is judged against their mean.
 MIN_STEADY = 3
+#: In slow start, a trial keeps doubling when the rate grew by at least this share of the
+#: streams' growth (the storage is far from full).
+LINEAR = 0.75
 #: The smallest read the controller issues.
 MIN_READ_BYTES = 4 << 20
 #: Intervals a stream count that did not pay stays out of reach before it is tried again.
@@ -282,11 +285,6 @@ def _step_up(streams: int, doubling: bool) -> int:
         (8, 5, 20)
     """
     return 2 * streams if doubling else streams + max(1, streams // 4)
-
-
-#: In slow start, a trial keeps doubling when the rate grew by at least this share of the
-#: streams' growth (the storage is far from full).
-LINEAR = 0.75
 
 
 def _streams(n: int) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.adapt import MIN_READ_BYTES
 from engine.cluster_plan import ClusterPlan, Op, OpKind, Stripe
 from engine.memory import trail_bytes
 from engine.mounts import read_ahead_bytes
@@ -189,7 +190,6 @@ class Exchange:
         # (`engine.pace`): `max_read_threads` readers wait, the first `_allowed` of them read.
         self._allowed = max(1, read_threads)
         self._pace: Pace | None = None
-        self._progress_lock = threading.Lock()
         self._read_so_far = 0  # bytes read from storage, counted per piece
         n_threads = self._allowed
         if max_read_threads is not None and max_read_threads > self._allowed:
@@ -278,9 +278,9 @@ class Exchange:
         self._progress(n)
         # The head in pieces: the controller measures the rate per interval, and a whole
         # stripe per count makes that rate jump in stripes (noise it would not climb on).
-        for off in range(0, head, _PIECE_BYTES):
+        for off in range(0, head, MIN_READ_BYTES):
             k = self.replica.fill_from(
-                s.file, s.offset + off, min(_PIECE_BYTES, head - off), self._src_fd(s.file)
+                s.file, s.offset + off, min(MIN_READ_BYTES, head - off), self._src_fd(s.file)
             )
             self._progress(k)
             n += k
@@ -289,7 +289,7 @@ class Exchange:
 
     def _progress(self, n: int) -> None:
         if self._pace is not None:
-            with self._progress_lock:
+            with self._lock:
                 self._read_so_far += n
             self._adapt()
 
@@ -738,10 +738,6 @@ class Exchange:
             ),
             **fields,
         )
-
-
-#: The pieces a stripe is read in (as the node-local engine's smallest adapted read).
-_PIECE_BYTES = 4 << 20
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:

@@ -289,11 +289,6 @@ def merge_options(
     origins: dict[str, str] = {}
     extra = tuple(also_valid)
     for where, config in sources:
-        if not isinstance(config, Mapping):
-            raise OptionError(
-                f"ckpt-prefetch: {where} must be a JSON object (a dict), got "
-                f"{type(config).__name__}"
-            )
         parsed = _parse_values(config, where, extra)
         values.update(parsed)
         origins.update(dict.fromkeys(parsed, where))
