@@ -15,10 +15,11 @@ controller measures while the prefetch runs and climbs only while climbing pays:
   steps back and holds that ceiling a while. Trials double the streams at first (slow
   start: storage that needs 32 or 128 reads in flight is reached in a few steps) while
   the rate grows about in proportion; a doubling that gains clearly less shows the knee
-  (linear up to it: near ``streams x gain``), which is taken, and from then on trials add
-  a quarter (at least one) and the next follows at once while they pay. There is no
-  ceiling of its own: it climbs as long as climbing pays, up to the bound the engine
-  derives from the node's resources (`engine.tuning.stream_limit`);
+  (linear up to it: near ``streams x gain``), which is taken (after a second interval at
+  the trial's setting: in the first, its new streams were only starting), and from then
+  on trials add a quarter (at least one) and the next follows at once while they pay.
+  There is no ceiling of its own: it climbs as long as climbing pays, up to the bound
+  the engine derives from the node's resources (`engine.tuning.stream_limit`);
 - the threshold is `GAIN`, or twice the noise of the rate measured while the setting held
   still, whichever is larger, so that a noisy rate (a shared link, a busy VM) is not
   read as a gain and the streams do not creep up on noise;
@@ -164,6 +165,8 @@ class Controller:
             streams are still tried (judged, as always, by the rate).
         doubling: trials double the streams (slow start) until one gains clearly less than
             in proportion, fails or a shed comes; then they add a quarter.
+        confirming: a doubling paid, but less than in proportion, in the interval its new
+            streams started in: it is measured once more before the knee is taken.
     """
 
     setting: Setting
@@ -184,6 +187,7 @@ class Controller:
     anchor_rate: float = 0.0
     storage_bound: bool = False
     doubling: bool = True
+    confirming: bool = False
 
     @property
     def threshold(self) -> float:
@@ -259,6 +263,7 @@ def _to(state: Controller, streams: int, reason: str, **changes: object) -> Cont
     setting = Setting(streams, read_bytes_for(streams, state.stripe_bytes))
     changes.setdefault("steady", 0)
     changes.setdefault("last_rate", 0.0)
+    changes.setdefault("confirming", False)
     return replace(state, setting=setting, reason=reason, **changes)  # type: ignore[arg-type]
 
 
@@ -351,6 +356,12 @@ def decide(state: Controller, m: Measurement) -> Controller:
             )  # fmt: skip
         ratio = m.rate / state.base_rate if state.base_rate > 0 else float("inf")
         if state.doubling and ratio < 1 + LINEAR * (streams / back - 1):
+            if not state.confirming:
+                # The new streams spent part of this interval starting their first reads
+                # (on a slow stream a read is a good part of an interval): look again at
+                # the trial's own setting before reading the knee off a ramp.
+                reason = f"{streams} streams paid {gain}, less than in proportion: measure again"
+                return replace(state, confirming=True, reason=reason)
             # Less than in proportion: the storage fills between `back` and `streams`.
             # Linear up to a knee puts the knee near back x ratio: go there, then step.
             knee = min(streams, max(back + 1, round(back * ratio)))
@@ -360,7 +371,7 @@ def decide(state: Controller, m: Measurement) -> Controller:
         # at once, judged against it (a rate lifted by noise makes the next trial fail).
         state = replace(
             state, trial_from=None, reason=f"{streams} streams paid ({gain})", base_rate=m.rate,
-            anchor_rate=0.0, steady=MIN_STEADY, last_rate=m.rate,
+            anchor_rate=0.0, steady=MIN_STEADY, last_rate=m.rate, confirming=False,
         )  # fmt: skip
     else:
         state = _measured(state, m.rate)

@@ -270,3 +270,38 @@ def test_the_ramp_of_the_first_reads_is_not_taken_for_noise():
     state = decide(state, Measurement(1.0, int(108e6), lag_bytes=0, node_busy=0.3))
     # kept, and in proportion (+77% for twice the streams): the next doubling at once
     assert state.setting.streams == 8 and state.trial_from is not None, state.reason
+
+
+def run_ramped(state: Controller, rate_of, *, intervals: int, ramp: float = 2 / 3) -> list[int]:
+    """Like `run`, but the interval after a change sees only `ramp` of the new streams'
+    gain: they were starting their first reads (what a real link shows)."""
+    seen: list[int] = []
+    prev = state.setting.streams
+    for _ in range(intervals):
+        s = state.setting.streams
+        rate = rate_of(s) if s == prev else rate_of(prev) + ramp * (rate_of(s) - rate_of(prev))
+        prev = s
+        state = decide(state, Measurement(1.0, int(rate), lag_bytes=0, node_busy=0.3))
+        seen.append(state.setting.streams)
+    return seen
+
+
+@pytest.mark.parametrize("ramp", [0.5, 2 / 3, 0.8])
+def test_a_doubling_seen_during_its_ramp_is_not_taken_for_the_knee(ramp):
+    # The many-streams store: 12 MB/s per stream, linear to 48 streams. A doubling judged on
+    # the interval in which its new streams only start shows +33-60%, less than in
+    # proportion: it is measured once more before a knee is taken.
+    seen = run_ramped(start(128, STRIPE, streams=2), lambda s: min(s, 48) * 12e6,
+                      intervals=30, ramp=ramp)  # fmt: skip
+    first = next((i for i, s in enumerate(seen) if s >= 32), None)
+    # doubling all the way (4 intervals to measure 2 streams, then two per doubling), not
+    # a knee at 3 followed by steps of a quarter (18 intervals)
+    assert first is not None and first <= 12, seen
+    assert max(seen[-5:]) <= 64, seen
+
+
+def test_a_true_knee_is_still_taken_after_the_second_look():
+    # Linear to 3 streams, flat after: doubling 2 -> 4 pays +50% in both intervals.
+    seen = run_ramped(start(64, STRIPE, streams=2), lambda s: min(s, 3) * 12e6, intervals=12)
+    assert 3 in seen[6:9], seen
+    assert max(seen[8:]) <= 4, seen
