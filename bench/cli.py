@@ -158,7 +158,9 @@ def _add_matrix_args(r: argparse.ArgumentParser) -> None:
         type=_csv,
         metavar="LIST",
         help="filesystems: local, netfs profiles (fast-nfs, slow-nfs, lustre-like, many-streams, "
-        "local-fuse) and/or sshfs profiles (sshfs, sshfs-quick); quick: slow-nfs and sshfs",
+        "local-fuse) and/or sshfs profiles (sshfs, sshfs-quick), each with optional profile "
+        "fields, e.g. 'sshfs:max_conns=4;latency_at=link;latency_s=0.005'; quick: slow-nfs "
+        "and sshfs",
     )
     r.add_argument("--ranks", type=_ints, metavar="LIST", help="rank counts, e.g. 1,4 (quick: 4)")
     r.add_argument(

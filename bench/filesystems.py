@@ -30,11 +30,13 @@ __all__ = [
     "FileSystem",
     "LocalFS",
     "NetworkFS",
+    "check_fs",
     "effective_fs",
     "filesystem_names",
     "make_cold",
     "make_hot",
     "open_fs",
+    "split_fs",
     "why_cached",
 ]
 
@@ -199,19 +201,76 @@ class NetworkFS(FileSystem):
 
 @contextlib.contextmanager
 def open_fs(name: str, ckpt: Checkpoint) -> Iterator[FileSystem]:
-    """`ckpt` on filesystem `name` (``local``, a netfs or an sshfs profile, mounted for the
-    block)."""
+    """`ckpt` on filesystem `name` (``local``, a netfs or an sshfs profile with optional
+    overrides, see `split_fs`; mounted for the block)."""
     if name == "local":
         yield LocalFS(ckpt)
         return
     from bench import netfs, sshfs
 
-    if name in sshfs.PROFILES:
-        with sshfs.mounted(ckpt.directory, profile=name) as real:
+    base, overrides = split_fs(name)
+    if base in sshfs.PROFILES:
+        with sshfs.mounted(ckpt.directory, profile=base, **overrides) as real:
             yield NetworkFS(name, real, ckpt)
         return
-    with netfs.mounted(ckpt.directory, profile=name) as mount:
+    with netfs.mounted(ckpt.directory, profile=base, **overrides) as mount:
         yield NetworkFS(name, mount, ckpt)
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_fs(name: str) -> tuple[str, dict[str, Any]]:
+    """A filesystem name's profile and its overrides: ``PROFILE[:FIELD=VALUE;...]``.
+
+    What a user's client varies (where the latency is added and how much, the client's
+    connections, the link rate) is set per run without a new profile; the whole string
+    stays the filesystem's label in the results.
+
+    Raises:
+        ValueError: an override that is not ``FIELD=VALUE``.
+
+    Example:
+        >>> split_fs("sshfs:max_conns=4;latency_s=0.005;latency_at=link")
+        ('sshfs', {'max_conns': 4, 'latency_s': 0.005, 'latency_at': 'link'})
+        >>> split_fs("slow-nfs")
+        ('slow-nfs', {})
+    """
+    base, _, rest = name.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(";")):
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"filesystem {name!r}: {item!r} is not FIELD=VALUE")
+        overrides[key.strip()] = _value(value.strip())
+    return base, overrides
+
+
+def check_fs(name: str) -> None:
+    """Raise ValueError unless `name` is a known filesystem whose overrides its profile
+    accepts (checked before anything is mounted)."""
+    from bench import netfs, sshfs
+
+    base, overrides = split_fs(name)
+    if base not in filesystem_names():
+        raise ValueError(f"unknown filesystem {base!r}: use one of {', '.join(filesystem_names())}")
+    if base == "local":
+        if overrides:
+            raise ValueError("local takes no overrides")
+        return
+    module = sshfs if base in sshfs.PROFILES else netfs
+    fields = {f.name for f in dataclasses.fields(module.PROFILES[base])} - {"name", "description"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(
+            f"filesystem {name!r}: unknown field(s) {sorted(unknown)}; valid: {sorted(fields)}"
+        )
 
 
 def filesystem_names() -> tuple[str, ...]:

@@ -156,9 +156,12 @@ def _floor_config(fs: str) -> Config:
         >>> _floor_config("slow-nfs").spec, _floor_config("many-streams").spec
         ('raw', 'raw:threads=32')
     """
+    from bench.filesystems import split_fs
     from bench.netfs import PROFILES
 
-    threads = PROFILES[fs].floor_threads if fs in PROFILES else 4
+    base, overrides = split_fs(fs)
+    default = PROFILES[base].floor_threads if base in PROFILES else 4
+    threads = overrides.get("floor_threads", default)
     return parse_config("raw" if threads == 4 else f"raw:threads={threads}")
 
 

@@ -187,12 +187,10 @@ def full_suite(**overrides: Any) -> Suite:
 
 def _validate_matrix(m: Matrix) -> None:
     from bench.checkpoint import SHAPES
-    from bench.filesystems import filesystem_names
+    from bench.filesystems import check_fs
 
-    names = filesystem_names()
     for name in m.fs:
-        if name not in names:
-            raise ValueError(f"unknown filesystem {name!r}: use one of {', '.join(names)}")
+        check_fs(name)
     for shape in m.shapes:
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}: use {', '.join(SHAPES)}")

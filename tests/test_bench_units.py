@@ -681,3 +681,24 @@ def test_plot_labels_every_configuration_of_every_scenario(
     loads = {r["config"] for r in doc["results"] if r["kind"] == "load"}
     assert loads <= set(seen) and "ours-c1-64m" in seen
     assert len(seen) == len(set(seen))
+
+
+def test_a_filesystem_name_carries_the_client_settings_a_user_varies():
+    from bench.filesystems import check_fs, split_fs
+    from bench.runner import _floor_config
+
+    assert split_fs("sshfs:max_conns=4;latency_at=link;latency_s=0.005") == (
+        "sshfs", {"max_conns": 4, "latency_at": "link", "latency_s": 0.005}
+    )  # fmt: skip
+    check_fs("sshfs:max_conns=4;latency_at=link")
+    check_fs("slow-nfs:latency_s=0.02")
+    assert _floor_config("many-streams:latency_s=0.3").spec == "raw:threads=32"
+    assert _floor_config("slow-nfs:floor_threads=16").spec == "raw:threads=16"
+    with pytest.raises(ValueError, match="unknown field"):
+        check_fs("sshfs:max_con=4")  # a typo is refused before anything is mounted
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        check_fs("sshfs:max_conns")
+    with pytest.raises(ValueError, match="unknown filesystem"):
+        check_fs("nfs4")
+    with pytest.raises(ValueError, match="no overrides"):
+        check_fs("local:x=1")
