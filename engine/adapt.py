@@ -34,6 +34,13 @@ controller measures while the prefetch runs and climbs only while climbing pays:
   them together cost at most `GAIN` of the rate. A shed that cost rate also shows that the
   busy CPU is not the prefetch's doing (a client or server working per byte): from then on
   a busy CPU sheds no more and does not stop trials of more streams;
+- when more streams did not pay from a setting that nothing measured justified (the
+  start), it tries half as many (a *thrift*): reads in flight beyond what fills the storage
+  are not free (on the real sshfs client, 16 reads in flight per node cost 0.58-0.77
+  CPU-s/GB, 4 cost 0.35-0.40, at the same rate). A thrift is kept while the node's rate
+  stays within `THRIFT_LOSS` of the rate before the first thrift (the anchor, so that
+  thrifts cannot compound), and the next halving follows at once; one that costs more
+  is undone, and that count is then the one the measurements justify;
 - when the loader is far behind the frontier it returns to the cheapest setting, since
   warming further ahead buys nothing.
 
@@ -54,6 +61,7 @@ __all__ = [
     "GAIN",
     "MIN_READ_BYTES",
     "NOISE_FACTOR",
+    "THRIFT_LOSS",
     "Controller",
     "Measurement",
     "Setting",
@@ -78,6 +86,9 @@ MIN_STEADY = 3
 #: In slow start, a trial keeps doubling when the rate grew by at least this share of the
 #: streams' growth (the storage is far from full).
 LINEAR = 0.75
+#: The most of the node's rate that fewer streams may cost and still be kept (a thrift):
+#: half of `GAIN`, so that a count kept for thrift would not pay to double either.
+THRIFT_LOSS = GAIN / 2
 #: The smallest read the controller issues.
 MIN_READ_BYTES = 4 << 20
 #: Intervals a stream count that did not pay stays out of reach before it is tried again.
@@ -167,6 +178,9 @@ class Controller:
             in proportion, fails or a shed comes; then they add a quarter.
         confirming: a doubling paid, but less than in proportion, in the interval its new
             streams started in: it is measured once more before the knee is taken.
+        earned: a measurement justified the current stream count (a trial paid, a knee, a
+            thrift or shed undone); False at the start, where a failed trial leads to a thrift.
+        thrifting: the shed in progress (`shed_from`) is a thrift, not a busy CPU's.
     """
 
     setting: Setting
@@ -188,6 +202,8 @@ class Controller:
     storage_bound: bool = False
     doubling: bool = True
     confirming: bool = False
+    earned: bool = False
+    thrifting: bool = False
 
     @property
     def threshold(self) -> float:
@@ -264,6 +280,7 @@ def _to(state: Controller, streams: int, reason: str, **changes: object) -> Cont
     changes.setdefault("steady", 0)
     changes.setdefault("last_rate", 0.0)
     changes.setdefault("confirming", False)
+    changes.setdefault("thrifting", False)
     return replace(state, setting=setting, reason=reason, **changes)  # type: ignore[arg-type]
 
 
@@ -338,8 +355,9 @@ def decide(state: Controller, m: Measurement) -> Controller:
             )
         reason = "loader is far behind the frontier: back to 1 stream"
         return _to(
-            state, 1, reason, trial_from=None, shed_from=None, base_rate=0.0, anchor_rate=0.0
-        )
+            state, 1, reason, trial_from=None, shed_from=None, base_rate=0.0, anchor_rate=0.0,
+            earned=True, thrifting=False,
+        )  # fmt: skip
     if state.shed_from is not None:
         return _judge_shed(state, m)
     busy = m.node_busy is not None and m.node_busy >= state.busy_cpu
@@ -349,6 +367,14 @@ def decide(state: Controller, m: Measurement) -> Controller:
         back = state.trial_from.streams
         gain = _pct(m.rate, state.base_rate)
         if m.rate < state.base_rate * (1 + state.threshold):
+            if not state.earned and back > 1 and not busy:
+                fewer = max(1, back // 2)
+                reason = f"{streams} streams did not pay ({gain}): try {_streams(fewer)}"
+                return _to(
+                    state, fewer, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS,
+                    doubling=False, shed_from=state.trial_from, thrifting=True,
+                    anchor_rate=state.base_rate, base_rate=state.base_rate,
+                )  # fmt: skip
             reason = f"{streams} streams did not pay ({gain}): back to {back}"
             return _to(
                 state, back, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS,
@@ -366,12 +392,14 @@ def decide(state: Controller, m: Measurement) -> Controller:
             # Linear up to a knee puts the knee near back x ratio: go there, then step.
             knee = min(streams, max(back + 1, round(back * ratio)))
             reason = f"{streams} streams paid {gain}, less than in proportion: {knee}"
-            return _to(state, knee, reason, trial_from=None, doubling=False, anchor_rate=0.0)
+            return _to(
+                state, knee, reason, trial_from=None, doubling=False, anchor_rate=0.0, earned=True
+            )
         # It paid: the trial's interval measured the new setting; the next step is tried
         # at once, judged against it (a rate lifted by noise makes the next trial fail).
         state = replace(
             state, trial_from=None, reason=f"{streams} streams paid ({gain})", base_rate=m.rate,
-            anchor_rate=0.0, steady=MIN_STEADY, last_rate=m.rate, confirming=False,
+            anchor_rate=0.0, steady=MIN_STEADY, last_rate=m.rate, confirming=False, earned=True,
         )  # fmt: skip
     else:
         state = _measured(state, m.rate)
@@ -421,20 +449,35 @@ def _shed(state: Controller, m: Measurement) -> Controller:
 
 
 def _judge_shed(state: Controller, m: Measurement) -> Controller:
-    """Keep fewer streams unless the node's warming rate fell below the anchor by `GAIN`."""
+    """Keep fewer streams unless the node's warming rate fell below the anchor by `GAIN`
+    (`THRIFT_LOSS` for a thrift); a kept thrift halves again at once."""
     assert state.shed_from is not None
     streams, back = state.setting.streams, state.shed_from.streams
     anchor = state.anchor_rate or state.base_rate
     change = _pct(m.rate, anchor)
-    if m.rate < anchor * (1 - GAIN):
-        reason = f"{_streams(streams)} cost rate ({change} since the first shed): back to {back}"
+    thrift = state.thrifting
+    first = "the first thrift" if thrift else "the first shed"
+    if m.rate < anchor * (1 - (THRIFT_LOSS if thrift else GAIN)):
+        reason = f"{_streams(streams)} cost rate ({change} since {first}): back to {back}"
         return _to(  # the anchor stays: a later shed is judged against it too
-            state, back, reason, shed_from=None, base_rate=0.0, ceiling=None, floor=back,
-            hold=HOLD_INTERVALS, storage_bound=True,
+            state, back, reason, shed_from=None, base_rate=0.0, floor=back,
+            ceiling=state.ceiling if thrift else None, hold=HOLD_INTERVALS,
+            storage_bound=state.storage_bound or not thrift, earned=True,
         )  # fmt: skip
-    reason = f"{state.reason.split(':')[0]}: {_streams(streams)} kept ({change})"
+    if thrift and streams > 1:
+        fewer = streams // 2
+        reason = f"{_streams(streams)} kept ({change} since {first}): try {_streams(fewer)}"
+        return _to(
+            state, fewer, reason, shed_from=state.setting, thrifting=True, base_rate=m.rate,
+            ceiling=streams, hold=HOLD_INTERVALS,
+        )  # fmt: skip
+    if thrift:
+        reason = f"fewer streams hold the rate: {_streams(streams)} kept ({change})"
+    else:
+        reason = f"{state.reason.split(':')[0]}: {_streams(streams)} kept ({change})"
     kept = replace(
         state, shed_from=None, base_rate=0.0, steady=0, last_rate=0.0, reason=reason,
-        storage_bound=False,
+        storage_bound=False if not thrift else state.storage_bound, thrifting=False,
+        earned=True,
     )  # fmt: skip
     return _measured(kept, m.rate)

@@ -14,6 +14,7 @@ from engine.adapt import (
     HOLD_INTERVALS,
     MIN_READ_BYTES,
     MIN_STEADY,
+    THRIFT_LOSS,
     Controller,
     Measurement,
     busy_threshold,
@@ -305,3 +306,58 @@ def test_a_true_knee_is_still_taken_after_the_second_look():
     seen = run_ramped(start(64, STRIPE, streams=2), lambda s: min(s, 3) * 12e6, intervals=12)
     assert 3 in seen[6:9], seen
     assert max(seen[8:]) <= 4, seen
+
+
+# ------------------------------------------------------------ thrift: fewest streams that hold
+def test_a_link_full_at_the_start_keeps_fewer_streams():
+    # The real sshfs client: the link is full with one stream per rank; the start (2) was
+    # never justified. More did not pay, half holds the rate: it ends at 1 and stays there
+    # (a probe at 2 now and then).
+    seen = run(start(64, STRIPE, streams=2), lambda s: 190e6, intervals=80)
+    assert seen[12:].count(1) >= 0.85 * len(seen[12:]), seen
+    assert max(seen) <= 4
+
+
+def test_a_thrift_that_costs_rate_is_undone_and_the_count_is_kept():
+    # Linear to 2 streams: more did not pay, half costs 50%: back to 2, for good.
+    seen = run(start(64, STRIPE, streams=2), lambda s: min(s, 2) * 100e6, intervals=80)
+    tail = seen[10:]
+    assert tail.count(2) >= 0.85 * len(tail) and 1 not in seen[12:], seen
+
+
+def test_thrifts_halve_until_the_rate_falls():
+    # Started far above what the storage needs (flat from 3): 16 -> 8 -> 4 kept, 2 costs.
+    seen = run(start(64, STRIPE, streams=16), lambda s: min(s, 3) * 100e6, intervals=60)
+    assert seen[-1] in (3, 4), seen
+    assert min(seen) >= 2
+
+
+def test_no_thrift_from_a_count_that_a_trial_earned():
+    # Many-streams storage: the doublings paid, so a later failed trial steps back without
+    # halving the streams that earned their place.
+    seen = run(start(128, STRIPE, streams=2), lambda s: min(s, 24) * 12e6, intervals=80)
+    assert min(seen[20:]) >= 16, seen
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    need=st.integers(1, 16),
+    first=st.sampled_from([2, 4, 8, 16]),
+    spread=st.sampled_from([0.0, 0.05, 0.10]),
+    seed=st.integers(0, 1000),
+)
+def test_thrifts_together_cost_at_most_their_allowance(need, first, spread, seed):
+    # Whatever the storage needs and wherever it starts, what the controller keeps after
+    # thrifting loses at most THRIFT_LOSS (plus the noise) against the rate it thrifted from.
+    rng = random.Random(seed)
+    state = start(64, STRIPE, streams=first)
+
+    def rate(s: int) -> float:
+        return min(s, need) * 50e6
+
+    for _ in range(80):
+        s = state.setting.streams
+        r = rate(s) * (1 + rng.uniform(-spread, spread))
+        state = decide(state, Measurement(1.0, int(r), lag_bytes=0, node_busy=0.3))
+        if state.shed_from is None and state.trial_from is None and state.earned:
+            assert rate(state.setting.streams) >= rate(first) * (1 - THRIFT_LOSS - 2 * spread) - 1
