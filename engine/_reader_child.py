@@ -116,26 +116,74 @@ class _Files:
             os.close(entry[0])
 
 
-def _serve(jobs: queue.SimpleQueue, out: int, lock: threading.Lock, null: int) -> None:
-    files = _Files()
-    while True:
-        rid, path, offset, length, flags = jobs.get()
-        warmed = cached = code = 0
+class _Threads:
+    """Reader threads, started as requests need them, up to a limit.
+
+    A thread that reads a file keeps it open (`_Files`), and the kernel keeps that open
+    file's read-ahead state: few threads, each reading on, stay on warm descriptors. A
+    fixed pool of the limit (the most streams the prefetch may adapt to, often 32 or
+    more) handed each request to a different thread, which opened the file afresh and
+    started read-ahead from its smallest window: on the real sshfs client that cost
+    0.475 CPU-s/GB against 0.40 with one thread, at the same rate.
+    """
+
+    def __init__(self, limit: int, out: int, null: int) -> None:
+        self._limit = max(1, limit)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._mu = threading.Lock()
+        self._write = threading.Lock()
+        self._idle = 0  # started threads neither reading nor promised a queued request
+        self._started = 0
+        self._out, self._null = out, null
+
+    def put(self, job: tuple[int, bytes, int, int, int]) -> None:
+        """Queue a request; start a thread unless an idle one is there to take it."""
+        with self._mu:
+            if self._idle:
+                self._idle -= 1  # promised to this request
+            elif self._started < self._limit:
+                self._started += 1
+                threading.Thread(
+                    target=self._serve, name=f"reader-{self._started}", daemon=True
+                ).start()
+        self._jobs.put(job)
+
+    def _take(self, done_one: bool) -> tuple[int, bytes, int, int, int]:
+        """The next request for a thread (that just finished one, when `done_one`)."""
+        if done_one:
+            with self._mu:
+                self._idle += 1
+        return self._jobs.get()
+
+    def _serve(self) -> None:
+        files = _Files()
+        done_one = False
+        while True:
+            job = self._take(done_one)
+            done_one = True
+            reply = _answer(files, self._null, *job)
+            with self._write:
+                os.write(self._out, reply)
+
+
+def _answer(
+    files: _Files, null: int, rid: int, path: bytes, offset: int, length: int, flags: int
+) -> bytes:
+    """Carry out one request; the reply record."""
+    warmed = cached = code = 0
+    try:
+        fd, size = files.get(path)
         try:
-            fd, size = files.get(path)
-            try:
-                if flags & FLAG_SKIP_CACHED and _all_cached(fd, size, offset, length):
-                    cached = length
-                else:
-                    warmed = _warm(null, fd, offset, length)
-            except OSError:
-                files.drop(path)
-                raise
-        except OSError as exc:
-            code = exc.errno or errno.EIO
-        reply = REPLY.pack(rid, warmed, cached, code)
-        with lock:
-            os.write(out, reply)
+            if flags & FLAG_SKIP_CACHED and _all_cached(fd, size, offset, length):
+                cached = length
+            else:
+                warmed = _warm(null, fd, offset, length)
+        except OSError:
+            files.drop(path)
+            raise
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+    return REPLY.pack(rid, warmed, cached, code)
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
@@ -149,24 +197,19 @@ def _read_exact(fd: int, n: int) -> bytes | None:
 
 
 def main(argv: list[str]) -> None:
-    """Serve requests from stdin with `argv[1]` reader threads until stdin ends."""
+    """Serve requests from stdin with up to `argv[1]` reader threads until stdin ends."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this ends
     if os.getppid() == 1:
         os._exit(0)  # the parent died before the death signal was armed
-    jobs: queue.SimpleQueue = queue.SimpleQueue()
-    lock = threading.Lock()
     null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    for i in range(max(1, int(argv[1]))):
-        threading.Thread(
-            target=_serve, args=(jobs, 1, lock, null), name=f"reader-{i}", daemon=True
-        ).start()
+    threads = _Threads(int(argv[1]), 1, null)
     while (head := _read_exact(0, REQUEST.size)) is not None:
         rid, offset, length, flags, plen = REQUEST.unpack(head)
         path = _read_exact(0, plen)
         if path is None:
             break
-        jobs.put((rid, path, offset, length, flags))
+        threads.put((rid, path, offset, length, flags))
     os._exit(0)
 
 

@@ -24,7 +24,7 @@ from bench.store import ensure_checkpoint
 from engine.reader_process import ReaderProcess
 
 RANKS = 4
-CASES = [  # (how, stripe bytes, reads in flight per rank)
+CASES = [  # (how, stripe bytes, reads in flight per rank[, reader threads])
     ("threads", 64 << 20, 1),
     ("reader", 64 << 20, 1),
     ("reader", 16 << 20, 1),
@@ -33,6 +33,7 @@ CASES = [  # (how, stripe bytes, reads in flight per rank)
     ("reader", 64 << 20, 2),
     ("reader", 4 << 20, 4),
     ("reader", 64 << 20, 4),
+    ("reader", 16 << 20, 1, 64),  # threads as the engine sized them: stream_limit's bound
 ]
 
 
@@ -41,7 +42,9 @@ def _thread_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _rank(how: str, plan: list[tuple[str, int, int]], inflight: int, cpus: list[float]) -> None:
+def _rank(
+    how: str, plan: list[tuple[str, int, int]], inflight: int, threads: int, cpus: list[float]
+) -> None:
     if how == "threads":
         null = os.open(os.devnull, os.O_WRONLY)
         c = _thread_cpu()
@@ -54,7 +57,7 @@ def _rank(how: str, plan: list[tuple[str, int, int]], inflight: int, cpus: list[
         cpus.append(_thread_cpu() - c)
         os.close(null)
         return
-    reader = ReaderProcess(threads=inflight)
+    reader = ReaderProcess(threads=threads)
     pending = []
     for path, off, n in plan:
         pending.append(reader.submit(path, off, n, skip_cached=True))
@@ -76,7 +79,8 @@ def main() -> None:
         files = sorted(str(p) for p in fs.path.iterdir() if p.suffix == ".safetensors")
         total = sum(os.path.getsize(f) for f in files)
         for _ in range(a.repeats):
-            for how, stripe, inflight in CASES:
+            for how, stripe, inflight, *more in CASES:
+                nthreads = more[0] if more else inflight
                 fs.evict()
                 time.sleep(0.3)
                 cpus: list[float] = []
@@ -84,7 +88,7 @@ def main() -> None:
                 threads = [
                     threading.Thread(
                         target=_rank,
-                        args=(how, stripe_plan(files, r, RANKS, stripe), inflight, cpus),
+                        args=(how, stripe_plan(files, r, RANKS, stripe), inflight, nthreads, cpus),
                     )
                     for r in range(RANKS)
                 ]
@@ -95,7 +99,8 @@ def main() -> None:
                 dt = time.monotonic() - t
                 print(
                     f"{how:7s} {stripe >> 20:2d} MiB stripes, {inflight} in flight per rank "
-                    f"({inflight * RANKS:2d} per node): {total / dt / 1e6:4.0f} MB/s, "
+                    f"({inflight * RANKS:2d} per node), {nthreads:2d} reader threads: "
+                    f"{total / dt / 1e6:4.0f} MB/s, "
                     f"{sum(cpus) / (total / 1e9):.3f} CPU-s/GB",
                     flush=True,
                 )

@@ -63,6 +63,40 @@ def test_each_reader_thread_opens_a_file_once_and_keeps_few_open(make_file, tmp_
         r.close()
 
 
+def test_one_read_at_a_time_stays_on_one_thread_and_one_descriptor(make_file):
+    # The limit is the most streams the prefetch may adapt to (often 32 or more); a pool of
+    # that size handed each read to a fresh thread, which opened the file again and lost
+    # the kernel's read-ahead state.
+    path = make_file("seq.bin", 8 * MiB)
+    r = ReaderProcess(threads=32)
+    try:
+        for off in range(0, 8 * MiB, MiB):
+            assert r.submit(path, off, MiB).result(30).warmed_bytes == MiB
+        assert fds_under(path, pid=r.pid) == 1
+        assert len(os.listdir(f"/proc/{r.pid}/task")) == 2  # the main thread and one reader
+    finally:
+        r.close()
+
+
+def test_a_blocked_read_does_not_hold_the_next_one(make_file, tmp_path):
+    # Threads start as requests need them: while one read blocks (a FIFO nobody writes to),
+    # another request gets a thread of its own, up to the limit.
+    fifo = tmp_path / "blocked.fifo"
+    os.mkfifo(fifo)
+    path = make_file("free.bin", MiB)
+    r = ReaderProcess(threads=4)
+    try:
+        blocked = r.submit(fifo, 0, MiB)
+        assert r.submit(path, 0, MiB).result(30).warmed_bytes == MiB
+        assert not blocked.done()
+        with open(fifo, "wb"):  # the blocked open returns; a FIFO cannot be read at an offset
+            pass
+        with pytest.raises(OSError):
+            blocked.result(30)
+    finally:
+        r.close()
+
+
 def test_reads_stop_at_the_end_of_a_shrunk_file(make_file):
     path = make_file("s.bin", MiB)
     r = ReaderProcess(threads=1)
