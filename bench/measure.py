@@ -24,6 +24,7 @@ from bench.configs import NEEDS_GROUP, Config
 from bench.filesystems import HOT_RESIDENT_MIN, FileSystem, make_cold, make_hot
 from bench.launchers import Launcher
 from bench.models import Sample
+from bench.procstat import NodeCPU
 from bench.protocol import Job
 
 __all__ = ["measure", "measure_fio"]
@@ -87,13 +88,15 @@ def measure(
     )
     fs.start_count()
     try:
-        t_release, reports = launcher.run(job, ranks, timeout)
+        with NodeCPU() as node:
+            t_release, reports = launcher.run(job, ranks, timeout)
     finally:
         if rdzv is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(rdzv)
     served, fs_detail = fs.account(fs.served(), [r.io_read_bytes for r in reports])
     detail: dict[str, Any] = {"hot": hot, "cpu_s_per_gb_definition": _CPU_DEFINITION}
+    detail["node_cpu_s"] = node.busy_s(t_release, max(r.t_done for r in reports))
     detail.update(fs_detail)
     if cgroup is not None:
         detail["cgroup"] = cgroup.stats()

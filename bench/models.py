@@ -326,6 +326,12 @@ def summarize(samples: Sequence[Mapping[str, Any]], *, total_bytes: int) -> dict
         "bytes_served_ratio": served,
         "cpu_s_per_gb": med(s.get("cpu_s_per_gb") for s in samples),
         "prefetch_cpu_s_per_gb": med(s.get("prefetch_cpu_s_per_gb") for s in samples),
+        "node_cpu_s_per_gb": med(
+            (s.get("detail") or {}).get("node_cpu_s") / (total_bytes / 1e9)
+            if (s.get("detail") or {}).get("node_cpu_s") is not None and total_bytes
+            else None
+            for s in samples
+        ),
         "peak_rss_mib": max(rss) / (1 << 20) if rss else None,
         "peak_anon_mib": max(anon) / (1 << 20) if anon else None,
     }

@@ -42,7 +42,10 @@ CAPTION = (
     "hot = the plain load with every byte cached. served = bytes served by storage / "
     "checkpoint size. CPU s/GB = CPU s of all ranks (a reader process of theirs included) "
     "/ GB they consumed. pf CPU s/GB = CPU s of the prefetch's own workers on all ranks / "
-    "GB of checkpoint. RSS = largest peak RSS of a rank (mapped file pages included)."
+    "GB of checkpoint. node CPU s/GB = busy CPU s of the whole node (every process, the "
+    "filesystem client and server included: work charged to whoever runs) from release to "
+    "the last rank done / GB of checkpoint. RSS = largest peak RSS of a rank (mapped file "
+    "pages included)."
 )
 
 _FLOOR_ORDER = {"load": 0, "floor-raw": 1, "floor-fio": 2, "hot": 3}
@@ -61,6 +64,9 @@ class Row:
         cpu_s_per_gb, rss_mib: costs, or None.
         prefetch_cpu_s_per_gb: CPU seconds of the prefetch's own workers (all ranks, a
             reader process included) per GB of checkpoint, or None (no prefetch).
+        node_cpu_s_per_gb: busy CPU seconds of the whole node (every process: ranks,
+            readers, the filesystem client and the simulated server) per GB of checkpoint,
+            from the ranks' release to the last one done, or None.
     """
 
     scenario: str
@@ -79,6 +85,7 @@ class Row:
     cpu_s_per_gb: float | None
     rss_mib: float | None
     prefetch_cpu_s_per_gb: float | None = None
+    node_cpu_s_per_gb: float | None = None
 
 
 def rows(doc: Mapping[str, Any]) -> list[Row]:
@@ -142,6 +149,7 @@ def _group_rows(ranks: int, members: Sequence[Mapping[str, Any]]) -> list[Row]:
                 cpu_s_per_gb=s.get("cpu_s_per_gb"),
                 rss_mib=s.get("peak_rss_mib"),
                 prefetch_cpu_s_per_gb=s.get("prefetch_cpu_s_per_gb"),
+                node_cpu_s_per_gb=s.get("node_cpu_s_per_gb"),
             )
         )
     return out
@@ -196,7 +204,7 @@ def table(doc: Mapping[str, Any]) -> Any:
 
 
 _COLUMNS = ("config", "fs", "shape", "ranks", "time s", "vs none", "vs sglang", "/floor")
-_COLUMNS += ("served", "CPU s/GB", "pf CPU s/GB", "RSS MiB")
+_COLUMNS += ("served", "CPU s/GB", "pf CPU s/GB", "node CPU s/GB", "RSS MiB")
 _LEFT = ("scenario", "config", "fs", "shape")
 
 
@@ -215,6 +223,7 @@ def _cells(r: Row) -> list[str]:
         _fmt(r.served, ".2f", "×"),
         _fmt(r.cpu_s_per_gb, ".3f"),
         _fmt(r.prefetch_cpu_s_per_gb, ".3f"),
+        _fmt(r.node_cpu_s_per_gb, ".3f"),
         _fmt(r.rss_mib, ".0f"),
     ]
 

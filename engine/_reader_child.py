@@ -39,6 +39,9 @@ FILES_PER_THREAD = 8
 
 _SYS_CACHESTAT = 451
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+#: The process's name in ``top``, ``ps -o comm`` and ``perf``: this process is a reader.
+COMM = b"ckpt-reader"
 _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
@@ -199,6 +202,7 @@ def _read_exact(fd: int, n: int) -> bytes | None:
 def main(argv: list[str]) -> None:
     """Serve requests from stdin with up to `argv[1]` reader threads until stdin ends."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(COMM), 0, 0, 0)  # threads started later inherit it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this ends
     if os.getppid() == 1:
         os._exit(0)  # the parent died before the death signal was armed

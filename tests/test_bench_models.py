@@ -312,3 +312,37 @@ def test_prefetch_cpu_counts_every_rank_per_gb_of_checkpoint() -> None:
         wall_s=1.0, ranks=[rank(0, None)], served=None, total_bytes=1, resident=0.0, detail=None
     )
     assert without.prefetch_cpu_s_per_gb is None
+
+
+def test_node_cpu_counts_what_every_process_on_the_node_spent():
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    from bench.procstat import NodeCPU
+
+    with NodeCPU(interval=0.01) as node:
+        t0 = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-c", "import time\nt = time.process_time()\n"
+             "while time.process_time() - t < 0.3: pass"],
+            check=True,
+        )  # fmt: skip
+        t1 = time.monotonic()
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = node.busy_s(t0, t1)
+    assert busy is not None and busy >= 0.3 - 0.05  # the child's 0.3 s, whoever else ran
+    assert child.ru_utime + child.ru_stime >= 0.3
+    assert node.busy_s(t0 - 3600, t1) is None  # before the first sample: unknown
+
+
+def test_the_summary_gives_node_cpu_per_gb_of_checkpoint():
+    from bench.models import summarize
+
+    samples = [
+        {"wall_s": w, "ranks": [], "detail": {"node_cpu_s": c}}
+        for w, c in ((1.0, 2.0), (1.1, 3.0), (1.2, None))
+    ]
+    s = summarize(samples, total_bytes=2_000_000_000)
+    assert s["node_cpu_s_per_gb"] == pytest.approx(1.25)  # median of 1.0 and 1.5

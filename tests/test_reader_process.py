@@ -74,6 +74,8 @@ def test_one_read_at_a_time_stays_on_one_thread_and_one_descriptor(make_file):
             assert r.submit(path, off, MiB).result(30).warmed_bytes == MiB
         assert fds_under(path, pid=r.pid) == 1
         assert len(os.listdir(f"/proc/{r.pid}/task")) == 2  # the main thread and one reader
+        with open(f"/proc/{r.pid}/comm", "rb") as f:  # named for top, ps and perf
+            assert f.read().strip() == b"ckpt-reader"
     finally:
         r.close()
 
