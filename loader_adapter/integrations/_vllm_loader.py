@@ -43,7 +43,7 @@ from loader_adapter.integrations._common import (
     merge_options,
     share_log_handlers,
 )
-from loader_adapter.integrations.vllm import LOAD_FORMAT, REPLACE_ENV, VLLM_KEYS
+from loader_adapter.integrations._vllm_names import LOAD_FORMAT, REPLACE_ENV, VLLM_KEYS
 
 __all__ = ["CkptPrefetchModelLoader", "install", "load_safetensors", "vllm_local_rank"]
 

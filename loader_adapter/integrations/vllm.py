@@ -43,10 +43,14 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 
 from loader_adapter.discovery import LocalRank
+from loader_adapter.integrations._vllm_names import (
+    LOAD_FORMAT,
+    REPLACE_ENV,
+    VLLM_KEYS,
+    replace_requested,
+)
 
 __all__ = [
     "LOAD_FORMAT",
@@ -59,32 +63,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The ``--load-format`` this plug-in registers.
-LOAD_FORMAT = "ckpt-prefetch"
-#: Set to 1 to replace vLLM's own prefetch under its other safetensors load formats too.
-REPLACE_ENV = "CKPT_PREFETCH_VLLM_AUTO"
-#: Keys of ``--model-loader-extra-config`` that are vLLM's and passed on to it.
-VLLM_KEYS: tuple[str, ...] = ("enable_weights_track",)
-
 _registered = False
-
-
-def replace_requested(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether ``$CKPT_PREFETCH_VLLM_AUTO`` asks to replace vLLM's prefetch everywhere.
-
-    Args:
-        environ: the environment to read; None for ``os.environ``.
-
-    Returns:
-        True for ``1``, ``true``, ``yes`` or ``on`` (any case); False when unset, empty or
-        anything else.
-
-    Example:
-        >>> replace_requested({"CKPT_PREFETCH_VLLM_AUTO": "1"}), replace_requested({})
-        (True, False)
-    """
-    value = (os.environ if environ is None else environ).get(REPLACE_ENV, "")
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def register() -> None:
