@@ -316,3 +316,13 @@ def test_dependencies_never_cap_what_serving_engines_pin() -> None:
         caps = [s for s in req.specifier if s.operator in ("<", "<=", "==", "===", "~=")]
         assert not caps, f"{req}: {caps}"
     assert {r.name for r in deps} >= {"torch", "numpy", "safetensors"}
+
+
+def test_a_plugin_option_error_is_of_the_project_s_one_family():
+    from engine import PrefetchError
+    from engine.errors import InvalidOptionError
+
+    with pytest.raises(PrefetchError) as info:
+        parse_options({"concurrency": -1}, where="here")
+    assert isinstance(info.value, OptionError | InvalidOptionError | ValueError)
+    assert issubclass(OptionError, InvalidOptionError)

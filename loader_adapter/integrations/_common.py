@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import BACKENDS, STRATEGIES, PrefetchReport
+from engine.errors import InvalidOptionError
 from engine.plan import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from engine.units import format_bytes, parse_size
 from loader_adapter.discovery import LocalRank, discover_local_rank, local_rank_in_group
@@ -70,8 +71,12 @@ OPTION_VALUES: dict[str, str] = {
 CLUSTER_ONLY = ("replica_dir", "exchange_timeout_s")
 
 
-class OptionError(ValueError):
-    """An invalid plug-in option. The message names the option and its valid values."""
+class OptionError(InvalidOptionError):
+    """An invalid plug-in option. The message names the option and its valid values.
+
+    An `engine.InvalidOptionError` (so a `PrefetchError` and a `ValueError`): one family
+    for every option the project refuses, wherever it was given.
+    """
 
 
 def _bool(value: object) -> bool | None:
