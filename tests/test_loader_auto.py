@@ -187,5 +187,15 @@ def test_window_auto_is_passed_to_the_engine(
     assert [c["options"].window_bytes for c in calls] == ["auto", None, 4 * MiB, None]
 
 
-def test_mem_available() -> None:
-    assert (mem_available_bytes() or 1) > 0
+def test_mem_available_is_this_machine_s_available_memory() -> None:
+    # /proc/meminfo exists here: the answer is known, and it is MemAvailable (in bytes, not
+    # KiB), never more than the machine's memory.
+    fields = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024
+    got = mem_available_bytes()
+    assert got is not None
+    assert 0 < got <= fields["MemTotal"]
+    assert abs(got - fields["MemAvailable"]) < 0.25 * fields["MemTotal"]  # moments apart
