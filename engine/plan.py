@@ -12,7 +12,7 @@ import enum
 import errno
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from engine.errors import Failure, InvalidOptionError
@@ -23,6 +23,7 @@ __all__ = [
     "STRATEGIES",
     "Extent",
     "Order",
+    "Regions",
     "ResolvedFile",
     "Strategy",
     "plan",
@@ -131,6 +132,10 @@ def check_chunk_bytes(chunk_bytes: int) -> None:
         )
 
 
+#: Byte ranges ``[start, end)`` of each file that the node needs, by resolved path.
+Regions = Mapping[str, Sequence[tuple[int, int]]]
+
+
 def plan(
     files: Sequence[ResolvedFile | tuple[str, int]],
     rank: int,
@@ -138,6 +143,7 @@ def plan(
     *,
     strategy: str | Strategy = Strategy.BALANCED,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    regions: Regions | None = None,
 ) -> list[Extent]:
     """Return the extents that `rank` of `world` warms, in consumption order.
 
@@ -151,6 +157,11 @@ def plan(
         strategy: ``"balanced"`` (stripe units of `chunk_bytes` dealt round-robin over the
             concatenated files) or ``"files"`` (``sorted(files)[rank::world]``, whole files).
         chunk_bytes: stripe unit and largest extent length, at least 4096.
+        regions: the byte ranges the node needs, per path (`engine.needs`: the union of
+            what its ranks load); a path not in it is needed whole; None: every byte.
+            Only needed bytes are planned: ``balanced`` deals stripe units of the needed
+            bytes alone, so the ranks' shares stay even; positions stay on the axis of the
+            whole files, where the loader reports its progress.
 
     Returns:
         The rank's extents, ordered by `Extent.position`; no extent is longer than
@@ -159,6 +170,9 @@ def plan(
     Example:
         >>> [(e.offset, e.length) for e in plan([("a", 10000)], 1, 2, chunk_bytes=4096)]
         [(4096, 4096)]
+        >>> [(e.offset, e.length) for e in plan([("a", 10000)], 0, 1, chunk_bytes=4096,
+        ...                                     regions={"a": [(100, 200), (9000, 9500)]})]
+        [(100, 100), (9000, 500)]
     """
     check_rank_world(rank, world)
     check_chunk_bytes(chunk_bytes)
@@ -169,42 +183,74 @@ def plan(
     for path, size in pairs:
         if size < 0:
             raise InvalidOptionError(f"negative size {size} for {path!r}")
+    spans = [_needed(path, size, regions) for path, size in pairs]
     if strat is Strategy.FILES:
-        return _whole_files(pairs, rank, world, chunk_bytes)
-    return _balanced(pairs, rank, world, chunk_bytes)
+        return _whole_files(pairs, spans, rank, world, chunk_bytes)
+    return _balanced(pairs, spans, rank, world, chunk_bytes)
 
 
-def _whole_files(pairs: list[tuple[str, int]], rank: int, world: int, chunk: int) -> list[Extent]:
-    """``sorted(files)[rank::world]``, each file in pieces of at most `chunk`."""
+def _needed(path: str, size: int, regions: Regions | None) -> list[tuple[int, int]]:
+    """The needed ranges of one file, clipped to its size, sorted and merged."""
+    if regions is None or path not in regions:
+        return [(0, size)] if size else []
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(regions[path]):
+        if start < 0 or end < start:
+            raise InvalidOptionError(f"invalid region [{start}, {end}) of {path!r}")
+        lo, hi = start, min(end, size)
+        if hi <= lo:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _whole_files(
+    pairs: list[tuple[str, int]],
+    spans: list[list[tuple[int, int]]],
+    rank: int,
+    world: int,
+    chunk: int,
+) -> list[Extent]:
+    """``sorted(files)[rank::world]``, the needed part of each in pieces of at most `chunk`."""
     extents: list[Extent] = []
     mine = set(sorted(p for p, _ in pairs)[rank::world])
     position = 0
-    for path, size in pairs:
+    for (path, size), needed in zip(pairs, spans, strict=True):
         if path in mine:
-            _append_pieces(extents, path, 0, size, position, chunk)
+            for lo, hi in needed:
+                _append_pieces(extents, path, lo, hi - lo, position + lo, chunk)
         position += size
     return extents
 
 
 def _balanced(
-    pairs: list[tuple[str, int]], rank: int, world: int, chunk_bytes: int
+    pairs: list[tuple[str, int]],
+    spans: list[list[tuple[int, int]]],
+    rank: int,
+    world: int,
+    chunk_bytes: int,
 ) -> list[Extent]:
-    """Unit u covers [u*chunk, (u+1)*chunk) of the concatenated files; it is rank u % world's."""
+    """Unit u covers [u*chunk, (u+1)*chunk) of the needed bytes concatenated (every byte,
+    without regions); it is rank u % world's."""
     extents: list[Extent] = []
-    position = 0
-    for path, size in pairs:
-        if size == 0:
-            continue
-        start, end = position, position + size
-        first_unit = start // chunk_bytes
-        # The first unit of this file that belongs to `rank`.
-        unit = first_unit + ((rank - first_unit) % world)
-        while unit * chunk_bytes < end:
-            lo = max(unit * chunk_bytes, start)
-            hi = min((unit + 1) * chunk_bytes, end)
-            extents.append(Extent(path, lo - start, hi - lo, lo))
-            unit += world
-        position = end
+    position = 0  # start of the file on the axis of the whole files
+    need = 0  # needed bytes before this range, on the axis of the needed bytes
+    for (path, size), needed in zip(pairs, spans, strict=True):
+        for lo, hi in needed:
+            start, end = need, need + hi - lo
+            first_unit = start // chunk_bytes
+            # The first unit of this range that belongs to `rank`.
+            unit = first_unit + ((rank - first_unit) % world)
+            while unit * chunk_bytes < end:
+                a = max(unit * chunk_bytes, start) - start + lo  # offset in the file
+                b = min((unit + 1) * chunk_bytes, end) - start + lo
+                extents.append(Extent(path, a, b - a, position + a))
+                unit += world
+            need = end
+        position += size
     return extents
 
 

@@ -195,3 +195,75 @@ def test_files_that_share_an_inode_number_but_differ_are_both_kept(
     assert [(Path(f.path).name, f.size) for f in resolved] == [
         ("a.safetensors", 100), ("b.safetensors", 200),
     ]  # fmt: skip
+
+
+# ----------------------------------------------------- regions: only what the node loads
+@st.composite
+def files_and_regions(draw):
+    sizes = draw(sizes_st)
+    files = _files(sizes)
+    regions = {}
+    for path, size in files:
+        if draw(st.booleans()):  # absent: the whole file is needed
+            cuts = sorted(draw(st.lists(st.integers(0, size + 100), max_size=8)))
+            regions[path] = list(zip(cuts[::2], cuts[1::2], strict=False))
+    return files, regions
+
+
+def _bytes_of(ranges):
+    out = set()
+    for path, lo, hi in ranges:
+        out.update((path, b) for b in range(lo, hi))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(fr=files_and_regions(), world=world_st, chunk=chunk_st,
+       strategy=st.sampled_from(["balanced", "files"]))  # fmt: skip
+def test_regions_every_needed_byte_exactly_once_and_nothing_else(fr, world, chunk, strategy):
+    files, regions = fr
+    needed = set()
+    for path, size in files:
+        spans = regions.get(path, [(0, size)])
+        needed |= _bytes_of((path, lo, min(hi, size)) for lo, hi in spans)
+    seen: list[tuple[str, int]] = []
+    starts, pos = {}, 0
+    for path, size in files:
+        starts[path], pos = pos, pos + size
+    shares = []
+    for rank in range(world):
+        extents = plan(files, rank, world, chunk_bytes=chunk, strategy=strategy, regions=regions)
+        assert [e.position for e in extents] == sorted(e.position for e in extents)
+        for e in extents:
+            assert 0 < e.length <= chunk
+            assert e.position == starts[e.path] + e.offset  # the whole files' axis
+            seen.extend((e.path, b) for b in range(e.offset, e.offset + e.length))
+        shares.append(sum(e.length for e in extents))
+    assert len(seen) == len(set(seen))  # no byte twice
+    assert set(seen) == needed  # every needed byte, and nothing else
+    if strategy == "balanced":  # units of the needed bytes dealt in turn: even shares
+        assert max(shares) - min(shares) <= chunk
+
+
+def test_regions_deal_only_the_needed_bytes_evenly():
+    # Two ranks, half of a 64 KiB file needed in four pieces: 16 KiB each, not 32 and 0.
+    needed = [(0, 8192), (16384, 24576), (32768, 40960), (49152, 57344)]
+    shares = [
+        sum(e.length for e in plan([("f", 65536)], r, 2, chunk_bytes=8192, regions={"f": needed}))
+        for r in range(2)
+    ]
+    assert shares == [16384, 16384]
+
+
+def test_no_regions_is_every_byte():
+    files = _files([100_000, 0, 70_000])
+    for rank in range(3):
+        whole = {p: [(0, s)] for p, s in files}
+        assert plan(files, rank, 3, chunk_bytes=8192) == plan(
+            files, rank, 3, chunk_bytes=8192, regions=whole
+        )
+
+
+def test_an_invalid_region_is_refused():
+    with pytest.raises(ValueError, match="invalid region"):
+        plan([("f", 100)], 0, 1, regions={"f": [(50, 10)]})
