@@ -8,8 +8,10 @@ from the same list of files given in any order.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import errno
+import itertools
 import os
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -132,7 +134,8 @@ def check_chunk_bytes(chunk_bytes: int) -> None:
         )
 
 
-#: Byte ranges ``[start, end)`` of each file that the node needs, by resolved path.
+#: Byte ranges ``[start, end)`` of each file that one rank loads, by resolved path; a file
+#: not in it is loaded whole.
 Regions = Mapping[str, Sequence[tuple[int, int]]]
 
 
@@ -143,7 +146,7 @@ def plan(
     *,
     strategy: str | Strategy = Strategy.BALANCED,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    regions: Regions | None = None,
+    needs: Sequence[Regions | None] | None = None,
 ) -> list[Extent]:
     """Return the extents that `rank` of `world` warms, in consumption order.
 
@@ -157,22 +160,27 @@ def plan(
         strategy: ``"balanced"`` (stripe units of `chunk_bytes` dealt round-robin over the
             concatenated files) or ``"files"`` (``sorted(files)[rank::world]``, whole files).
         chunk_bytes: stripe unit and largest extent length, at least 4096.
-        regions: the byte ranges the node needs, per path (`engine.needs`: the union of
-            what its ranks load); a path not in it is needed whole; None: every byte.
-            Only needed bytes are planned: ``balanced`` deals stripe units of the needed
-            bytes alone, so the ranks' shares stay even; positions stay on the axis of the
-            whole files, where the loader reports its progress.
+        needs: what each local rank loads (`world` entries, by rank; None: everything),
+            when the ranks load parts of the checkpoint (expert or pipeline parallelism).
+            Only bytes some rank needs are planned, and each goes to one of the ranks
+            that need it: a run of bytes that the same ranks need is dealt among those
+            ranks alone (stripe units of that run, in turn), so no rank warms what only
+            others load, and the shares of ranks that need the same bytes stay even.
+            Positions stay on the axis of the whole files, where loaders report progress.
 
     Returns:
         The rank's extents, ordered by `Extent.position`; no extent is longer than
         `chunk_bytes` and none is empty.
 
+    Raises:
+        InvalidOptionError: a bad rank, world, size, stripe unit, or `needs` entry.
+
     Example:
         >>> [(e.offset, e.length) for e in plan([("a", 10000)], 1, 2, chunk_bytes=4096)]
         [(4096, 4096)]
-        >>> [(e.offset, e.length) for e in plan([("a", 10000)], 0, 1, chunk_bytes=4096,
-        ...                                     regions={"a": [(100, 200), (9000, 9500)]})]
-        [(100, 100), (9000, 500)]
+        >>> half = [{"a": [(0, 5000)]}, {"a": [(5000, 10000)]}]  # two pipeline stages
+        >>> [(e.offset, e.length) for e in plan([("a", 10000)], 1, 2, needs=half)]
+        [(5000, 5000)]
     """
     check_rank_world(rank, world)
     check_chunk_bytes(chunk_bytes)
@@ -183,14 +191,16 @@ def plan(
     for path, size in pairs:
         if size < 0:
             raise InvalidOptionError(f"negative size {size} for {path!r}")
-    spans = [_needed(path, size, regions) for path, size in pairs]
+    if needs is not None and len(needs) != world:
+        raise InvalidOptionError(f"needs must have one entry per rank ({world}), got {len(needs)}")
+    segments = [_segments(path, size, needs, world) for path, size in pairs]
     if strat is Strategy.FILES:
-        return _whole_files(pairs, spans, rank, world, chunk_bytes)
-    return _balanced(pairs, spans, rank, world, chunk_bytes)
+        return _whole_files(pairs, segments, rank, world, chunk_bytes)
+    return _balanced(pairs, segments, rank, chunk_bytes)
 
 
-def _needed(path: str, size: int, regions: Regions | None) -> list[tuple[int, int]]:
-    """The needed ranges of one file, clipped to its size, sorted and merged."""
+def _ranges(path: str, size: int, regions: Regions | None) -> list[tuple[int, int]]:
+    """The ranges of one file that one rank needs, clipped to its size, sorted, merged."""
     if regions is None or path not in regions:
         return [(0, size)] if size else []
     out: list[tuple[int, int]] = []
@@ -207,20 +217,47 @@ def _needed(path: str, size: int, regions: Regions | None) -> list[tuple[int, in
     return out
 
 
+def _segments(
+    path: str, size: int, needs: Sequence[Regions | None] | None, world: int
+) -> list[tuple[int, int, tuple[int, ...]]]:
+    """The file cut where the set of ranks needing it changes: ``(lo, hi, ranks)``, in
+    order, runs that no rank needs left out."""
+    if needs is None or all(n is None or path not in n for n in needs):
+        return [(0, size, tuple(range(world)))] if size else []
+    per_rank = [_ranges(path, size, n) for n in needs]
+    cuts = sorted({b for ranges in per_rank for r in ranges for b in r})
+    out: list[tuple[int, int, tuple[int, ...]]] = []
+    for lo, hi in itertools.pairwise(cuts):
+        ranks = tuple(r for r, ranges in enumerate(per_rank) if _covers(ranges, lo))
+        if not ranks:
+            continue
+        if out and out[-1][1] == lo and out[-1][2] == ranks:
+            out[-1] = (out[-1][0], hi, ranks)
+        else:
+            out.append((lo, hi, ranks))
+    return out
+
+
+def _covers(ranges: list[tuple[int, int]], at: int) -> bool:
+    i = bisect.bisect_right(ranges, (at, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= at < ranges[i][1]
+
+
 def _whole_files(
     pairs: list[tuple[str, int]],
-    spans: list[list[tuple[int, int]]],
+    segments: list[list[tuple[int, int, tuple[int, ...]]]],
     rank: int,
     world: int,
     chunk: int,
 ) -> list[Extent]:
-    """``sorted(files)[rank::world]``, the needed part of each in pieces of at most `chunk`."""
+    """``sorted(files)[rank::world]``, in pieces of at most `chunk`; a run of a file that
+    only some ranks need goes to one of them, by the file's sorted index."""
     extents: list[Extent] = []
-    mine = set(sorted(p for p, _ in pairs)[rank::world])
+    index = {p: i for i, p in enumerate(sorted(p for p, _ in pairs))}
     position = 0
-    for (path, size), needed in zip(pairs, spans, strict=True):
-        if path in mine:
-            for lo, hi in needed:
+    for (path, size), segs in zip(pairs, segments, strict=True):
+        for lo, hi, ranks in segs:
+            if ranks[index[path] % len(ranks)] == rank:
                 _append_pieces(extents, path, lo, hi - lo, position + lo, chunk)
         position += size
     return extents
@@ -228,28 +265,30 @@ def _whole_files(
 
 def _balanced(
     pairs: list[tuple[str, int]],
-    spans: list[list[tuple[int, int]]],
+    segments: list[list[tuple[int, int, tuple[int, ...]]]],
     rank: int,
-    world: int,
     chunk_bytes: int,
 ) -> list[Extent]:
-    """Unit u covers [u*chunk, (u+1)*chunk) of the needed bytes concatenated (every byte,
-    without regions); it is rank u % world's."""
+    """For each set of ranks, unit u covers [u*chunk, (u+1)*chunk) of the bytes that set
+    needs, concatenated in order; it is ``ranks[u % len(ranks)]``'s. Without `needs`, one
+    set (every rank) and every byte: unit u of the concatenated files is rank u % world's."""
     extents: list[Extent] = []
+    dealt: dict[tuple[int, ...], int] = {}  # bytes of each set's axis so far
     position = 0  # start of the file on the axis of the whole files
-    need = 0  # needed bytes before this range, on the axis of the needed bytes
-    for (path, size), needed in zip(pairs, spans, strict=True):
-        for lo, hi in needed:
-            start, end = need, need + hi - lo
+    for (path, size), segs in zip(pairs, segments, strict=True):
+        for lo, hi, ranks in segs:
+            start = dealt.get(ranks, 0)
+            end = dealt[ranks] = start + hi - lo
+            if rank not in ranks:
+                continue
+            n, me = len(ranks), ranks.index(rank)
             first_unit = start // chunk_bytes
-            # The first unit of this range that belongs to `rank`.
-            unit = first_unit + ((rank - first_unit) % world)
+            unit = first_unit + ((me - first_unit) % n)  # the first of this run that is mine
             while unit * chunk_bytes < end:
                 a = max(unit * chunk_bytes, start) - start + lo  # offset in the file
                 b = min((unit + 1) * chunk_bytes, end) - start + lo
                 extents.append(Extent(path, a, b - a, position + a))
-                unit += world
-            need = end
+                unit += n
         position += size
     return extents
 

@@ -197,73 +197,95 @@ def test_files_that_share_an_inode_number_but_differ_are_both_kept(
     ]  # fmt: skip
 
 
-# ----------------------------------------------------- regions: only what the node loads
+# --------------------------------------------------- needs: only what the node's ranks load
+small_sizes_st = st.lists(st.integers(0, 40_000), min_size=0, max_size=6)
+
+
 @st.composite
-def files_and_regions(draw):
-    sizes = draw(sizes_st)
+def files_and_needs(draw):
+    sizes = draw(small_sizes_st)
     files = _files(sizes)
-    regions = {}
-    for path, size in files:
-        if draw(st.booleans()):  # absent: the whole file is needed
-            cuts = sorted(draw(st.lists(st.integers(0, size + 100), max_size=8)))
-            regions[path] = list(zip(cuts[::2], cuts[1::2], strict=False))
-    return files, regions
+    world = draw(world_st)
+    needs = []
+    for _ in range(world):
+        if draw(st.integers(0, 4)) == 0:
+            needs.append(None)  # this rank loads everything
+            continue
+        regions = {}
+        for path, size in files:
+            if draw(st.integers(0, 3)):  # absent (1 in 4): the whole file is needed
+                cuts = sorted(draw(st.lists(st.integers(0, size + 100), max_size=6)))
+                regions[path] = list(zip(cuts[::2], cuts[1::2], strict=False))
+        needs.append(regions)
+    return files, world, needs
 
 
-def _bytes_of(ranges):
+def _needed_by(files, regions):
     out = set()
-    for path, lo, hi in ranges:
-        out.update((path, b) for b in range(lo, hi))
+    for path, size in files:
+        spans = [(0, size)] if regions is None or path not in regions else regions[path]
+        for lo, hi in spans:
+            out.update((path, b) for b in range(lo, min(hi, size)))
     return out
 
 
 @settings(max_examples=150, deadline=None)
-@given(fr=files_and_regions(), world=world_st, chunk=chunk_st,
-       strategy=st.sampled_from(["balanced", "files"]))  # fmt: skip
-def test_regions_every_needed_byte_exactly_once_and_nothing_else(fr, world, chunk, strategy):
-    files, regions = fr
-    needed = set()
-    for path, size in files:
-        spans = regions.get(path, [(0, size)])
-        needed |= _bytes_of((path, lo, min(hi, size)) for lo, hi in spans)
-    seen: list[tuple[str, int]] = []
+@given(fwn=files_and_needs(), chunk=chunk_st, strategy=st.sampled_from(["balanced", "files"]))
+def test_needs_every_needed_byte_once_by_a_rank_that_needs_it(fwn, chunk, strategy):
+    files, world, needs = fwn
+    wanted = [_needed_by(files, n) for n in needs]
     starts, pos = {}, 0
     for path, size in files:
         starts[path], pos = pos, pos + size
-    shares = []
+    seen: list[tuple[str, int]] = []
     for rank in range(world):
-        extents = plan(files, rank, world, chunk_bytes=chunk, strategy=strategy, regions=regions)
+        extents = plan(files, rank, world, chunk_bytes=chunk, strategy=strategy, needs=needs)
         assert [e.position for e in extents] == sorted(e.position for e in extents)
+        mine = [(e.path, b) for e in extents for b in range(e.offset, e.offset + e.length)]
+        assert set(mine) <= wanted[rank]  # nothing that only other ranks load
         for e in extents:
             assert 0 < e.length <= chunk
             assert e.position == starts[e.path] + e.offset  # the whole files' axis
-            seen.extend((e.path, b) for b in range(e.offset, e.offset + e.length))
-        shares.append(sum(e.length for e in extents))
+        seen.extend(mine)
     assert len(seen) == len(set(seen))  # no byte twice
-    assert set(seen) == needed  # every needed byte, and nothing else
-    if strategy == "balanced":  # units of the needed bytes dealt in turn: even shares
-        assert max(shares) - min(shares) <= chunk
+    assert set(seen) == set().union(*wanted)  # every byte some rank loads, nothing else
 
 
-def test_regions_deal_only_the_needed_bytes_evenly():
-    # Two ranks, half of a 64 KiB file needed in four pieces: 16 KiB each, not 32 and 0.
-    needed = [(0, 8192), (16384, 24576), (32768, 40960), (49152, 57344)]
+@settings(max_examples=80, deadline=None)
+@given(sizes=small_sizes_st, world=world_st, chunk=chunk_st)
+def test_ranks_that_need_the_same_bytes_share_them_evenly(sizes, world, chunk):
+    files = _files(sizes)
+    same = {p: [(s // 4, s // 2), (3 * s // 4, s)] for p, s in files}
     shares = [
-        sum(e.length for e in plan([("f", 65536)], r, 2, chunk_bytes=8192, regions={"f": needed}))
-        for r in range(2)
+        sum(e.length for e in plan(files, r, world, chunk_bytes=chunk, needs=[same] * world))
+        for r in range(world)
     ]
-    assert shares == [16384, 16384]
+    assert max(shares) - min(shares) <= chunk
 
 
-def test_no_regions_is_every_byte():
+def test_expert_parallel_ranks_each_warm_their_own_experts_and_share_the_rest():
+    # One file: 16 KiB dense (every rank), then 4 experts of 16 KiB, rank r owning r and
+    # r + 2: each rank warms its two experts and half of the dense part.
+    dense, expert = (0, 16384), [(16384 * (1 + e), 16384 * (2 + e)) for e in range(4)]
+    needs = [{"f": [dense, expert[r], expert[r + 2]]} for r in range(2)]
+    for r in range(2):
+        got = plan([("f", 5 * 16384)], r, 2, chunk_bytes=4096, needs=needs)
+        ranges = {(e.offset, e.offset + e.length) for e in got}
+        assert sum(e.length for e in got) == 8192 + 2 * 16384
+        assert all(any(lo <= a and b <= hi for lo, hi in (dense, expert[r], expert[r + 2]))
+                   for a, b in ranges)  # fmt: skip
+
+
+def test_no_needs_is_every_byte():
     files = _files([100_000, 0, 70_000])
     for rank in range(3):
-        whole = {p: [(0, s)] for p, s in files}
         assert plan(files, rank, 3, chunk_bytes=8192) == plan(
-            files, rank, 3, chunk_bytes=8192, regions=whole
+            files, rank, 3, chunk_bytes=8192, needs=[None, None, None]
         )
 
 
-def test_an_invalid_region_is_refused():
+def test_invalid_needs_are_refused():
     with pytest.raises(ValueError, match="invalid region"):
-        plan([("f", 100)], 0, 1, regions={"f": [(50, 10)]})
+        plan([("f", 100)], 0, 1, needs=[{"f": [(50, 10)]}])
+    with pytest.raises(ValueError, match="one entry per rank"):
+        plan([("f", 100)], 0, 2, needs=[None])
