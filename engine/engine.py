@@ -25,10 +25,12 @@ from engine.backends import ProcessBackend, SendfileBackend, resolve_backend
 from engine.cursor import ConsumerCursor, RankBoard
 from engine.errors import Failure, InvalidOptionError
 from engine.memory import auto_window, trail_bytes
+from engine.needs import gather, needed_bytes, normalize, union_bytes
 from engine.options import PrefetchOptions, takes_prefetch_options
 from engine.pace import INTERVAL_S, Pace
 from engine.plan import (
     Extent,
+    Regions,
     ResolvedFile,
     Strategy,
     check_rank_world,
@@ -293,6 +295,9 @@ class Prefetcher:
         world: number of local ranks.
         options: validated options.
         cursor: the loader's position; None when nobody reports one.
+        needs: the byte ranges this rank loads (`engine.plan.Regions`; a file not in it
+            is loaded whole), gathered with the other local ranks' (`engine.needs`);
+            None: everything, and nothing gathered.
 
     Raises:
         InvalidOptionError: rank or world out of range.
@@ -306,9 +311,12 @@ class Prefetcher:
         options: PrefetchOptions,
         *,
         cursor: ConsumerCursor | None = None,
+        needs: Regions | None = None,
     ) -> None:
         check_rank_world(rank, world)
         self.files = list(files)
+        self.needs = needs
+        self._needs_slot: Any = None  # this rank's published needs, removed at the end
         self.rank = rank
         self.world = world
         self.options = options
@@ -372,6 +380,8 @@ class Prefetcher:
             pool.shutdown()
             if self._own_board is not None:
                 self._own_board.finish()
+            if self._needs_slot is not None:
+                self._needs_slot.remove()
             self.report = self._make_report(pool, time.thread_time() - loop_cpu0, cancelled)
             if self._pace is not None:
                 log.info("prefetch rank %d/%d: %s", self.rank, self.world, self._pace.summary())
@@ -398,15 +408,13 @@ class Prefetcher:
             self._tally.record(failure)
         self._tally.files = len(resolved)
         tuning = self._tuning = await self._tune(pool, resolved)
+        rank, world, node_needs = await self._node_needs(pool, resolved)
         extents = tuple(
             plan(
-                resolved,
-                self.rank,
-                self.world,
-                strategy=self.options.strategy,
-                chunk_bytes=tuning.chunk_bytes,
+                resolved, rank, world, strategy=self.options.strategy,
+                chunk_bytes=tuning.chunk_bytes, needs=node_needs,
             )
-        )
+        )  # fmt: skip
         piece = 0
         if tuning.max_concurrency is not None and tuning.chunk_bytes > MIN_READ_BYTES:
             piece = MIN_READ_BYTES
@@ -467,6 +475,27 @@ class Prefetcher:
             chunk, auto.concurrency, auto.reason + f"; adapted at run time (1..{top}, {why})",
             max_concurrency=top, network=auto.network,
         )  # fmt: skip
+
+    async def _node_needs(
+        self, pool: DaemonPool, resolved: list[ResolvedFile]
+    ) -> tuple[int, int, list[Any] | None]:
+        """(rank, world, needs) to plan with: what every local rank loads, gathered; or,
+        when a rank did not say in time, this rank alone warming all it loads."""
+        if self.needs is None:
+            return self.rank, self.world, None
+        sizes = {f.path: f.size for f in resolved}
+        own = await pool.run(normalize, self.needs, sizes)
+        node, self._needs_slot = await pool.run(gather, resolved, self.rank, self.world, own)
+        total = sum(sizes.values())
+        if node is None:
+            self._tally.notes.append(
+                f"needs: the other local ranks' were unknown; warmed all "
+                f"{needed_bytes(own, sizes)} of {total} bytes this rank loads"
+            )
+            return 0, 1, [own]
+        union = union_bytes(node, sizes)
+        self._tally.notes.append(f"needs: the node loads {union} of {total} bytes")
+        return self.rank, self.world, node
 
     def _resolve_window(self, checkpoint_bytes: int) -> int | None:
         """The window in bytes: as given, or chosen from the memory budget for "auto"."""
@@ -577,6 +606,7 @@ async def prefetch_async(
     *,
     options: PrefetchOptions | None = None,
     consumer: ConsumerCursor | None = None,
+    needs: Regions | None = None,
     **option_fields: Any,
 ) -> PrefetchReport:
     """Warm this rank's share of `files` into the page cache; return what was done.
@@ -591,6 +621,12 @@ async def prefetch_async(
         options: how to prefetch (`engine.PrefetchOptions`); None for the defaults.
         consumer: the loader's position; extents it has passed are skipped. A window
             needs one, advanced as the loader reads (or warming stops at the window).
+        needs: the byte ranges ``[start, end)`` of each file that this rank loads (a file
+            not in it: all of it), when the ranks load parts of the checkpoint (expert or
+            pipeline parallelism). The local ranks publish theirs and plan the union,
+            each run of bytes warmed by one of the ranks that need it (`engine.needs`).
+            Every local rank must then pass one (``{}`` for everything). None: this rank
+            loads everything and gathers nothing.
         **option_fields: fields of `engine.PrefetchOptions` (``strategy``, ``backend``,
             ``concurrency``, ``chunk_bytes``, ``skip_cached``, ``window_bytes``,
             ``order``, ``progress``), replacing those of `options`.
@@ -611,7 +647,7 @@ async def prefetch_async(
         ()
     """
     opts = PrefetchOptions.from_keywords(options, **option_fields)
-    prefetcher = Prefetcher(files, rank, world, opts, cursor=consumer)
+    prefetcher = Prefetcher(files, rank, world, opts, cursor=consumer, needs=needs)
     if opts.window_bytes is not None and consumer is None:
         # Nobody could advance a cursor made here: warming would stop at the window.
         raise InvalidOptionError(

@@ -23,6 +23,7 @@ from typing import Any
 from engine.cursor import ConsumerCursor
 from engine.engine import Prefetcher
 from engine.options import PrefetchOptions, takes_prefetch_options
+from engine.plan import Regions
 from engine.report import PrefetchReport, Progress
 
 __all__ = ["PrefetchHandle", "start_prefetch"]
@@ -195,6 +196,7 @@ def start_prefetch(
     world: int = 1,
     *,
     options: PrefetchOptions | None = None,
+    needs: Regions | None = None,
     **option_fields: Any,
 ) -> PrefetchHandle:
     """Start warming this rank's share of `files` on a background thread.
@@ -209,6 +211,7 @@ def start_prefetch(
         world: number of local ranks.
         options: how to prefetch (`engine.PrefetchOptions`); None for the defaults.
             Its `progress` callback runs on the background thread.
+        needs: the byte ranges this rank loads, per file (see `engine.prefetch_async`).
         **option_fields: fields of `engine.PrefetchOptions`, replacing those of `options`.
 
     Returns:
@@ -224,7 +227,9 @@ def start_prefetch(
         True
     """
     opts = PrefetchOptions.from_keywords(options, **option_fields)
-    return PrefetchHandle(Prefetcher(files, rank, world, opts, cursor=ConsumerCursor()))
+    return PrefetchHandle(
+        Prefetcher(files, rank, world, opts, cursor=ConsumerCursor(), needs=needs)
+    )
 
 
 @atexit.register
