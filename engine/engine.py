@@ -12,6 +12,7 @@ never raised.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -25,7 +26,7 @@ from engine.backends import ProcessBackend, SendfileBackend, resolve_backend
 from engine.cursor import ConsumerCursor, RankBoard
 from engine.errors import Failure, InvalidOptionError
 from engine.memory import auto_window, trail_bytes
-from engine.needs import gather, needed_bytes, normalize, union_bytes
+from engine.needs import ahead_limit, gather, needed_bytes, normalize, run_ends, union_bytes
 from engine.options import PrefetchOptions, takes_prefetch_options
 from engine.pace import INTERVAL_S, Pace
 from engine.plan import (
@@ -70,6 +71,9 @@ class _Setup:
             ``tuning.concurrency`` extents in flight, each read whole).
         piece_bytes: the size the plan's stripes were cut into for `pace` (reads join
             neighbouring pieces up to the pace's read size).
+        run_ends: where the runs of bytes the node needs end before the end of their
+            file, per path: a read must not read ahead past the end of its run
+            (`engine.needs`).
     """
 
     resolved: tuple[ResolvedFile, ...]
@@ -81,6 +85,7 @@ class _Setup:
     trail: TrailState | None
     pace: Pace | None = None
     piece_bytes: int = 0
+    run_ends: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _files_and_starts(
@@ -253,8 +258,10 @@ class _Scheduler:
             self._tally.skipped += ext.length
             files[ext.path].release()
         read_bytes = self._setup.pace.setting.read_bytes if self._setup.pace else 0
+        ends = self._setup.run_ends
         for ext, pieces in _join(decision.submit, read_bytes):
-            future = self._warmer.start(files[ext.path], ext, pieces)
+            limit = ahead_limit(ends, ext.path, ext.offset + ext.length) if ends else 0
+            future = self._warmer.start(files[ext.path], ext, pieces, ahead_limit=limit)
             self._tally.in_flight += pieces
             future.add_done_callback(functools.partial(self._on_done, ext, pieces))
         self._next = decision.next
@@ -436,9 +443,11 @@ class Prefetcher:
                 tuning.max_concurrency, tuning.chunk_bytes, self.world, board,
                 streams=tuning.concurrency,
             )  # fmt: skip
+        ends = run_ends(node_needs, {f.path: f.size for f in resolved}) if node_needs else {}
         return _Setup(
-            tuple(resolved), extents, files, starts, tuning, window, trail, pace, piece or 0
-        )
+            tuple(resolved), extents, files, starts, tuning, window, trail, pace, piece or 0,
+            ends,
+        )  # fmt: skip
 
     async def _tune(self, pool: DaemonPool, resolved: Sequence[ResolvedFile]) -> Tuning:
         """The stripe size and concurrency: as given, or chosen for the filesystem.

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -38,7 +39,9 @@ __all__ = [
     "NodeNeeds",
     "gather",
     "needed_bytes",
+    "ahead_limit",
     "normalize",
+    "run_ends",
     "union_bytes",
 ]
 
@@ -98,6 +101,22 @@ def needed_bytes(needs: NodeNeeds | None, sizes: Mapping[str, int]) -> int:
     )
 
 
+def _runs(node: Sequence[NodeNeeds | None], path: str, size: int) -> list[tuple[int, int]]:
+    """The merged runs of `path` that at least one rank of `node` needs."""
+    ranges = sorted(
+        r for n in node for r in ([(0, size)] if n is None or path not in n else n[path])
+    )
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if hi <= lo:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def union_bytes(node: Sequence[NodeNeeds | None], sizes: Mapping[str, int]) -> int:
     """Bytes that at least one of the ranks' `node` needs loads.
 
@@ -106,17 +125,39 @@ def union_bytes(node: Sequence[NodeNeeds | None], sizes: Mapping[str, int]) -> i
         >>> union_bytes([a, b], {"a": 30, "b": 7}), union_bytes([a, None], {"a": 30, "b": 7})
         (23, 37)
     """
-    total = 0
-    for path, size in sizes.items():
-        ranges = sorted(
-            r for n in node for r in ([(0, size)] if n is None or path not in n else n[path])
-        )
-        end = 0  # bytes below `end` are counted
-        for lo, hi in ranges:
-            if hi > max(lo, end):
-                total += hi - max(lo, end)
-                end = hi
-    return total
+    return sum(hi - lo for p, size in sizes.items() for lo, hi in _runs(node, p, size))
+
+
+def run_ends(
+    node: Sequence[NodeNeeds | None], sizes: Mapping[str, int]
+) -> dict[str, tuple[int, ...]]:
+    """Where the node's needed runs end before the end of their file, per path, sorted.
+
+    Reading ahead past such an end reads bytes that no local rank loads.
+
+    Example:
+        >>> run_ends([{"a": ((0, 10), (20, 30))}, {"a": ((5, 15),)}], {"a": 30})
+        {'a': (15,)}
+    """
+    out = {}
+    for p, size in sizes.items():
+        ends = tuple(hi for _, hi in _runs(node, p, size) if hi < size)
+        if ends:
+            out[p] = ends
+    return out
+
+
+def ahead_limit(ends: Mapping[str, Sequence[int]], path: str, end: int) -> int:
+    """The end of the needed run that a read ending at `end` of `path` lies in (0: the run
+    goes on to the end of the file, or nothing limits it).
+
+    Example:
+        >>> ahead_limit({"a": (15, 40)}, "a", 12), ahead_limit({"a": (15, 40)}, "a", 41)
+        (15, 0)
+    """
+    marks = ends.get(path, ())
+    i = bisect.bisect_left(marks, end)
+    return marks[i] if i < len(marks) else 0
 
 
 def _directory() -> Path:

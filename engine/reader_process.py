@@ -92,7 +92,13 @@ class ReaderProcess:
         return self._proc.pid
 
     def submit(
-        self, path: str | os.PathLike[str], offset: int, length: int, *, skip_cached: bool = False
+        self,
+        path: str | os.PathLike[str],
+        offset: int,
+        length: int,
+        *,
+        skip_cached: bool = False,
+        ahead_limit: int = 0,
     ) -> concurrent.futures.Future[ReadResult]:
         """Ask the child to warm [offset, offset + length) of `path`.
 
@@ -101,6 +107,9 @@ class ReaderProcess:
             offset: first byte.
             length: bytes to warm.
             skip_cached: answer "cached" without reading when every page is resident.
+            ahead_limit: no local rank needs the bytes from this offset on (the end of a
+                run of needed bytes): the kernel's read-ahead must not read past it (0:
+                no limit).
 
         Returns:
             A future of the `ReadResult`; it fails with `OSError` (the read's errno) or
@@ -117,7 +126,9 @@ class ReaderProcess:
             self._pending[rid] = fut
             try:
                 assert self._proc.stdin is not None
-                self._proc.stdin.write(wire.REQUEST.pack(rid, offset, length, flags, len(raw)))
+                self._proc.stdin.write(
+                    wire.REQUEST.pack(rid, offset, length, ahead_limit, flags, len(raw))
+                )
                 self._proc.stdin.write(raw)
                 self._proc.stdin.flush()
             except (OSError, ValueError) as exc:

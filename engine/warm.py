@@ -191,10 +191,14 @@ class Warmer(abc.ABC):
         self._skip_cached = skip_cached
 
     @abc.abstractmethod
-    def start(self, f: OpenFile, ext: Extent, pieces: int = 1) -> asyncio.Future[Outcome]:
+    def start(
+        self, f: OpenFile, ext: Extent, pieces: int = 1, *, ahead_limit: int = 0
+    ) -> asyncio.Future[Outcome]:
         """Start warming `ext` of `f` (`pieces` planned extents joined into one read, each
         released once it is done); return its outcome's future, which an OS error never
-        fails."""
+        fails. `ahead_limit`: no local rank needs the bytes of the file from this offset on
+        (0: no limit), so read-ahead past it is waste (kept from happening by the reader
+        process; the in-process backends ignore it)."""
 
     @property
     def cpu_s(self) -> float:
@@ -216,7 +220,9 @@ class _ThreadWarmer(Warmer):
         super().__init__(pool, skip_cached)
         self._backend = backend
 
-    def start(self, f: OpenFile, ext: Extent, pieces: int = 1) -> asyncio.Future[Outcome]:
+    def start(
+        self, f: OpenFile, ext: Extent, pieces: int = 1, *, ahead_limit: int = 0
+    ) -> asyncio.Future[Outcome]:
         return self._pool.run(warm_extent, f, ext, self._backend, self._skip_cached, pieces)
 
 
@@ -228,7 +234,9 @@ class _LoopWarmer(Warmer):
         self._backend = backend
         self._tasks: set[asyncio.Future[Outcome]] = set()
 
-    def start(self, f: OpenFile, ext: Extent, pieces: int = 1) -> asyncio.Future[Outcome]:
+    def start(
+        self, f: OpenFile, ext: Extent, pieces: int = 1, *, ahead_limit: int = 0
+    ) -> asyncio.Future[Outcome]:
         task = asyncio.ensure_future(self._warm(f, ext, pieces))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -274,13 +282,17 @@ class _ProcessWarmer(Warmer):
         self._reader = ReaderProcess(threads)
         self._cpu_s = 0.0
 
-    def start(self, f: OpenFile, ext: Extent, pieces: int = 1) -> asyncio.Future[Outcome]:
+    def start(
+        self, f: OpenFile, ext: Extent, pieces: int = 1, *, ahead_limit: int = 0
+    ) -> asyncio.Future[Outcome]:
         if f.error is not None:
             f.release(pieces)
             done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
             done.set_result(Outcome(OutcomeKind.FILE_FAILED))
             return done
-        fut = self._reader.submit(ext.path, ext.offset, ext.length, skip_cached=self._skip_cached)
+        fut = self._reader.submit(
+            ext.path, ext.offset, ext.length, skip_cached=self._skip_cached, ahead_limit=ahead_limit
+        )
         return asyncio.ensure_future(self._outcome(f, ext, pieces, asyncio.wrap_future(fut)))
 
     async def _outcome(

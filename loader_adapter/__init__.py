@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from loader_adapter.exchange import ClusterReport
     from loader_adapter.iterator import (
         PrefetchMode,
+        TensorFilter,
         WeightsIterator,
         load_state_dict,
         safetensors_weights_iterator,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     # loading
     "PrefetchMode",
+    "TensorFilter",
     "WeightsIterator",
     "load_state_dict",
     "safetensors_weights_iterator",
@@ -73,8 +75,8 @@ __all__ = [
 ]
 
 _ITERATOR_NAMES = frozenset(
-    {"PrefetchMode", "WeightsIterator", "load_state_dict", "safetensors_weights_iterator",
-     "tensor_order"}
+    {"PrefetchMode", "TensorFilter", "WeightsIterator", "load_state_dict",
+     "safetensors_weights_iterator", "tensor_order"}
 )  # fmt: skip
 
 

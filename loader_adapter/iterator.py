@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ from loader_adapter.header import read_header
 
 __all__ = [
     "PrefetchMode",
+    "TensorFilter",
     "WeightsIterator",
     "load_state_dict",
     "safetensors_weights_iterator",
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: ``prefetch=`` values: off, on, or on for network/FUSE filesystems only.
 PrefetchMode = bool | Literal["auto"]
+#: ``tensors=`` values: the names this rank loads, as a predicate or a collection.
+TensorFilter = Callable[[str], bool] | Collection[str]
 
 #: `load_state_dict` gives up waiting for a prefetch that made no progress for this long.
 STALL_TIMEOUT_S = 30.0
@@ -286,6 +289,31 @@ class _Releaser:
 class _Setup:
     files: list[ResolvedFile]
     prefetch: _Prefetch | None
+    wanted: Callable[[str], bool] | None = None
+
+
+def _wanted(tensors: TensorFilter | None) -> Callable[[str], bool] | None:
+    """The ``tensors=`` filter as a predicate on names (None: every tensor)."""
+    if tensors is None or callable(tensors):
+        return tensors
+    if isinstance(tensors, str) or not isinstance(tensors, Collection):
+        raise InvalidOptionError(
+            f"tensors must be a predicate on names or a collection of names, got {tensors!r}"
+        )
+    names = frozenset(tensors)
+    return names.__contains__
+
+
+def _needs(
+    files: Sequence[ResolvedFile], wanted: Callable[[str], bool]
+) -> dict[str, list[tuple[int, int]]]:
+    """The byte ranges this rank reads: each file's header, and the wanted tensors' data."""
+    needs: dict[str, list[tuple[int, int]]] = {}
+    for f in files:
+        header = read_header(f.path)
+        spans = [(t.start, t.end) for t in header.tensors if wanted(t.name)]
+        needs[f.path] = [(0, header.data_start), *spans]
+    return needs
 
 
 def _resolve(files: CheckpointFiles, order: str) -> list[ResolvedFile]:
@@ -322,13 +350,15 @@ def _setup(
     options: dict[str, Any],
     *,
     follow_consumer: bool,
+    tensors: TensorFilter | None = None,
 ) -> _Setup:
     if not (isinstance(prefetch, bool) or prefetch == "auto"):
         raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
     check_option_names(options)  # their values are checked only if a prefetch starts
+    wanted = _wanted(tensors)
     resolved = _resolve(files, options.get("order", "sorted"))
     if prefetch is False:
-        return _Setup(resolved, None)
+        return _Setup(resolved, None, wanted)
 
     try:
         local = discover_local_rank(rank, world)  # a collective under torch.distributed
@@ -337,34 +367,40 @@ def _setup(
             raise  # the caller's arguments: a programmer error
         # A launcher's environment the loader cannot use must not fail the load.
         log.warning("cannot tell this process's local rank (%s); loading without prefetch", exc)
-        return _Setup(resolved, None)
+        return _Setup(resolved, None, wanted)
     total = sum(f.size for f in resolved)
     if prefetch == "auto" and not decide_auto([f.path for f in resolved], total).enabled:
-        return _Setup(resolved, None)
+        return _Setup(resolved, None, wanted)
 
     opts = _prefetch_options(options, follow_consumer=follow_consumer)
     paths = [f.path for f in resolved]
+    needs = _needs(resolved, wanted) if wanted is not None else None
     try:
-        handle = start_prefetch(paths, local.rank, local.world, options=opts)
+        handle = start_prefetch(paths, local.rank, local.world, options=opts, needs=needs)
     except (ValueError, TypeError):
         raise  # a programmer error: an invalid option
     except Exception as exc:  # prefetch is an optimisation: never fail the load
         log.warning("could not start the prefetch (%r); loading without it", exc)
-        return _Setup(resolved, None)
+        return _Setup(resolved, None, wanted)
     log.debug("prefetch started: local rank %d of %d (%s)", local.rank, local.world, local.source)
-    return _Setup(resolved, _Prefetch(handle))
+    return _Setup(resolved, _Prefetch(handle), wanted)
 
 
 def _tensors(
-    files: Sequence[ResolvedFile], prefetch: _Prefetch | None
+    files: Sequence[ResolvedFile],
+    prefetch: _Prefetch | None,
+    wanted: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor; report the position after each; stop the prefetch at the end."""
+    """Yield every wanted tensor; report the position after each; stop the prefetch at the
+    end."""
     try:
         for f in files:
             reported = 0
             releaser = _Releaser(f.path, f.size) if prefetch is not None else None
             with safe_open(f.path, framework="pt") as st:
                 for name, end in tensor_order(f.path):
+                    if wanted is not None and not wanted(name):
+                        continue  # another rank's: never read here
                     tensor = st.get_tensor(name)
                     # Only with a window is anything dropped: only then unmap what was used.
                     if releaser is not None and prefetch is not None and prefetch.windowed():
@@ -436,6 +472,7 @@ def safetensors_weights_iterator(
     rank: int | None = None,
     world: int | None = None,
     scope: str = "node",
+    tensors: TensorFilter | None = None,
     **prefetch_options: Any,
 ) -> WeightsIterator:
     """Iterate over a safetensors checkpoint's tensors, optionally prefetching the files.
@@ -466,6 +503,12 @@ def safetensors_weights_iterator(
             ``exchange_timeout_s``, ``setup_timeout_s`` and ``read_threads`` it then
             accepts; ranks come from the default process group, so `rank` and `world`
             must be None).
+        tensors: the tensors this rank loads: a predicate on names, or a collection of
+            names; None for all. Others are neither read nor yielded. With a prefetch,
+            every local rank must pass one (``lambda name: True`` where a rank loads
+            all): the ranks publish what they load, and the node warms only the union,
+            each byte by one of the ranks that load it (expert parallelism: a rank's
+            experts; pipeline parallelism: its stage's layers). The node scope only.
         **prefetch_options: fields of `engine.PrefetchOptions` (``strategy``,
             ``backend``, ``concurrency``, ``chunk_bytes``, ``skip_cached``,
             ``window_bytes``, ``order``, ``progress``); only ``order`` matters without a
@@ -494,11 +537,17 @@ def safetensors_weights_iterator(
             raise InvalidOptionError(
                 "scope='cluster' takes the ranks from torch.distributed: pass no rank or world"
             )
+        if tensors is not None:
+            raise InvalidOptionError(
+                "tensors= is not supported with scope='cluster' yet: use scope='node'"
+            )
         from loader_adapter.cluster import cluster_weights_iterator  # imports this module
 
         return cluster_weights_iterator(files, prefetch=prefetch, **prefetch_options)
-    setup = _setup(files, prefetch, rank, world, prefetch_options, follow_consumer=True)
-    gen = _tensors(setup.files, setup.prefetch)
+    setup = _setup(
+        files, prefetch, rank, world, prefetch_options, follow_consumer=True, tensors=tensors
+    )
+    gen = _tensors(setup.files, setup.prefetch, setup.wanted)
     if setup.prefetch is not None:
         # A generator that is never started does not run its `finally`: stop it on GC too.
         weakref.finalize(gen, setup.prefetch.stop)

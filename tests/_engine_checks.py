@@ -1,6 +1,6 @@
 """Checks of the engine plug-ins against the real vLLM and SGLang; run as a subprocess.
 
-Usage: python tests/_engine_checks.py vllm-loader CHECKPOINT_DIR EXPERTS_DIR
+Usage: python tests/_engine_checks.py vllm-loader CHECKPOINT_DIR EXPERTS_DIR [MOE_DIR]
        python tests/_engine_checks.py vllm-hidden   (with CKPT_TEST_HIDE set)
        python tests/_engine_checks.py sglang-hooks CHECKPOINT_DIR
        python tests/_engine_checks.py {vllm,sglang}-ranks HOST_ID[,HOST_ID...] PORT
@@ -53,7 +53,7 @@ def _check(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
         results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
 
 
-def vllm_loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
+def vllm_loader_checks(checkpoint: str, experts: str, moe: str | None = None) -> dict[str, Any]:
     from safetensors.torch import load_file
     from vllm.config.load import LoadConfig
     from vllm.model_executor.model_loader import DefaultModelLoader, get_model_loader, weight_utils
@@ -201,6 +201,34 @@ def vllm_loader_checks(checkpoint: str, experts: str) -> dict[str, Any]:
         return {"ours": ours, "vllm": theirs}
 
     _check(results, "experts", experts_filter)
+
+    def experts_on_two_nodes() -> dict[str, Any]:
+        # Expert parallelism across two nodes of one rank each: every node mounts the
+        # store itself (its own page cache); vLLM's own filter chooses the experts.
+        from bench.netfs import mounted
+        from loader_adapter.integrations._vllm_loader import load_safetensors
+
+        if moe is None:
+            return {}
+        out: dict[str, Any] = {"total": 0, "nodes": []}
+        for ids in ({0, 1}, {2, 3}):
+            with mounted(moe, profile="local-fuse", read_ahead_kb=128) as fs:
+                files = sorted(str(p) for p in fs.path.glob("*.safetensors"))
+                out["total"] = sum(os.path.getsize(f) for f in files)
+                fs.evict()
+                fs.reset_counters()
+                ours = sorted(n for n, _ in load_safetensors(files, {}, local_expert_ids=ids))
+                served = fs.counters().bytes_served
+                theirs = sorted(
+                    n
+                    for n, _ in weight_utils.safetensors_weights_iterator(
+                        files, False, "lazy", local_expert_ids=ids
+                    )
+                )
+            out["nodes"].append({"ours": ours, "vllm": theirs, "served": served})
+        return out
+
+    _check(results, "experts_two_nodes", experts_on_two_nodes)
     return results
 
 
@@ -416,7 +444,7 @@ def main() -> None:
     if command == "vllm-hidden":
         result = vllm_hidden_checks()
     elif command == "vllm-loader":
-        result = vllm_loader_checks(sys.argv[2], sys.argv[3])
+        result = vllm_loader_checks(sys.argv[2], sys.argv[3], *sys.argv[4:5])
     elif command == "sglang-hooks":
         result = sglang_hook_checks(sys.argv[2])
     else:

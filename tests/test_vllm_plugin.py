@@ -86,8 +86,13 @@ def loader_checks(
         tensors[f"model.layers.0.mlp.experts.{e}.w1.weight_scale"] = torch.ones(1)
     tensors["model.layers.0.mlp.gate.weight"] = torch.ones(4, 4)
     save_file(tensors, str(experts / "model.safetensors"))
+    moe = tmp_path_factory.mktemp("moe")  # experts are most of the bytes, 2 MiB each
+    big = {f"model.layers.0.mlp.experts.{e}.w1.weight": torch.full((1 << 19,), float(e))
+           for e in range(4)}  # fmt: skip
+    big["model.layers.0.mlp.gate.weight"] = torch.ones(4, 4)
+    save_file(big, str(moe / "model.safetensors"))
     result, log = run_script(
-        ["tests/_engine_checks.py", "vllm-loader", str(tiny_model), str(experts)], env
+        ["tests/_engine_checks.py", "vllm-loader", str(tiny_model), str(experts), str(moe)], env
     )
     for key, value in result.items():
         if isinstance(value, dict) and "error" in value:
@@ -170,6 +175,18 @@ def test_bad_options_name_the_option_and_the_valid_values(loader_checks: dict[st
     assert "'window_bytes' must be 'auto', null or 'none'" in bad["size"]
     assert "--safetensors-load-strategy eager" in bad["eager"]
     assert all(v.startswith("OptionError: ckpt-prefetch") for v in bad.values()), bad
+
+
+def test_expert_parallel_nodes_each_read_their_experts_only(loader_checks: dict[str, Any]):
+    # Two nodes of one rank each, experts {0, 1} and {2, 3} of 4 (2 MiB each), through
+    # vLLM's own filter: each node reads about half the checkpoint, not all of it (before:
+    # the prefetch warmed every byte and the filter dropped tensors after), and yields
+    # what vLLM's own iterator yields.
+    result = loader_checks["experts_two_nodes"]
+    total = result["total"]
+    for node in result["nodes"]:
+        assert node["ours"] == node["vllm"]
+        assert 2 * (2 << 20) <= node["served"] <= 0.6 * total, (node["served"], total)
 
 
 def test_expert_filter_skips_what_vllm_skips(loader_checks: dict[str, Any]) -> None:

@@ -448,7 +448,10 @@ def load_with_prefetch(
         local_rank: returns this process's local rank (called only when prefetching in
             the node scope; the cluster scope finds its own from the default group).
         engine: the engine's name, for the log.
-        skip: names of tensors not to yield (e.g. other ranks' experts).
+        skip: names of tensors not to yield (e.g. other ranks' experts). In the node
+            scope they are not read either, and the node warms only what its ranks load
+            (every local rank must then pass one); the cluster scope reads and exchanges
+            every byte, then leaves them out.
 
     Returns:
         A generator of ``(name, tensor)``, the tensors of ``safe_open(...).get_tensor``.
@@ -476,9 +479,13 @@ def load_with_prefetch(
     for key in CLUSTER_ONLY:
         engine_options.pop(key, None)
     local = local_rank() if prefetch is not False else LocalRank(0, 1, "unused")
+    # Another rank's tensors are neither read nor warmed here: the local ranks gather
+    # what each loads and the node warms only the union (`engine.needs`).
+    wanted = None if skip is None else (lambda name: not skip(name))
     it = safetensors_weights_iterator(
-        files, prefetch=prefetch, rank=local.rank, world=local.world, **engine_options
-    )
+        files, prefetch=prefetch, rank=local.rank, world=local.world, tensors=wanted,
+        **engine_options,
+    )  # fmt: skip
     log.info(
         "ckpt-prefetch: %s loads %d safetensors file(s) through loader_adapter: prefetch=%s "
         "(%s), local rank %d of %d (%s)%s",
