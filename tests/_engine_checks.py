@@ -217,14 +217,18 @@ def vllm_loader_checks(checkpoint: str, experts: str, moe: str | None = None) ->
                 out["total"] = sum(os.path.getsize(f) for f in files)
                 fs.evict()
                 fs.reset_counters()
-                ours = sorted(n for n, _ in load_safetensors(files, {}, local_expert_ids=ids))
+                # Every tensor is used (summed), as a loader copies it to the GPU.
+                ours = {
+                    n: float(t.double().sum())
+                    for n, t in load_safetensors(files, {}, local_expert_ids=ids)
+                }
                 served = fs.counters().bytes_served
-                theirs = sorted(
-                    n
-                    for n, _ in weight_utils.safetensors_weights_iterator(
+                theirs = {
+                    n: float(t.double().sum())
+                    for n, t in weight_utils.safetensors_weights_iterator(
                         files, False, "lazy", local_expert_ids=ids
                     )
-                )
+                }
             out["nodes"].append({"ours": ours, "vllm": theirs, "served": served})
         return out
 
