@@ -233,6 +233,30 @@ def vllm_loader_checks(checkpoint: str, experts: str, moe: str | None = None) ->
         return out
 
     _check(results, "experts_two_nodes", experts_on_two_nodes)
+
+    def pipeline_stage() -> dict[str, Any]:
+        # The second of two pipeline stages, built as vLLM builds it: its first layer and
+        # the embedding are vLLM's PPMissingLayer. vLLM's real loader path (get_all_weights).
+        import types
+
+        import torch
+        from vllm.model_executor.models.utils import PPMissingLayer, is_pp_missing_parameter
+
+        model = torch.nn.Module()
+        model.model = torch.nn.Module()
+        model.model.embed_tokens = PPMissingLayer()
+        model.model.layers = torch.nn.ModuleList([PPMissingLayer(), torch.nn.Linear(1, 1)])
+        loader = get_model_loader(LoadConfig(load_format="ckpt-prefetch"))
+        config = types.SimpleNamespace(model=checkpoint, revision=None)
+        ours = sorted(n for n, _ in loader.get_all_weights(config, model))
+        every = sorted(n for n, _ in loader.get_all_weights(config, torch.nn.Module()))
+        return {
+            "ours": ours,
+            "vllm": [n for n in every if not is_pp_missing_parameter(n, model)],
+            "every": every,
+        }
+
+    _check(results, "pipeline_stage", pipeline_stage)
     return results
 
 

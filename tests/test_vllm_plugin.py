@@ -189,6 +189,16 @@ def test_expert_parallel_nodes_each_read_their_experts_only(loader_checks: dict[
         assert 2 * (2 << 20) <= node["served"] <= 0.6 * total, (node["served"], total)
 
 
+def test_a_pipeline_stage_loads_only_its_layers(loader_checks: dict[str, Any]) -> None:
+    # vLLM's own split (PPMissingLayer) decides: the other stage's layer and the embedding
+    # are neither yielded nor read; norms and the head stay.
+    stage = loader_checks["pipeline_stage"]
+    assert stage["ours"] == stage["vllm"]
+    assert not any(n.startswith(("model.layers.0.", "model.embed_tokens.")) for n in stage["ours"])
+    assert any(n.startswith("model.layers.1.") for n in stage["ours"])
+    assert len(stage["ours"]) < len(stage["every"])
+
+
 def test_expert_filter_skips_what_vllm_skips(loader_checks: dict[str, Any]) -> None:
     experts = loader_checks["experts"]
     assert experts["ours"] == experts["vllm"]

@@ -92,11 +92,27 @@ def vllm_local_rank() -> LocalRank:
     return engine_local_rank(parallel_state.get_world_group, WORLD_GROUP)
 
 
+def stage_filter(model: torch.nn.Module) -> Callable[[str], bool] | None:
+    """vLLM's pipeline-parallel split of `model`: True for the names of tensors whose
+    layers live on another stage (vLLM's ``get_pp_missing_layer_names``), None when this
+    stage has every layer (or this vLLM cannot tell)."""
+    try:
+        from vllm.model_executor.models.utils import get_pp_missing_layer_names
+    except ImportError:
+        return None
+    prefixes = tuple(get_pp_missing_layer_names(model))
+    if not prefixes:
+        return None
+    log.info("ckpt-prefetch: this pipeline stage leaves out %d layers", len(prefixes))
+    return lambda name: name.startswith(prefixes)
+
+
 def load_safetensors(
     files: list[str],
     options: MergedOptions | dict[str, Any],
     *,
     local_expert_ids: set[int] | None = None,
+    stage_skip: Callable[[str], bool] | None = None,
 ) -> Generator[tuple[str, torch.Tensor], None, None]:
     """vLLM's safetensors weights, read through `loader_adapter` with the node's prefetch.
 
@@ -111,6 +127,7 @@ def load_safetensors(
             ``prefetch`` defaults to True.
         local_expert_ids: vLLM's expert filter: expert tensors of other experts are not
             yielded (None: all tensors).
+        stage_skip: True for tensors of layers on other pipeline stages (`stage_filter`).
 
     Returns:
         A generator of ``(name, tensor)``, tensors as ``safe_open(...).get_tensor``.
@@ -119,10 +136,13 @@ def load_safetensors(
         ValueError: an option the engine refuses (checked before any file is read).
         OSError: a file is missing or unreadable.
     """
-    skip = None
+    skips: list[Callable[[str], bool]] = []
     if local_expert_ids is not None:
         log.info("ckpt-prefetch: this rank loads %d experts", len(local_expert_ids))
-        skip = functools.partial(should_skip_weight, local_expert_ids=local_expert_ids)
+        skips.append(functools.partial(should_skip_weight, local_expert_ids=local_expert_ids))
+    if stage_skip is not None:
+        skips.append(stage_skip)
+    skip = None if not skips else (lambda name: any(s(name) for s in skips))
     return load_with_prefetch(files, options, vllm_local_rank, engine="vLLM", skip=skip)
 
 
@@ -196,8 +216,9 @@ def _switch(*args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
                 "it: use another load format"
             )
         return load_safetensors(
-            call.files, loader.prefetch_options, local_expert_ids=call.expert_ids
-        )
+            call.files, loader.prefetch_options, local_expert_ids=call.expert_ids,
+            stage_skip=loader.stage_skip,
+        )  # fmt: skip
     assert _replace_options is not None
     if call.strategy not in (None, "prefetch") or call.shuffle or call.strange:
         if call.shuffle or call.strange:
@@ -276,6 +297,17 @@ class CkptPrefetchModelLoader(DefaultModelLoader):
             model_loader_extra_config={k: extra[k] for k in VLLM_KEYS if k in extra},
         )
         super().__init__(inner)
+
+    #: Tensors of layers on other pipeline stages, from the model being loaded (None: none).
+    stage_skip: Callable[[str], bool] | None = None
+
+    def get_all_weights(
+        self, model_config: Any, model: torch.nn.Module
+    ) -> Generator[tuple[str, torch.Tensor], None, None]:
+        """vLLM's, after learning which layers this pipeline stage leaves out: those
+        tensors are neither read nor warmed on this rank."""
+        self.stage_skip = stage_filter(model)
+        return super().get_all_weights(model_config, model)
 
     def _get_weights_iterator(
         self, source: DefaultModelLoader.Source
