@@ -588,7 +588,11 @@ def profile_with_overrides(
     unknown = set(overrides) - fields
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    return dataclasses.replace(profile, **overrides) if overrides else profile  # type: ignore[type-var]
+    if not overrides:
+        return profile
+    changed = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    described = {"description": f"{profile.description} (overridden: {changed})"}  # type: ignore[attr-defined]
+    return dataclasses.replace(profile, **overrides, **described)  # type: ignore[type-var]
 
 
 def _resolve_profile(profile: str | NetFSProfile, overrides: dict[str, Any]) -> NetFSProfile:

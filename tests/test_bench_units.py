@@ -696,6 +696,12 @@ def test_a_filesystem_name_carries_the_client_settings_a_user_varies():
     assert _floor_config("slow-nfs:floor_threads=16").spec == "raw:threads=16"
     with pytest.raises(ValueError, match="unknown field"):
         check_fs("sshfs:max_con=4")  # a typo is refused before anything is mounted
+    from bench import sshfs
+    from bench.netfs import profile_with_overrides
+
+    fields = {"max_conns", "latency_s", "latency_at"}
+    changed = profile_with_overrides(sshfs.PROFILES, "sshfs", {"max_conns": 4}, fields)
+    assert changed.max_conns == 4 and "overridden: max_conns=4" in changed.description
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         check_fs("sshfs:max_conns")
     with pytest.raises(ValueError, match="unknown filesystem"):
