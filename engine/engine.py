@@ -26,7 +26,15 @@ from engine.backends import ProcessBackend, SendfileBackend, resolve_backend
 from engine.cursor import ConsumerCursor, RankBoard
 from engine.errors import Failure, InvalidOptionError
 from engine.memory import auto_window, trail_bytes
-from engine.needs import ahead_limit, gather, needed_bytes, normalize, run_ends, union_bytes
+from engine.needs import (
+    NodeNeeds,
+    ahead_limit,
+    gather,
+    needed_bytes,
+    normalize,
+    run_ends,
+    union_bytes,
+)
 from engine.options import PrefetchOptions, takes_prefetch_options
 from engine.pace import INTERVAL_S, Pace
 from engine.plan import (
@@ -487,7 +495,7 @@ class Prefetcher:
 
     async def _node_needs(
         self, pool: DaemonPool, resolved: list[ResolvedFile]
-    ) -> tuple[int, int, list[Any] | None]:
+    ) -> tuple[int, int, list[NodeNeeds | None] | None]:
         """(rank, world, needs) to plan with: what every local rank loads, gathered; or,
         when a rank did not say in time, this rank alone warming all it loads."""
         if self.needs is None:
