@@ -36,8 +36,8 @@ controller measures while the prefetch runs and climbs only while climbing pays:
   a busy CPU sheds no more and does not stop trials of more streams;
 - when more streams did not pay from a setting that nothing measured justified (the
   start), it tries half as many (a *thrift*): reads in flight beyond what fills the storage
-  are not free (on the real sshfs client, 16 reads in flight per node cost 0.58-0.77
-  CPU-s/GB, 4 cost 0.35-0.40, at the same rate). A thrift is kept while the node's rate
+  are not free (on the real sshfs client, 16 reads in flight per node cost 0.59-0.78
+  CPU-s/GB, 4 cost 0.37-0.46, at the same rate). A thrift is kept while the node's rate
   stays within `THRIFT_LOSS` of the rate before the first thrift (the anchor, so that
   thrifts cannot compound), and the next halving follows at once; one that costs more
   is undone, and that count is then the one the measurements justify;
