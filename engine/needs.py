@@ -32,7 +32,7 @@ from pathlib import Path
 
 from engine.cursor import pid_alive
 from engine.errors import InvalidOptionError
-from engine.plan import Regions, ResolvedFile
+from engine.plan import Regions, ResolvedFile, merge_ranges
 
 __all__ = [
     "GATHER_TIMEOUT_S",
@@ -73,21 +73,10 @@ def normalize(regions: Regions, sizes: Mapping[str, int]) -> NodeNeeds:
         path = raw if raw in sizes else os.path.realpath(raw)
         if path not in sizes:
             continue
-        merged: list[tuple[int, int]] = list(out.get(path, ()))
         for start, end in ranges:
             if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start <= end:
                 raise InvalidOptionError(f"invalid byte range [{start!r}, {end!r}) of {raw!r}")
-            merged.append((start, min(end, sizes[path])))
-        merged.sort()
-        flat: list[tuple[int, int]] = []
-        for lo, hi in merged:
-            if hi <= lo:
-                continue
-            if flat and lo <= flat[-1][1]:
-                flat[-1] = (flat[-1][0], max(flat[-1][1], hi))
-            else:
-                flat.append((lo, hi))
-        out[path] = tuple(flat)
+        out[path] = tuple(merge_ranges([*out.get(path, ()), *ranges], sizes[path]))
     return out
 
 
@@ -103,18 +92,9 @@ def needed_bytes(needs: NodeNeeds | None, sizes: Mapping[str, int]) -> int:
 
 def _runs(node: Sequence[NodeNeeds | None], path: str, size: int) -> list[tuple[int, int]]:
     """The merged runs of `path` that at least one rank of `node` needs."""
-    ranges = sorted(
-        r for n in node for r in ([(0, size)] if n is None or path not in n else n[path])
+    return merge_ranges(
+        (r for n in node for r in ([(0, size)] if n is None or path not in n else n[path])), size
     )
-    out: list[tuple[int, int]] = []
-    for lo, hi in ranges:
-        if hi <= lo:
-            continue
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
 
 
 def union_bytes(node: Sequence[NodeNeeds | None], sizes: Mapping[str, int]) -> int:

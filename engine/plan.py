@@ -199,15 +199,17 @@ def plan(
     return _balanced(pairs, segments, rank, chunk_bytes)
 
 
-def _ranges(path: str, size: int, regions: Regions | None) -> list[tuple[int, int]]:
-    """The ranges of one file that one rank needs, clipped to its size, sorted, merged."""
-    if regions is None or path not in regions:
-        return [(0, size)] if size else []
+def merge_ranges(ranges: Iterable[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Byte ranges clipped to ``[0, size)``, sorted, empty ones dropped, overlapping and
+    touching ones merged (pure; the caller checks that each is ``0 <= start <= end``).
+
+    Example:
+        >>> merge_ranges([(8, 16), (0, 8), (100, 120), (30, 30)], 110)
+        [(0, 16), (100, 110)]
+    """
     out: list[tuple[int, int]] = []
-    for start, end in sorted(regions[path]):
-        if start < 0 or end < start:
-            raise InvalidOptionError(f"invalid region [{start}, {end}) of {path!r}")
-        lo, hi = start, min(end, size)
+    for lo, hi in sorted(ranges):
+        hi = min(hi, size)
         if hi <= lo:
             continue
         if out and lo <= out[-1][1]:
@@ -215,6 +217,16 @@ def _ranges(path: str, size: int, regions: Regions | None) -> list[tuple[int, in
         else:
             out.append((lo, hi))
     return out
+
+
+def _ranges(path: str, size: int, regions: Regions | None) -> list[tuple[int, int]]:
+    """The ranges of one file that one rank needs, clipped to its size, sorted, merged."""
+    if regions is None or path not in regions:
+        return [(0, size)] if size else []
+    for start, end in regions[path]:
+        if start < 0 or end < start:
+            raise InvalidOptionError(f"invalid region [{start}, {end}) of {path!r}")
+    return merge_ranges(regions[path], size)
 
 
 def _segments(
