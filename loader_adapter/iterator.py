@@ -22,7 +22,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -43,7 +43,7 @@ from engine.options import check_option_names
 from loader_adapter.discovery import discover_local_rank
 from loader_adapter.files import CheckpointFiles, expand_checkpoint_files
 from loader_adapter.fsdetect import decide_auto
-from loader_adapter.header import read_header
+from loader_adapter.header import SafetensorsHeader, read_header
 
 __all__ = [
     "PrefetchMode",
@@ -290,6 +290,7 @@ class _Setup:
     files: list[ResolvedFile]
     prefetch: _Prefetch | None
     wanted: Callable[[str], bool] | None = None
+    headers: dict[str, SafetensorsHeader] = field(default_factory=dict)  # read while planning
 
 
 def _wanted(tensors: TensorFilter | None) -> Callable[[str], bool] | None:
@@ -306,14 +307,24 @@ def _wanted(tensors: TensorFilter | None) -> Callable[[str], bool] | None:
 
 def _needs(
     files: Sequence[ResolvedFile], wanted: Callable[[str], bool]
-) -> dict[str, list[tuple[int, int]]]:
-    """The byte ranges this rank reads: each file's header, and the wanted tensors' data."""
+) -> tuple[dict[str, list[tuple[int, int]]], dict[str, SafetensorsHeader]]:
+    """The byte ranges this rank reads (each file's header, and the wanted tensors' data),
+    and the headers read for them (the iterator reuses them).
+
+    A file whose header cannot be read is left out (needed whole): the loader then meets
+    it and raises safetensors' own error, as without prefetch.
+    """
     needs: dict[str, list[tuple[int, int]]] = {}
+    headers: dict[str, SafetensorsHeader] = {}
     for f in files:
-        header = read_header(f.path)
+        try:
+            header = headers[f.path] = read_header(f.path)
+        except (OSError, ValueError) as exc:
+            log.debug("%s: no header to plan from (%s); the file is needed whole", f.path, exc)
+            continue
         spans = [(t.start, t.end) for t in header.tensors if wanted(t.name)]
         needs[f.path] = [(0, header.data_start), *spans]
-    return needs
+    return needs, headers
 
 
 def _resolve(files: CheckpointFiles, order: str) -> list[ResolvedFile]:
@@ -374,7 +385,7 @@ def _setup(
 
     opts = _prefetch_options(options, follow_consumer=follow_consumer)
     paths = [f.path for f in resolved]
-    needs = _needs(resolved, wanted) if wanted is not None else None
+    needs, headers = _needs(resolved, wanted) if wanted is not None else (None, {})
     try:
         handle = start_prefetch(paths, local.rank, local.world, options=opts, needs=needs)
     except (ValueError, TypeError):
@@ -383,13 +394,14 @@ def _setup(
         log.warning("could not start the prefetch (%r); loading without it", exc)
         return _Setup(resolved, None, wanted)
     log.debug("prefetch started: local rank %d of %d (%s)", local.rank, local.world, local.source)
-    return _Setup(resolved, _Prefetch(handle), wanted)
+    return _Setup(resolved, _Prefetch(handle), wanted, headers)
 
 
 def _tensors(
     files: Sequence[ResolvedFile],
     prefetch: _Prefetch | None,
     wanted: Callable[[str], bool] | None = None,
+    headers: dict[str, SafetensorsHeader] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every wanted tensor; report the position after each; stop the prefetch at the
     end."""
@@ -398,7 +410,8 @@ def _tensors(
             reported = 0
             releaser = _Releaser(f.path, f.size) if prefetch is not None else None
             with safe_open(f.path, framework="pt") as st:
-                for name, end in tensor_order(f.path):
+                header = (headers or {}).get(f.path) or read_header(f.path)
+                for name, end in ((t.name, t.end) for t in header.tensors):
                     if wanted is not None and not wanted(name):
                         continue  # another rank's: never read here
                     tensor = st.get_tensor(name)
@@ -547,7 +560,7 @@ def safetensors_weights_iterator(
     setup = _setup(
         files, prefetch, rank, world, prefetch_options, follow_consumer=True, tensors=tensors
     )
-    gen = _tensors(setup.files, setup.prefetch, setup.wanted)
+    gen = _tensors(setup.files, setup.prefetch, setup.wanted, setup.headers)
     if setup.prefetch is not None:
         # A generator that is never started does not run its `finally`: stop it on GC too.
         weakref.finalize(gen, setup.prefetch.stop)

@@ -123,3 +123,19 @@ def test_expert_parallel_ranks_read_only_their_union_and_get_identical_tensors(t
     # around the faulting page (128 KiB here) as any mmap load does.
     assert union <= served <= 1.3 * union, (union, served, total)
     assert all(any("needs: the node loads" in n for n in reports[r].notes) for r in here)
+
+
+def test_a_corrupt_header_fails_as_without_prefetch(tmp_path):
+    # Planning reads the headers first: a file it cannot parse is needed whole, and the
+    # loader raises safetensors' own error, the same with and without prefetch.
+    import struct
+
+    save_file({"a": torch.zeros(4)}, tmp_path / "a.safetensors")
+    (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", 10) + b"{not json}")
+    errors = []
+    for prefetch in (False, True):
+        with pytest.raises(Exception) as info:
+            list(safetensors_weights_iterator(
+                tmp_path, prefetch=prefetch, rank=0, world=1, tensors=lambda n: True))  # fmt: skip
+        errors.append(type(info.value).__name__)
+    assert errors[0] == errors[1] == "SafetensorError"
