@@ -98,7 +98,10 @@ def test_quick_suite_reduced_netfs(tmp_path: Path) -> None:
     for r in doc["results"]:
         served = r["summary"]["bytes_served_ratio"]
         if r["kind"] == "hot":
-            assert served == 0
+            # Cached: the mount serves almost none of it. Not exactly none: a few pages
+            # evicted by memory pressure are read again (0.03% once in CI, 5 pages).
+            # The cold loads below, at 1.0, are the control.
+            assert served < 0.01, served
         elif r["kind"] in ("load", "floor-raw"):
             # the node reads each byte from storage once, whichever configuration
             assert 0.999 <= served <= 1.02, (r["config"], served)
