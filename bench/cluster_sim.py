@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -42,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.parallel import SPLITS
 
 __all__ = [
     "NodeRun",
@@ -57,6 +58,13 @@ log = logging.getLogger(__name__)
 
 _ROOT = Path(__file__).resolve().parent.parent
 MODES = ("node", "cluster")
+#: Modes of an EP or PP job (``--split``), each rank loading only its tensors:
+#: ``vllm`` vLLM's own iterator without prefetch (its expert filter skips other ranks'
+#: experts before reading them; a PP stage's model drops the other stages' tensors after),
+#: ``vllm-prefetch`` the same with vLLM's prefetch (whole files, by global rank),
+#: ``ours-whole`` our prefetch of the whole checkpoint, the filter applied to what it
+#: yields (the plug-in before `tensors=`), ``ours`` our loader with ``tensors=``.
+SPLIT_MODES = ("vllm", "vllm-prefetch", "ours-whole", "ours")
 _HOST_ENV = "CKPT_PREFETCH_HOST_ID"
 
 
@@ -69,7 +77,9 @@ def _worker(argv: Sequence[str]) -> int:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--mode", choices=MODES + SPLIT_MODES, required=True)
+    p.add_argument("--split", choices=SPLITS, default=None, help="an EP or PP job")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the --split job")
     p.add_argument("--out", required=True)
     p.add_argument("--chunk-mb", type=int, default=16)
     p.add_argument("--window-mb", type=int, default=0, help="0: automatic, -1: none")
@@ -102,6 +112,9 @@ def _worker(argv: Sequence[str]) -> int:
         from bench.cgroup import join
 
         join(a.cgroup)
+    keep = _keeps(a.checkpoint, a.split, a.nodes, a.world, a.rank) if a.split else None
+    if reference is not None and keep is not None:
+        reference = {n: t for n, t in reference.items() if keep(n)}
     options: dict[str, Any] = {"chunk_bytes": a.chunk_mb << 20}
     if a.window_mb:
         options["window_bytes"] = None if a.window_mb < 0 else a.window_mb << 20
@@ -121,10 +134,14 @@ def _worker(argv: Sequence[str]) -> int:
             setup_timeout_s=max(a.timeout, 120.0),
             **options,
         )
+    elif a.mode in SPLIT_MODES:
+        it = _split_iterator(a.mode, a.checkpoint, keep, a.split, a.nodes, a.world, a.rank)
     else:
         it = safetensors_weights_iterator(a.checkpoint, prefetch=True, **options)
     with it:
         for name, tensor in it:
+            if keep is not None and not keep(name):
+                continue  # read by a loader that filters after reading (vLLM's PP)
             consumer(name, tensor)
             last_tensor = time.monotonic() - t0
             if reference is not None and not same_bytes(reference.pop(name, None), tensor):
@@ -138,7 +155,7 @@ def _worker(argv: Sequence[str]) -> int:
                 os.kill(os.getpid(), signal.SIGSTOP)
     elapsed = time.monotonic() - t0
     cpu = time.process_time() - cpu0
-    report = it.report
+    report = getattr(it, "report", None)
     out = {
         "rank": a.rank,
         "host": os.environ.get(_HOST_ENV, ""),
@@ -157,6 +174,56 @@ def _worker(argv: Sequence[str]) -> int:
     Path(a.out).write_text(json.dumps(out))
     # No barrier or destroy: a peer that died must not hold this rank back.
     os._exit(0)
+
+
+def _keeps(checkpoint: str, split: str, nodes: int, world: int, rank: int) -> Any:
+    """The predicate on names of the tensors `rank` loads in a `split` job."""
+    from bench.parallel import Split, model_shape
+    from loader_adapter import expand_checkpoint_files
+    from loader_adapter.header import read_header
+
+    names = [t.name for f in expand_checkpoint_files(checkpoint) for t in read_header(f).tensors]
+    layers, experts = model_shape(names)
+    return Split(split, nodes, world // nodes).keeps(rank=rank, layers=layers, experts=experts)
+
+
+class _Loaded(contextlib.AbstractContextManager[Any]):
+    """A plain generator of (name, tensor) as a context manager, with no report."""
+
+    report = None
+
+    def __init__(self, pairs: Any) -> None:
+        self._pairs = pairs
+
+    def __iter__(self) -> Any:
+        return iter(self._pairs)
+
+    def __exit__(self, *exc: object) -> None:
+        self._pairs.close()
+
+
+def _split_iterator(
+    mode: str, checkpoint: str, keep: Any, split: str, nodes: int, world: int, rank: int
+) -> Any:
+    """The weights iterator of one of SPLIT_MODES for `rank`."""
+    from loader_adapter import expand_checkpoint_files, safetensors_weights_iterator
+
+    if mode == "ours":
+        return safetensors_weights_iterator(checkpoint, prefetch=True, tensors=keep)
+    if mode == "ours-whole":
+        return safetensors_weights_iterator(checkpoint, prefetch=True)
+    from vllm.model_executor.model_loader.weight_utils import (
+        safetensors_weights_iterator as vllm_iterator,
+    )
+
+    from bench.parallel import Split, model_shape
+    from loader_adapter.header import read_header
+
+    files = expand_checkpoint_files(checkpoint)
+    _, experts = model_shape(t.name for f in files for t in read_header(f).tensors)
+    own = Split(split, nodes, world // nodes).expert_ids(rank, experts)
+    strategy = "prefetch" if mode == "vllm-prefetch" else None  # None: off on FUSE mounts
+    return _Loaded(vllm_iterator(files, False, strategy, own))
 
 
 def reference_tensors(checkpoint: str) -> dict[str, Any]:
@@ -194,6 +261,7 @@ class NodeRun:
     bytes_served: int
     requests: int
     server_cpu_s: float = 0.0
+    needed_bytes: int = 0  # what its ranks load (a --split job), else 0
 
 
 @dataclass
@@ -208,6 +276,14 @@ class SimResult:
     failed_ranks: list[int] = field(default_factory=list)
     granted_bytes: int = 0  # what the shared bandwidth limit granted to all nodes
     load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the machine's, at the end
+    split: str | None = None  # "ep" or "pp": each rank loads part of the checkpoint
+    repeat: int = 0
+
+    @property
+    def node_served_over_needed(self) -> float:
+        """The largest node's storage bytes over the bytes its ranks load (a split job)."""
+        return max((n.bytes_served / n.needed_bytes for n in self.nodes if n.needed_bytes),
+                   default=float("nan"))  # fmt: skip
 
     @property
     def bytes_served(self) -> int:
@@ -227,6 +303,8 @@ class SimResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(bytes_served=self.bytes_served, served_ratio=self.served_ratio, load_s=self.load_s)
+        if self.split:
+            d["node_served_over_needed"] = self.node_served_over_needed
         return d
 
 
@@ -266,13 +344,15 @@ def run_mode(
     replica_dirs: Sequence[str | os.PathLike[str]] | None = None,
     worker_args: dict[int, list[str]] | None = None,
     limit_s: float = 600.0,
+    split: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[int], float]:
     """Start every rank of every node in one gloo group and wait for them.
 
     Global rank ``r`` is local rank ``r // nodes`` of node ``r % nodes`` (ranks of a node
     are not contiguous, as with some launchers). Extra arguments for some ranks (a fault
     to inject) come in `worker_args`. Ranks stopped with SIGSTOP are continued once every
-    other rank has ended; ranks still running after `limit_s` are killed.
+    other rank has ended; ranks still running after `limit_s` are killed. With `split`
+    ("ep" or "pp") each rank loads only its part (`bench.parallel.Split`).
 
     Returns:
         (the results of the ranks that finished, the ranks that did not, wall seconds).
@@ -304,6 +384,8 @@ def run_mode(
         ]  # fmt: skip
         if replica_dirs is not None:
             cmd += ["--replica-dir", str(replica_dirs[node])]
+        if split:
+            cmd += ["--split", split, "--nodes", str(nodes)]
         cmd += (worker_args or {}).get(rank, [])
         cmd.append(str(node_dirs[node]))
         log_file = open(work / f"{mode}-r{rank}.log", "wb")  # noqa: SIM115 - closed below
@@ -349,17 +431,43 @@ def simulate(
     nodes: int = 2,
     ranks_per_node: int = 2,
     profile: str = "slow-nfs",
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] | None = None,
     chunk_mb: int = 16,
     window_mb: int = 0,
     timeout_s: float = 60.0,
     workdir: str | os.PathLike[str] | None = None,
+    split: str | None = None,
+    repeats: int = 1,
 ) -> list[SimResult]:
-    """Load `checkpoint_dir` on `nodes` simulated nodes in each mode; see the module doc."""
-    from bench.netfs import PROFILES, SharedBandwidth, mounted
+    """Load `checkpoint_dir` on `nodes` simulated nodes in each mode; see the module doc.
 
+    Args:
+        checkpoint_dir: the checkpoint's directory (its safetensors files).
+        nodes: simulated nodes, each its own mount of `checkpoint_dir`.
+        ranks_per_node: rank processes per node.
+        profile: the simulated storage (`bench.netfs.PROFILES`); the nodes share its
+            bandwidth.
+        modes: what to run (default MODES, or SPLIT_MODES with `split`).
+        chunk_mb: our reads' size.
+        window_mb: our window (0: automatic, -1: none).
+        timeout_s: the cluster exchange's timeout.
+        workdir: where the ranks write their results and logs (default: a new temporary
+            directory).
+        split: ``"ep"`` or ``"pp"``: each rank loads its part (`bench.parallel.Split`).
+        repeats: rounds; each runs every mode once, in order.
+
+    Returns:
+        One result per round and mode, rounds in order.
+    """
+    from bench.netfs import PROFILES, SharedBandwidth, mounted
+    from bench.parallel import Split, node_needed_bytes
+
+    modes = tuple(modes or (SPLIT_MODES if split else MODES))
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
+    needed = [0] * nodes
+    if split:
+        needed = node_needed_bytes(Split(split, nodes, ranks_per_node), [str(f) for f in files])
     work = Path(workdir or tempfile.mkdtemp(prefix="cluster-sim-"))
     results: list[SimResult] = []
     with contextlib.ExitStack() as stack:
@@ -368,34 +476,30 @@ def simulate(
             stack.enter_context(mounted(checkpoint_dir, profile=profile, shared_bandwidth=storage))
             for _ in range(nodes)
         ]
-        for mode in modes:
-            for fs in mounts:
-                fs.evict()
-                fs.reset_counters()
-            granted0 = storage.snapshot().granted_bytes
-            cpu0 = [_proc_cpu_s(fs.pid) for fs in mounts]
-            ranks, failed, wall = run_mode(
-                mode, [fs.path for fs in mounts], ranks_per_node, workdir=work,
-                chunk_mb=chunk_mb, window_mb=window_mb, timeout_s=timeout_s,
-            )  # fmt: skip
-            counters = [fs.counters() for fs in mounts]
-            cpu = [_proc_cpu_s(fs.pid) - c0 for fs, c0 in zip(mounts, cpu0, strict=True)]
-            results.append(
-                SimResult(
-                    mode,
-                    total,
-                    [
-                        NodeRun(f"node{i}", c.bytes_served, c.requests, cpu[i])
-                        for i, c in enumerate(counters)
-                    ],
-                    ranks,
-                    wall,
-                    failed,
-                    storage.snapshot().granted_bytes - granted0,
-                    os.getloadavg(),
-                )
-            )
-            log.info("%s: %.2fx served, %.1f s", mode, results[-1].served_ratio, results[-1].load_s)
+        for repeat in range(repeats):
+            for mode in modes:
+                for fs in mounts:
+                    fs.evict()
+                    fs.reset_counters()
+                granted0 = storage.snapshot().granted_bytes
+                cpu0 = [_proc_cpu_s(fs.pid) for fs in mounts]
+                ranks, failed, wall = run_mode(
+                    mode, [fs.path for fs in mounts], ranks_per_node, workdir=work / f"{repeat}",
+                    chunk_mb=chunk_mb, window_mb=window_mb, timeout_s=timeout_s, split=split,
+                )  # fmt: skip
+                counters = [fs.counters() for fs in mounts]
+                cpu = [_proc_cpu_s(fs.pid) - c0 for fs, c0 in zip(mounts, cpu0, strict=True)]
+                node_runs = [
+                    NodeRun(f"node{i}", c.bytes_served, c.requests, cpu[i], needed[i])
+                    for i, c in enumerate(counters)
+                ]
+                granted = storage.snapshot().granted_bytes - granted0
+                result = SimResult(
+                    mode, total, node_runs, ranks, wall, failed, granted, os.getloadavg(),
+                    split, repeat,
+                )  # fmt: skip
+                results.append(result)
+                log.info("%s: %.2fx served, %.1f s", mode, result.served_ratio, result.load_s)
     return results
 
 
@@ -433,6 +537,46 @@ def _table(results: Sequence[SimResult]) -> str:
     return "\n".join(lines)
 
 
+def rank_checksums_agree(results: Sequence[SimResult]) -> bool:
+    """Whether each rank loaded the same tensors (checksum and count) in every mode and
+    round, and no rank failed: in a split job ranks differ from each other, not from
+    themselves."""
+    by_rank: dict[int, set[str]] = {}
+    for r in results:
+        if r.failed_ranks:
+            return False
+        for x in r.ranks:
+            by_rank.setdefault(x["rank"], set()).add(x["checksum"])
+    return bool(by_rank) and all(len(sums) == 1 for sums in by_rank.values())
+
+
+def _split_table(results: Sequence[SimResult]) -> str:
+    """Each round and mode of a split job, then the medians per mode."""
+    import statistics
+
+    head = f"{'round':>5} {'mode':14} {'served':>9} {'x ckpt':>7} {'node/needed':>11} {'load s':>7}"
+    lines = [head]
+    for r in results:
+        lines.append(
+            f"{r.repeat:5d} {r.mode:14} {r.bytes_served / 2**20:8.0f}M {r.served_ratio:7.3f} "
+            f"{r.node_served_over_needed:11.3f} {r.load_s:7.1f}"
+        )
+    lines.append("median:")
+    for mode in dict.fromkeys(r.mode for r in results):
+        mine = [r for r in results if r.mode == mode]
+        lines.append(
+            f"{'':5} {mode:14} {statistics.median(r.bytes_served for r in mine) / 2**20:8.0f}M "
+            f"{statistics.median(r.served_ratio for r in mine):7.3f} "
+            f"{statistics.median(r.node_served_over_needed for r in mine):11.3f} "
+            f"{statistics.median(r.load_s for r in mine):7.1f}"
+        )
+    agree = rank_checksums_agree(results)
+    lines.append(
+        f"each rank's tensors in all modes and rounds: {'identical' if agree else 'DIFFER'}"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: ``worker`` for one rank, else the whole simulation."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -450,31 +594,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--window-mb", type=int, default=0)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--link-gbps", type=float, default=200.0, help="interconnect for the estimate")
+    p.add_argument(
+        "--split", choices=SPLITS, default=None,
+        help="an expert- (ep) or pipeline-parallel (pp) job: each rank loads its part, in the "
+        f"modes {', '.join(SPLIT_MODES)} (default: whole loads, node-local against cluster mode)",
+    )  # fmt: skip
+    p.add_argument("--shape", default=None, help="checkpoint shape (default: many-small with "
+                   "--split, a mixture of experts; else uniform)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every mode (default 1)")
+    p.add_argument("--modes", default=None, help="comma-separated modes to run (default: all "
+                   "of MODES, or of SPLIT_MODES with --split)")  # fmt: skip
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from bench.checkpoint import make_checkpoint
     from bench.netfs import PROFILES
+    from bench.results import host_metadata
     from engine.units import parse_size
 
     tmp = None
     ckpt = a.checkpoint
     if ckpt is None:
         tmp = tempfile.mkdtemp(prefix="cluster-ckpt-", dir=os.environ.get("TMPDIR", "/var/tmp"))
-        ckpt = str(make_checkpoint(tmp, size_bytes=parse_size(a.size)).directory)
+        shape = a.shape or ("many-small" if a.split else "uniform")
+        ckpt = str(make_checkpoint(tmp, size_bytes=parse_size(a.size), shape=shape).directory)
     try:
         t0 = time.monotonic()
         load_start = os.getloadavg()
         results = simulate(
             ckpt, nodes=a.nodes, ranks_per_node=a.ranks, profile=a.profile,
-            chunk_mb=a.chunk_mb, window_mb=a.window_mb, timeout_s=a.timeout,
+            chunk_mb=a.chunk_mb, window_mb=a.window_mb, timeout_s=a.timeout, split=a.split,
+            repeats=a.repeats, modes=a.modes.split(",") if a.modes else None,
         )  # fmt: skip
         storage_bps = PROFILES[a.profile].bandwidth_bps or 1e12
-        print(_table(results))
+        print(_split_table(results) if a.split else _table(results))
         estimates = {
             r.mode: interconnect_estimate(r, link_gbps=a.link_gbps, storage_bps=storage_bps)
             for r in results
+            if not a.split  # no exchange: nothing to estimate
         }
         for mode, est in estimates.items():
             print(f"estimate {mode}: {est:.1f} s with {a.link_gbps:g} Gbit/s links")
@@ -482,7 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             doc = {
                 "version": 1,
                 "command": " ".join(["python -m bench.cluster_sim", *argv]),
-                "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+                "host": host_metadata(),
+                "split": a.split,
                 "profile": a.profile,
                 "storage_bps": storage_bps,
                 "bandwidth_shared_by_nodes": True,
