@@ -54,6 +54,7 @@ state. The engine measures and applies; tests feed numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 __all__ = [
@@ -389,8 +390,9 @@ def decide(state: Controller, m: Measurement) -> Controller:
                 reason = f"{streams} streams paid {gain}, less than in proportion: measure again"
                 return replace(state, confirming=True, reason=reason)
             # Less than in proportion: the storage fills between `back` and `streams`.
-            # Linear up to a knee puts the knee near back x ratio: go there, then step.
-            knee = min(streams, max(back + 1, round(back * ratio)))
+            # Linear up to a knee puts the knee at back x ratio: the fewest streams that
+            # reach the measured rate are that, rounded up (down would give some of it up).
+            knee = min(streams, max(back + 1, math.ceil(back * ratio - 1e-9)))
             reason = f"{streams} streams paid {gain}, less than in proportion: {knee}"
             return _to(
                 state, knee, reason, trial_from=None, doubling=False, anchor_rate=0.0, earned=True

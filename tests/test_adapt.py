@@ -361,3 +361,13 @@ def test_thrifts_together_cost_at_most_their_allowance(need, first, spread, seed
         state = decide(state, Measurement(1.0, int(r), lag_bytes=0, node_busy=0.3))
         if state.shed_from is None and state.trial_from is None and state.earned:
             assert rate(state.setting.streams) >= rate(first) * (1 - THRIFT_LOSS - 2 * spread) - 1
+
+
+def test_the_knee_is_not_set_below_the_count_that_measured_the_rate():
+    # Linear to 3.4 streams: 2 -> 4 gains 70%, less than in proportion, so the storage fills
+    # between 3 and 4. 3 streams give 88% of the rate 4 measured; the knee is 4 (the many-
+    # streams run went from 4 back to 3 with round(2 x 1.74)).
+    seen = run_ramped(start(64, STRIPE, streams=2), lambda s: min(s, 3.4) * 100e6,
+                      intervals=20, ramp=1.0)  # fmt: skip
+    assert 4 in seen and 3 not in seen, seen
+    assert seen[-1] == 4, seen
