@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(240)
 #: Per node: under two thirds of the 64 MiB checkpoint. At 32 MiB (half) a rank was
 #: OOM-killed in about 1 run of 5, before this session's changes as after: the auto window
 #: (half the cgroup's room when the load starts), the replica and the ranks' own
-#: allocations after that moment together reached the limit (README, Known limits).
+#: allocations after that moment together reached the limit (docs/limits.md).
 LIMIT = 40 * MiB
 
 
