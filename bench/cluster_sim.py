@@ -63,7 +63,8 @@ MODES = ("node", "cluster")
 #: experts before reading them; a PP stage's model drops the other stages' tensors after),
 #: ``vllm-prefetch`` the same with vLLM's prefetch (whole files, by global rank),
 #: ``ours-whole`` our prefetch of the whole checkpoint, the filter applied to what it
-#: yields (the plug-in before `tensors=`), ``ours`` our loader with ``tensors=``.
+#: yields (the plug-in before `tensors=`), ``ours`` our loader with ``tensors=``. MODES run
+#: with a split too: ``cluster`` then passes ``tensors=`` to the cluster scope.
 SPLIT_MODES = ("vllm", "vllm-prefetch", "ours-whole", "ours")
 _HOST_ENV = "CKPT_PREFETCH_HOST_ID"
 
@@ -129,6 +130,7 @@ def _worker(argv: Sequence[str]) -> int:
             a.checkpoint,
             prefetch=True,
             scope="cluster",
+            tensors=keep,
             replica_dir=a.replica_dir,
             exchange_timeout_s=a.timeout,
             setup_timeout_s=max(a.timeout, 120.0),
@@ -137,7 +139,7 @@ def _worker(argv: Sequence[str]) -> int:
     elif a.mode in SPLIT_MODES:
         it = _split_iterator(a.mode, a.checkpoint, keep, a.split, a.nodes, a.world, a.rank)
     else:
-        it = safetensors_weights_iterator(a.checkpoint, prefetch=True, **options)
+        it = safetensors_weights_iterator(a.checkpoint, prefetch=True, tensors=keep, **options)
     with it:
         for name, tensor in it:
             if keep is not None and not keep(name):

@@ -12,6 +12,12 @@ the loader's order, and each node reads 1/N of it. Every other node receives the
 from the reader, into the local rank ``(u // N) mod L'`` of its own L' ranks, so receiving
 is spread over the local ranks as evenly as reading.
 
+With `node_needs` (expert or pipeline parallelism: a node loads part of the checkpoint),
+only bytes some node needs are planned: each unit is cut to the runs that at least one
+node needs, a piece is read by one of the nodes that need it (round-robin over those, by
+unit) and sent only to the other nodes that need it. A needed byte is still read from
+storage once for the whole job; a byte no node needs is never read.
+
 Each rank's exchange schedule lists its sends and receives in one global order, by stripe
 and then by receiving node. Every pair of ranks meets its messages in the same order on
 both sides, and an operation waits only on operations earlier in that order, so ranks
@@ -23,7 +29,8 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidOptionError
@@ -33,12 +40,14 @@ __all__ = [
     "ONE_NODE",
     "ClusterPlan",
     "MemberInfo",
+    "NodeRanges",
     "Op",
     "OpKind",
     "Stripe",
     "Topology",
     "agree",
     "cluster_plan",
+    "node_needs",
 ]
 
 
@@ -117,7 +126,8 @@ class Stripe:
         position: first byte on the concatenated axis.
         unit: the stripe unit it belongs to (``position // chunk_bytes``).
         reader: the global rank that reads it from storage.
-        receivers: one global rank per other node, in node order, that receives it.
+        receivers: one global rank per other node that needs it, in node order.
+        nodes: the nodes that need it, in order (the reader's among them); None: all.
     """
 
     index: int
@@ -128,6 +138,7 @@ class Stripe:
     unit: int
     reader: int
     receivers: tuple[int, ...]
+    nodes: tuple[int, ...] | None = None
 
     @property
     def end(self) -> int:
@@ -182,12 +193,22 @@ class ClusterPlan:
         """The stripes `rank` reads from storage, in consumption order."""
         return [s for s in self.stripes if s.reader == rank]
 
+    def needed_by(self, stripe: Stripe, node: int) -> bool:
+        """Whether `node` needs `stripe` (every node does unless the plan had needs)."""
+        return stripe.nodes is None or node in stripe.nodes
+
     def holder(self, stripe: Stripe, node: int) -> int:
-        """The global rank that brings `stripe` into `node`'s replica (reader or receiver)."""
+        """The global rank that brings `stripe` into `node`'s replica (reader or receiver).
+
+        Raises:
+            ValueError: `node` does not need `stripe`.
+        """
         reader_node = self.topology.node_of[stripe.reader]
         if reader_node == node:
             return stripe.reader
-        return stripe.receivers[node - (node > reader_node)]
+        nodes = range(self.topology.num_nodes) if stripe.nodes is None else stripe.nodes
+        others = [m for m in nodes if m != reader_node]
+        return stripe.receivers[others.index(node)]
 
     def schedule(self, rank: int) -> list[Op]:
         """The exchange operations of `rank` in the global order (stripe, receiving node)."""
@@ -214,11 +235,44 @@ class ClusterPlan:
         return range(max(lo, 0), hi)
 
 
+#: A node's needs for `cluster_plan`: byte ranges ``[start, end)`` per file index
+#: (a file not in it: none of it); None: the whole checkpoint.
+NodeRanges = Mapping[int, Sequence[tuple[int, int]]] | None
+
+
+def _needed_pieces(
+    file: int, start: int, end: int, node_needs: Sequence[NodeRanges]
+) -> list[tuple[int, int, tuple[int, ...]]]:
+    """``[start, end)`` of `file` cut into the pieces some node needs: (start, end, the
+    nodes that need any of it), neighbouring ranges needed by the same nodes kept whole."""
+    cuts = {start, end}
+    for need in node_needs:
+        if need is not None:
+            for lo, hi in need.get(file, ()):
+                cuts.update(c for c in (lo, hi) if start < c < end)
+    bounds = sorted(cuts)
+    pieces: list[tuple[int, int, tuple[int, ...]]] = []
+    for lo, hi in itertools.pairwise(bounds):
+        who = tuple(
+            n
+            for n, need in enumerate(node_needs)
+            if need is None or any(a < hi and lo < b for a, b in need.get(file, ()))
+        )
+        if not who:
+            continue
+        if pieces and pieces[-1][1] == lo and pieces[-1][2] == who:
+            pieces[-1] = (pieces[-1][0], hi, who)
+        else:
+            pieces.append((lo, hi, who))
+    return pieces
+
+
 def cluster_plan(
     sizes: Sequence[int],
     hosts: Sequence[str],
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    node_needs: Sequence[NodeRanges] | None = None,
 ) -> ClusterPlan:
     """Split a checkpoint's stripes among the nodes and their ranks (see the module doc).
 
@@ -226,6 +280,9 @@ def cluster_plan(
         sizes: file sizes in consumption order (the same list on every rank).
         hosts: the host identity of each global rank (``hosts[r]`` for rank r).
         chunk_bytes: the stripe unit, at least 4096.
+        node_needs: what each node loads (in node order, as `Topology` numbers them):
+            byte ranges per file index, or None for the whole checkpoint; None: every
+            node loads all of it.
 
     Returns:
         A `ClusterPlan`; with one node it is `engine.plan`'s balanced split, with no
@@ -235,22 +292,37 @@ def cluster_plan(
         >>> p = cluster_plan([16384], ["a", "b", "a", "b"], chunk_bytes=4096)
         >>> [(s.reader, s.receivers) for s in p.stripes]
         [(0, (1,)), (1, (0,)), (2, (3,)), (3, (2,))]
+        >>> p = cluster_plan([16384], ["a", "b"], chunk_bytes=8192,
+        ...                  node_needs=[{0: [(0, 10000)]}, {0: [(4096, 16384)]}])
+        >>> [(s.offset, s.length, s.reader, s.nodes) for s in p.stripes]
+        [(0, 4096, 0, (0,)), (4096, 4096, 0, None), (8192, 1808, 1, None), (10000, 6384, 1, (1,))]
     """
     check_chunk_bytes(chunk_bytes)
     topo = Topology.from_hosts(hosts)
     n_nodes = topo.num_nodes
+    if node_needs is not None and len(node_needs) != n_nodes:
+        raise InvalidOptionError(f"node_needs has {len(node_needs)} entries for {n_nodes} nodes")
+    partial = node_needs is not None and any(n is not None for n in node_needs)
     extents = plan([(str(i), int(s)) for i, s in enumerate(sizes)], 0, 1, chunk_bytes=chunk_bytes)
+    everyone = tuple(range(n_nodes))
     stripes: list[Stripe] = []
-    for k, ext in enumerate(extents):
+    for ext in extents:
         unit = ext.position // chunk_bytes
-        node, turn = unit % n_nodes, unit // n_nodes
-        reader = topo.nodes[node][turn % topo.local_world(node)]
-        receivers = tuple(
-            topo.nodes[m][turn % topo.local_world(m)] for m in range(n_nodes) if m != node
+        file = int(ext.path)
+        pieces = (
+            _needed_pieces(file, ext.offset, ext.offset + ext.length, node_needs)  # type: ignore[arg-type]
+            if partial
+            else [(ext.offset, ext.offset + ext.length, everyone)]
         )
-        stripes.append(
-            Stripe(k, int(ext.path), ext.offset, ext.length, ext.position, unit, reader, receivers)
-        )
+        for lo, hi, who in pieces:
+            node, turn = who[unit % len(who)], unit // len(who)
+            reader = topo.nodes[node][turn % topo.local_world(node)]
+            receivers = tuple(topo.nodes[m][turn % topo.local_world(m)] for m in who if m != node)
+            position = ext.position + (lo - ext.offset)
+            stripes.append(
+                Stripe(len(stripes), file, lo, hi - lo, position, unit, reader, receivers,
+                       None if who == everyone else who)
+            )  # fmt: skip
     starts, pos = [], 0
     for s in sizes:
         starts.append(pos)
@@ -278,12 +350,37 @@ class MemberInfo:
         names: base names of the checkpoint files, in consumption order.
         sizes: their sizes.
         error: why this rank cannot take part (no replica directory, no room, ...), or None.
+        needs: the byte ranges this rank loads, ``(file index, start, end)``; None: all.
     """
 
     host: str
     names: tuple[str, ...]
     sizes: tuple[int, ...]
     error: str | None = None
+    needs: tuple[tuple[int, int, int], ...] | None = None
+
+
+def node_needs(infos: Sequence[MemberInfo], topology: Topology) -> list[NodeRanges]:
+    """What each node loads: the union of its ranks' `MemberInfo.needs` (None where one of
+    them loads everything), in node order, for `cluster_plan`.
+
+    Example:
+        >>> a = MemberInfo("a", ("m",), (100,), needs=((0, 0, 10),))
+        >>> b = MemberInfo("b", ("m",), (100,))
+        >>> node_needs([a, b, a], Topology.from_hosts(["a", "b", "a"]))
+        [{0: [(0, 10), (0, 10)]}, None]
+    """
+    out: list[NodeRanges] = []
+    for ranks in topology.nodes:
+        if any(infos[r].needs is None for r in ranks):
+            out.append(None)
+            continue
+        need: dict[int, list[tuple[int, int]]] = {}
+        for r in ranks:
+            for file, start, end in infos[r].needs or ():
+                need.setdefault(file, []).append((start, end))
+        out.append(need)
+    return out
 
 
 def agree(infos: Sequence[MemberInfo]) -> str | None:

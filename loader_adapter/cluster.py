@@ -51,8 +51,10 @@ from engine.cluster_plan import (
     ONE_NODE,
     ClusterPlan,
     MemberInfo,
+    Topology,
     agree,
     cluster_plan,
+    node_needs,
 )
 from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes
 from engine.replica import Replica
@@ -61,7 +63,14 @@ from loader_adapter.discovery import host_identity
 from loader_adapter.exchange import DEFAULT_INFLIGHT, ClusterReport, Exchange
 from loader_adapter.files import CheckpointFiles, expand_checkpoint_files
 from loader_adapter.fsdetect import decide_auto
-from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator, tensor_order
+from loader_adapter.header import read_header
+from loader_adapter.iterator import (
+    TensorFilter,
+    WeightsIterator,
+    needed_ranges,
+    safetensors_weights_iterator,
+    tensor_predicate,
+)
 
 __all__ = [
     "DEFAULT_REPLICA_DIR",
@@ -148,8 +157,13 @@ def _join(
     windowed: bool,
     timeout_s: float,
     prefetch: Any,
+    needs: tuple[tuple[int, int, int], ...] | None = None,
 ) -> _Joined:
-    """Every rank of the default group: gather each rank's view, decide the same way."""
+    """Every rank of the default group: gather each rank's view, decide the same way.
+
+    `needs` is what this rank loads (``tensors=``); the plan covers the union of every
+    node's ranks' needs, each stripe sent only to the nodes that need it.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return _Joined("torch.distributed is not initialized")
     world = dist.get_world_size()
@@ -162,6 +176,7 @@ def _join(
         tuple(os.path.basename(f.path) for f in files),
         tuple(f.size for f in files),
         _member_error(files, replica_base, need_bytes, prefetch),
+        needs,
     )
     extra: dict[str, Any] = {}
     if dist.get_rank() == 0:
@@ -171,7 +186,9 @@ def _join(
             try:
                 extra["max_tensor_bytes"] = _max_tensor_bytes([f.path for f in files])
             except (OSError, ValueError, KeyError, struct.error) as exc:
-                info = MemberInfo(info.host, info.names, info.sizes, f"bad header: {exc!r}")
+                info = MemberInfo(
+                    info.host, info.names, info.sizes, f"bad header: {exc!r}", info.needs
+                )
     gathered: list[Any] = [None] * world
     try:
         dist.all_gather_object(gathered, (info, extra), group=group)
@@ -183,7 +200,10 @@ def _join(
     if reason is not None:
         return _Joined(reason, hosts)
     first = gathered[0][1]
-    plan = cluster_plan([f.size for f in files], hosts, chunk_bytes=first["chunk_bytes"])
+    plan = cluster_plan(
+        [f.size for f in files], hosts, chunk_bytes=first["chunk_bytes"],
+        node_needs=node_needs(infos, Topology.from_hosts(hosts)),
+    )  # fmt: skip
     return _Joined("", hosts, plan, first["nonce"], first.get("max_tensor_bytes", 0), group)
 
 
@@ -265,9 +285,12 @@ class ClusterWeightsIterator(WeightsIterator):
 
 
 def _replica_tensors(
-    files: Sequence[ResolvedFile], session: Exchange, done: Callable[[], None]
+    files: Sequence[ResolvedFile],
+    session: Exchange,
+    done: Callable[[], None],
+    wanted: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor from the replica, each once its bytes are there."""
+    """Yield every (wanted) tensor from the replica, each once its bytes are there."""
     plan, replica = session.plan, session.replica
     try:
         for i, f in enumerate(files):
@@ -279,16 +302,15 @@ def _replica_tensors(
             else:
                 session.wait_range(start, start + f.size)
             path = str(replica.paths[i])
-            waited = 0
             with safe_open(path, framework="pt") as st:
-                for name, end in tensor_order(path):
-                    if end > waited:
-                        session.wait_range(start + waited, start + end)
-                        waited = end
-                    tensor = st.get_tensor(name)
-                    yield name, tensor
+                for t in read_header(path).tensors:  # by offset, as the stripes arrive
+                    if wanted is not None and not wanted(t.name):
+                        continue  # no rank of this node loads it: it is not brought here
+                    session.wait_range(start + t.start, start + t.end)
+                    tensor = st.get_tensor(t.name)
+                    yield t.name, tensor
                     del tensor
-                    session.advance(start + end)
+                    session.advance(start + t.end)
             session.advance(start + f.size)
         session.finish()
         done()
@@ -318,6 +340,7 @@ def cluster_weights_iterator(
     exchange_timeout_s: float = 60.0,
     setup_timeout_s: float = 300.0,
     read_threads: int | None = None,
+    tensors: TensorFilter | None = None,
     **prefetch_options: Any,
 ) -> ClusterWeightsIterator:
     """Iterate over a checkpoint's tensors, each byte read from storage once for the job.
@@ -343,6 +366,10 @@ def cluster_weights_iterator(
         setup_timeout_s: how long the one collective waits for every rank to arrive.
         read_threads: storage reads in flight per rank (default: the ``concurrency``
             option if it is a number, else 8 per node shared among its ranks).
+        tensors: the tensors this rank loads (a predicate on names, or a collection;
+            None: all). Each node brings in only what its ranks load, each needed byte
+            still read from storage once for the job and sent only to the nodes that need
+            it; other tensors are not yielded.
         **prefetch_options: `engine.start_prefetch` options. ``chunk_bytes`` (the stripe
             unit; rank 0's value is used, default 16 MiB), ``window_bytes`` (``"auto"``:
             none when the checkpoint fits in memory, else half the budget) and ``order``
@@ -373,6 +400,16 @@ def cluster_weights_iterator(
     chunk = options.get("chunk_bytes", "auto")
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk == "auto" else chunk
     check_chunk_bytes(chunk_bytes)
+    wanted = tensor_predicate(tensors)
+    needs = None
+    if wanted is not None:
+        by_path, _ = needed_ranges(resolved, wanted)
+        index = {f.path: i for i, f in enumerate(resolved)}
+        needs = tuple(
+            (index[p], lo, hi) for p, ranges in by_path.items() for lo, hi in ranges if hi > lo
+        )
+        # a file whose header could not be read is needed whole (the loader then raises)
+        needs += tuple((i, 0, f.size) for i, f in enumerate(resolved) if f.path not in by_path)
     total = sum(f.size for f in resolved)
     window = options.get("window_bytes", "auto")
     if window == "auto":
@@ -388,9 +425,10 @@ def cluster_weights_iterator(
         windowed=window is not None,
         timeout_s=setup_timeout_s,
         prefetch=prefetch,
+        needs=needs,
     )
     if joined.plan is None:
-        return _node_local(files, prefetch, joined, options)
+        return _node_local(files, prefetch, joined, options, tensors)
 
     plan = joined.plan
     me = dist.get_rank()
@@ -411,7 +449,7 @@ def cluster_weights_iterator(
         # Only this rank: its peers time out on it and read its stripes from storage.
         reason = f"cannot make the replica in {base}: {exc}"
         log.warning("cluster mode: %s; this rank loads in node-local mode", reason)
-        return _node_local(files, prefetch, _Joined(reason, joined.hosts), options)
+        return _node_local(files, prefetch, _Joined(reason, joined.hosts), options, tensors)
     concurrency = options.get("concurrency")
     if read_threads is None and isinstance(concurrency, int) and not isinstance(concurrency, bool):
         read_threads = concurrency  # reads in flight per rank, as in node-local mode
@@ -431,7 +469,7 @@ def cluster_weights_iterator(
         replica.directory,
     )  # fmt: skip
     holder: list[ClusterWeightsIterator] = []
-    gen = _replica_tensors(resolved, session, lambda: holder[0]._finish())
+    gen = _replica_tensors(resolved, session, lambda: holder[0]._finish(), wanted)
     weakref.finalize(gen, session.cancel)  # a generator never started runs no `finally`
     it = ClusterWeightsIterator(gen, session=session)
     holder.append(it)
@@ -439,7 +477,11 @@ def cluster_weights_iterator(
 
 
 def _node_local(
-    files: CheckpointFiles, prefetch: Any, joined: _Joined, options: dict[str, Any]
+    files: CheckpointFiles,
+    prefetch: Any,
+    joined: _Joined,
+    options: dict[str, Any],
+    tensors: TensorFilter | None = None,
 ) -> ClusterWeightsIterator:
     """Node-local mode, local ranks from the gathered hosts (no further collective)."""
     place = _local_place(joined.hosts)
@@ -449,7 +491,7 @@ def _node_local(
         env = (os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE"))
         place = (int(env[0]), int(env[1])) if all(env) else (0, 1)  # type: ignore[arg-type]
     it = safetensors_weights_iterator(
-        files, prefetch=prefetch, rank=place[0], world=place[1], **options
+        files, prefetch=prefetch, rank=place[0], world=place[1], tensors=tensors, **options
     )
     holder: list[ClusterWeightsIterator] = []
     gen = _node_tensors(it, lambda: holder[0]._finish())

@@ -553,6 +553,9 @@ class Exchange:
         while not self._cancel.is_set() and first < len(stripes):
             did = False
             for k in range(first, len(stripes)):
+                if not self.plan.needed_by(stripes[k], self.node):
+                    first += k == first  # another node's: nothing to repair here
+                    continue
                 state = self.replica.state(k)
                 if k == first and (state in READY_STATES or state is StripeState.PUNCHED):
                     first += 1
@@ -589,6 +592,12 @@ class Exchange:
             self._wait_stripe(k)
 
     def _wait_stripe(self, k: int) -> None:
+        if not self.plan.needed_by(self.plan.stripes[k], self.node):
+            # Not planned for this node (its ranks said they do not load these bytes), so
+            # nobody brings it: read it here rather than hand out a hole.
+            while not self.replica.ready(k) and not self._fill(k):
+                time.sleep(0.005)  # claimed by another local rank: it fills it
+            return
         deadline = time.monotonic() + self.timeout_s * 1.5
         delay = _POLL_MIN_S
         while True:
@@ -634,6 +643,9 @@ class Exchange:
                 s = stripes[self._punch_next]
                 if s.end > limit:
                     break
+                if not self.plan.needed_by(s, self.node) and not self.replica.ready(s.index):
+                    self._punch_next += 1  # another node's, never here
+                    continue
                 state = self.replica.state(s.index)
                 if state is StripeState.SENDING or state is StripeState.EMPTY:
                     break  # its sends are not done (or it is not here yet)

@@ -293,7 +293,7 @@ class _Setup:
     headers: dict[str, SafetensorsHeader] = field(default_factory=dict)  # read while planning
 
 
-def _wanted(tensors: TensorFilter | None) -> Callable[[str], bool] | None:
+def tensor_predicate(tensors: TensorFilter | None) -> Callable[[str], bool] | None:
     """The ``tensors=`` filter as a predicate on names (None: every tensor)."""
     if tensors is None or callable(tensors):
         return tensors
@@ -305,7 +305,7 @@ def _wanted(tensors: TensorFilter | None) -> Callable[[str], bool] | None:
     return names.__contains__
 
 
-def _needs(
+def needed_ranges(
     files: Sequence[ResolvedFile], wanted: Callable[[str], bool]
 ) -> tuple[dict[str, list[tuple[int, int]]], dict[str, SafetensorsHeader]]:
     """The byte ranges this rank reads (each file's header, and the wanted tensors' data),
@@ -366,7 +366,7 @@ def _setup(
     if not (isinstance(prefetch, bool) or prefetch == "auto"):
         raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
     check_option_names(options)  # their values are checked only if a prefetch starts
-    wanted = _wanted(tensors)
+    wanted = tensor_predicate(tensors)
     resolved = _resolve(files, options.get("order", "sorted"))
     if prefetch is False:
         return _Setup(resolved, None, wanted)
@@ -385,7 +385,7 @@ def _setup(
 
     opts = _prefetch_options(options, follow_consumer=follow_consumer)
     paths = [f.path for f in resolved]
-    needs, headers = _needs(resolved, wanted) if wanted is not None else (None, {})
+    needs, headers = needed_ranges(resolved, wanted) if wanted is not None else (None, {})
     try:
         handle = start_prefetch(paths, local.rank, local.world, options=opts, needs=needs)
     except (ValueError, TypeError):
@@ -550,13 +550,11 @@ def safetensors_weights_iterator(
             raise InvalidOptionError(
                 "scope='cluster' takes the ranks from torch.distributed: pass no rank or world"
             )
-        if tensors is not None:
-            raise InvalidOptionError(
-                "tensors= is not supported with scope='cluster' yet: use scope='node'"
-            )
         from loader_adapter.cluster import cluster_weights_iterator  # imports this module
 
-        return cluster_weights_iterator(files, prefetch=prefetch, **prefetch_options)
+        return cluster_weights_iterator(
+            files, prefetch=prefetch, tensors=tensors, **prefetch_options
+        )
     setup = _setup(
         files, prefetch, rank, world, prefetch_options, follow_consumer=True, tensors=tensors
     )

@@ -1,9 +1,11 @@
 """One rank of a two-"node" gloo job that loads through the plug-ins' shared path.
 
-``python tests/_plugin_cluster_worker.py RANK WORLD PORT CHECKPOINT OPTIONS_JSON OUT``:
+``python tests/_plugin_cluster_worker.py RANK WORLD PORT CHECKPOINT OPTIONS_JSON OUT [SPLIT]``:
 joins the gloo group, loads with `load_with_prefetch` and the options a plug-in would
 parse, compares every tensor with ``safetensors.torch.load_file``, and writes what it saw
-(tensors, mismatches, our log lines) as JSON to OUT.
+(tensors, mismatches, our log lines) as JSON to OUT. With SPLIT ``halves``, rank r skips
+the tensors of the other ranks' share (the i-th tensor by name is rank ``i % WORLD``'s), as
+a plug-in skips other ranks' experts.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def main(rank: int, world: int, port: int, checkpoint: str, options: str, out: str) -> None:
+def main(
+    rank: int, world: int, port: int, checkpoint: str, options: str, out: str, split: str = ""
+) -> None:
     lines = _Lines()
     logging.getLogger("loader_adapter").addHandler(lines)
     logging.getLogger("loader_adapter").setLevel(logging.INFO)
@@ -38,8 +42,13 @@ def main(rank: int, world: int, port: int, checkpoint: str, options: str, out: s
     files = sorted(str(p) for p in Path(checkpoint).glob("*.safetensors"))
     reference = reference_tensors(checkpoint)
     parsed = parse_options(json.loads(options), where="test")
+    skip = None
+    if split == "halves":
+        others = {n for i, n in enumerate(sorted(reference)) if i % world != rank}
+        skip = others.__contains__
+        reference = {n: t for n, t in reference.items() if n not in others}
     seen, mismatches = 0, []
-    for name, tensor in load_with_prefetch(files, parsed, lambda: None, engine="test"):
+    for name, tensor in load_with_prefetch(files, parsed, lambda: None, engine="test", skip=skip):
         seen += 1
         if not same_bytes(reference.pop(name, None), tensor):
             mismatches.append(name)
@@ -55,4 +64,4 @@ def main(rank: int, world: int, port: int, checkpoint: str, options: str, out: s
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(int(a[0]), int(a[1]), int(a[2]), a[3], a[4], a[5])
+    main(int(a[0]), int(a[1]), int(a[2]), a[3], a[4], a[5], *a[6:7])

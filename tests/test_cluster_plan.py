@@ -4,6 +4,7 @@ the exchange schedules match pairwise and cannot deadlock."""
 from __future__ import annotations
 
 import collections
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -181,3 +182,90 @@ def test_agree_is_the_same_decision_everywhere():
     bad = MemberInfo("b", ("m",), (1,), error="no room")
     assert "rank 1 (b) cannot take part: no room" in agree([a, bad])
     assert "different checkpoint files" in agree([a, MemberInfo("b", ("n",), (1,))])
+
+
+# ------------------------------------------------ a node that loads part of the checkpoint
+@st.composite
+def _with_needs(draw):
+    """(sizes, hosts, chunk, node_needs): each node needs some ranges of some files, or all."""
+    sizes = draw(sizes_st)
+    hosts = draw(hosts_st)
+    nodes = Topology.from_hosts(hosts).num_nodes
+    needs = []
+    for _ in range(nodes):
+        if draw(st.booleans()) and draw(st.booleans()):
+            needs.append(None)
+            continue
+        need = {}
+        for f, size in enumerate(sizes):
+            cuts = sorted(draw(st.lists(st.integers(0, size), max_size=6)))
+            need[f] = [(a, b) for a, b in zip(cuts[::2], cuts[1::2], strict=False) if a < b]
+        needs.append(need)
+    return sizes, hosts, draw(chunk_st), needs
+
+
+def _needs_byte(need, f, x) -> bool:
+    return need is None or any(a <= x < b for a, b in need.get(f, ()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_with_needs())
+def test_with_needs_each_needed_byte_is_read_once_and_reaches_every_node_that_needs_it(case):
+    sizes, hosts, chunk, needs = case
+    p = cluster_plan(sizes, hosts, chunk_bytes=chunk, node_needs=needs)
+    topo = p.topology
+    seen: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+    for s in p.stripes:
+        assert 0 < s.length <= chunk
+        seen[s.file].append((s.offset, s.end - s.position + s.offset))
+        who = [n for n in range(topo.num_nodes) if p.needed_by(s, n)]
+        assert topo.node_of[s.reader] in who
+        assert sorted(topo.node_of[r] for r in s.receivers) == sorted(
+            n for n in who if n != topo.node_of[s.reader]
+        )
+        for n in who:
+            assert topo.node_of[p.holder(s, n)] == n
+        # every byte of a stripe is needed by every node it goes to (no wasted sends);
+        # checked at its ends and middle
+        for x in {s.offset, s.offset + s.length // 2, s.offset + s.length - 1}:
+            assert all(_needs_byte(needs[n], s.file, x) for n in who)
+    for f, size in enumerate(sizes):
+        ranges = sorted(seen[f])
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))  # read once
+        for n, need in enumerate(needs):
+            for lo, hi in [(0, size)] if need is None else need.get(f, ()):
+                # every needed byte lies in a stripe that goes to this node
+                for x in {lo, (lo + hi) // 2, hi - 1} if hi > lo else ():
+                    k = next(i for i, s in enumerate(p.stripes)
+                             if s.file == f and s.offset <= x < s.offset + s.length)  # fmt: skip
+                    assert p.needed_by(p.stripes[k], n)
+                    assert k in p.covering(p.file_starts[f] + x, p.file_starts[f] + x + 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=_with_needs(), inflight=st.integers(1, 4))
+def test_with_needs_schedules_match_and_cannot_deadlock(case, inflight):
+    sizes, hosts, chunk, needs = case
+    p = cluster_plan(sizes, hosts, chunk_bytes=chunk, node_needs=needs)
+    assert _run_rendezvous([p.schedule(r) for r in range(len(hosts))], inflight)
+
+
+def test_with_every_node_needing_all_the_plan_is_unchanged():
+    hosts = ["a", "b", "a", "b"]
+    plain = cluster_plan([50_000, 70_000], hosts, chunk_bytes=8192)
+    assert cluster_plan([50_000, 70_000], hosts, chunk_bytes=8192, node_needs=[None, None]) == plain
+
+
+def test_a_byte_no_node_needs_is_not_planned():
+    p = cluster_plan([40_000], ["a", "b"], chunk_bytes=8192,
+                     node_needs=[{0: [(0, 1000)]}, {0: [(30_000, 31_000)]}])  # fmt: skip
+    assert [(s.offset, s.length, s.nodes) for s in p.stripes] == [
+        (0, 1000, (0,)),
+        (30_000, 1000, (1,)),
+    ]
+    assert [p.topology.node_of[s.reader] for s in p.stripes] == [0, 1]
+    assert p.schedule(0) == [] and p.schedule(1) == []  # nothing to send: no exchange
+    with pytest.raises(ValueError):
+        p.holder(p.stripes[0], 1)
+    with pytest.raises(ValueError, match="2 nodes"):
+        cluster_plan([10], ["a", "b"], node_needs=[None])

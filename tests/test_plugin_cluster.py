@@ -25,7 +25,9 @@ _LINE = re.compile(
 )
 
 
-def _run(checkpoint: Path, options: dict, tmp_path: Path, hosts: list[str]) -> list[dict]:
+def _run(
+    checkpoint: Path, options: dict, tmp_path: Path, hosts: list[str], split: str = ""
+) -> list[dict]:
     port = free_port()
     procs = []
     for rank, host in enumerate(hosts):
@@ -39,7 +41,7 @@ def _run(checkpoint: Path, options: dict, tmp_path: Path, hosts: list[str]) -> l
         cmd = [
             sys.executable, str(ROOT / "tests" / "_plugin_cluster_worker.py"), str(rank),
             str(len(hosts)), str(port), str(checkpoint), json.dumps(options),
-            str(tmp_path / f"r{rank}.json"),
+            str(tmp_path / f"r{rank}.json"), *([split] if split else []),
         ]  # fmt: skip
         procs.append(
             subprocess.Popen(
@@ -86,3 +88,22 @@ def test_one_node_falls_back_to_node_local_and_says_so(checkpoint, tmp_path):
         assert any("cluster scope fell back to node-local mode" in line for line in res["lines"]), (
             res["lines"]
         )
+
+
+def test_a_rank_that_skips_tensors_brings_only_its_share_into_its_node(checkpoint, tmp_path):
+    # The plug-ins' `skip` (vLLM's expert filter) reaches the cluster scope as `tensors=`:
+    # each node receives only the stripes its rank loads (before, every stripe everywhere).
+    options = {"scope": "cluster", "chunk_bytes": "1MiB", "exchange_timeout_s": 30,
+               "replica_dir": str(tmp_path)}  # fmt: skip
+    results = _run(checkpoint.directory, options, tmp_path, ["node0", "node1"], "halves")
+    lines = []
+    for res in results:
+        assert res["mismatches"] == [] and res["left"] == []  # its share, every tensor of it
+        assert 0 < res["tensors"] < checkpoint.tensor_count
+        found = [m for line in res["lines"] if (m := _LINE.search(line))]
+        assert len(found) == 1, res["lines"]
+        lines.append([int(x) for x in found[0].groups()])
+    for _, _, read, received, _, fallback in lines:
+        assert fallback == 0
+        assert read + received < 0.8 * checkpoint.total_bytes  # not the whole checkpoint
+    assert sum(line[2] for line in lines) <= 1.05 * checkpoint.total_bytes

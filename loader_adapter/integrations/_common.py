@@ -448,10 +448,10 @@ def load_with_prefetch(
         local_rank: returns this process's local rank (called only when prefetching in
             the node scope; the cluster scope finds its own from the default group).
         engine: the engine's name, for the log.
-        skip: names of tensors not to yield (e.g. other ranks' experts). In the node
-            scope they are not read either, and the node warms only what its ranks load
-            (every local rank must then pass one); the cluster scope reads and exchanges
-            every byte, then leaves them out.
+        skip: names of tensors not to yield (e.g. other ranks' experts). They are not
+            read either: in the node scope the node warms only what its ranks load (every
+            local rank must then pass one); in the cluster scope each node brings in only
+            what its ranks load.
 
     Returns:
         A generator of ``(name, tensor)``, the tensors of ``safe_open(...).get_tensor``.
@@ -466,9 +466,10 @@ def load_with_prefetch(
     given = f", options {merged.describe()}" if merged.values else ", default options"
     prefetch = engine_options.pop("prefetch", True)
     scope = engine_options.pop("scope", "node")
+    wanted = None if skip is None else (lambda name: not skip(name))
     if scope == "cluster" and prefetch is not False:
         it = safetensors_weights_iterator(
-            files, prefetch=prefetch, scope="cluster", **engine_options
+            files, prefetch=prefetch, scope="cluster", tensors=wanted, **engine_options
         )
         log.info(
             "ckpt-prefetch: %s loads %d safetensors file(s) through loader_adapter in the "
@@ -481,7 +482,6 @@ def load_with_prefetch(
     local = local_rank() if prefetch is not False else LocalRank(0, 1, "unused")
     # Another rank's tensors are neither read nor warmed here: the local ranks gather
     # what each loads and the node warms only the union (`engine.needs`).
-    wanted = None if skip is None else (lambda name: not skip(name))
     it = safetensors_weights_iterator(
         files, prefetch=prefetch, rank=local.rank, world=local.world, tensors=wanted,
         **engine_options,
