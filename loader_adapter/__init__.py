@@ -36,9 +36,9 @@ if TYPE_CHECKING:
         TensorFilter,
         WeightsIterator,
         load_state_dict,
-        safetensors_weights_iterator,
         tensor_order,
     )
+    from loader_adapter.load import safetensors_weights_iterator
 
 __all__ = [
     # loading
@@ -75,13 +75,13 @@ __all__ = [
 ]
 
 _ITERATOR_NAMES = frozenset(
-    {"PrefetchMode", "TensorFilter", "WeightsIterator", "load_state_dict",
-     "safetensors_weights_iterator", "tensor_order"}
-)  # fmt: skip
+    {"PrefetchMode", "TensorFilter", "WeightsIterator", "load_state_dict", "tensor_order"}
+)
 
 
 _LAZY = {
     **dict.fromkeys(_ITERATOR_NAMES, "loader_adapter.iterator"),
+    "safetensors_weights_iterator": "loader_adapter.load",
     **dict.fromkeys(
         ("REPLICA_DIR_ENV", "ClusterWeightsIterator", "cluster_weights_iterator"),
         "loader_adapter.cluster",

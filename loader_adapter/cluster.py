@@ -68,7 +68,7 @@ from loader_adapter.iterator import (
     TensorFilter,
     WeightsIterator,
     needed_ranges,
-    safetensors_weights_iterator,
+    node_weights_iterator,
     tensor_predicate,
 )
 
@@ -490,7 +490,7 @@ def _node_local(
     if place is None:
         env = (os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE"))
         place = (int(env[0]), int(env[1])) if all(env) else (0, 1)  # type: ignore[arg-type]
-    it = safetensors_weights_iterator(
+    it = node_weights_iterator(
         files, prefetch=prefetch, rank=place[0], world=place[1], tensors=tensors, **options
     )
     holder: list[ClusterWeightsIterator] = []

@@ -50,7 +50,7 @@ __all__ = [
     "TensorFilter",
     "WeightsIterator",
     "load_state_dict",
-    "safetensors_weights_iterator",
+    "node_weights_iterator",
     "tensor_order",
 ]
 
@@ -478,83 +478,25 @@ class WeightsIterator(Iterator[tuple[str, torch.Tensor]]):
         return self._prefetch.report if self._prefetch is not None else None
 
 
-def safetensors_weights_iterator(
+def node_weights_iterator(
     files: CheckpointFiles,
     *,
     prefetch: PrefetchMode = False,
     rank: int | None = None,
     world: int | None = None,
-    scope: str = "node",
     tensors: TensorFilter | None = None,
     **prefetch_options: Any,
 ) -> WeightsIterator:
-    """Iterate over a safetensors checkpoint's tensors, optionally prefetching the files.
-
-    The tensors are those of ``safe_open(path, framework="pt").get_tensor(name)``:
-    prefetch never changes them, and a failed prefetch only logs one warning. Files come
-    in the engine's order (sorted by resolved path, or as given with ``order="given"``),
-    the tensors of a file by offset. Use (copy) each tensor before asking for the next, as
-    a serving engine does when it copies weights to the GPU: the prefetch window follows
-    the loader's position. The prefetch starts when this function is called and is
-    cancelled and joined when the iterator is exhausted, closed, garbage-collected, or
-    raises. Errors about the files (missing file, corrupt header) are the same with and
-    without prefetch.
-
-    Args:
-        files: ``.safetensors`` paths, a checkpoint directory, or a Hugging Face
-            ``model.safetensors.index.json``.
-        prefetch: False, True, or ``"auto"`` (on when the files are on a network or FUSE
-            filesystem; logs its decision).
-        rank: this process's local rank; None discovers it (``LOCAL_RANK``, then
-            ``torch.distributed`` grouped by host, then 0). With torch.distributed, every
-            rank must call this with the same `prefetch`.
-        world: number of ranks on this node; None discovers it with `rank`.
-        scope: ``"node"`` (each node reads the checkpoint from storage once) or
-            ``"cluster"`` (each byte read from storage once for the whole job, the rest
-            exchanged between nodes through ``torch.distributed``: see
-            `loader_adapter.cluster.cluster_weights_iterator`, whose options ``replica_dir``,
-            ``exchange_timeout_s``, ``setup_timeout_s`` and ``read_threads`` it then
-            accepts; ranks come from the default process group, so `rank` and `world`
-            must be None).
-        tensors: the tensors this rank loads: a predicate on names, or a collection of
-            names; None for all. Others are neither read nor yielded. With a prefetch,
-            every local rank must pass one (``lambda name: True`` where a rank loads
-            all): the ranks publish what they load, and the node warms only the union,
-            each byte by one of the ranks that load it (expert parallelism: a rank's
-            experts; pipeline parallelism: its stage's layers). The node scope only.
-        **prefetch_options: fields of `engine.PrefetchOptions` (``strategy``,
-            ``backend``, ``concurrency``, ``chunk_bytes``, ``skip_cached``,
-            ``window_bytes``, ``order``, ``progress``); only ``order`` matters without a
-            prefetch. ``window_bytes`` defaults to ``"auto"`` here: no limit when the
-            checkpoint fits in the page cache this process can use (MemAvailable, or its
-            memory cgroup's room if smaller), else a window of half of that
-            (`engine.auto_window`).
+    """The node scope of `loader_adapter.safetensors_weights_iterator` (which documents
+    the arguments): the node's local ranks share the prefetch.
 
     Returns:
-        A `WeightsIterator` of ``(name, tensor)`` (its ``report`` is the prefetch's
-        report once the iteration has ended).
-
-    Raises:
-        OSError: a checkpoint file is missing or unreadable.
-        ValueError: an invalid option, rank or world.
-        TypeError: an unknown prefetch option.
+        A `WeightsIterator` of ``(name, tensor)``.
 
     Example:
-        >>> for name, tensor in safetensors_weights_iterator("/ckpt", prefetch="auto"):
-        ...     model.load_weight(name, tensor.to("cuda"))  # doctest: +SKIP
+        >>> for name, tensor in node_weights_iterator("/ckpt", prefetch=True):
+        ...     params[name].copy_(tensor)  # doctest: +SKIP
     """
-    if scope not in ("node", "cluster"):
-        raise InvalidOptionError(f"scope must be 'node' or 'cluster', got {scope!r}")
-    if scope == "cluster" and prefetch is not False:
-        if rank is not None or world is not None:
-            raise InvalidOptionError(
-                "scope='cluster' takes the ranks from torch.distributed: pass no rank or world"
-            )
-        from loader_adapter.cluster import cluster_weights_iterator  # imports this module
-
-        return cluster_weights_iterator(
-            files, prefetch=prefetch, tensors=tensors, **prefetch_options
-        )
     setup = _setup(
         files, prefetch, rank, world, prefetch_options, follow_consumer=True, tensors=tensors
     )

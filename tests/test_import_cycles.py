@@ -11,15 +11,8 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "loader_adapter")
-#: Cycles known today, each to be removed by restructuring, never added to.
-KNOWN: set[frozenset[str]] = {
-    # scope is dispatched in the iterator, and the cluster iterator falls back to it
-    frozenset({"loader_adapter.iterator", "loader_adapter.cluster"}),
-}
 
 
 def _modules() -> dict[str, Path]:
@@ -102,9 +95,9 @@ def import_cycles() -> list[frozenset[str]]:
     return out
 
 
-def test_no_new_import_cycle():
-    new = [sorted(c) for c in import_cycles() if c not in KNOWN]
-    assert not new, f"import cycles: {new}"
+def test_no_import_cycle():
+    cycles = [sorted(c) for c in import_cycles()]
+    assert not cycles, f"import cycles: {cycles}"
 
 
 def test_the_finder_sees_a_cycle(tmp_path, monkeypatch):
@@ -118,9 +111,3 @@ def test_the_finder_sees_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(here, "ROOT", tmp_path)
     monkeypatch.setattr(here, "PACKAGES", ("engine",))
     assert import_cycles() == [frozenset({"engine.a", "engine.b"})]
-
-
-@pytest.mark.parametrize("known", sorted(KNOWN, key=sorted))
-def test_known_cycles_are_still_there(known):
-    # When restructuring removes one, this fails: take it off KNOWN.
-    assert known in import_cycles()

@@ -20,7 +20,8 @@ from engine.errors import InvalidOptionError
 from engine.plan import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from engine.units import format_bytes, parse_size
 from loader_adapter.discovery import LocalRank, discover_local_rank, local_rank_in_group
-from loader_adapter.iterator import WeightsIterator, safetensors_weights_iterator
+from loader_adapter.iterator import WeightsIterator
+from loader_adapter.load import safetensors_weights_iterator
 from loader_adapter.progress_log import ProgressLog, interval_from_env
 
 __all__ = [
