@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.parallel import SPLITS
+from engine.procstat import process_cpu_s, process_state
 
 __all__ = [
     "NodeRun",
@@ -310,22 +311,8 @@ class SimResult:
         return d
 
 
-def _proc_cpu_s(pid: int) -> float:
-    """CPU seconds a process (all its threads) has used."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
-    except (OSError, IndexError):
-        return False
+    return process_state(pid) in ("T", "t")
 
 
 def _free_port() -> int:
@@ -484,13 +471,13 @@ def simulate(
                     fs.evict()
                     fs.reset_counters()
                 granted0 = storage.snapshot().granted_bytes
-                cpu0 = [_proc_cpu_s(fs.pid) for fs in mounts]
+                cpu0 = [process_cpu_s(fs.pid) for fs in mounts]
                 ranks, failed, wall = run_mode(
                     mode, [fs.path for fs in mounts], ranks_per_node, workdir=work / f"{repeat}",
                     chunk_mb=chunk_mb, window_mb=window_mb, timeout_s=timeout_s, split=split,
                 )  # fmt: skip
                 counters = [fs.counters() for fs in mounts]
-                cpu = [_proc_cpu_s(fs.pid) - c0 for fs, c0 in zip(mounts, cpu0, strict=True)]
+                cpu = [process_cpu_s(fs.pid) - c0 for fs, c0 in zip(mounts, cpu0, strict=True)]
                 node_runs = [
                     NodeRun(f"node{i}", c.bytes_served, c.requests, cpu[i], needed[i])
                     for i, c in enumerate(counters)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.cursor import pid_alive
+from engine.procstat import CLK_TCK, stat_fields
 
 __all__ = [
     "cpu_seconds",
@@ -23,7 +24,6 @@ __all__ = [
     "pids_with_arg",
     "reap",
     "signal_all",
-    "stat_fields",
     "stop_processes",
     "tail",
     "wait_gone",
@@ -38,16 +38,6 @@ def tail(path: Path, limit: int = 3000) -> str:
         return path.read_text(errors="replace")[-limit:]
     except OSError:
         return ""
-
-
-def stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (state is [0]); None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2 :].decode().split()
 
 
 def descendants(root: int) -> list[int]:
@@ -92,7 +82,7 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = stat_fields(pid)
         if fields is not None:
             ticks += sum(int(x) for x in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks / CLK_TCK
 
 
 def signal_all(pids: list[int], sig: signal.Signals) -> None:

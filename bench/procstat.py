@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from engine.pace import cpu_times
+from engine.procstat import cpu_times
 
 __all__ = ["AnonSampler", "NodeCPU", "cpu_seconds", "io_read_bytes"]
 

@@ -37,6 +37,7 @@ from engine.errors import InvalidOptionError
 from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes, plan
 
 __all__ = [
+    "NOTHING_SHARED",
     "ONE_NODE",
     "ClusterPlan",
     "MemberInfo",
@@ -339,6 +340,9 @@ def cluster_plan(
 
 #: `agree`'s answer when there is nothing to exchange (not a failure).
 ONE_NODE = "all ranks are on one node"
+#: Why a plan with needs is not run as a cluster load: no byte goes to two nodes (pipeline
+#: stages share no tensor), so each node reads its own, as in node-local mode (not a failure).
+NOTHING_SHARED = "no byte is loaded on more than one node: nothing to exchange"
 
 
 @dataclass(frozen=True, slots=True)

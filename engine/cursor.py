@@ -25,6 +25,7 @@ from pathlib import Path
 
 from engine.errors import InvalidOptionError
 from engine.plan import ResolvedFile
+from engine.procstat import process_state
 
 __all__ = ["ConsumerCursor", "RankBoard", "pid_alive"]
 
@@ -44,11 +45,7 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
+    return process_state(pid) != "Z"  # unreadable (None): taken as alive
 
 
 class RankBoard:

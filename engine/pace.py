@@ -15,8 +15,9 @@ import time
 
 from engine import adapt
 from engine.cursor import RankBoard
+from engine.procstat import cpu_times
 
-__all__ = ["INTERVAL_S", "Pace", "cpu_times", "interval_for"]
+__all__ = ["INTERVAL_S", "Pace", "interval_for"]
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +44,6 @@ def interval_for(streams: int, read_bytes: int, rate: float) -> float:
         return INTERVAL_S
     per_read = streams * read_bytes / rate
     return min(MAX_INTERVAL_S, max(INTERVAL_S, READS_PER_INTERVAL * per_read))
-
-
-def cpu_times() -> tuple[int, int] | None:
-    """(busy, total) CPU ticks of the whole node since boot, or None when unreadable.
-
-    Example:
-        >>> t = cpu_times()
-        >>> t is None or 0 <= t[0] <= t[1]
-        True
-    """
-    try:
-        with open("/proc/stat", "rb") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    total = sum(fields)
-    idle = fields[3] + fields[4]  # idle + iowait
-    return total - idle, total
 
 
 class Pace:

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import _reader_child as wire
+from engine.procstat import process_cpu_s
 
 __all__ = ["ReadResult", "ReaderGone", "ReaderProcess"]
 
 log = logging.getLogger(__name__)
 _CHILD = str(Path(wire.__file__).resolve())
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class ReaderGone(OSError):
@@ -160,12 +160,7 @@ class ReaderProcess:
 
     def cpu_s(self) -> float:
         """CPU seconds the child has used so far (0.0 once it is gone)."""
-        try:
-            with open(f"/proc/{self._proc.pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
+        return process_cpu_s(self._proc.pid)
 
     def abandon(self) -> None:
         """Stop at once: pending reads fail with `ReaderGone`; nothing waits for the child.

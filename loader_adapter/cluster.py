@@ -48,6 +48,7 @@ from safetensors import safe_open
 
 from engine import ResolvedFile, auto_window, memory_budget, resolve_files, start_prefetch
 from engine.cluster_plan import (
+    NOTHING_SHARED,
     ONE_NODE,
     ClusterPlan,
     MemberInfo,
@@ -158,11 +159,14 @@ def _join(
     timeout_s: float,
     prefetch: Any,
     needs: tuple[tuple[int, int, int], ...] | None = None,
+    header_ends: Sequence[int] = (),
 ) -> _Joined:
     """Every rank of the default group: gather each rank's view, decide the same way.
 
     `needs` is what this rank loads (``tensors=``); the plan covers the union of every
-    node's ranks' needs, each stripe sent only to the nodes that need it.
+    node's ranks' needs, each stripe sent only to the nodes that need it. When no tensor
+    data goes to two nodes (only the headers every node reads: `header_ends` gives where
+    each file's tensor data starts), every rank loads node-local instead.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return _Joined("torch.distributed is not initialized")
@@ -178,7 +182,7 @@ def _join(
         _member_error(files, replica_base, need_bytes, prefetch),
         needs,
     )
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"header_ends": tuple(header_ends)} if needs is not None else {}
     if dist.get_rank() == 0:
         extra["nonce"] = secrets.token_hex(6)
         extra["chunk_bytes"] = chunk_bytes
@@ -204,6 +208,12 @@ def _join(
         [f.size for f in files], hosts, chunk_bytes=first["chunk_bytes"],
         node_needs=node_needs(infos, Topology.from_hosts(hosts)),
     )  # fmt: skip
+    # From the gathered list, so that every rank takes the same branch.
+    ends = next((g[1]["header_ends"] for g in gathered if "header_ends" in g[1]), None)
+    if ends is not None and not any(
+        s.receivers and s.offset + s.length > ends[s.file] for s in plan.stripes
+    ):
+        return _Joined(NOTHING_SHARED, hosts)
     return _Joined("", hosts, plan, first["nonce"], first.get("max_tensor_bytes", 0), group)
 
 
@@ -402,8 +412,10 @@ def cluster_weights_iterator(
     check_chunk_bytes(chunk_bytes)
     wanted = tensor_predicate(tensors)
     needs = None
+    header_ends: list[int] = []
     if wanted is not None:
-        by_path, _ = needed_ranges(resolved, wanted)
+        by_path, headers = needed_ranges(resolved, wanted)
+        header_ends = [headers[f.path].data_start if f.path in headers else 0 for f in resolved]
         index = {f.path: i for i, f in enumerate(resolved)}
         needs = tuple(
             (index[p], lo, hi) for p, ranges in by_path.items() for lo, hi in ranges if hi > lo
@@ -426,6 +438,7 @@ def cluster_weights_iterator(
         timeout_s=setup_timeout_s,
         prefetch=prefetch,
         needs=needs,
+        header_ends=header_ends,
     )
     if joined.plan is None:
         return _node_local(files, prefetch, joined, options, tensors)
@@ -485,7 +498,7 @@ def _node_local(
 ) -> ClusterWeightsIterator:
     """Node-local mode, local ranks from the gathered hosts (no further collective)."""
     place = _local_place(joined.hosts)
-    level = logging.INFO if joined.reason == ONE_NODE else logging.WARNING
+    level = logging.INFO if joined.reason in (ONE_NODE, NOTHING_SHARED) else logging.WARNING
     log.log(level, "cluster mode off: %s; loading in node-local mode", joined.reason)
     if place is None:
         env = (os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE"))

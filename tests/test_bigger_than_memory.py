@@ -184,9 +184,7 @@ def test_release_never_touches_tensors_the_caller_keeps(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(it, "release_mapped", spy)
     kept = {}
-    for n, (name, t) in enumerate(
-        it.node_weights_iterator([path], prefetch=True, rank=0, world=1)
-    ):
+    for n, (name, t) in enumerate(it.node_weights_iterator([path], prefetch=True, rank=0, world=1)):
         if n % 3 == 0:
             t.add_(1000)  # a copy-on-write page of the private mapping
             kept[name] = t

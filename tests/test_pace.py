@@ -6,8 +6,9 @@ import pytest
 
 from engine import PrefetchOptions, resident_bytes, start_prefetch
 from engine.cursor import RankBoard
-from engine.pace import Pace, cpu_times
+from engine.pace import Pace
 from engine.plan import resolve_files
+from engine.procstat import cpu_times
 
 MiB = 1 << 20
 
