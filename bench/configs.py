@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from engine.units import parse_size
+from loader_adapter.options import parse_options
 
 __all__ = ["ALIASES", "KINDS", "NEEDS_GROUP", "Config", "parse_config"]
 
@@ -119,33 +119,27 @@ class Config:
         (``512MiB``) sets ``window_bytes``; ``prefetch`` (on/off/auto) is returned under
         the key ``prefetch``.
         """
-        out: dict[str, Any] = {"prefetch": True}
+        given: dict[str, Any] = {}
         for key, value in self.options:
             if key == "chunk_mb":
-                out["chunk_bytes"] = self.mib(key, 0)
-            elif key == "concurrency":
-                out["concurrency"] = value if value == "fixed" else int(value)
+                given["chunk_bytes"] = self.mib(key, 0)
             elif key == "window":
-                if value == "off":
-                    out["window_bytes"] = None
-                elif value != "auto":
-                    out["window_bytes"] = parse_size(value)
-            elif key == "skip_cached":
-                out["skip_cached"] = _parse_bool(value)
-            elif key == "prefetch":
-                out["prefetch"] = "auto" if value == "auto" else _parse_bool(value)
+                if value != "auto":  # auto: the loader's default, left to it
+                    given["window_bytes"] = value
             else:
-                out[key] = value
+                given[key] = value
+        order = given.pop("order", None)  # an engine option the plug-ins do not take
+        fixed = given.get("concurrency") == "fixed"
+        if fixed:
+            del given["concurrency"]
+        # Checked and converted as every other entry point does (`loader_adapter.options`).
+        out: dict[str, Any] = {"prefetch": True}
+        out.update(parse_options(given, where=f"configuration {self.name!r}", text=True))
+        if fixed:
+            out["concurrency"] = "fixed"
+        if order is not None:
+            out["order"] = order
         return out
-
-
-def _parse_bool(value: str) -> bool:
-    low = value.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {value!r} (use on/off)")
 
 
 def _expand_alias(name: str) -> str:

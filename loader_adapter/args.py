@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from engine import BACKENDS, STRATEGIES
-from engine.units import parse_size
+from loader_adapter.options import OptionError, parse_option
 
 __all__ = [
     "CHUNK_ENV",
@@ -48,21 +48,16 @@ def parse_window(text: str) -> int | str:
         >>> parse_window("8GiB"), parse_window("auto"), parse_window("unlimited")
         (8589934592, 'auto', 'none')
     """
-    low = text.strip().lower()
-    if low == "auto":
-        return "auto"
-    if low in ("none", "off", "unlimited"):
-        return "none"
+    value = _checked("window_bytes", text.strip(), "--prefetch-window")
+    return "none" if value is None else value
+
+
+def _checked(key: str, value: object, flag: str) -> Any:
+    """`loader_adapter.options.parse_option`, its refusal as argparse's usage error."""
     try:
-        value = parse_size(low)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid window {text!r}: use a size such as 8GiB or 512MiB "
-            "(units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB), 'auto' or 'none'"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid window {text!r}: must be at least 1 byte")
-    return value
+        return parse_option(key, value, where=flag, text=True)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(what: str) -> Any:
@@ -82,7 +77,13 @@ def _positive_int(what: str) -> Any:
 
 
 def _chunk_mb(text: str) -> int:
-    return _positive_int("chunk size in MiB")(text)
+    mb = _positive_int("chunk size in MiB")(text)
+    _checked("chunk_bytes", mb << 20, "--prefetch-chunk-mb")  # within the stripe's range
+    return mb
+
+
+def _threads(text: str) -> int | str:
+    return _checked("concurrency", text.strip(), "--weight-loader-prefetch-num-threads")
 
 
 def add_prefetch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -119,10 +120,10 @@ def add_prefetch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )
     group.add_argument(
         "--weight-loader-prefetch-num-threads",
-        type=_positive_int("number of threads"),
+        type=_threads,
         default=None,
-        metavar="N",
-        help="reads in flight per rank (default: the engine's default)",
+        metavar="N|auto",
+        help="reads in flight per rank, or auto: adapted while it runs (default: auto)",
     )
     group.add_argument(
         "--prefetch-mode",

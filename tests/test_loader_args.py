@@ -123,11 +123,13 @@ def test_invalid_mode(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("flag", "value", "words"),
     [
-        ("--prefetch-window", "8XB", ["KiB", "auto", "none"]),
-        ("--prefetch-window", "0", ["at least"]),
+        # the messages of loader_adapter.options, the same as for the plug-ins' JSON
+        ("--prefetch-window", "8XB", ["8GiB", "'auto'", "'none'", "'8XB'"]),
+        ("--prefetch-window", "0", [">= 1 byte"]),
         ("--prefetch-chunk-mb", "0", [">= 1"]),
         ("--prefetch-chunk-mb", "big", ["positive integer"]),
-        ("--weight-loader-prefetch-num-threads", "-2", [">= 1"]),
+        ("--prefetch-chunk-mb", "20000", ["16.00 GiB"]),  # past the largest stripe
+        ("--weight-loader-prefetch-num-threads", "-2", [">= 1", "'auto'"]),
     ],
 )
 def test_invalid_values(

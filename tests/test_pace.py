@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 
 from engine import PrefetchOptions, resident_bytes, start_prefetch
@@ -51,3 +54,59 @@ def test_integers_pin_the_values(make_file, concurrency, chunk):
     assert report.concurrency == concurrency
     assert not report.tuning.startswith("adaptive")
     assert report.read_bytes == 0
+
+
+def _sparse_files(directory, count: int, size: int) -> None:
+    directory.mkdir()
+    for i in range(count):
+        with open(directory / f"s{i}.bin", "wb") as f:
+            f.truncate(size)  # holes: the simulated server reads them at memory speed
+
+
+def _tried(caplog) -> list[int]:
+    """Stream counts the controller tried, from its log lines."""
+    return [
+        int(m.group(1))
+        for r in caplog.records
+        if r.name == "engine.pace" and (m := re.search(r"try (\d+) streams", r.getMessage()))
+    ]
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(240)
+def test_the_wired_controller_widens_where_more_streams_pay_and_not_where_they_do_not(
+    tmp_path, caplog
+):
+    # The controller as the engine runs it, on real mounts: a store with 50 ms per 1 MiB
+    # request (one stream ~20 MB/s, the aggregate 1 GB/s) is read with more streams than
+    # the start; a store limited to 40 MB/s whatever the streams is not (the control).
+    from fuse_support import require_fuse
+
+    from bench.netfs import mounted
+    from engine.tuning import NODE_STREAMS
+
+    require_fuse()
+    caplog.set_level(logging.DEBUG, logger="engine.pace")
+    _sparse_files(tmp_path / "slow", 2, 640 * MiB)
+    with mounted(tmp_path / "slow", profile="many-streams", latency_s=0.05) as fs:
+        files = [str(fs.path / f"s{i}.bin") for i in range(2)]
+        wide = start_prefetch(files, skip_cached=False).wait(200)
+    assert wide is not None and wide.ok
+    # A trial that paid: said by the reason of a later change or of the last decision,
+    # or shown by a trial of 4x (which follows only a kept trial of 2x).
+    said = [r.getMessage() for r in caplog.records if r.name == "engine.pace"]
+    assert (
+        "paid" in wide.tuning
+        or any("paid" in line for line in said)
+        or max(_tried(caplog), default=0) >= 4 * NODE_STREAMS
+    ), (wide.tuning, said)
+    assert wide.concurrency > NODE_STREAMS, wide.tuning
+
+    caplog.clear()
+    _sparse_files(tmp_path / "narrow", 2, 96 * MiB)
+    with mounted(tmp_path / "narrow", profile="slow-nfs", bandwidth_bps=40e6,
+                 latency_s=0.0) as fs:  # fmt: skip
+        files = [str(fs.path / f"s{i}.bin") for i in range(2)]
+        flat = start_prefetch(files, skip_cached=False).wait(200)
+    assert flat is not None and flat.ok
+    assert max(_tried(caplog), default=0) <= 2 * NODE_STREAMS, flat.tuning

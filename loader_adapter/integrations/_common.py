@@ -2,8 +2,8 @@
 
 The options are the keyword options of `loader_adapter.safetensors_weights_iterator` that
 make sense in a configuration file or an environment variable (JSON values; sizes may be
-written ``"16MiB"``). They are checked here, before any file is opened, with messages
-that name the option and its valid values.
+written ``"16MiB"``), checked by `loader_adapter.options` before any file is opened; here
+they are gathered from the places a plug-in reads and merged.
 """
 
 from __future__ import annotations
@@ -15,13 +15,19 @@ from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine import BACKENDS, STRATEGIES, PrefetchReport
-from engine.errors import InvalidOptionError
-from engine.plan import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
-from engine.units import format_bytes, parse_size
+from engine import PrefetchReport
+from engine.units import format_bytes
 from loader_adapter.discovery import LocalRank, discover_local_rank, local_rank_in_group
 from loader_adapter.iterator import WeightsIterator
 from loader_adapter.load import safetensors_weights_iterator
+from loader_adapter.options import (
+    CLUSTER_ONLY,
+    OPTION_VALUES,
+    OptionError,
+    check_together,
+    parse_options,
+    parse_values,
+)
 from loader_adapter.progress_log import ProgressLog, interval_from_env
 
 __all__ = [
@@ -46,185 +52,6 @@ log = logging.getLogger(__name__)
 #: Environment variable holding the options as a JSON object (SGLang, and vLLM's
 #: ``$CKPT_PREFETCH_VLLM_AUTO`` mode, have no other place for them).
 OPTIONS_ENV = "CKPT_PREFETCH_OPTIONS"
-
-#: Each option and its valid values, in words (error messages and the README use these).
-OPTION_VALUES: dict[str, str] = {
-    "prefetch": "true, false or 'auto' (on for network and FUSE filesystems only)",
-    "strategy": " or ".join(repr(s) for s in STRATEGIES),
-    "backend": ", ".join(repr(b) for b in ("auto", *BACKENDS)),
-    "concurrency": "'auto' or an integer >= 1 (reads in flight per rank)",
-    "chunk_bytes": (
-        f"'auto', or a size from {format_bytes(MIN_CHUNK_BYTES)} to "
-        f"{format_bytes(MAX_CHUNK_BYTES)} (bytes, or a string such as '16MiB')"
-    ),
-    "window_bytes": (
-        "'auto', null or 'none' (no limit), or a size >= 1 byte (bytes, or a string such as '8GiB')"
-    ),
-    "skip_cached": "true or false",
-    "scope": (
-        "'node' (each node reads the checkpoint once) or 'cluster' (each byte read from "
-        "storage once for the whole job, the rest sent between nodes)"
-    ),
-    "replica_dir": "a directory on a local disk or tmpfs (scope 'cluster' only)",
-    "exchange_timeout_s": "a number of seconds > 0 (scope 'cluster' only)",
-}
-#: Options that only the cluster scope takes.
-CLUSTER_ONLY = ("replica_dir", "exchange_timeout_s")
-
-
-class OptionError(InvalidOptionError):
-    """An invalid plug-in option. The message names the option and its valid values.
-
-    An `engine.InvalidOptionError` (so a `PrefetchError` and a `ValueError`): one family
-    for every option the project refuses, wherever it was given.
-    """
-
-
-def _bool(value: object) -> bool | None:
-    return value if isinstance(value, bool) else None
-
-
-def _prefetch(value: object) -> bool | str | None:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return {"on": True, "true": True, "off": False, "false": False, "auto": "auto"}.get(
-            value.strip().lower()
-        )
-    return None
-
-
-def _choice(valid: Iterable[str]) -> Callable[[object], str | None]:
-    names = tuple(valid)
-    return lambda value: value if isinstance(value, str) and value in names else None
-
-
-def _size(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        return None
-    try:
-        return parse_size(value)
-    except ValueError:
-        return None
-
-
-def _concurrency(value: object) -> int | str | None:
-    if value == "auto":
-        return "auto"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    return None
-
-
-def _chunk(value: object) -> int | str | None:
-    if value == "auto":
-        return "auto"
-    n = _size(value)
-    return n if n is not None and MIN_CHUNK_BYTES <= n <= MAX_CHUNK_BYTES else None
-
-
-def _window(value: object) -> int | str | None:
-    if value == "auto":
-        return "auto"
-    n = _size(value)
-    return n if n is not None and n >= 1 else None
-
-
-def _directory(value: object) -> str | None:
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def _seconds(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if value > 0 else None
-
-
-_NO_WINDOW = object()
-
-_PARSERS: dict[str, Callable[[object], object]] = {
-    "prefetch": _prefetch,
-    "strategy": _choice(STRATEGIES),
-    "backend": _choice(("auto", *BACKENDS)),
-    "concurrency": _concurrency,
-    "chunk_bytes": _chunk,
-    "window_bytes": lambda v: _NO_WINDOW if v is None or v == "none" else _window(v),
-    "skip_cached": _bool,
-    "scope": _choice(("node", "cluster")),
-    "replica_dir": _directory,
-    "exchange_timeout_s": _seconds,
-}
-
-
-def parse_options(
-    config: Mapping[str, object], *, where: str, also_valid: Iterable[str] = ()
-) -> dict[str, Any]:
-    """Check plug-in options and turn them into `safetensors_weights_iterator` keywords.
-
-    Args:
-        config: option name -> value, as JSON gives them (see `OPTION_VALUES`).
-        where: where the options came from, for messages (e.g.
-            ``"--model-loader-extra-config"``).
-        also_valid: keys that the caller handles itself; they are ignored here and
-            named among the valid keys in the message about an unknown key.
-
-    Returns:
-        Keyword options, only those given: ``prefetch`` (True, False or ``"auto"``),
-        ``scope`` with the cluster scope's ``replica_dir`` and ``exchange_timeout_s``, and
-        the `engine.start_prefetch` options (``window_bytes`` None means no limit).
-
-    Raises:
-        OptionError: an unknown key, or a value that is not valid for its key.
-
-    Example:
-        >>> parse_options({"window_bytes": "1GiB", "prefetch": "auto"}, where="test")
-        {'window_bytes': 1073741824, 'prefetch': 'auto'}
-        >>> parse_options({"windw": 1}, where="test")  # doctest: +IGNORE_EXCEPTION_DETAIL
-        Traceback (most recent call last):
-        OptionError: ckpt-prefetch: test: unknown key 'windw'; valid keys: backend, ...
-    """
-    options = _parse_values(config, where, also_valid)
-    _check_together(options, where)
-    return options
-
-
-def _parse_values(
-    config: Mapping[str, object], where: str, also_valid: Iterable[str]
-) -> dict[str, Any]:
-    """Each key and value checked (`parse_options` without the checks of keys together)."""
-    if not isinstance(config, Mapping):
-        raise OptionError(
-            f"ckpt-prefetch: {where} must be a JSON object (a dict), got {type(config).__name__}"
-        )
-    extra = set(also_valid)
-    unknown = sorted(k for k in config if k not in _PARSERS and k not in extra)
-    if unknown:
-        valid = ", ".join(sorted({*_PARSERS, *extra}))
-        keys = ", ".join(repr(k) for k in unknown)
-        raise OptionError(
-            f"ckpt-prefetch: {where}: unknown key{'s' if len(unknown) > 1 else ''} {keys}; "
-            f"valid keys: {valid}"
-        )
-    options: dict[str, Any] = {}
-    for key, value in config.items():
-        if key in extra:
-            continue
-        parsed = _PARSERS[key](value)
-        if parsed is None:
-            raise OptionError(
-                f"ckpt-prefetch: {where}: {key!r} must be {OPTION_VALUES[key]}; got {value!r}"
-            )
-        options[key] = None if parsed is _NO_WINDOW else parsed
-    return options
-
-
-def _check_together(options: Mapping[str, Any], where: str) -> None:
-    stray = [k for k in CLUSTER_ONLY if k in options]
-    if stray and options.get("scope") != "cluster":
-        raise OptionError(
-            f"ckpt-prefetch: {where}: {', '.join(repr(k) for k in stray)} only apply with "
-            '"scope": "cluster"'
-        )
 
 
 @dataclass(frozen=True)
@@ -295,11 +122,11 @@ def merge_options(
     origins: dict[str, str] = {}
     extra = tuple(also_valid)
     for where, config in sources:
-        parsed = _parse_values(config, where, extra)
+        parsed = parse_values(config, where, extra)
         values.update(parsed)
         origins.update(dict.fromkeys(parsed, where))
     where = " + ".join(w for w, c in sources if c) or "options"
-    _check_together(values, where)
+    check_together(values, where)
     return MergedOptions(values, origins)
 
 
