@@ -1,4 +1,6 @@
-"""Shared fixtures: test files with known bytes, evicted from the page cache."""
+"""Shared fixtures: test files with known bytes, evicted from the page cache; and the
+``fuse`` marker's check (a test marked ``fuse`` skips only where /dev/fuse cannot be
+opened, with the reason in the summary, and fails instead under ``CI=true``)."""
 
 from __future__ import annotations
 
@@ -61,3 +63,10 @@ def write_pressure(tmp_path):
     yield
     stop.set()
     t.join(60)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("fuse") is not None:
+        from fuse_support import require_fuse
+
+        require_fuse()

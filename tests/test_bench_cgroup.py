@@ -113,9 +113,7 @@ def test_bad_root_raises(tmp_path: Path) -> None:
 def test_bigger_than_memory_scenario(tmp_path: Path) -> None:
     """The scenario runs inside a cgroup, validates, agrees on checksums, cleans up."""
     require_cgroups()
-    from fuse_support import require_fuse
 
-    require_fuse()
     from bench import results
     from bench.runner import run_suite
     from bench.suites import Matrix, Suite

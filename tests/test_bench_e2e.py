@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fuse_support import require_fuse
 
 from bench import results
 from bench.cli import main
@@ -92,7 +91,6 @@ def test_quick_suite_reduced_local(tmp_path: Path) -> None:
 
 @pytest.mark.fuse
 def test_quick_suite_reduced_netfs(tmp_path: Path) -> None:
-    require_fuse()
     doc = run_suite(_suite(tmp_path / "work", ("slow-nfs",)))
     _check_document(doc, "slow-nfs")
     for r in doc["results"]:
@@ -109,7 +107,6 @@ def test_quick_suite_reduced_netfs(tmp_path: Path) -> None:
 
 @pytest.mark.fuse
 def test_cli_run_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    require_fuse()
     out = tmp_path / "r.json"
     code = main(
         [
@@ -285,7 +282,6 @@ def test_cold_means_the_backing_files_too(tmp_path: Path) -> None:
     """A mount whose server reads from a warm backing cache is not cold storage."""
     import mmap
 
-    require_fuse()
     ckpt, _ = ensure_checkpoint(tmp_path, shape="single", size_bytes=8 * MiB)
     with open_fs("local-fuse", ckpt) as fs:
         assert make_cold(fs, ckpt.total_bytes) < 0.01
@@ -300,7 +296,6 @@ def test_cold_means_the_backing_files_too(tmp_path: Path) -> None:
 def test_served_waits_for_reads_still_in_the_server(tmp_path: Path) -> None:
     import threading
 
-    require_fuse()
     ckpt, _ = ensure_checkpoint(tmp_path, shape="single", size_bytes=4 * MiB)
     with open_fs("local-fuse", ckpt) as fs:
         fs.evict()

@@ -271,9 +271,7 @@ def test_window_serves_each_byte_once_in_a_1gib_cgroup(tmp_path: Path, record_pr
     serves noticeably more under the same limit (which shows the measurement can fail).
     """
     require_cgroups()
-    from fuse_support import require_fuse
 
-    require_fuse()
     from bench.baselines import load_plain
     from bench.checkpoint import make_checkpoint
     from bench.netfs import mounted

@@ -177,11 +177,9 @@ def test_storage_reads_in_flight_adapt_at_run_time(tmp_path):
     # A store whose single stream is slow (bench's many-streams profile): each node's
     # controller measures its read rate and tries more reads in flight (whether the trial
     # pays depends on this machine's spare cores; that it is made and judged does not).
-    from fuse_support import require_fuse
 
     from bench.netfs import mounted
 
-    require_fuse()
     big = make_checkpoint(tmp_path / "ck", size_bytes=1024 * MiB, shards=4)
     with mounted(big.directory, profile="many-streams") as fs:
         fs.evict()

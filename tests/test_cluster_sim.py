@@ -4,7 +4,6 @@ one bandwidth limit, and each node's bytes are counted apart."""
 from __future__ import annotations
 
 import pytest
-from fuse_support import require_fuse
 
 from bench.checkpoint import make_checkpoint
 from bench.cluster_sim import simulate
@@ -14,7 +13,6 @@ pytestmark = [pytest.mark.fuse, pytest.mark.timeout(240)]
 
 
 def test_the_simulated_nodes_draw_from_one_storage_limit(tmp_path):
-    require_fuse()
     checkpoint = make_checkpoint(tmp_path / "ck", size_bytes=12 * MiB, shards=2)
     total = checkpoint.total_bytes
     node, cluster = simulate(

@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 
 from bench.netfs import mounted
 from loader_adapter import safetensors_weights_iterator
-from tests.fuse_support import require_fuse
 
 LAYERS, EXPERTS = 4, 8
 EXPERT_ELEMS = 512 << 10  # 1 MiB of bf16 each: experts are most of the bytes
@@ -82,8 +81,8 @@ def test_a_bad_filter_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.fuse
 def test_expert_parallel_ranks_read_only_their_union_and_get_identical_tensors(tmp_path, world):
-    require_fuse()
     backing = tmp_path / "ckpt"
     backing.mkdir()
     sizes = _moe(backing)

@@ -12,7 +12,6 @@ from bench.netfs import mounted
 from engine import resident_bytes, start_prefetch
 from engine.needs import gather, normalize, union_bytes
 from engine.plan import ResolvedFile
-from tests.fuse_support import require_fuse
 
 MiB = 1 << 20
 
@@ -93,8 +92,8 @@ def _run(files, world, needs_of):
 
 
 @pytest.mark.parametrize("shape", ["expert", "pipeline"])
+@pytest.mark.fuse
 def test_the_node_reads_only_what_its_ranks_load(tmp_path, shape):
-    require_fuse()
     backing = _layout(tmp_path)
     with mounted(backing, profile="local-fuse", read_ahead_kb=128) as fs:
         files = sorted(str(p) for p in fs.path.iterdir())
@@ -126,8 +125,8 @@ def test_the_node_reads_only_what_its_ranks_load(tmp_path, shape):
         assert any("needs: the node loads" in n for r in reports for n in r.notes)
 
 
+@pytest.mark.fuse
 def test_experts_no_rank_loads_are_neither_planned_nor_served(tmp_path):
-    require_fuse()
     backing = _layout(tmp_path, nfiles=1, size=64 * MiB)
     with mounted(backing, profile="local-fuse", read_ahead_kb=128) as fs:
         files = [str(next(fs.path.iterdir()))]
@@ -147,10 +146,10 @@ def test_experts_no_rank_loads_are_neither_planned_nor_served(tmp_path):
 
 
 @pytest.mark.parametrize("read_ahead_kb", [128, 1024])
+@pytest.mark.fuse
 def test_read_ahead_stops_at_the_end_of_a_run_no_rank_loads_beyond(tmp_path, read_ahead_kb):
     # 1 MiB experts, two of every four needed: with a read-ahead of 1 MiB, each run's last
     # read used to read the next expert too (about the whole file instead of half).
-    require_fuse()
     backing = _layout(tmp_path, nfiles=1, size=32 * MiB)
     with mounted(backing, profile="local-fuse", read_ahead_kb=read_ahead_kb) as fs:
         files = [str(next(fs.path.iterdir()))]

@@ -80,12 +80,10 @@ def test_the_wired_controller_widens_where_more_streams_pay_and_not_where_they_d
     # The controller as the engine runs it, on real mounts: a store with 50 ms per 1 MiB
     # request (one stream ~20 MB/s, the aggregate 1 GB/s) is read with more streams than
     # the start; a store limited to 40 MB/s whatever the streams is not (the control).
-    from fuse_support import require_fuse
 
     from bench.netfs import mounted
     from engine.tuning import NODE_STREAMS
 
-    require_fuse()
     caplog.set_level(logging.DEBUG, logger="engine.pace")
     _sparse_files(tmp_path / "slow", 2, 640 * MiB)
     with mounted(tmp_path / "slow", profile="many-streams", latency_s=0.05) as fs:

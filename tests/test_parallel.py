@@ -4,7 +4,6 @@ who loads which tensor, what a node needs, and posed nodes that read only that."
 from __future__ import annotations
 
 import pytest
-from fuse_support import require_fuse
 from safetensors import safe_open
 
 from bench.checkpoint import make_checkpoint
@@ -99,7 +98,6 @@ def _filtered_checksum(files, keep) -> str:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["ep", "pp"])
 def test_posed_nodes_read_only_what_their_ranks_load(tmp_path, kind):
-    require_fuse()
     ckpt = make_checkpoint(tmp_path / "ck", size_bytes=24 * MiB, shape="many-small", shards=4)
     files = [str(f) for f in ckpt.files]
     modes = ["ours-whole", "ours"]
@@ -135,7 +133,6 @@ def test_posed_nodes_read_only_what_their_ranks_load(tmp_path, kind):
 @pytest.mark.fuse
 @pytest.mark.timeout(300)
 def test_cluster_scope_sends_a_stripe_only_to_the_nodes_that_need_it(tmp_path):
-    require_fuse()
     ckpt = make_checkpoint(tmp_path / "ck", size_bytes=24 * MiB, shape="many-small", shards=4)
     files = [str(f) for f in ckpt.files]
     (result,) = simulate(
@@ -171,7 +168,6 @@ def test_cluster_scope_sends_a_stripe_only_to_the_nodes_that_need_it(tmp_path):
 def test_cluster_scope_with_nothing_shared_loads_node_local(tmp_path):
     # Pipeline stages share no tensor: there is nothing to exchange, so every rank takes
     # the node-local branch (the same decision everywhere), reading only its stage.
-    require_fuse()
     ckpt = make_checkpoint(tmp_path / "ck", size_bytes=24 * MiB, shape="many-small", shards=4)
     files = [str(f) for f in ckpt.files]
     (result,) = simulate(

@@ -19,7 +19,6 @@ from engine.cursor import pid_alive
 from engine.reader_process import ReaderGone, ReaderProcess
 from tests.conftest import write_random
 from tests.fds import fds_under
-from tests.fuse_support import require_fuse
 
 MiB = 1 << 20
 
@@ -169,7 +168,6 @@ def test_the_child_dies_with_its_parent(tmp_path):
 
 @pytest.mark.fuse
 def test_a_stalled_server_holds_only_the_child(tmp_path):
-    require_fuse()
     backing = tmp_path / "backing"
     backing.mkdir()
     write_random(backing / "model.safetensors", 8 * MiB)
@@ -203,7 +201,6 @@ def test_a_stalled_server_holds_only_the_child(tmp_path):
 
 @pytest.mark.fuse
 def test_auto_reads_a_network_mount_from_a_reader_process(tmp_path):
-    require_fuse()
     backing = tmp_path / "backing"
     backing.mkdir()
     for i in range(2):

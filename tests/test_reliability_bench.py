@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 
 from bench import reliability
-from tests.fuse_support import require_fuse
 
 
 @pytest.mark.fuse
 def test_every_fault_is_survived_with_identical_tensors(tmp_path):
-    require_fuse()
     outcomes = reliability.run(1, tmp_path)
     assert len(outcomes) == 5
     for o in outcomes:

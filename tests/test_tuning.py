@@ -9,7 +9,6 @@ from engine import start_prefetch
 from engine.fstype import is_network_fs
 from engine.tuning import LOCAL_CHUNK_BYTES, NETWORK_CHUNK_BYTES, NODE_STREAMS, auto_tuning
 from tests.conftest import write_random
-from tests.fuse_support import require_fuse
 
 MiB = 1 << 20
 
@@ -37,7 +36,6 @@ def test_missing_path_falls_back_to_local_choice(tmp_path):
 
 @pytest.mark.fuse
 def test_fuse_mount_gets_network_stripes(tmp_path):
-    require_fuse()
     backing = tmp_path / "b"
     backing.mkdir()
     write_random(backing / "x.safetensors", 2 * MiB)
