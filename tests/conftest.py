@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,31 @@ def write_random(path: Path, size: int, *, seed: int = 0) -> Path:
         os.fsync(f.fileno())  # dirty pages cannot be evicted
     evict(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
+    """Factory: ``synthetic_checkpoint(size_bytes=..., shape=..., shards=...)`` -> a
+    `bench.checkpoint.Checkpoint`, made once per session for each set of arguments.
+
+    Tests only read it. Its files are synced, so that a test can evict them (dirty pages
+    cannot be evicted).
+    """
+    from bench.checkpoint import make_checkpoint
+
+    made: dict[tuple[tuple[str, Any], ...], Any] = {}
+
+    def make(**kwargs: Any) -> Any:
+        key = tuple(sorted(kwargs.items()))
+        if key not in made:
+            ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt"), **kwargs)
+            for path in ckpt.files:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            made[key] = ckpt
+        return made[key]
+
+    return make
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from fuse_support import require_fuse
 
-from bench.checkpoint import make_checkpoint
 from bench.cluster_sim import run_mode
 from bench.netfs import SharedBandwidth, mounted
 
@@ -27,8 +26,8 @@ pytestmark = [pytest.mark.fuse, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ck"), size_bytes=32 * MiB, shards=3)
+def checkpoint(synthetic_checkpoint):
+    return synthetic_checkpoint(size_bytes=32 * MiB, shards=3)
 
 
 def _run(checkpoint, tmp_path: Path, fault: list[str], on_mounts=None):

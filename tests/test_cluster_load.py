@@ -17,8 +17,8 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ck"), size_bytes=40 * MiB, shards=3)
+def checkpoint(synthetic_checkpoint):
+    return synthetic_checkpoint(size_bytes=40 * MiB, shards=3)
 
 
 def _shm_dir(tmp_path: Path, name: str) -> Path:

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from bench.cgroup import available, memory_cgroup
-from bench.checkpoint import make_checkpoint
 from bench.cluster_sim import run_mode
 from bench.consumer import Consumer
 
@@ -61,7 +60,7 @@ def _load_in_cgroups(tmp_path: Path, info, window_mb: int):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(synthetic_checkpoint):
     ok, why = available()
     if not ok:
         if os.environ.get("CI", "").lower() == "true":
@@ -69,7 +68,7 @@ def checkpoint(tmp_path_factory):
         pytest.skip(why)
     if not os.access("/dev/shm", os.W_OK):
         pytest.skip("no /dev/shm")
-    info = make_checkpoint(tmp_path_factory.mktemp("ck"), size_bytes=64 * MiB, shards=4)
+    info = synthetic_checkpoint(size_bytes=64 * MiB, shards=4)
     expected = Consumer(torch.empty(0, dtype=torch.uint8))
     for path in info.files:
         for name, tensor in load_file(path).items():

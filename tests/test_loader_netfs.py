@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench.checkpoint import make_checkpoint
 from loader_adapter import safetensors_weights_iterator
 
 MiB = 1 << 20
@@ -35,14 +34,9 @@ def _require_fuse() -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(synthetic_checkpoint) -> Path:
     _require_fuse()
-    directory = tmp_path_factory.mktemp("netfs-ckpt")
-    make_checkpoint(directory, size_bytes=24 * MiB, shape="skewed", shards=3)
-    for p in directory.iterdir():  # written pages are dirty until synced: not evictable
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    return directory
+    return synthetic_checkpoint(size_bytes=24 * MiB, shape="skewed", shards=3).directory
 
 
 def _copy_all(files: Path, **kwargs: object) -> dict[str, torch.Tensor]:

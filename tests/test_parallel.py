@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from safetensors import safe_open
 
-from bench.checkpoint import make_checkpoint
 from bench.cluster_sim import rank_checksums_agree, simulate
 from bench.consumer import Consumer
 from bench.parallel import Split, expert_of, layer_of, local_experts, model_shape, stage_layers
@@ -97,8 +96,8 @@ def _filtered_checksum(files, keep) -> str:
 @pytest.mark.fuse
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["ep", "pp"])
-def test_posed_nodes_read_only_what_their_ranks_load(tmp_path, kind):
-    ckpt = make_checkpoint(tmp_path / "ck", size_bytes=24 * MiB, shape="many-small", shards=4)
+def test_posed_nodes_read_only_what_their_ranks_load(tmp_path, kind, synthetic_checkpoint):
+    ckpt = synthetic_checkpoint(size_bytes=24 * MiB, shape="many-small", shards=4)
     files = [str(f) for f in ckpt.files]
     modes = ["ours-whole", "ours"]
     try:  # the plain filtered load of vLLM's own iterator, where vLLM is installed
@@ -132,8 +131,10 @@ def test_posed_nodes_read_only_what_their_ranks_load(tmp_path, kind):
 
 @pytest.mark.fuse
 @pytest.mark.timeout(300)
-def test_cluster_scope_sends_a_stripe_only_to_the_nodes_that_need_it(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "ck", size_bytes=24 * MiB, shape="many-small", shards=4)
+def test_cluster_scope_sends_a_stripe_only_to_the_nodes_that_need_it(
+    tmp_path, synthetic_checkpoint
+):
+    ckpt = synthetic_checkpoint(size_bytes=24 * MiB, shape="many-small", shards=4)
     files = [str(f) for f in ckpt.files]
     (result,) = simulate(
         ckpt.directory, nodes=2, ranks_per_node=1, profile="slow-nfs", chunk_mb=1,
@@ -165,10 +166,10 @@ def test_cluster_scope_sends_a_stripe_only_to_the_nodes_that_need_it(tmp_path):
 
 @pytest.mark.fuse
 @pytest.mark.timeout(300)
-def test_cluster_scope_with_nothing_shared_loads_node_local(tmp_path):
+def test_cluster_scope_with_nothing_shared_loads_node_local(tmp_path, synthetic_checkpoint):
     # Pipeline stages share no tensor: there is nothing to exchange, so every rank takes
     # the node-local branch (the same decision everywhere), reading only its stage.
-    ckpt = make_checkpoint(tmp_path / "ck", size_bytes=24 * MiB, shape="many-small", shards=4)
+    ckpt = synthetic_checkpoint(size_bytes=24 * MiB, shape="many-small", shards=4)
     files = [str(f) for f in ckpt.files]
     (result,) = simulate(
         ckpt.directory, nodes=2, ranks_per_node=1, profile="slow-nfs", chunk_mb=1,

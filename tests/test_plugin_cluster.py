@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from serving_support import ROOT, free_port
 
-from bench.checkpoint import make_checkpoint
-
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(240)
 
@@ -55,8 +53,8 @@ def _run(
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ck"), size_bytes=12 * MiB, shards=2)
+def checkpoint(synthetic_checkpoint):
+    return synthetic_checkpoint(size_bytes=12 * MiB, shards=2)
 
 
 def test_two_nodes_read_each_byte_once_through_the_plugin_path(checkpoint, tmp_path):
