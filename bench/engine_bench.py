@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.blockdev import block_device, sectors_read
+from bench.results import host_metadata
 from engine import evict, resident_bytes
 from engine.units import format_bytes, parse_size
 
@@ -224,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = measure(files, backend=args.backend, repeats=args.repeats)
     result["command"] = "python -m bench.engine_bench " + " ".join(argv or sys.argv[1:])
     result["kernel"] = os.uname().release
+    result["host"] = host_metadata()  # the commit and machine, as the suite's results
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(render(result))

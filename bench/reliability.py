@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -21,8 +22,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -191,6 +193,19 @@ def render(outcomes: Sequence[Outcome], command: str) -> str:
     return "\n".join(lines)
 
 
+def document(outcomes: Sequence[Outcome], command: str) -> dict[str, Any]:
+    """The outcomes as a JSON document with the command and the host (commit included),
+    as the suite's results carry them (`bench.results.host_metadata`)."""
+    from bench.results import host_metadata
+
+    return {
+        "version": 1,
+        "command": command,
+        "host": host_metadata(),
+        "outcomes": [asdict(o) for o in outcomes],
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the reliability scenarios; print a Markdown table. Exit 1 if any run failed."""
     parser = argparse.ArgumentParser(
@@ -198,12 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Load a small checkpoint through the simulated NFS under injected faults.",
     )
     parser.add_argument("--runs", type=int, default=5, help="runs per fault (%(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the outcomes here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="ckpt-reliability-") as tmp:
         outcomes = run(args.runs, Path(tmp))
     command = "python -m bench.reliability " + " ".join(argv if argv is not None else sys.argv[1:])
     print(render(outcomes, command.strip()))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document(outcomes, command.strip()), indent=2) + "\n")
     bad = any(o.survived < o.runs or o.lost or o.wrong for o in outcomes)
     return 1 if bad else 0
 

@@ -178,12 +178,14 @@ def test_a_failing_rank_fails_the_measurement_and_the_server_recovers(tmp_path: 
     launcher = ForkserverLauncher()
     try:
         with open_fs("local", ckpt) as fs:
-            with pytest.raises(BenchError, match="unknown backend"):
+            # An option only the engine checks, so the rank fails (parse_config refuses a
+            # bad value of the options every entry point shares, such as a backend).
+            with pytest.raises(BenchError, match="unknown order"):
                 measure(
                     launcher,
                     fs,
                     ckpt,
-                    parse_config("ours:backend=nope"),
+                    parse_config("ours:order=nope"),
                     2,
                     hot=False,
                     timeout=60,
@@ -198,7 +200,7 @@ def test_a_failing_rank_fails_the_measurement_and_the_server_recovers(tmp_path: 
 
 
 def test_partial_results_are_kept_on_failure(tmp_path: Path) -> None:
-    suite = _suite(tmp_path / "work", ("local",), configs=("none", "ours:backend=nope"))
+    suite = _suite(tmp_path / "work", ("local",), configs=("none", "ours:order=nope"))
     with pytest.raises(BenchError) as exc:
         run_suite(suite)
     doc = exc.value.document

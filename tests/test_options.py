@@ -59,3 +59,9 @@ def test_a_bad_value_is_refused_with_the_same_words_everywhere():
     assert parse_option("skip_cached", "yes", where="text", text=True) is True
     with pytest.raises(OptionError, match="unknown option"):
         parse_option("windw", 1, where="test")
+
+
+def test_a_bench_configuration_is_refused_before_any_rank_starts():
+    # Before, a bad backend reached the rank processes and failed there.
+    with pytest.raises(OptionError, match="'backend' must be"):
+        parse_config("ours:backend=nope")
