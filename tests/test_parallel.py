@@ -185,3 +185,71 @@ def test_cluster_scope_with_nothing_shared_loads_node_local(tmp_path, synthetic_
         assert x["checksum"] == _filtered_checksum(files, keep)
     for node in result.nodes:
         assert node.needed_bytes <= node.bytes_served <= 1.3 * node.needed_bytes, node
+
+
+def _cluster_ep(ckpt, tmp_path, *, window_mb=0, fault=None, bps=64e6):
+    """A 2-node x 2-rank EP job in the cluster scope on one shared storage; every rank
+    compares each tensor it yields with `load_file` on the originals (its share only)."""
+    import contextlib
+
+    from bench.cluster_sim import run_mode
+    from bench.netfs import SharedBandwidth, mounted
+
+    reps = [tmp_path / "rep0", tmp_path / "rep1"]
+    for d in reps:
+        d.mkdir()
+    verify = ["--verify", str(ckpt.directory)]
+    with contextlib.ExitStack() as stack:
+        storage = stack.enter_context(SharedBandwidth(bps))
+        mounts = [
+            stack.enter_context(
+                mounted(ckpt.directory, profile="local-fuse", shared_bandwidth=storage)
+            )
+            for _ in range(2)
+        ]
+        ranks, failed, _ = run_mode(
+            "cluster", [m.path for m in mounts], 2, workdir=tmp_path / "w", chunk_mb=1,
+            window_mb=window_mb, timeout_s=10, replica_dirs=reps, limit_s=200, split="ep",
+            worker_args={r: [*verify, *(fault or [] if r == 3 else [])] for r in range(4)},
+        )  # fmt: skip
+    return ranks, failed, reps
+
+
+def _exact(ranks):
+    for r in ranks:
+        assert r["verified"] and r["mismatches"] == [], r["mismatches"][:5]
+        assert r["tensors"] > 0
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(300)
+def test_cluster_scope_with_needs_and_a_window_frees_behind_and_loads_exactly(
+    tmp_path, synthetic_checkpoint
+):
+    # The janitor walks past the stripes its node was not planned to get (they never
+    # arrive): it must not stop there, or nothing behind them would be freed.
+    ckpt = synthetic_checkpoint(size_bytes=24 * MiB, shape="many-small", shards=4)
+    ranks, failed, reps = _cluster_ep(ckpt, tmp_path, window_mb=4)
+    assert failed == []
+    _exact(ranks)
+    assert all(r["report"]["scope"] == "cluster" and not r["report"]["failures"] for r in ranks)
+    for node in (0, 1):
+        punched = sum(r["report"]["punched_bytes"] for r in ranks if r["rank"] % 2 == node)
+        assert punched > 0.3 * ckpt.total_bytes, (node, punched)
+    assert [list(d.iterdir()) for d in reps] == [[], []]
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(300)
+def test_cluster_scope_with_needs_survives_a_killed_rank(tmp_path, synthetic_checkpoint):
+    # The repair walks past the stripes its node was not planned to get, and reads from
+    # storage what the dead rank owed (its node-mate's and the other node's share).
+    ckpt = synthetic_checkpoint(size_bytes=24 * MiB, shape="many-small", shards=4)
+    # Slow storage (8 MB/s), so that the rank dies before its stripes are read and sent.
+    ranks, failed, _ = _cluster_ep(ckpt, tmp_path, fault=["--die-after-mb", "1"], bps=8e6)
+    assert failed == [3]
+    _exact(ranks)
+    assert sum(r["report"]["fallback_bytes"] for r in ranks) > 0
+    failures = [f for r in ranks for f in r["report"]["failures"]]
+    assert any("gave up on rank 3" in f for f in failures)
+    assert not any("crashed" in f for f in failures), failures  # no thread of ours died
