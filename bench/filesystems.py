@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench.blockdev import block_device, sectors_read
 from bench.checkpoint import Checkpoint
@@ -143,11 +143,40 @@ class LocalFS(FileSystem):
         }
 
 
+class MountCounters(Protocol):
+    """What a mount's server counted (`bench.netfs.Counters`, `bench.sshfs.Counters`)."""
+
+    @property
+    def bytes_served(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+    @property
+    def opens(self) -> int: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def stalled(self) -> int: ...
+
+
+class Mount(Protocol):
+    """A network mount whose server counts every byte: the simulated one
+    (`bench.netfs.NetFS`) or the real client (`bench.sshfs.SSHFS`)."""
+
+    @property
+    def path(self) -> Path: ...
+    def evict(self) -> None: ...
+    def reset_counters(self) -> None: ...
+    def counters(self) -> MountCounters: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
 class NetworkFS(FileSystem):
     """The checkpoint through a network mount (the simulated netfs, or the real sshfs
     client); its server side counts every byte."""
 
-    def __init__(self, name: str, mount: Any, ckpt: Checkpoint) -> None:
+    def __init__(self, name: str, mount: Mount, ckpt: Checkpoint) -> None:
         self.name = name
         self.mount = mount
         self.files = [str(Path(mount.path) / f.name) for f in ckpt.files]
@@ -173,7 +202,7 @@ class NetworkFS(FileSystem):
             return served, {}
         return served, {"netfs": dict(self.last_counters)}  # a cache hit or a miscount?
 
-    def _quiet(self, timeout: float = 10.0) -> Any:
+    def _quiet(self, timeout: float = 10.0) -> MountCounters:
         """Wait until no read request is in the server; return its counters."""
         deadline = time.monotonic() + timeout
         while True:
@@ -186,17 +215,7 @@ class NetworkFS(FileSystem):
             time.sleep(0.01)
 
     def describe(self) -> dict[str, Any]:
-        if hasattr(self.mount, "describe"):  # the real client describes its own set-up
-            return dict(self.mount.describe())
-        prof = dataclasses.asdict(self.mount.profile)
-        return {
-            "kind": "netfs",
-            "fstype": "fuse",
-            "device": None,
-            "profile": prof,
-            "read_ahead_kb": self.mount.read_ahead_kb,
-            "label": f"{self.name}: {prof.get('description', '')}",
-        }
+        return dict(self.mount.describe())
 
 
 @contextlib.contextmanager

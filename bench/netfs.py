@@ -424,6 +424,18 @@ class NetFS:
         """Set every counter to zero (``max_inflight`` included)."""
         self._call(proto.ResetCounters())
 
+    def describe(self) -> dict[str, Any]:
+        """What was measured, for a results document: ``kind``, ``fstype``, ``profile``
+        (a dict), ``read_ahead_kb`` and a ``label`` (`bench.filesystems.Mount`)."""
+        return {
+            "kind": "netfs",
+            "fstype": "fuse",
+            "device": None,
+            "profile": dataclasses.asdict(self.profile),
+            "read_ahead_kb": self.read_ahead_kb,
+            "label": f"{self.profile.name}: {self.profile.description}",
+        }
+
     # ------------------------------------------------------------------ faults
     def inject_eio(self, relpath: str | os.PathLike[str], offset: int, length: int) -> None:
         """Make every read request overlapping a byte range of a file fail with EIO.

@@ -475,3 +475,21 @@ def test_read_ahead_is_reported_as_the_kernel_has_it(
         default = fs.read_ahead_kb
     with mounted(root, profile="local-fuse", read_ahead_kb=2 * (default or 128)) as fs:
         assert default is not None and fs.read_ahead_kb == 2 * default
+
+
+def test_a_mount_describes_itself_as_the_bench_records_it(
+    backing: tuple[Path, dict[str, bytes]],
+) -> None:
+    # Both mounts behind `bench.filesystems.NetworkFS` describe their own set-up (the
+    # Mount protocol); no probing for which kind of mount it is.
+    from bench.checkpoint import Checkpoint
+    from bench.filesystems import NetworkFS
+
+    root, _ = backing
+    with mounted(root, profile="slow-nfs", latency_s=0.001) as fs:
+        d = fs.describe()
+        assert (d["kind"], d["fstype"], d["profile"]["latency_s"]) == ("netfs", "fuse", 0.001)
+        assert d["label"].startswith("slow-nfs") and d["read_ahead_kb"] == fs.read_ahead_kb
+        ckpt = Checkpoint(directory=root, files=(), total_bytes=0, tensor_count=0,
+                          shape="uniform", max_tensor_bytes=0)  # fmt: skip
+        assert NetworkFS("slow-nfs", fs, ckpt).describe() == d
