@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from engine import BACKENDS, STRATEGIES
-from loader_adapter.options import OptionError, parse_option
+from loader_adapter.options import SCOPES, OptionError, parse_option
 
 __all__ = [
     "CHUNK_ENV",
@@ -162,7 +162,7 @@ def add_prefetch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )
     group.add_argument(
         "--prefetch-scope",
-        choices=("node", "cluster"),
+        choices=SCOPES,
         default=None,
         help="node: each node reads the checkpoint once (default); cluster: each byte is "
         "read from storage once for the whole job, the rest sent between nodes through "

@@ -39,6 +39,7 @@ from engine.memory import trail_bytes
 from engine.mounts import read_ahead_bytes
 from engine.pace import Pace
 from engine.replica import READY_STATES, Replica, StripeState
+from loader_adapter.options import Scope
 
 __all__ = ["DEFAULT_INFLIGHT", "ClusterReport", "Exchange"]
 
@@ -115,7 +116,7 @@ class ClusterReport:
     @property
     def ok(self) -> bool:
         """Cluster mode ran with no failure."""
-        return self.scope == "cluster" and not self.failures
+        return self.scope == Scope.CLUSTER and not self.failures
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

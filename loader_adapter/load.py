@@ -19,11 +19,9 @@ from loader_adapter.iterator import (
     WeightsIterator,
     node_weights_iterator,
 )
+from loader_adapter.options import SCOPES, Scope
 
-__all__ = ["SCOPES", "safetensors_weights_iterator"]
-
-#: The values of ``scope=``.
-SCOPES: tuple[str, ...] = ("node", "cluster")
+__all__ = ["safetensors_weights_iterator"]
 
 
 def safetensors_weights_iterator(
@@ -93,7 +91,7 @@ def safetensors_weights_iterator(
     """
     if scope not in SCOPES:
         raise InvalidOptionError(f"scope must be 'node' or 'cluster', got {scope!r}")
-    if scope == "cluster" and prefetch is not False:
+    if scope == Scope.CLUSTER and prefetch is not False:
         if rank is not None or world is not None:
             raise InvalidOptionError(
                 "scope='cluster' takes the ranks from torch.distributed: pass no rank or world"

@@ -11,6 +11,7 @@ checks once more as types.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -21,6 +22,8 @@ from engine.units import format_bytes, parse_size
 
 __all__ = [
     "CLUSTER_ONLY",
+    "SCOPES",
+    "Scope",
     "OPTION_VALUES",
     "OptionError",
     "check_together",
@@ -28,6 +31,18 @@ __all__ = [
     "parse_options",
     "parse_values",
 ]
+
+
+class Scope(str, enum.Enum):
+    """Where a load reads from storage once: ``node`` (each node reads the checkpoint) or
+    ``cluster`` (each byte once for the whole job). Equal to its string value."""
+
+    NODE = "node"
+    CLUSTER = "cluster"
+
+
+#: The values of ``scope=``.
+SCOPES: tuple[str, ...] = tuple(s.value for s in Scope)
 
 
 #: Each option and its valid values, in words (error messages and the README use these).
@@ -159,7 +174,7 @@ _PARSERS: dict[str, Callable[[object], object]] = {
     "chunk_bytes": _chunk,
     "window_bytes": lambda v: _NO_WINDOW if v is None or _lower(v) in _NO_LIMIT else _window(v),
     "skip_cached": _bool,
-    "scope": _choice(("node", "cluster")),
+    "scope": _choice(SCOPES),
     "replica_dir": _directory,
     "exchange_timeout_s": _seconds,
 }
@@ -264,7 +279,7 @@ def parse_option(key: str, value: object, *, where: str, text: bool = False) -> 
 def check_together(options: Mapping[str, Any], where: str) -> None:
     """Refuse options that only apply together with another (the cluster scope's)."""
     stray = [k for k in CLUSTER_ONLY if k in options]
-    if stray and options.get("scope") != "cluster":
+    if stray and options.get("scope") != Scope.CLUSTER:
         raise OptionError(
             f"ckpt-prefetch: {where}: {', '.join(repr(k) for k in stray)} only apply with "
             '"scope": "cluster"'

@@ -65,3 +65,15 @@ def test_a_bench_configuration_is_refused_before_any_rank_starts():
     # Before, a bad backend reached the rank processes and failed there.
     with pytest.raises(OptionError, match="'backend' must be"):
         parse_config("ours:backend=nope")
+
+
+def test_scope_is_one_enum_equal_to_its_text():
+    from loader_adapter import safetensors_weights_iterator
+    from loader_adapter.options import SCOPES, Scope
+
+    assert SCOPES == ("node", "cluster") and Scope.CLUSTER == "cluster"
+    assert parse_options({"scope": "cluster"}, where="json")["scope"] == Scope.CLUSTER
+    with pytest.raises(OptionError, match="'scope' must be"):
+        parse_options({"scope": "rack"}, where="json")
+    with pytest.raises(ValueError, match="scope must be 'node' or 'cluster'"):
+        safetensors_weights_iterator([], scope="rack")

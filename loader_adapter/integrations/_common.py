@@ -24,6 +24,7 @@ from loader_adapter.options import (
     CLUSTER_ONLY,
     OPTION_VALUES,
     OptionError,
+    Scope,
     check_together,
     parse_options,
     parse_values,
@@ -295,7 +296,7 @@ def load_with_prefetch(
     prefetch = engine_options.pop("prefetch", True)
     scope = engine_options.pop("scope", "node")
     wanted = None if skip is None else (lambda name: not skip(name))
-    if scope == "cluster" and prefetch is not False:
+    if scope == Scope.CLUSTER and prefetch is not False:
         it = safetensors_weights_iterator(
             files, prefetch=prefetch, scope="cluster", tensors=wanted, **engine_options
         )
@@ -353,7 +354,7 @@ def describe_cluster_report(report: Any) -> str:
     """
     if report is None:
         return "ckpt-prefetch: cluster scope: the load did not end"
-    if report.scope != "cluster":
+    if report.scope != Scope.CLUSTER:
         return f"ckpt-prefetch: cluster scope fell back to node-local mode: {report.reason}"
     line = (
         f"ckpt-prefetch: cluster scope, rank {report.rank} of {report.world}, node "

@@ -54,6 +54,7 @@ from loader_adapter.integrations._common import (
     merge_options,
     share_log_handlers,
 )
+from loader_adapter.options import Scope
 
 __all__ = ["HOOKS", "WEIGHT_UTILS", "register", "sglang_local_rank"]
 
@@ -176,7 +177,7 @@ def _beside(original: Callable[..., Pairs], call: Any) -> Pairs:
             "be followed, so the whole checkpoint is warmed",
             original.__name__,
         )
-    if options.pop("scope", "node") == "cluster":
+    if options.pop("scope", Scope.NODE) == Scope.CLUSTER:
         log.warning(
             "ckpt-prefetch: the cluster scope needs our iterator, and SGLang's %s reads the "
             "original files itself: this load warms them in the node scope",
