@@ -11,25 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from engine import evict
-
-
-def write_random(path: Path, size: int, *, seed: int = 0) -> Path:
-    """Write `size` pseudo-random bytes (deterministic per seed) and evict them."""
-    import random
-
-    rnd = random.Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 1 << 20)
-            f.write(rnd.randbytes(n))
-            left -= n
-        f.flush()
-        os.fsync(f.fileno())  # dirty pages cannot be evicted
-    evict(path)
-    return path
+from file_support import write_random
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import os
 import threading
 
 import pytest
+from fakes import FakeBackend
+from fds import fds_under
 
 from engine import (
     ConsumerCursor,
@@ -17,8 +19,6 @@ from engine import (
     prefetch_async,
     resident_bytes,
 )
-from tests.fakes import FakeBackend
-from tests.fds import fds_under
 
 MiB = 1 << 20
 

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from file_support import write_random
+from fuse_support import require_fuse
 
 from bench.netfs import mounted
 from engine import start_prefetch
-from tests.conftest import write_random
-from tests.fuse_support import require_fuse
 
 pytestmark = pytest.mark.fuse
 MiB = 1 << 20

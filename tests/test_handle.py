@@ -10,9 +10,9 @@ import threading
 import time
 
 import pytest
+from fakes import FakeBackend
 
 from engine import resident_bytes, start_prefetch
-from tests.fakes import FakeBackend
 
 MiB = 1 << 20
 

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from fuse_support import require_fuse
 
 from bench.checkpoint import make_checkpoint
 from bench.netfs import mounted
 from loader_adapter import safetensors_weights_iterator
-from tests.fuse_support import require_fuse
 
 pytestmark = pytest.mark.fuse
 MiB = 1 << 20

@@ -6,9 +6,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from fakes import FakeBackend
 
 from engine import ConsumerCursor, MemoryBudget, auto_window, memory_budget, prefetch_async
-from tests.fakes import FakeBackend
 
 GiB = 1 << 30
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fuse_support import require_fuse
 
 from bench.mounts import is_mounted
 from bench.netfs import PROFILES, NetFS, SharedBandwidth, mounted
-from tests.fuse_support import require_fuse
 
 MiB = 1 << 20
 BIG = 64 * MiB

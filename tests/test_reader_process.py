@@ -11,14 +11,14 @@ import textwrap
 import time
 
 import pytest
+from fds import fds_under
+from file_support import write_random
 
 from bench.netfs import mounted
 from engine import resident_bytes, start_prefetch
 from engine._reader_child import FILES_PER_THREAD
 from engine.cursor import pid_alive
 from engine.reader_process import ReaderGone, ReaderProcess
-from tests.conftest import write_random
-from tests.fds import fds_under
 
 MiB = 1 << 20
 

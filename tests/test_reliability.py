@@ -14,13 +14,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fakes import FakeBackend
+from fds import fds_under
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import prefetch_async, resident_bytes, start_prefetch
 from engine.backends import Backend, SendfileBackend
-from tests.fakes import FakeBackend
-from tests.fds import fds_under
 
 MiB = 1 << 20
 

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from file_support import write_random
 
 from engine import resident_bytes
 from engine.errors import ResidencyUnknownError
-from tests.conftest import write_random
 
 MiB = 1 << 20
 

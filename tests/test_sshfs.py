@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from file_support import write_random
+from fuse_support import require_fuse
+from test_netfs import read_all, wait_until
 
 from bench import sshfs, sshfs_env
 from bench.mounts import is_mounted
 from bench.sshfs import PROFILES, SSHFS, SSHFSError, SSHFSMissingError, mounted
 from engine.cursor import pid_alive
 from engine.residency import resident_bytes
-from tests.conftest import write_random
-from tests.fuse_support import require_fuse
-from tests.test_netfs import read_all, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_sshfs import SLOW, backing  # noqa: F401  (the module's fixture)
 
 from bench.sshfs import mounted
 from engine.cursor import pid_alive
-from tests.test_sshfs import SLOW, backing  # noqa: F401  (the module's fixture)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(90)]
 

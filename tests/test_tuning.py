@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from file_support import write_random
 
 from bench.netfs import mounted
 from engine import start_prefetch
 from engine.fstype import is_network_fs
 from engine.tuning import LOCAL_CHUNK_BYTES, NETWORK_CHUNK_BYTES, NODE_STREAMS, auto_tuning
-from tests.conftest import write_random
 
 MiB = 1 << 20
 
