@@ -67,7 +67,8 @@ def safetensors_weights_iterator(
             every local rank must pass one (``lambda name: True`` where a rank loads
             all): the ranks publish what they load, and the node warms only the union,
             each byte by one of the ranks that load it (expert parallelism: a rank's
-            experts; pipeline parallelism: its stage's layers). The node scope only.
+            experts; pipeline parallelism: its stage's layers). In the cluster scope a
+            stripe goes only to the nodes that need it.
         **prefetch_options: fields of `engine.PrefetchOptions` (``strategy``,
             ``backend``, ``concurrency``, ``chunk_bytes``, ``skip_cached``,
             ``window_bytes``, ``order``, ``progress``); only ``order`` matters without a
