@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import bisect
 import enum
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidOptionError
-from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes, plan
+from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes, needed_segments, plan
 
 __all__ = [
     "NOTHING_SHARED",
@@ -237,35 +236,22 @@ class ClusterPlan:
 
 
 #: A node's needs for `cluster_plan`: byte ranges ``[start, end)`` per file index
-#: (a file not in it: none of it); None: the whole checkpoint.
+#: (a file not in it: all of it, as `engine.plan.plan` reads needs); None: the whole
+#: checkpoint.
 NodeRanges = Mapping[int, Sequence[tuple[int, int]]] | None
 
 
-def _needed_pieces(
-    file: int, start: int, end: int, node_needs: Sequence[NodeRanges]
+def _clip(
+    segments: Sequence[tuple[int, int, tuple[int, ...]]], start: int, end: int
 ) -> list[tuple[int, int, tuple[int, ...]]]:
-    """``[start, end)`` of `file` cut into the pieces some node needs: (start, end, the
-    nodes that need any of it), neighbouring ranges needed by the same nodes kept whole."""
-    cuts = {start, end}
-    for need in node_needs:
-        if need is not None:
-            for lo, hi in need.get(file, ()):
-                cuts.update(c for c in (lo, hi) if start < c < end)
-    bounds = sorted(cuts)
-    pieces: list[tuple[int, int, tuple[int, ...]]] = []
-    for lo, hi in itertools.pairwise(bounds):
-        who = tuple(
-            n
-            for n, need in enumerate(node_needs)
-            if need is None or any(a < hi and lo < b for a, b in need.get(file, ()))
-        )
-        if not who:
-            continue
-        if pieces and pieces[-1][1] == lo and pieces[-1][2] == who:
-            pieces[-1] = (pieces[-1][0], hi, who)
-        else:
-            pieces.append((lo, hi, who))
-    return pieces
+    """The parts of `segments` (sorted, disjoint) inside ``[start, end)``."""
+    first = bisect.bisect_right([hi for _, hi, _ in segments], start)
+    out = []
+    for lo, hi, who in segments[first:]:
+        if lo >= end:
+            break
+        out.append((max(lo, start), min(hi, end), who))
+    return out
 
 
 def cluster_plan(
@@ -303,17 +289,23 @@ def cluster_plan(
     n_nodes = topo.num_nodes
     if node_needs is not None and len(node_needs) != n_nodes:
         raise InvalidOptionError(f"node_needs has {len(node_needs)} entries for {n_nodes} nodes")
-    partial = node_needs is not None and any(n is not None for n in node_needs)
     extents = plan([(str(i), int(s)) for i, s in enumerate(sizes)], 0, 1, chunk_bytes=chunk_bytes)
     everyone = tuple(range(n_nodes))
+    segments = None
+    if node_needs is not None and any(n is not None for n in node_needs):
+        regions = [None if n is None else {str(f): r for f, r in n.items()} for n in node_needs]
+        segments = [
+            needed_segments(str(i), int(size), regions, n_nodes) for i, size in enumerate(sizes)
+        ]
     stripes: list[Stripe] = []
     for ext in extents:
         unit = ext.position // chunk_bytes
         file = int(ext.path)
+        end = ext.offset + ext.length
         pieces = (
-            _needed_pieces(file, ext.offset, ext.offset + ext.length, node_needs)  # type: ignore[arg-type]
-            if partial
-            else [(ext.offset, ext.offset + ext.length, everyone)]
+            [(ext.offset, end, everyone)]
+            if segments is None
+            else _clip(segments[file], ext.offset, end)
         )
         for lo, hi, who in pieces:
             node, turn = who[unit % len(who)], unit // len(who)

@@ -28,6 +28,7 @@ __all__ = [
     "Regions",
     "ResolvedFile",
     "Strategy",
+    "needed_segments",
     "plan",
     "resolve_files",
     "split_extents",
@@ -193,7 +194,7 @@ def plan(
             raise InvalidOptionError(f"negative size {size} for {path!r}")
     if needs is not None and len(needs) != world:
         raise InvalidOptionError(f"needs must have one entry per rank ({world}), got {len(needs)}")
-    segments = [_segments(path, size, needs, world) for path, size in pairs]
+    segments = [needed_segments(path, size, needs, world) for path, size in pairs]
     if strat is Strategy.FILES:
         return _whole_files(pairs, segments, rank, world, chunk_bytes)
     return _balanced(pairs, segments, rank, chunk_bytes)
@@ -229,11 +230,17 @@ def _ranges(path: str, size: int, regions: Regions | None) -> list[tuple[int, in
     return merge_ranges(regions[path], size)
 
 
-def _segments(
+def needed_segments(
     path: str, size: int, needs: Sequence[Regions | None] | None, world: int
 ) -> list[tuple[int, int, tuple[int, ...]]]:
     """The file cut where the set of ranks needing it changes: ``(lo, hi, ranks)``, in
-    order, runs that no rank needs left out."""
+    order, runs that no rank needs left out (`needs`: per rank, as `plan` takes them;
+    the cluster planner passes nodes for ranks).
+
+    Example:
+        >>> needed_segments("a", 100, [{"a": [(0, 60)]}, {"a": [(40, 100)]}], 2)
+        [(0, 40, (0,)), (40, 60, (0, 1)), (60, 100, (1,))]
+    """
     if needs is None or all(n is None or path not in n for n in needs):
         return [(0, size, tuple(range(world)))] if size else []
     per_rank = [_ranges(path, size, n) for n in needs]
