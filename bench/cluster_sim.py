@@ -114,7 +114,7 @@ def _worker(argv: Sequence[str]) -> int:
         from bench.cgroup import join
 
         join(a.cgroup)
-    keep = _keeps(a.checkpoint, a.split, a.nodes, a.world, a.rank) if a.split else None
+    keep, own = _share(a.checkpoint, a.split, a.nodes, a.world, a.rank) if a.split else (None, None)
     if reference is not None and keep is not None:
         reference = {n: t for n, t in reference.items() if keep(n)}
     options: dict[str, Any] = {"chunk_bytes": a.chunk_mb << 20}
@@ -138,7 +138,7 @@ def _worker(argv: Sequence[str]) -> int:
             **options,
         )
     elif a.mode in SPLIT_MODES:
-        it = _split_iterator(a.mode, a.checkpoint, keep, a.split, a.nodes, a.world, a.rank)
+        it = _split_iterator(a.mode, a.checkpoint, keep, own)
     else:
         it = safetensors_weights_iterator(a.checkpoint, prefetch=True, tensors=keep, **options)
     with it:
@@ -179,15 +179,19 @@ def _worker(argv: Sequence[str]) -> int:
     os._exit(0)
 
 
-def _keeps(checkpoint: str, split: str, nodes: int, world: int, rank: int) -> Any:
-    """The predicate on names of the tensors `rank` loads in a `split` job."""
+def _share(
+    checkpoint: str, split: str, nodes: int, world: int, rank: int
+) -> tuple[Any, set[int] | None]:
+    """What `rank` loads in a `split` job: a predicate on tensor names, and its experts
+    (None: all) for vLLM's own filter. The headers are read once, here."""
     from bench.parallel import Split, model_shape
     from loader_adapter import expand_checkpoint_files
     from loader_adapter.header import read_header
 
     names = [t.name for f in expand_checkpoint_files(checkpoint) for t in read_header(f).tensors]
     layers, experts = model_shape(names)
-    return Split(split, nodes, world // nodes).keeps(rank=rank, layers=layers, experts=experts)
+    job = Split(split, nodes, world // nodes)
+    return job.keeps(rank=rank, layers=layers, experts=experts), job.expert_ids(rank, experts)
 
 
 class _Loaded(contextlib.AbstractContextManager[Any]):
@@ -205,10 +209,9 @@ class _Loaded(contextlib.AbstractContextManager[Any]):
         self._pairs.close()
 
 
-def _split_iterator(
-    mode: str, checkpoint: str, keep: Any, split: str, nodes: int, world: int, rank: int
-) -> Any:
-    """The weights iterator of one of SPLIT_MODES for `rank`."""
+def _split_iterator(mode: str, checkpoint: str, keep: Any, own: set[int] | None) -> Any:
+    """The weights iterator of one of SPLIT_MODES: `keep` is what the rank loads, `own`
+    its experts (`_share`)."""
     from loader_adapter import expand_checkpoint_files, safetensors_weights_iterator
 
     if mode == "ours":
@@ -219,12 +222,7 @@ def _split_iterator(
         safetensors_weights_iterator as vllm_iterator,
     )
 
-    from bench.parallel import Split, model_shape
-    from loader_adapter.header import read_header
-
     files = expand_checkpoint_files(checkpoint)
-    _, experts = model_shape(t.name for f in files for t in read_header(f).tensors)
-    own = Split(split, nodes, world // nodes).expert_ids(rank, experts)
     strategy = "prefetch" if mode == "vllm-prefetch" else None  # None: off on FUSE mounts
     return _Loaded(vllm_iterator(files, False, strategy, own))
 

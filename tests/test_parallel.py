@@ -93,12 +93,30 @@ def _filtered_checksum(files, keep) -> str:
     return consumer.checksum
 
 
+def _posed(ckpt, tmp_path, kind: str, modes: list[str]) -> list:
+    """`kind` (ep or pp) on 2 posed nodes of one rank each, in `modes`."""
+    return simulate(
+        ckpt.directory, nodes=2, ranks_per_node=1, profile="slow-nfs", chunk_mb=1,
+        timeout_s=20, workdir=tmp_path / "w", split=kind, modes=modes,
+    )  # fmt: skip
+
+
+def _expected(ckpt, kind: str) -> dict[int, str]:
+    """Each rank's checksum from a plain filtered load of its share."""
+    files = [str(f) for f in ckpt.files]
+    split = Split(kind, nodes=2, ranks_per_node=1)
+    layers, experts = model_shape(t.name for f in files for t in read_header(f).tensors)
+    return {
+        rank: _filtered_checksum(files, split.keeps(rank=rank, layers=layers, experts=experts))
+        for rank in range(split.world)
+    }
+
+
 @pytest.mark.fuse
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["ep", "pp"])
 def test_posed_nodes_read_only_what_their_ranks_load(tmp_path, kind, synthetic_checkpoint):
     ckpt = synthetic_checkpoint(size_bytes=24 * MiB, shape="many-small", shards=4)
-    files = [str(f) for f in ckpt.files]
     modes = ["ours-whole", "ours"]
     try:  # the plain filtered load of vLLM's own iterator, where vLLM is installed
         import vllm.model_executor.model_loader.weight_utils  # noqa: F401
@@ -106,17 +124,12 @@ def test_posed_nodes_read_only_what_their_ranks_load(tmp_path, kind, synthetic_c
         modes.insert(0, "vllm")
     except ImportError:
         pass
-    results = simulate(
-        ckpt.directory, nodes=2, ranks_per_node=1, profile="slow-nfs", chunk_mb=1,
-        timeout_s=20, workdir=tmp_path / "w", split=kind, modes=modes,
-    )  # fmt: skip
+    results = _posed(ckpt, tmp_path, kind, modes)
     by_mode = {r.mode: r for r in results}
     assert list(by_mode) == modes and rank_checksums_agree(results)
-    split = Split(kind, nodes=2, ranks_per_node=1)
-    layers, experts = model_shape(t.name for f in files for t in read_header(f).tensors)
+    expected = _expected(ckpt, kind)
     for x in by_mode["ours"].ranks:
-        keep = split.keeps(rank=x["rank"], layers=layers, experts=experts)
-        assert x["checksum"] == _filtered_checksum(files, keep)
+        assert x["checksum"] == expected[x["rank"]]
     whole, ours = by_mode["ours-whole"], by_mode["ours"]
     for node in whole.nodes:  # the control: before tensors=, each node read all of it
         assert node.bytes_served >= 0.99 * ckpt.total_bytes
@@ -135,19 +148,13 @@ def test_cluster_scope_sends_a_stripe_only_to_the_nodes_that_need_it(
     tmp_path, synthetic_checkpoint
 ):
     ckpt = synthetic_checkpoint(size_bytes=24 * MiB, shape="many-small", shards=4)
-    files = [str(f) for f in ckpt.files]
-    (result,) = simulate(
-        ckpt.directory, nodes=2, ranks_per_node=1, profile="slow-nfs", chunk_mb=1,
-        timeout_s=20, workdir=tmp_path / "w", split="ep", modes=["cluster"],
-    )  # fmt: skip
+    (result,) = _posed(ckpt, tmp_path, "ep", ["cluster"])
     assert result.failed_ranks == []
-    split = Split("ep", nodes=2, ranks_per_node=1)
-    layers, experts = model_shape(t.name for f in files for t in read_header(f).tensors)
+    split, expected = Split("ep", nodes=2, ranks_per_node=1), _expected(ckpt, "ep")
     for x in result.ranks:
         report = x["report"]
         assert report["scope"] == "cluster" and not report["failures"], report
-        keep = split.keeps(rank=x["rank"], layers=layers, experts=experts)
-        assert x["checksum"] == _filtered_checksum(files, keep)
+        assert x["checksum"] == expected[x["rank"]]
         # What came into this node's replica (read, or received from the other node) is
         # what its rank loads, not the whole checkpoint (before: every stripe everywhere).
         node = result.nodes[split.node_of(x["rank"])]
@@ -170,19 +177,13 @@ def test_cluster_scope_with_nothing_shared_loads_node_local(tmp_path, synthetic_
     # Pipeline stages share no tensor: there is nothing to exchange, so every rank takes
     # the node-local branch (the same decision everywhere), reading only its stage.
     ckpt = synthetic_checkpoint(size_bytes=24 * MiB, shape="many-small", shards=4)
-    files = [str(f) for f in ckpt.files]
-    (result,) = simulate(
-        ckpt.directory, nodes=2, ranks_per_node=1, profile="slow-nfs", chunk_mb=1,
-        timeout_s=20, workdir=tmp_path / "w", split="pp", modes=["cluster"],
-    )  # fmt: skip
+    (result,) = _posed(ckpt, tmp_path, "pp", ["cluster"])
     assert result.failed_ranks == []
-    split = Split("pp", nodes=2, ranks_per_node=1)
-    layers, experts = model_shape(t.name for f in files for t in read_header(f).tensors)
+    expected = _expected(ckpt, "pp")
     for x in result.ranks:
         assert x["report"]["scope"] == "node", x["report"]
         assert "nothing to exchange" in x["report"]["reason"]
-        keep = split.keeps(rank=x["rank"], layers=layers, experts=experts)
-        assert x["checksum"] == _filtered_checksum(files, keep)
+        assert x["checksum"] == expected[x["rank"]]
     for node in result.nodes:
         assert node.needed_bytes <= node.bytes_served <= 1.3 * node.needed_bytes, node
 
