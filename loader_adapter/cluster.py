@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import inspect
-import json
 import logging
 import os
 import secrets
@@ -113,16 +112,7 @@ class _Joined:
 
 def _max_tensor_bytes(paths: Sequence[str]) -> int:
     """The largest tensor of the checkpoint, from the headers."""
-    largest = 0
-    for path in paths:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for key, info in header.items():
-            if key != "__metadata__":
-                start, end = info["data_offsets"]
-                largest = max(largest, end - start)
-    return largest
+    return max((t.nbytes for p in paths for t in read_header(p).tensors), default=0)
 
 
 def _free_bytes(directory: str) -> int:
@@ -189,7 +179,7 @@ def _join(
         if windowed and info.error is None:
             try:
                 extra["max_tensor_bytes"] = _max_tensor_bytes([f.path for f in files])
-            except (OSError, ValueError, KeyError, struct.error) as exc:
+            except (OSError, ValueError) as exc:  # read_header's errors
                 info = MemberInfo(
                     info.host, info.names, info.sizes, f"bad header: {exc!r}", info.needs
                 )
