@@ -27,10 +27,10 @@ from loader_adapter.header import SafetensorsHeader, TensorSpan, read_header
 if TYPE_CHECKING:
     from loader_adapter.cluster import (
         REPLICA_DIR_ENV,
+        ClusterReport,
         ClusterWeightsIterator,
         cluster_weights_iterator,
     )
-    from loader_adapter.exchange import ClusterReport
     from loader_adapter.iterator import (
         PrefetchMode,
         TensorFilter,
@@ -86,7 +86,7 @@ _LAZY = {
         ("REPLICA_DIR_ENV", "ClusterWeightsIterator", "cluster_weights_iterator"),
         "loader_adapter.cluster",
     ),
-    "ClusterReport": "loader_adapter.exchange",
+    "ClusterReport": "loader_adapter.cluster",
 }
 
 

@@ -10,14 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cluster_plan import (
-    MemberInfo,
+from engine.plan import plan
+from loader_adapter.cluster.join import MemberInfo, agree
+from loader_adapter.cluster.plan import (
     OpKind,
     Topology,
-    agree,
     cluster_plan,
 )
-from engine.plan import plan
 
 sizes_st = st.lists(st.integers(0, 100_000), min_size=1, max_size=8)
 chunk_st = st.sampled_from([4096, 8192, 65536])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.replica import Replica, StripeState, sweep_stale
+from loader_adapter.cluster.replica import Replica, StripeState, sweep_stale
 
 MiB = 1 << 20
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -92,10 +92,10 @@ def test_a_local_rank_that_has_not_registered_yet_is_alive_for_the_grace(tmp_pat
     # storage reads (a flaky "fallback_bytes == 0" in test_cluster_load).
     a = _open(tmp_path, 0)
     try:
-        assert a.rank_alive(1, grace_s=60)
-        assert not a.rank_alive(1, grace_s=0)
+        assert a.ranks.rank_alive(1, grace_s=60)
+        assert not a.ranks.rank_alive(1, grace_s=0)
         b = _open(tmp_path, 1)
-        assert a.rank_alive(1, grace_s=0)  # registered and running
+        assert a.ranks.rank_alive(1, grace_s=0)  # registered and running
         b.close()
     finally:
         a.close()
@@ -104,18 +104,18 @@ def test_a_local_rank_that_has_not_registered_yet_is_alive_for_the_grace(tmp_pat
 def test_slowest_follows_the_local_ranks(tmp_path):
     a = _open(tmp_path, 0)
     try:
-        assert a.slowest(grace_s=60) == 0  # rank 1 has not registered: it needs everything
-        assert a.slowest(grace_s=0) == 0  # ... or is gone after the grace: only rank 0 counts
+        assert a.ranks.slowest(grace_s=60) == 0  # rank 1 has not registered: it needs everything
+        assert a.ranks.slowest(grace_s=0) == 0  # ... or is gone after the grace: only rank 0 counts
         b = _open(tmp_path, 1)
-        a.publish(500)
-        b.publish(300)
-        assert a.slowest(grace_s=60) == 300
-        b.mark_failed(1)
-        assert a.slowest(grace_s=60) == 500
-        assert a.slowest(grace_s=60, include_failed=True) == 300
-        assert not a.rank_alive(1, grace_s=60) and a.rank_alive(0, grace_s=60)
-        a.finish_consuming()
-        assert a.slowest(grace_s=60) is None
+        a.ranks.publish(500)
+        b.ranks.publish(300)
+        assert a.ranks.slowest(grace_s=60) == 300
+        b.ranks.mark_failed(1)
+        assert a.ranks.slowest(grace_s=60) == 500
+        assert a.ranks.slowest(grace_s=60, include_failed=True) == 300
+        assert not a.ranks.rank_alive(1, grace_s=60) and a.ranks.rank_alive(0, grace_s=60)
+        a.ranks.finish_consuming()
+        assert a.ranks.slowest(grace_s=60) is None
         b.close()
     finally:
         a.close()
@@ -129,7 +129,8 @@ def test_claims_exclude_other_processes_and_threads(tmp_path):
             with r.claim(2) as again:
                 assert not again  # another thread of this process
             code = (
-                "import sys; from pathlib import Path; from engine.replica import Replica\n"
+                "import sys; from pathlib import Path\n"
+                "from loader_adapter.cluster.replica import Replica\n"
                 f"r = Replica.open(Path({str(tmp_path)!r}), 'ckpt-prefetch-0-n-h', "
                 "['a.safetensors', 'b.safetensors'], [3 << 20, 5000], 4, 1, 2)\n"
                 "with r.claim(2) as m2, r.claim(3) as m3: print(m2, m3)\n"
@@ -158,7 +159,7 @@ def test_the_last_rank_to_leave_removes_the_directory(tmp_path):
 
 def test_a_dead_ranks_replica_is_swept_later(tmp_path):
     code = (
-        "import os; from pathlib import Path; from engine.replica import Replica\n"
+        "import os; from pathlib import Path; from loader_adapter.cluster.replica import Replica\n"
         f"r = Replica.open(Path({str(tmp_path)!r}), 'ckpt-prefetch-0-old-h', ['a'], [10], 1,"
         " 0, 1)\n"
         "os._exit(0)"  # killed: no close
@@ -191,7 +192,7 @@ def test_a_different_replica_under_the_same_name_is_refused(tmp_path):
 
 
 def test_zombies_are_not_alive():
-    from engine.replica import _alive
+    from loader_adapter.cluster.replica import _alive
 
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30
@@ -202,9 +203,11 @@ def test_zombies_are_not_alive():
     assert _alive(os.getpid())
 
 
-def test_the_engine_side_of_cluster_mode_imports_no_torch():
+def test_the_pure_core_of_cluster_mode_imports_no_torch():
     code = (
-        "import sys, engine.cluster_plan, engine.replica\n"
+        "import sys\n"
+        "import loader_adapter.cluster.plan, loader_adapter.cluster.join\n"
+        "import loader_adapter.cluster.machine, loader_adapter.cluster.replica\n"
         "assert 'torch' not in sys.modules and 'safetensors' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV)

@@ -348,7 +348,7 @@ def describe_cluster_report(report: Any) -> str:
         The line; byte counts are exact so that tools can read them back.
 
     Example:
-        >>> from loader_adapter.exchange import ClusterReport
+        >>> from loader_adapter.cluster import ClusterReport
         >>> describe_cluster_report(ClusterReport(scope="node", reason="one node"))
         'ckpt-prefetch: cluster scope fell back to node-local mode: one node'
     """

@@ -36,18 +36,13 @@ from engine.errors import InvalidOptionError
 from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes, needed_segments, plan
 
 __all__ = [
-    "NOTHING_SHARED",
-    "ONE_NODE",
     "ClusterPlan",
-    "MemberInfo",
     "NodeRanges",
     "Op",
     "OpKind",
     "Stripe",
     "Topology",
-    "agree",
     "cluster_plan",
-    "node_needs",
 ]
 
 
@@ -328,78 +323,3 @@ def cluster_plan(
         tuple(starts),
         tuple(s.position for s in stripes),
     )
-
-
-#: `agree`'s answer when there is nothing to exchange (not a failure).
-ONE_NODE = "all ranks are on one node"
-#: Why a plan with needs is not run as a cluster load: no byte goes to two nodes (pipeline
-#: stages share no tensor), so each node reads its own, as in node-local mode (not a failure).
-NOTHING_SHARED = "no byte is loaded on more than one node: nothing to exchange"
-
-
-@dataclass(frozen=True, slots=True)
-class MemberInfo:
-    """What one rank tells the others before cluster mode starts (gathered from every rank).
-
-    Attributes:
-        host: the rank's host identity.
-        names: base names of the checkpoint files, in consumption order.
-        sizes: their sizes.
-        error: why this rank cannot take part (no replica directory, no room, ...), or None.
-        needs: the byte ranges this rank loads, ``(file index, start, end)``; None: all.
-    """
-
-    host: str
-    names: tuple[str, ...]
-    sizes: tuple[int, ...]
-    error: str | None = None
-    needs: tuple[tuple[int, int, int], ...] | None = None
-
-
-def node_needs(infos: Sequence[MemberInfo], topology: Topology) -> list[NodeRanges]:
-    """What each node loads: the union of its ranks' `MemberInfo.needs` (None where one of
-    them loads everything), in node order, for `cluster_plan`.
-
-    Example:
-        >>> a = MemberInfo("a", ("m",), (100,), needs=((0, 0, 10),))
-        >>> b = MemberInfo("b", ("m",), (100,))
-        >>> node_needs([a, b, a], Topology.from_hosts(["a", "b", "a"]))
-        [{0: [(0, 10), (0, 10)]}, None]
-    """
-    out: list[NodeRanges] = []
-    for ranks in topology.nodes:
-        if any(infos[r].needs is None for r in ranks):
-            out.append(None)
-            continue
-        need: dict[int, list[tuple[int, int]]] = {}
-        for r in ranks:
-            for file, start, end in infos[r].needs or ():
-                need.setdefault(file, []).append((start, end))
-        out.append(need)
-    return out
-
-
-def agree(infos: Sequence[MemberInfo]) -> str | None:
-    """The job's decision from every rank's `MemberInfo`: None for cluster mode, else why not.
-
-    Every rank computes it from the same gathered list, so every rank takes the same branch.
-
-    Example:
-        >>> a = MemberInfo("a", ("m.safetensors",), (10,))
-        >>> agree([a, MemberInfo("b", ("m.safetensors",), (10,))]) is None
-        True
-        >>> agree([a, MemberInfo("b", ("m.safetensors",), (11,))])
-        'rank 1 sees different checkpoint files than rank 0'
-    """
-    if not infos:
-        return "no ranks"
-    for rank, info in enumerate(infos):
-        if info.error is not None:
-            return f"rank {rank} ({info.host}) cannot take part: {info.error}"
-    first = infos[0]
-    for rank, info in enumerate(infos[1:], start=1):
-        if (info.names, info.sizes) != (first.names, first.sizes):
-            return f"rank {rank} sees different checkpoint files than rank 0"
-    if len({info.host for info in infos}) < 2:
-        return ONE_NODE
-    return None

@@ -46,7 +46,7 @@ from engine import _libc
 from engine.cursor import pid_alive as _alive
 from engine.errors import InvalidOptionError
 
-__all__ = ["READY_STATES", "Replica", "StripeState", "sweep_stale"]
+__all__ = ["READY_STATES", "LocalRanks", "Replica", "StripeState", "sweep_stale"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,81 @@ def sweep_stale(base: Path, prefix: str, *, keep: Path | None = None) -> int:
     return removed
 
 
+class LocalRanks:
+    """The local ranks' slots of a replica's map (pid, consumer position, finished, failed):
+    the model of `engine.cursor.RankBoard`. The window follows the slowest local rank, and
+    a rank that died is seen by the others. Use `Replica.ranks`.
+
+    Args:
+        map_: the replica's map; base: the offset of slot 0 in it.
+        local_rank: this process's local rank; local_world: the node's local ranks.
+        started_ns: when this rank registered (``time.monotonic_ns``).
+    """
+
+    def __init__(
+        self, map_: mmap.mmap, base: int, local_rank: int, local_world: int, started_ns: int
+    ) -> None:
+        self._map = map_
+        self._base = base
+        self.local_rank = local_rank
+        self.local_world = local_world
+        self.started_ns = started_ns
+        self.closed = False
+        _SLOT.pack_into(map_, self._offset(local_rank), os.getpid(), 0, started_ns, 0, 0)
+
+    def _offset(self, local_rank: int) -> int:
+        return self._base + local_rank * _SLOT.size
+
+    def _slot(self, local_rank: int) -> tuple[int, int, int, int, int]:
+        return _SLOT.unpack_from(self._map, self._offset(local_rank))
+
+    def publish(self, position: int) -> None:
+        """Record this rank's consumer position (bytes consumed on the concatenated axis)."""
+        if not self.closed:
+            struct.pack_into("<q", self._map, self._offset(self.local_rank) + 8, position)
+
+    def finish_consuming(self) -> None:
+        """This rank's loader is done: it needs no more bytes of the replica."""
+        if not self.closed:
+            off = self._offset(self.local_rank) + 24
+            struct.pack_into("<q", self._map, off, max(1, time.monotonic_ns()))
+
+    def mark_failed(self, local_rank: int) -> None:
+        """Record that `local_rank` is not to be waited for any more (it stalled)."""
+        struct.pack_into("<q", self._map, self._offset(local_rank) + 32, 1)
+
+    def rank_alive(self, local_rank: int, *, grace_s: float) -> bool:
+        """Whether `local_rank` runs and was not marked failed.
+
+        A rank that has not registered yet counts as alive for `grace_s` after this one
+        registered (local ranks start at different times), then as gone.
+        """
+        pid, _, _, _, failed = self._slot(local_rank)
+        if pid == 0:
+            return time.monotonic_ns() - self.started_ns <= grace_s * 1e9
+        return not failed and _alive(pid)
+
+    def slowest(self, *, grace_s: float, include_failed: bool = False) -> int | None:
+        """The smallest position of the local ranks still consuming; None when none is.
+
+        A rank that has not registered counts as position 0 for `grace_s` after this one
+        registered, then as gone; a rank that died counts as gone, and so does one marked
+        failed unless `include_failed` (a stalled rank may come back and read on).
+        """
+        low: int | None = None
+        late = time.monotonic_ns() - self.started_ns > grace_s * 1e9
+        for r in range(self.local_world):
+            pid, pos, _, finished, failed = self._slot(r)
+            if pid == 0:
+                if late:
+                    continue
+                pos = 0
+            elif finished or (failed and not include_failed) or not _alive(pid):
+                continue
+            low = pos if low is None else min(low, pos)
+        return low
+
+
 class Replica:
     """One node's replica of a checkpoint, opened by one local rank.
 
@@ -173,9 +248,10 @@ class Replica:
         except BaseException:
             self.close()
             raise
-        self.started_ns = time.monotonic_ns()
-        _SLOT.pack_into(self._map, self._slot_offset(local_rank), os.getpid(), 0,
-                        self.started_ns, 0, 0)  # fmt: skip
+        #: The local ranks' slots: positions, liveness (`LocalRanks`).
+        self.ranks = LocalRanks(
+            self._map, _HEADER.size, local_rank, local_world, time.monotonic_ns()
+        )
 
     @classmethod
     def open(
@@ -230,9 +306,6 @@ class Replica:
             raise OSError(errno.EEXIST, f"{self.directory} holds a different replica")
         return fd, m
 
-    def _slot_offset(self, local_rank: int) -> int:
-        return _HEADER.size + local_rank * _SLOT.size
-
     def _state_offset(self, stripe: int) -> int:
         return _HEADER.size + self.local_world * _SLOT.size + stripe
 
@@ -258,56 +331,6 @@ class Replica:
                 return False
             self._map[off] = int(state)
         return True
-
-    # ------------------------------------------------------------ local ranks
-    def _slot(self, local_rank: int) -> tuple[int, int, int, int, int]:
-        return _SLOT.unpack_from(self._map, self._slot_offset(local_rank))
-
-    def publish(self, position: int) -> None:
-        """Record this rank's consumer position (bytes consumed on the concatenated axis)."""
-        if not self._closed:
-            struct.pack_into("<q", self._map, self._slot_offset(self.local_rank) + 8, position)
-
-    def finish_consuming(self) -> None:
-        """This rank's loader is done: it needs no more bytes of the replica."""
-        if not self._closed:
-            off = self._slot_offset(self.local_rank) + 24
-            struct.pack_into("<q", self._map, off, max(1, time.monotonic_ns()))
-
-    def mark_failed(self, local_rank: int) -> None:
-        """Record that `local_rank` is not to be waited for any more (it stalled)."""
-        struct.pack_into("<q", self._map, self._slot_offset(local_rank) + 32, 1)
-
-    def rank_alive(self, local_rank: int, *, grace_s: float) -> bool:
-        """Whether `local_rank` runs and was not marked failed.
-
-        A rank that has not registered yet counts as alive for `grace_s` after this one
-        registered (local ranks start at different times), then as gone.
-        """
-        pid, _, _, _, failed = self._slot(local_rank)
-        if pid == 0:
-            return time.monotonic_ns() - self.started_ns <= grace_s * 1e9
-        return not failed and _alive(pid)
-
-    def slowest(self, *, grace_s: float, include_failed: bool = False) -> int | None:
-        """The smallest position of the local ranks still consuming; None when none is.
-
-        A rank that has not registered counts as position 0 for `grace_s` after this one
-        registered, then as gone; a rank that died counts as gone, and so does one marked
-        failed unless `include_failed` (a stalled rank may come back and read on).
-        """
-        low: int | None = None
-        late = time.monotonic_ns() - self.started_ns > grace_s * 1e9
-        for r in range(self.local_world):
-            pid, pos, _, finished, failed = self._slot(r)
-            if pid == 0:
-                if late:
-                    continue
-                pos = 0
-            elif finished or (failed and not include_failed) or not _alive(pid):
-                continue
-            low = pos if low is None else min(low, pos)
-        return low
 
     # ------------------------------------------------------------------- bytes
     def view(self, file: int, offset: int, length: int) -> memoryview:
@@ -398,8 +421,10 @@ class Replica:
         if self._closed:
             return False
         m = getattr(self, "_map", None)
-        if m is not None:
-            self.finish_consuming()
+        ranks = getattr(self, "ranks", None)
+        if ranks is not None:
+            ranks.finish_consuming()
+            ranks.closed = True
         self._closed = True
         if not keep_mappings:
             for fm in self._maps:

@@ -1,22 +1,8 @@
-"""Cluster mode: each byte of the checkpoint read from shared storage once for the whole job.
+"""The cluster-mode iterator: the tensors of a checkpoint from the node's replica.
 
-The stripes of the checkpoint are split among the nodes and among each node's ranks
-(`engine.cluster_plan`). Each rank reads its stripes from storage into its node's replica
-(`engine.replica`), sends each one to one rank of every other node through
-``torch.distributed`` point-to-point messages (gloo), and receives its share of the other
-nodes' stripes into the replica. The loader reads the replica's files with ``safe_open``
-and yields a tensor only once every stripe under it is ready, so the tensors are exactly
-those of ``safetensors.torch.load_file`` on the original files. ``docs/cluster.md`` has the
-design: where bytes live, the ready map, the exchange schedule, faults and limits.
-
-Collective and symmetric: every rank of the default process group calls
-`cluster_weights_iterator` with the same files and options. One collective decides (an
-``all_gather_object`` on a gloo group with a timeout): every rank takes the same branch,
-cluster mode or node-local mode (`loader_adapter.safetensors_weights_iterator` with
-prefetch, local ranks taken from the same gathered host list, no further collective).
-After that only point-to-point messages run, each with a timeout: a peer that dies or
-stalls is given up, the stripes it owed are read from storage by the node that needed
-them, and the report says so.
+`cluster_weights_iterator` joins the job (`loader_adapter.cluster.collective`), opens the
+node's replica, starts this rank's `Exchange` and yields each tensor once every stripe
+under it is there; or, when the job decided against cluster mode, loads node-local.
 
 Example:
     >>> dist.init_process_group("gloo")  # doctest: +SKIP
@@ -28,17 +14,14 @@ Example:
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import inspect
 import logging
 import os
-import secrets
 import struct
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,23 +29,15 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from engine import ResolvedFile, auto_window, memory_budget, resolve_files, start_prefetch
-from engine.cluster_plan import (
-    NOTHING_SHARED,
-    ONE_NODE,
-    ClusterPlan,
-    MemberInfo,
-    Topology,
-    agree,
-    cluster_plan,
-    node_needs,
-)
 from engine.plan import DEFAULT_CHUNK_BYTES, check_chunk_bytes
-from engine.replica import Replica
 from engine.tuning import NODE_STREAMS, max_streams
-from loader_adapter.discovery import host_identity
-from loader_adapter.exchange import DEFAULT_INFLIGHT, ClusterReport, Exchange
+from loader_adapter.cluster.collective import join
+from loader_adapter.cluster.exchange import DEFAULT_INFLIGHT, Exchange
+from loader_adapter.cluster.join import NOTHING_SHARED, ONE_NODE, Joined
+from loader_adapter.cluster.replica import Replica
+from loader_adapter.cluster.report import ClusterReport
+from loader_adapter.cluster.transport import GlooTransport
 from loader_adapter.files import CheckpointFiles, expand_checkpoint_files
-from loader_adapter.fsdetect import decide_auto
 from loader_adapter.header import read_header
 from loader_adapter.iterator import (
     TensorFilter,
@@ -92,119 +67,6 @@ _ENGINE_OPTIONS = frozenset(
     for name, p in inspect.signature(start_prefetch).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY
 )
-
-
-# --------------------------------------------------------------------------------------
-# Joining: the one collective
-
-
-@dataclass(frozen=True)
-class _Joined:
-    """The outcome of the collective: cluster mode with its plan, or node-local mode."""
-
-    reason: str
-    hosts: tuple[str, ...] = ()
-    plan: ClusterPlan | None = None
-    nonce: str = ""
-    max_tensor_bytes: int = 0
-    group: Any = None
-
-
-def _max_tensor_bytes(paths: Sequence[str]) -> int:
-    """The largest tensor of the checkpoint, from the headers."""
-    return max((t.nbytes for p in paths for t in read_header(p).tensors), default=0)
-
-
-def _free_bytes(directory: str) -> int:
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
-
-
-def _member_error(
-    files: Sequence[ResolvedFile], replica_base: str, need_bytes: int, prefetch: Any
-) -> str | None:
-    """Why this rank cannot take part in cluster mode, or None."""
-    if prefetch == "auto":
-        decision = decide_auto([f.path for f in files], sum(f.size for f in files))
-        if not decision.enabled:
-            return f"prefetch='auto' says no here ({decision.reason})"
-    if not os.path.isdir(replica_base) or not os.access(replica_base, os.W_OK | os.X_OK):
-        return f"replica directory {replica_base} is not a writable directory"
-    try:
-        free = _free_bytes(replica_base)
-    except OSError as exc:
-        return f"cannot stat {replica_base}: {exc}"
-    if free < need_bytes:
-        return f"{replica_base} has {free >> 20} MiB free, the replica needs {need_bytes >> 20} MiB"
-    return None
-
-
-def _join(
-    files: Sequence[ResolvedFile],
-    *,
-    chunk_bytes: int,
-    replica_base: str,
-    need_bytes: int,
-    windowed: bool,
-    timeout_s: float,
-    prefetch: Any,
-    needs: tuple[tuple[int, int, int], ...] | None = None,
-    header_ends: Sequence[int] = (),
-) -> _Joined:
-    """Every rank of the default group: gather each rank's view, decide the same way.
-
-    `needs` is what this rank loads (``tensors=``); the plan covers the union of every
-    node's ranks' needs, each stripe sent only to the nodes that need it. When no tensor
-    data goes to two nodes (only the headers every node reads: `header_ends` gives where
-    each file's tensor data starts), every rank loads node-local instead.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return _Joined("torch.distributed is not initialized")
-    world = dist.get_world_size()
-    try:
-        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    except Exception as exc:  # no gloo: nobody can make the group, so every rank is here
-        return _Joined(f"cannot make a gloo group: {exc!r}")
-    info = MemberInfo(
-        host_identity(),
-        tuple(os.path.basename(f.path) for f in files),
-        tuple(f.size for f in files),
-        _member_error(files, replica_base, need_bytes, prefetch),
-        needs,
-    )
-    extra: dict[str, Any] = {"header_ends": tuple(header_ends)} if needs is not None else {}
-    if dist.get_rank() == 0:
-        extra["nonce"] = secrets.token_hex(6)
-        extra["chunk_bytes"] = chunk_bytes
-        if windowed and info.error is None:
-            try:
-                extra["max_tensor_bytes"] = _max_tensor_bytes([f.path for f in files])
-            except (OSError, ValueError) as exc:  # read_header's errors
-                info = MemberInfo(
-                    info.host, info.names, info.sizes, f"bad header: {exc!r}", info.needs
-                )
-    gathered: list[Any] = [None] * world
-    try:
-        dist.all_gather_object(gathered, (info, extra), group=group)
-    except Exception as exc:  # timed out: a rank never came, or died
-        return _Joined(f"gathering the ranks' views failed: {exc!r}")
-    infos = [g[0] for g in gathered]
-    hosts = tuple(i.host for i in infos)
-    reason = agree(infos)
-    if reason is not None:
-        return _Joined(reason, hosts)
-    first = gathered[0][1]
-    plan = cluster_plan(
-        [f.size for f in files], hosts, chunk_bytes=first["chunk_bytes"],
-        node_needs=node_needs(infos, Topology.from_hosts(hosts)),
-    )  # fmt: skip
-    # From the gathered list, so that every rank takes the same branch.
-    ends = next((g[1]["header_ends"] for g in gathered if "header_ends" in g[1]), None)
-    if ends is not None and not any(
-        s.receivers and s.offset + s.length > ends[s.file] for s in plan.stripes
-    ):
-        return _Joined(NOTHING_SHARED, hosts)
-    return _Joined("", hosts, plan, first["nonce"], first.get("max_tensor_bytes", 0), group)
 
 
 # --------------------------------------------------------------------------------------
@@ -419,7 +281,7 @@ def cluster_weights_iterator(
         log.info("cluster mode: %s", why)
     base = os.fspath(replica_dir or os.environ.get(REPLICA_DIR_ENV) or DEFAULT_REPLICA_DIR)
     need = total if window is None else min(total, 2 * int(window) + 4 * chunk_bytes)
-    joined = _join(
+    joined = join(
         resolved,
         chunk_bytes=chunk_bytes,
         replica_base=base,
@@ -452,13 +314,13 @@ def cluster_weights_iterator(
         # Only this rank: its peers time out on it and read its stripes from storage.
         reason = f"cannot make the replica in {base}: {exc}"
         log.warning("cluster mode: %s; this rank loads in node-local mode", reason)
-        return _node_local(files, prefetch, _Joined(reason, joined.hosts), options, tensors)
+        return _node_local(files, prefetch, Joined(reason, joined.hosts), options, tensors)
     concurrency = options.get("concurrency")
     if read_threads is None and isinstance(concurrency, int) and not isinstance(concurrency, bool):
         read_threads = concurrency  # reads in flight per rank, as in node-local mode
     threads = read_threads or max(1, NODE_STREAMS // local_world)
     session = Exchange(
-        plan, me, joined.group, replica, [f.path for f in resolved],
+        plan, me, GlooTransport(joined.group), replica, [f.path for f in resolved],
         window_bytes=window, timeout_s=exchange_timeout_s,
         read_threads=threads, inflight=DEFAULT_INFLIGHT,
         # adapted at run time, as in node-local mode, unless the reads in flight were given
@@ -482,7 +344,7 @@ def cluster_weights_iterator(
 def _node_local(
     files: CheckpointFiles,
     prefetch: Any,
-    joined: _Joined,
+    joined: Joined,
     options: dict[str, Any],
     tensors: TensorFilter | None = None,
 ) -> ClusterWeightsIterator:

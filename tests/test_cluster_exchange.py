@@ -1,0 +1,127 @@
+"""`Exchange` built directly: posed ranks as threads of this process, the in-process
+transport of ``tests/fake_transport.py``, real replicas and real source files.
+
+Each rank's loader walks the stripes its node needs, checks every byte against the
+source as soon as `wait_range` returns, and advances; the reports give what was read,
+sent and received.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from fake_transport import Switchboard
+
+from loader_adapter.cluster.exchange import Exchange
+from loader_adapter.cluster.plan import ClusterPlan, cluster_plan
+from loader_adapter.cluster.replica import Replica
+
+CHUNK = 64 << 10
+pytestmark = pytest.mark.timeout(120)
+
+
+def _sources(tmp_path: Path, sizes: list[int]) -> list[str]:
+    paths = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / f"src-{i}.bin"
+        p.write_bytes(os.urandom(size))
+        paths.append(str(p))
+    return paths
+
+
+def _run(
+    tmp_path: Path,
+    plan: ClusterPlan,
+    sources: list[str],
+    *,
+    window: int | None = None,
+    cut: tuple[int, ...] = (),
+    timeout_s: float = 10.0,
+) -> dict[int, object]:
+    """Every rank not in `cut` loads its node's stripes; returns each rank's report."""
+    board = Switchboard()
+    for r in cut:
+        board.cut(r)
+    topo = plan.topology
+    originals = [Path(s).read_bytes() for s in sources]
+    reports: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        node = topo.node_of[r]
+        replica = Replica.open(
+            tmp_path / f"node{node}", "ckpt-prefetch-test-x-h", [Path(s).name for s in sources],
+            plan.sizes, len(plan.stripes), topo.local_rank_of[r], topo.local_world(node),
+        )  # fmt: skip
+        ex = Exchange(
+            plan, r, board.transport(r), replica, sources,
+            window_bytes=window, timeout_s=timeout_s, read_threads=2,
+        )  # fmt: skip
+        try:
+            for s in plan.stripes:
+                if not plan.needed_by(s, node):
+                    continue
+                ex.wait_range(s.position, s.end)
+                got = bytes(replica.view(s.file, s.offset, s.length))
+                assert got == originals[s.file][s.offset : s.offset + s.length], s
+                ex.advance(s.end)
+            ex.finish()
+            reports[r] = ex.report()
+        except BaseException as exc:
+            errors.append(exc)
+            ex.cancel()
+
+    for d in {topo.node_of[r] for r in range(topo.world)}:
+        (tmp_path / f"node{d}").mkdir()
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(topo.world) if r not in cut]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(100)
+    assert not errors, errors
+    assert all(not any((tmp_path / f"node{d}").iterdir()) for d in range(topo.num_nodes))
+    return reports
+
+
+def test_two_nodes_exchange_every_stripe_once(tmp_path):
+    sizes = [5 * CHUNK + 1000, 3 * CHUNK]
+    plan = cluster_plan(sizes, ["a", "b", "a", "b"], chunk_bytes=CHUNK)
+    reports = _run(tmp_path, plan, _sources(tmp_path, sizes))
+    assert all(rep.failures == () for rep in reports.values())
+    assert sum(rep.read_bytes for rep in reports.values()) == sum(sizes)  # once for the job
+    assert sum(rep.fallback_bytes for rep in reports.values()) == 0
+    for node in (0, 1):
+        mine = [rep for rep in reports.values() if rep.node == node]
+        assert sum(rep.read_bytes + rep.received_bytes for rep in mine) == sum(sizes)
+
+
+def test_a_rank_that_never_came_is_given_up_and_its_stripes_read_by_the_others(tmp_path):
+    sizes = [6 * CHUNK]
+    plan = cluster_plan(sizes, ["a", "b", "a", "b"], chunk_bytes=CHUNK)
+    reports = _run(tmp_path, plan, _sources(tmp_path, sizes), cut=(1,), timeout_s=1.0)
+    assert set(reports) == {0, 2, 3}
+    lost = sum(s.length for s in plan.reads(1))
+    assert lost > 0
+    # Node 0 never receives rank 1's stripes: its receivers give rank 1 up and read them.
+    assert any(1 in rep.failed_peers for rep in reports.values() if rep.node == 0)
+    # (Both local ranks may read one: a fill's claim is a lock per process, and these
+    # posed ranks share one.)
+    filled = sum(rep.fallback_bytes for rep in reports.values() if rep.node == 0)
+    assert lost <= filled <= 2 * lost
+    # Node 1's other rank reads what rank 1 would have (its holder is gone).
+    assert reports[3].fallback_bytes > 0
+
+
+def test_the_window_follows_a_loader_that_skips_what_its_node_does_not_need(tmp_path):
+    """A node that loads the first and the last stripes only: between them lies more than
+    the window. The loader's position must move to the next range it waits for, or no
+    stripe past the window is brought in and it waits a timeout (failed before)."""
+    sizes = [12 * CHUNK]
+    needs = [{0: [(0, CHUNK), (11 * CHUNK, 12 * CHUNK)]}, None]
+    plan = cluster_plan(sizes, ["a", "b"], chunk_bytes=CHUNK, node_needs=needs)
+    reports = _run(tmp_path, plan, _sources(tmp_path, sizes), window=2 * CHUNK, timeout_s=3.0)
+    assert [rep.failures for rep in reports.values()] == [(), ()]
+    assert sum(rep.fallback_bytes for rep in reports.values()) == 0
