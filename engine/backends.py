@@ -22,6 +22,7 @@ from engine import _libc
 from engine.errors import InvalidOptionError, ResidencyUnknownError
 from engine.mounts import read_ahead_bytes
 from engine.residency import resident_bytes_fd
+from engine.settle import is_auto
 
 __all__ = [
     "BACKENDS",
@@ -349,7 +350,7 @@ def resolve_backend(backend: str | Backend) -> tuple[Backend, str]:
     check_backend(backend)
     if isinstance(backend, Backend):
         return backend, "given"
-    if backend == "auto":
+    if is_auto(backend):
         return SendfileBackend(), "auto: " + SendfileBackend.description
     cls = _CLASSES[backend]
     return cls(), "chosen: " + cls.description
@@ -362,7 +363,7 @@ def check_backend(backend: object) -> None:
         >>> check_backend("pread")
     """
     if isinstance(backend, Backend) or (
-        isinstance(backend, str) and (backend == "auto" or backend in _CLASSES)
+        isinstance(backend, str) and (is_auto(backend) or backend in _CLASSES)
     ):
         return
     raise InvalidOptionError(

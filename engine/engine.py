@@ -51,6 +51,7 @@ from engine.pool import DaemonPool
 from engine.reader_process import ReaderGone
 from engine.report import Outcome, OutcomeKind, PrefetchReport, Progress, Tally
 from engine.schedule import Consumer, Decision, Situation, TrailState, Wait, decide
+from engine.settle import Choice, Settled, is_auto, settle_trail, settle_tuning
 from engine.tuning import NODE_STREAMS, Tuning, auto_tuning, max_streams, stream_limit
 from engine.warm import Dropper, OpenFile, Warmer, warmer_for
 
@@ -341,6 +342,8 @@ class Prefetcher:
         self._tally = Tally()
         self._tuning: Tuning | None = None  # known once tuned
         self._pace: Pace | None = None  # run-time adaptation, when concurrency is "auto"
+        #: What the prefetch settled before its first read (None before `run` got there).
+        self.settled: Settled | None = None
         self._own_board: RankBoard | None = None  # a board no cursor finishes
         self._warmer: Warmer | None = None
         self._pool: DaemonPool | None = None
@@ -376,8 +379,9 @@ class Prefetcher:
         """
         self._tally.start()
         concurrency = self.options.concurrency
-        top = max_streams(self.world) if concurrency == "auto" else concurrency
-        pool = self._pool = DaemonPool(max(top, NODE_STREAMS) if concurrency == "auto" else top)
+        auto = is_auto(concurrency)
+        top = max_streams(self.world) if auto else concurrency
+        pool = self._pool = DaemonPool(max(top, NODE_STREAMS) if auto else top)
         loop_cpu0 = time.thread_time()
         cancelled = False
         try:
@@ -436,8 +440,14 @@ class Prefetcher:
             extents = tuple(split_extents(extents, piece))
         files, starts = _files_and_starts(resolved, extents)
         self._tally.total = sum(e.length for e in extents)
-        window = self._tally.window = self._resolve_window(sum(m.size for m in resolved))
-        trail = self._trail(window)
+        window_choice = self._resolve_window(sum(m.size for m in resolved))
+        window = self._tally.window = window_choice.value
+        trail_choice = self._trail(window)
+        lag = trail_choice.value
+        trail = None if lag is None else TrailState(lag, step=max(tuning.chunk_bytes, lag // 4))
+        self.settled = Settled(
+            Choice(self.backend.name, self._backend_reason), tuning, window_choice, trail_choice
+        )
         board = None
         if self.world > 1 and (trail is not None or tuning.max_concurrency is not None):
             board = await self._open_board(pool, resolved)
@@ -465,33 +475,22 @@ class Prefetcher:
         filesystem is read from a reader process (`engine.reader_process`).
         """
         opt = self.options
-        chunk = opt.chunk_bytes if opt.chunk_bytes != "auto" else 0
-        concurrency = opt.concurrency if opt.concurrency != "auto" else 0
         first = resolved[0] if resolved else None
-        if chunk and concurrency and opt.backend != "auto":
-            return Tuning(chunk, concurrency, "given")
-        auto = await pool.run(  # the mount table, else statfs (which may block): on the pool
-            functools.partial(
-                auto_tuning, first.path if first else None, self.world,
-                dev=first.dev if first else None,
-            )
-        )  # fmt: skip
-        if opt.backend == "auto" and auto.network:
+        auto = None
+        if is_auto(opt.chunk_bytes) or is_auto(opt.concurrency) or is_auto(opt.backend):
+            auto = await pool.run(  # the mount table, else statfs (may block): on the pool
+                functools.partial(
+                    auto_tuning, first.path if first else None, self.world,
+                    dev=first.dev if first else None,
+                )
+            )  # fmt: skip
+        if is_auto(opt.backend) and auto is not None and auto.network:
             self.backend, self._backend_reason = (
                 ProcessBackend(),
                 ("auto: network/FUSE filesystem -> " + ProcessBackend.description),
             )
-        if chunk and concurrency:
-            return Tuning(chunk, concurrency, "given", network=auto.network)
-        chunk = chunk or auto.chunk_bytes
-        if concurrency:
-            return Tuning(chunk, concurrency, auto.reason, network=auto.network)
-        bound, why = stream_limit(self.world)
-        top = max(bound, auto.concurrency)
-        return Tuning(
-            chunk, auto.concurrency, auto.reason + f"; adapted at run time (1..{top}, {why})",
-            max_concurrency=top, network=auto.network,
-        )  # fmt: skip
+        bound = stream_limit(self.world) if is_auto(opt.concurrency) else None
+        return settle_tuning(opt.chunk_bytes, opt.concurrency, auto, bound=bound)
 
     async def _node_needs(
         self, pool: DaemonPool, resolved: list[ResolvedFile]
@@ -514,26 +513,23 @@ class Prefetcher:
         self._tally.notes.append(f"needs: the node loads {union} of {total} bytes")
         return self.rank, self.world, node
 
-    def _resolve_window(self, checkpoint_bytes: int) -> int | None:
+    def _resolve_window(self, checkpoint_bytes: int) -> Choice[int | None]:
         """The window in bytes: as given, or chosen from the memory budget for "auto"."""
         window = self.options.window_bytes
-        if window != "auto":
-            return window
+        if not is_auto(window):
+            return Choice(window, "given" if window is not None else "none given")
         assert self._tuning is not None
         # Two stripe units per rank, so every rank always has something to read.
         min_bytes = 2 * self._tuning.chunk_bytes * self.world
-        window, reason = auto_window(checkpoint_bytes, min_bytes=min_bytes)
-        log.info("prefetch rank %d/%d: %s", self.rank, self.world, reason)
-        return window
+        return Choice(*auto_window(checkpoint_bytes, min_bytes=min_bytes))
 
-    def _trail(self, window: int | None) -> TrailState | None:
+    def _trail(self, window: int | None) -> Choice[int | None]:
         """The trail that goes with `window` (only where a consumer reports its position)."""
-        if window is None or self.cursor is None:
-            return None
         assert self._tuning is not None
-        chunk = self._tuning.chunk_bytes
-        lag = trail_bytes(window, chunk_bytes=chunk, world=self.world)
-        return TrailState(lag, step=max(chunk, lag // 4))
+        lag = 0
+        if window is not None:
+            lag = trail_bytes(window, chunk_bytes=self._tuning.chunk_bytes, world=self.world)
+        return settle_trail(window, lag, has_consumer=self.cursor is not None)
 
     async def _open_board(self, pool: DaemonPool, resolved: list[ResolvedFile]) -> RankBoard | None:
         """The local ranks' shared board (`RankBoard`), or None where it cannot be made."""
@@ -556,22 +552,16 @@ class Prefetcher:
         self.cursor.share(board, starts)
 
     def _log_setup(self, setup: _Setup) -> None:
-        tuning = setup.tuning
+        """One line: what was planned and everything the prefetch settled (`Settled`)."""
+        assert self.settled is not None
         log.info(
-            "prefetch rank %d/%d: %d files, %d bytes planned, strategy=%s, backend=%s (%s), "
-            "concurrency=%d, chunk=%d MiB (%s), window=%s, trail=%s",
+            "prefetch rank %d/%d: %d files, %d bytes planned, strategy=%s, %s",
             self.rank,
             self.world,
             len(setup.resolved),
             self._tally.total,
             Strategy(self.options.strategy).value,
-            self.backend.name,
-            self._backend_reason,
-            tuning.concurrency,
-            tuning.chunk_bytes >> 20,
-            tuning.reason,
-            setup.window,
-            setup.trail.lag if setup.trail is not None else None,
+            self.settled.line(),
         )
 
     def _scheduler(self, setup: _Setup, pool: DaemonPool) -> _Scheduler:
@@ -581,6 +571,9 @@ class Prefetcher:
         except ReaderGone as exc:  # no process could be started (a pids limit, ...)
             log.warning("prefetch: %s; reading in this process instead", exc)
             self.backend, self._backend_reason = SendfileBackend(), f"fallback: {exc}"
+            if self.settled is not None:
+                backend = Choice(self.backend.name, self._backend_reason)
+                self.settled = replace(self.settled, backend=backend)
             warmer = warmer_for(self.backend, pool, self.options.skip_cached)
         self._warmer = warmer
         return _Scheduler(setup, warmer, pool, self._tally, self.cursor, self._emit_progress)

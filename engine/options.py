@@ -18,6 +18,7 @@ from engine.backends import Backend, check_backend
 from engine.errors import InvalidOptionError
 from engine.plan import Order, Strategy, check_chunk_bytes
 from engine.report import Progress
+from engine.settle import is_auto
 
 __all__ = [
     "MAX_CONCURRENCY",
@@ -87,10 +88,10 @@ class PrefetchOptions:
     progress: Callable[[Progress], object] | None = None
 
     def __post_init__(self) -> None:
-        if self.chunk_bytes != "auto":
+        if not is_auto(self.chunk_bytes):
             check_chunk_bytes(self.chunk_bytes)
         concurrency = self.concurrency
-        if concurrency != "auto" and not (
+        if not is_auto(concurrency) and not (
             _is_int(concurrency) and 1 <= concurrency <= MAX_CONCURRENCY
         ):
             raise InvalidOptionError(
@@ -98,7 +99,7 @@ class PrefetchOptions:
                 f"got {concurrency!r}"
             )
         window = self.window_bytes
-        if window not in (None, "auto") and not (_is_int(window) and window >= 1):
+        if window is not None and not is_auto(window) and not (_is_int(window) and window >= 1):
             raise InvalidOptionError(
                 f"window_bytes must be None, 'auto' or an integer >= 1, got {window!r}"
             )

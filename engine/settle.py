@@ -3,8 +3,8 @@
 A user leaves the stripe size, the reads in flight, the backend and the window to us by
 writing ``"auto"`` (`AUTO`). The prefetcher resolves each of them once, before it reads,
 from what it measured of the machine (the filesystem, the memory budget, the number of
-local ranks), into one frozen `Settled` record that it logs once and keeps: nothing
-downstream compares with ``"auto"`` again.
+local ranks), into one frozen `Settled` record that it logs once and keeps; what follows
+reads the record.
 
 Example:
     >>> from engine.tuning import Tuning
@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
+from engine.memory import TRAIL_FRACTION
 from engine.tuning import Tuning
 
 __all__ = ["AUTO", "Choice", "Settled", "is_auto", "settle_trail", "settle_tuning"]
@@ -140,4 +141,5 @@ def settle_trail(window: int | None, lag: int, *, has_consumer: bool) -> Choice[
         return Choice(None, "no window: nothing is dropped")
     if not has_consumer:
         return Choice(None, "no consumer position: nothing is dropped")
-    return Choice(lag, "max(window / 4, 2 stripes per local rank) behind the slowest consumer")
+    why = f"max({TRAIL_FRACTION:g} x window, 2 stripes per local rank) behind the slowest consumer"
+    return Choice(lag, why)
