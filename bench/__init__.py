@@ -24,5 +24,7 @@ Modules (import what you need; this package imports nothing heavy by itself):
   bigger-than-memory scenario;
 * host helpers: ``bench.mounts`` (mount points, setting read-ahead, on `engine.mounts`),
   ``bench.blockdev`` (block devices); byte sizes are `engine.units`;
-* other runs: ``bench.engine_bench`` (the engine alone), ``bench.reliability`` (faults).
+* scenarios run by other harnesses through the same runner and results schema:
+  ``bench.cluster_scenario`` (simulated nodes, `bench.cluster_sim`) and
+  ``bench.fault_scenario`` (injected faults, `bench.reliability`).
 """

@@ -41,7 +41,8 @@ suites:
                      minutes on a 2-core machine, making the checkpoints included (they
                      are reused from --workdir afterwards). A flag that chooses
                      filesystems, ranks, shapes or configurations keeps one matrix.
-  --full             2 hours on a 2-core machine (7145 s measured; 1639 steps, see --dry-run):
+  --full             over 2 hours on a 2-core machine (7145 s for the first four scenarios
+                     when they had 1639 steps; --dry-run counts today's):
                      'cold' = local disk and every netfs profile x ranks 1,2,4,8 x
                      shapes uniform, skewed, single, many-small x none, sglang, ours,
                      ours-files (2 GiB); 'sweep' = slow-nfs, 4 ranks, uniform,
@@ -49,10 +50,17 @@ suites:
                      slow-nfs, 4 ranks, uniform, every read backend + ours-files;
                      'bigger-than-memory' =
                      slow-nfs, 4 ranks, 3 GiB in a 1 GiB memory cgroup, none / sglang /
-                     ours-window / ours-nowindow.
+                     ours-window / ours-nowindow; 'engine' = local disk, 1 and 4
+                     ranks, 4 GiB: the engine alone, default and 3 backends;
+                     'cluster' = 2 simulated nodes x 2
+                     ranks sharing one slow-nfs storage limit, node-local / cluster
+                     mode (2 GiB); 'cluster-ep' = the same nodes in an expert-parallel
+                     job (many-small): vllm / vllm-prefetch / ours-whole / ours;
+                     'faults' = fast-nfs, 48 MiB, every injected fault of
+                     bench.reliability (survived, tensors lost or wrong).
   Flags given explicitly replace the suite's values: --fs, --ranks, --shapes in every
-  scenario; --configs in the 'cold' scenario; --size in 'cold', 'sweep' and
-  'backends' (--btm-size in 'bigger-than-memory').
+  scenario; --configs in the 'cold' scenario; --size in 'cold', 'sweep', 'backends',
+  'cluster' and 'cluster-ep' (--btm-size in 'bigger-than-memory').
 
 configurations (--configs, comma separated):
   none          safe_open + get_tensor in keys() order: mmap page faults, no prefetch
@@ -70,6 +78,8 @@ configurations (--configs, comma separated):
                 ranks, in this process (the defaults before adaptation)
   ours-<backend>, ours-window, ours-nowindow, ours-noprefetch
   ours:backend=pread,concurrency=2,chunk_mb=32,window=auto   (any options)
+  engine        the engine alone: start_prefetch(files, rank, world).wait() in each
+                rank, nothing parsed (engine:backend=pread,concurrency=2,chunk_mb=32)
   sglang:threads=8,block_mb=32                                (any options)
 
 measurement: cold cache (evicted and checked < 1% resident), rank processes started
@@ -194,7 +204,9 @@ def _add_matrix_args(r: argparse.ArgumentParser) -> None:
         "--scenario",
         type=_csv,
         metavar="LIST",
-        help="scenarios: cold, sweep, backends, bigger-than-memory (quick: cold; full: all)",
+        help="scenarios: cold, sweep, backends, bigger-than-memory, engine, cluster, "
+        "cluster-ep, faults "
+        "(quick: cold; full: all)",
     )
     r.add_argument(
         "--memory-limit",
@@ -376,7 +388,7 @@ def _matrix_overrides(args: argparse.Namespace, scenario: str) -> dict[str, Any]
             repl[flag] = tuple(getattr(args, flag))
     if scenario == "cold" and args.configs:
         repl["configs"] = tuple(args.configs)
-    if scenario in ("cold", "sweep", "backends") and args.size:
+    if scenario in ("cold", "sweep", "backends", "cluster", "cluster-ep") and args.size:
         repl["size_bytes"] = args.size
     if scenario == "bigger-than-memory":
         repl["memory_limit_bytes"] = args.memory_limit
@@ -408,8 +420,14 @@ def _without_missing_engines(mats: Iterable[Matrix]) -> Iterator[Matrix]:
     from bench.configs import parse_config
 
     missing = importlib.util.find_spec("vllm") is None
+
+    def needs_vllm(m: Matrix, c: str) -> bool:
+        if m.simulated_cluster:
+            return c.startswith("vllm")
+        return parse_config(c).kind == "vllm"
+
     for m in mats:
-        keep = tuple(c for c in m.configs if not (missing and parse_config(c).kind == "vllm"))
+        keep = tuple(c for c in m.configs if not (missing and needs_vllm(m, c)))
         if keep != m.configs:
             log.warning("vllm is not installed: configuration vllm skipped (pip install '.[vllm]')")
         yield dataclasses.replace(m, configs=keep)

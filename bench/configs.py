@@ -35,7 +35,7 @@ from loader_adapter.options import parse_options
 __all__ = ["ALIASES", "KINDS", "NEEDS_GROUP", "Config", "parse_config"]
 
 #: The kinds of configuration a rank can run.
-KINDS: tuple[str, ...] = ("none", "sglang", "stripe", "vllm", "ours", "raw")
+KINDS: tuple[str, ...] = ("none", "sglang", "stripe", "vllm", "ours", "raw", "engine")
 #: Kinds whose ranks form a ``torch.distributed`` group (the job gets a rendezvous).
 NEEDS_GROUP: frozenset[str] = frozenset({"vllm"})
 
@@ -55,6 +55,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
         "prefetch",
     ),
     "raw": ("threads", "chunk_mb"),
+    "engine": ("backend", "concurrency", "chunk_mb"),
 }
 
 #: Aliases accepted besides ``kind:options`` (patterns are handled in `parse_config`).
@@ -110,7 +111,8 @@ class Config:
         return default_bytes if value is None else int(float(value) * (1 << 20))
 
     def loader_options(self) -> dict[str, Any]:
-        """Keyword options for ``safetensors_weights_iterator`` (kind ``ours`` only).
+        """Keyword options for ``safetensors_weights_iterator`` (kind ``ours``), or for
+        ``engine.start_prefetch`` (kind ``engine``: drop ``prefetch``).
 
         ``chunk_mb`` becomes ``chunk_bytes``; ``concurrency=fixed`` stays ``"fixed"`` (the
         rank resolves it: `engine.tuning.NODE_STREAMS` split among the ranks, without
@@ -208,6 +210,6 @@ def parse_config(text: str) -> Config:
         _check_option(name, kind, key, value)
         opts[key] = value
     cfg = Config(name=name, kind=kind, options=tuple(sorted(opts.items())))
-    if kind == "ours":
+    if kind in ("ours", "engine"):
         cfg.loader_options()  # validate sizes and booleans now, not in the rank process
     return cfg

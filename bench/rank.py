@@ -98,6 +98,20 @@ def _load_raw(
     return {"bytes_read": raw_read_share(files, rank, world, threads=threads, chunk_bytes=chunk)}
 
 
+def _load_engine(
+    cfg: Config, files: list[str], rank: int, world: int, consume: Consume
+) -> dict[str, Any]:
+    """The engine alone: this rank's share warmed into the page cache, nothing parsed."""
+    from engine import start_prefetch
+
+    kwargs = cfg.loader_options()
+    kwargs.pop("prefetch")
+    report = start_prefetch(files, rank, world, **kwargs).wait()
+    if not report.ok:
+        raise RuntimeError(f"the engine's prefetch failed: {report.failures[:3]}")
+    return {**report.to_dict(), "bytes_read": report.warmed_bytes + report.cached_bytes}
+
+
 _LOADERS: dict[str, Callable[..., dict[str, Any] | None]] = {
     "none": _load_none,
     "sglang": _load_sglang,
@@ -105,6 +119,7 @@ _LOADERS: dict[str, Callable[..., dict[str, Any] | None]] = {
     "vllm": _load_vllm,
     "ours": _load_ours,
     "raw": _load_raw,
+    "engine": _load_engine,
 }
 
 
@@ -140,9 +155,14 @@ def _join_vllm_group(job: Job, rank: int) -> None:
 
 
 def _prepare(cfg: Config, job: Job, rank: int) -> Consumer | None:
-    """Imports and the copy buffer, paid before the release; None for the raw floor."""
+    """Imports and the copy buffer, paid before the release; None for the raw floor and
+    the engine alone (they parse nothing and import no torch)."""
     if cfg.kind == "raw":
         import bench.floor  # noqa: F401
+
+        return None
+    if cfg.kind == "engine":
+        import engine  # noqa: F401
 
         return None
     import torch

@@ -153,11 +153,24 @@ def _scenarios() -> dict[str, Callable[[NetFS, dict[str, str]], tuple[dict[str, 
     }
 
 
-def run(runs: int, workdir: Path) -> list[Outcome]:
-    """Run every scenario `runs` times on a fresh small checkpoint; return the outcomes."""
-    ckpt = make_checkpoint(workdir / "ckpt", size_bytes=48 * MiB, shards=4, seed=3)
+def run(
+    runs: int, workdir: Path, *, checkpoint: Path | None = None, profile: str = "fast-nfs"
+) -> list[Outcome]:
+    """Run every scenario `runs` times; return the outcomes.
+
+    Args:
+        runs: runs per fault.
+        workdir: where the mount point (and a made checkpoint) go.
+        checkpoint: the checkpoint's directory (at least 2 shards); None: a fresh 48 MiB
+            one of 4 shards.
+        profile: the simulated filesystem (`bench.netfs.PROFILES`).
+    """
+    if checkpoint is None:
+        checkpoint = make_checkpoint(
+            workdir / "ckpt", size_bytes=48 * MiB, shards=4, seed=3
+        ).directory
     outcomes = []
-    with mounted(ckpt.directory, profile="fast-nfs", mountpoint=workdir / "mnt") as fs:
+    with mounted(checkpoint, profile=profile, mountpoint=workdir / "mnt") as fs:
         expected = digests(_files(fs), prefetch=False)
         for fault, scenario in _scenarios().items():
             out = Outcome(fault)
@@ -214,10 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, default=5, help="runs per fault (%(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the outcomes here")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="an existing checkpoint directory of 2 or more shards (default: a fresh 48 MiB one)",
+    )  # fmt: skip
+    parser.add_argument("--profile", default="fast-nfs", help="simulated filesystem (%(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="ckpt-reliability-") as tmp:
-        outcomes = run(args.runs, Path(tmp))
+        outcomes = run(args.runs, Path(tmp), checkpoint=args.checkpoint, profile=args.profile)
     command = "python -m bench.reliability " + " ".join(argv if argv is not None else sys.argv[1:])
     print(render(outcomes, command.strip()))
     if args.json is not None:

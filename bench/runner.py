@@ -20,10 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bench import cluster_scenario, fault_scenario
 from bench import results as res
 from bench.checkpoint import Checkpoint
+from bench.cluster_scenario import ClusterRound
 from bench.configs import Config, parse_config
 from bench.errors import BenchError, BenchInterrupted, ChecksumMismatch
+from bench.fault_scenario import FaultRound
 from bench.filesystems import FileSystem, effective_fs, open_fs
 from bench.launchers import Launcher, make_launcher
 from bench.measure import measure, measure_fio
@@ -139,7 +142,7 @@ class Sampling:
     keep: bool = True
 
 
-Step = MakeCheckpoint | FioFloor | Sampling
+Step = MakeCheckpoint | FioFloor | Sampling | ClusterRound | FaultRound
 
 
 def fio_available() -> bool:
@@ -210,6 +213,21 @@ def plan(suite: Suite, *, fuse_ok: bool, fio_ok: bool | None = None) -> list[Ste
             if (shape, m.size_bytes) not in made:
                 made.add((shape, m.size_bytes))
                 steps.append(MakeCheckpoint(shape, m.size_bytes))
+            if m.simulated_cluster:  # FUSE is not optional here: the nodes are mounts
+                for fs in m.fs:
+                    group = Group(m, shape, fs)
+                    steps += [
+                        ClusterRound(group, r, rep, f"{group.where} {m.nodes}x{r}r #{rep + 1}")
+                        for r in m.ranks
+                        for rep in range(suite.repeats)
+                    ]
+                continue
+            if m.faults:  # injected through the simulated filesystem: FUSE is needed
+                for fs in m.fs:
+                    group = Group(m, shape, fs)
+                    labels = (f"{group.where}: faults #{rep + 1}" for rep in range(suite.repeats))
+                    steps += [FaultRound(group, rep, lab) for rep, lab in enumerate(labels)]
+                continue
             for fs in effective_fs(m.fs, fuse_ok):
                 group = Group(m, shape, fs)
                 if m.fio and fio:
@@ -256,10 +274,12 @@ class _Run:
             MakeCheckpoint: self._make_checkpoint,
             FioFloor: self._fio,
             Sampling: self._sample,
+            ClusterRound: self._cluster,
+            FaultRound: self._faults,
         }
         with self.mount:
             for step in self.steps:
-                if not isinstance(step, MakeCheckpoint):
+                if not isinstance(step, MakeCheckpoint | ClusterRound | FaultRound):
                     self._enter(step.group)
                 handlers[type(step)](step)
 
@@ -351,7 +371,7 @@ class _Run:
             timeout=self.suite.timeout_s,
             cgroup=self.cgroup,
         )
-        if cfg.kind == "raw":
+        if cfg.kind in ("raw", "engine"):
             _check_raw(step, sample, ckpt)
         else:
             self._check_checksum(step, sample, ckpt)
@@ -360,6 +380,48 @@ class _Run:
         ratio = sample.bytes_served_ratio
         served = f", served {ratio:.2f}x" if ratio is not None else ""
         self.tick(step.label, f"{step.label}: {sample.wall_s:.2f} s{served}")
+
+    def _cluster(self, step: ClusterRound) -> None:
+        """One round across simulated nodes (they mount the checkpoint themselves)."""
+        self._leave_mount()
+        self.tick(step.label)
+        group, m = step.group, step.group.matrix
+        ckpt = self.checkpoints[group.checkpoint_key]
+        workdir = self.suite.workdir / "cluster-sim" / f"{group.checkpoint_id}-{step.repeat}"
+        results = cluster_scenario.measure_round(step, ckpt, workdir=workdir)
+        fs_key, fs_doc = f"{group.fs}x{m.nodes}", cluster_scenario.describe(group.fs, m.nodes)
+        self.doc["filesystems"].setdefault(fs_key, fs_doc)
+        ranks = m.nodes * step.ranks_per_node
+        for r in results:
+            spec = f"cluster_sim:{r.mode}" + (f",split={m.split}" if m.split else "")
+            self._record(group, "load", r.mode, spec, ranks, cluster_scenario.to_sample(r))
+        done = ", ".join(f"{r.mode} {r.load_s:.2f} s ({r.served_ratio:.2f}x)" for r in results)
+        self.tick(step.label, f"{step.label}: {done}")
+
+    def _faults(self, step: FaultRound) -> None:
+        """One run of every injected fault (a child process mounts the filesystem)."""
+        self._leave_mount()
+        self.tick(step.label)
+        group = step.group
+        ckpt = self.checkpoints[group.checkpoint_key]
+        outcomes = fault_scenario.measure_round(step, ckpt, timeout_s=self.suite.timeout_s)
+        for o in outcomes:
+            name = fault_scenario.slug(o["fault"])
+            sample = fault_scenario.to_sample(o, ckpt.total_bytes)
+            self._record(group, "load", name, f"fault:{name}", 1, sample)
+            if o["lost"] or o["wrong"]:
+                raise ChecksumMismatch(
+                    f"{step.label}: {o['fault']}: {o['lost']} tensors lost, {o['wrong']} wrong"
+                )
+            if o["survived"] < o["runs"]:
+                self.doc["warnings"].append(f"{step.label}: {o['fault']}: not survived")
+        bad = sum(o["survived"] < o["runs"] for o in outcomes)
+        self.tick(step.label, f"{step.label}: {len(outcomes) - bad} of {len(outcomes)} survived")
+
+    def _leave_mount(self) -> None:
+        """Unmount the group's filesystem: these steps mount their own."""
+        self.mount.close()
+        self.group = None
 
     def _check_checksum(self, step: Sampling, sample: Sample, ckpt: Checkpoint) -> None:
         """Every rank, and every configuration before, loaded the same bytes."""
@@ -390,12 +452,13 @@ class _Run:
 
 
 def _check_raw(step: Sampling, sample: Sample, ckpt: Checkpoint) -> None:
-    """The raw readers read every byte: a short read would make the floor look fast."""
+    """The raw readers (or the engine alone) read every byte: a short read would make the
+    floor (or the engine) look fast."""
     read = sum(r.bytes_consumed for r in sample.ranks)
     if read != ckpt.total_bytes:
         raise BenchError(
-            f"{step.label}: the raw readers read {read} bytes of {ckpt.total_bytes} "
-            "(a short read would make the floor look faster than it is)"
+            f"{step.label}: the {step.config.kind} readers read {read} bytes of "
+            f"{ckpt.total_bytes} (a short read would make them look faster than they are)"
         )
 
 

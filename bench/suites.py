@@ -45,6 +45,13 @@ class Matrix:
         memory_limit_bytes: run the ranks in a memory cgroup with this limit, or None.
         hot: also measure the hot-cache load.
         fio: also run fio.
+        nodes: simulated nodes (`bench.cluster_sim`): with more than one, each
+            filesystem is a netfs profile that the nodes share, `ranks` are ranks per
+            node and `configs` are the simulation's modes (``node``, ``cluster``, or with
+            `split` ``vllm``, ``vllm-prefetch``, ``ours-whole``, ``ours``).
+        split: ``"ep"`` or ``"pp"``: each rank of the simulated job loads its part.
+        faults: run `bench.reliability`'s injected faults on each filesystem (a netfs
+            profile) instead of `configs`.
     """
 
     scenario: str
@@ -56,6 +63,14 @@ class Matrix:
     memory_limit_bytes: int | None = None
     hot: bool = True
     fio: bool = True
+    nodes: int = 1
+    split: str | None = None
+    faults: bool = False
+
+    @property
+    def simulated_cluster(self) -> bool:
+        """Whether it runs across simulated nodes (`bench.cluster_sim`)."""
+        return self.nodes > 1
 
 
 @dataclass(frozen=True)
@@ -92,11 +107,16 @@ class Suite:
 
 
 #: The scenarios of the full suite, by name (``--scenario``).
-SCENARIOS = ("cold", "sweep", "backends", "bigger-than-memory")
+SCENARIOS = (
+    "cold", "sweep", "backends", "bigger-than-memory", "engine", "cluster", "cluster-ep",
+    "faults",
+)  # fmt: skip
 QUICK_CONFIGS = ("none", "sglang", "ours")
 #: On the real client the quick suite also runs plain striping, the yardstick to beat.
 QUICK_REAL_CONFIGS = ("none", "sglang", "stripe", "ours")
 FULL_CONFIGS = ("none", "sglang", "ours", "ours-files")
+#: The engine alone (no torch, nothing parsed) with each in-process read backend.
+ENGINE_CONFIGS = ("engine", *(f"engine:backend={b}" for b in ("sendfile", "pread", "fadvise")))
 SWEEP_CONFIGS = tuple(f"ours-c{c}-{m}m" for c in (1, 2, 4, 8) for m in (16, 64))
 
 
@@ -159,6 +179,19 @@ def _full_matrices() -> tuple[Matrix, ...]:
             "bigger-than-memory", ("slow-nfs",), (4,), ("uniform",), btm, 3 << 30,
             memory_limit_bytes=1 << 30, **only_load,
         ),
+        Matrix("engine", ("local",), (1, 4), ("uniform",), ENGINE_CONFIGS, 4 << 30),
+        Matrix(
+            "cluster", ("slow-nfs",), (2,), ("uniform",), ("node", "cluster"), 2 << 30,
+            nodes=2, **only_load,
+        ),
+        Matrix(
+            "cluster-ep", ("slow-nfs",), (2,), ("many-small",),
+            ("vllm", "vllm-prefetch", "ours-whole", "ours"), 2 << 30, nodes=2, split="ep",
+            **only_load,
+        ),
+        Matrix(
+            "faults", ("fast-nfs",), (1,), ("uniform",), (), 48 << 20, faults=True, **only_load
+        ),
     )  # fmt: skip
 
 
@@ -172,6 +205,15 @@ def full_suite(**overrides: Any) -> Suite:
     ``files`` strategy through the loader.
     ``bigger-than-memory``: slow-nfs, 4 ranks, a 3 GiB uniform checkpoint in a memory
     cgroup limited to 1 GiB: none, sglang, ours (window auto), ours-nowindow.
+    ``engine``: local disk, 1 and 4 ranks, a 4 GiB uniform checkpoint: the engine alone
+    (``start_prefetch`` in each rank, nothing parsed) with its default and three backends,
+    beside the raw floor, fio and the hot run.
+    ``cluster``: 2 simulated nodes x 2 ranks sharing one slow-nfs storage limit
+    (`bench.cluster_sim`), uniform: node-local against cluster mode.
+    ``cluster-ep``: the same nodes in an expert-parallel job, many-small: vLLM's own
+    loader, vLLM's prefetch, ours before ``tensors=``, ours.
+    ``faults``: fast-nfs, a 48 MiB checkpoint loaded with prefetch under each injected
+    fault of `bench.reliability` (survived? tensors lost or wrong?).
 
     Args:
         **overrides: Suite fields to replace.
@@ -185,20 +227,44 @@ def full_suite(**overrides: Any) -> Suite:
     return Suite(**base)
 
 
+def _validate_cluster(m: Matrix) -> None:
+    from bench.cluster_sim import MODES, SPLIT_MODES
+    from bench.netfs import PROFILES
+
+    for name in m.fs:
+        if name not in PROFILES:
+            raise ValueError(f"simulated nodes share a netfs profile, not {name!r}")
+    if m.split not in (None, "ep", "pp"):
+        raise ValueError(f"unknown split {m.split!r}: use ep or pp")
+    modes = SPLIT_MODES if m.split else MODES
+    for c in m.configs:
+        if c not in modes:
+            raise ValueError(f"unknown mode {c!r} of simulated nodes: use {', '.join(modes)}")
+
+
 def _validate_matrix(m: Matrix) -> None:
     from bench.checkpoint import SHAPES
     from bench.filesystems import check_fs
 
-    for name in m.fs:
-        check_fs(name)
+    if m.simulated_cluster:
+        _validate_cluster(m)
+    elif m.faults:
+        from bench.netfs import PROFILES
+
+        bad = [name for name in m.fs if name not in PROFILES]
+        if bad:
+            raise ValueError(f"faults are injected in a netfs profile, not {bad[0]!r}")
+    else:
+        for name in m.fs:
+            check_fs(name)
+        for c in m.configs:
+            parse_config(c)
     for shape in m.shapes:
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}: use {', '.join(SHAPES)}")
     for r in m.ranks:
         if r < 1:
             raise ValueError(f"rank counts must be >= 1, got {r}")
-    for c in m.configs:
-        parse_config(c)
     if m.memory_limit_bytes is not None:
         need = max(m.ranks) * READ_BUFFERS_PER_RANK + (32 << 20)
         if m.memory_limit_bytes < need:

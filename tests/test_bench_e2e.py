@@ -316,3 +316,28 @@ def test_served_waits_for_reads_still_in_the_server(tmp_path: Path) -> None:
         assert fs.served() >= 4096  # counted after the stall lifted, not 0 at once
         assert fs.last_counters["requests"] >= 1
         reader.join(10)
+
+
+def test_the_engine_alone_is_a_configuration_of_the_suite(tmp_path: Path) -> None:
+    """The engine-alone bench as the ``engine`` scenario: ``start_prefetch`` in each rank,
+    nothing parsed, beside the raw floor, in the one results schema and table."""
+    from bench.report import rows
+
+    m = Matrix(
+        "engine", ("local",), (2,), ("uniform",), ("engine", "engine:backend=pread"), SIZE,
+        hot=False, fio=False,
+    )  # fmt: skip
+    doc = run_suite(Suite(name="t", matrices=(m,), repeats=1, warmup=0, workdir=tmp_path))
+    results.validate(doc)
+    loads = {r["config"]: r for r in doc["results"] if r["kind"] == "load"}
+    assert set(loads) == {"engine", "engine:backend=pread"}
+    total = next(iter(doc["checkpoints"].values()))["total_bytes"]
+    for r in loads.values():
+        s = r["samples"][0]
+        assert sum(rk["bytes_consumed"] for rk in s["ranks"]) == total  # each byte once
+        assert all(rk["checksum"] is None and rk["tensors"] == 0 for rk in s["ranks"])
+        reports = [rk["prefetch"] for rk in s["ranks"]]
+        assert sum(p["warmed_bytes"] + p["cached_bytes"] for p in reports) == total
+    pread = loads["engine:backend=pread"]["samples"][0]["ranks"][0]["prefetch"]
+    assert pread["backend"].startswith("pread")
+    assert {r.config for r in rows(doc)} == {"engine", "engine:backend=pread", "floor:raw"}
