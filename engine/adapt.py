@@ -16,8 +16,10 @@ controller measures while the prefetch runs and climbs only while climbing pays:
   start: storage that needs 32 or 128 reads in flight is reached in a few steps) while
   the rate grows about in proportion; a doubling that gains clearly less shows the knee
   (linear up to it: near ``streams x gain``), which is taken (after a second interval at
-  the trial's setting: in the first, its new streams were only starting), and from then
-  on trials add a quarter (at least one) and the next follows at once while they pay.
+  the trial's setting: in the first, its new streams were only starting) unless it is the
+  trial's own count (then the storage did not fill below it, and slow start goes on), and
+  from then on trials add a quarter (at least one) and the next follows at once while they
+  pay.
   There is no ceiling of its own: it climbs as long as climbing pays, up to the bound
   the engine derives from the node's resources (`engine.tuning.stream_limit`);
 - the threshold is `GAIN`, or twice the noise of the rate measured while the setting held
@@ -393,10 +395,15 @@ def decide(state: Controller, m: Measurement) -> Controller:
             # Linear up to a knee puts the knee at back x ratio: the fewest streams that
             # reach the measured rate are that, rounded up (down would give some of it up).
             knee = min(streams, max(back + 1, math.ceil(back * ratio - 1e-9)))
-            reason = f"{streams} streams paid {gain}, less than in proportion: {knee}"
-            return _to(
-                state, knee, reason, trial_from=None, doubling=False, anchor_rate=0.0, earned=True
-            )
+            if knee < streams:
+                reason = f"{streams} streams paid {gain}, less than in proportion: {knee}"
+                return _to(
+                    state, knee, reason, trial_from=None, doubling=False, anchor_rate=0.0,
+                    earned=True,
+                )  # fmt: skip
+            # A knee at the trial's own count is no knee (the storage did not fill below
+            # it; the many-streams run stopped doubling at 4 of the 128 it needs on +74%):
+            # slow start goes on from the rate measured twice.
         # It paid: the trial's interval measured the new setting; the next step is tried
         # at once, judged against it (a rate lifted by noise makes the next trial fail).
         state = replace(
