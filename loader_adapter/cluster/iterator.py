@@ -263,17 +263,7 @@ def cluster_weights_iterator(
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk == "auto" else chunk
     check_chunk_bytes(chunk_bytes)
     wanted = tensor_predicate(tensors)
-    needs = None
-    header_ends: list[int] = []
-    if wanted is not None:
-        by_path, headers = needed_ranges(resolved, wanted)
-        header_ends = [headers[f.path].data_start if f.path in headers else 0 for f in resolved]
-        index = {f.path: i for i, f in enumerate(resolved)}
-        needs = tuple(
-            (index[p], lo, hi) for p, ranges in by_path.items() for lo, hi in ranges if hi > lo
-        )
-        # a file whose header could not be read is needed whole (the loader then raises)
-        needs += tuple((i, 0, f.size) for i, f in enumerate(resolved) if f.path not in by_path)
+    needs, header_ends = _needs(resolved, wanted) if wanted is not None else (None, [])
     total = sum(f.size for f in resolved)
     window = options.get("window_bytes", "auto")
     if window == "auto":
@@ -295,7 +285,50 @@ def cluster_weights_iterator(
     if joined.plan is None:
         return _node_local(files, prefetch, joined, options, tensors)
 
+    session = _start_exchange(
+        joined, resolved, base, window=window, read_threads=read_threads,
+        concurrency=options.get("concurrency"), exchange_timeout_s=exchange_timeout_s,
+    )  # fmt: skip
+    if isinstance(session, str):  # only this rank: its peers time out on it
+        log.warning("cluster mode: %s; this rank loads in node-local mode", session)
+        return _node_local(files, prefetch, Joined(session, joined.hosts), options, tensors)
+    holder: list[ClusterWeightsIterator] = []
+    gen = _replica_tensors(resolved, session, lambda: holder[0]._finish(), wanted)
+    weakref.finalize(gen, session.cancel)  # a generator never started runs no `finally`
+    it = ClusterWeightsIterator(gen, session=session)
+    holder.append(it)
+    return it
+
+
+def _needs(
+    resolved: Sequence[ResolvedFile], wanted: Callable[[str], bool]
+) -> tuple[tuple[tuple[int, int, int], ...], list[int]]:
+    """What this rank loads, ``(file index, start, end)``, and where each file's tensor
+    data starts (for the collective's nothing-shared decision)."""
+    by_path, headers = needed_ranges(resolved, wanted)
+    header_ends = [headers[f.path].data_start if f.path in headers else 0 for f in resolved]
+    index = {f.path: i for i, f in enumerate(resolved)}
+    needs = tuple(
+        (index[p], lo, hi) for p, ranges in by_path.items() for lo, hi in ranges if hi > lo
+    )
+    # a file whose header could not be read is needed whole (the loader then raises)
+    needs += tuple((i, 0, f.size) for i, f in enumerate(resolved) if f.path not in by_path)
+    return needs, header_ends
+
+
+def _start_exchange(
+    joined: Joined,
+    resolved: Sequence[ResolvedFile],
+    base: str,
+    *,
+    window: int | None,
+    read_threads: int | None,
+    concurrency: Any,
+    exchange_timeout_s: float,
+) -> Exchange | str:
+    """Open this node's replica and start this rank's exchange; or why not (a string)."""
     plan = joined.plan
+    assert plan is not None
     me = dist.get_rank()
     topo = plan.topology
     node = topo.node_of[me]
@@ -311,11 +344,7 @@ def cluster_weights_iterator(
             len(plan.stripes), topo.local_rank_of[me], local_world,
         )  # fmt: skip
     except OSError as exc:
-        # Only this rank: its peers time out on it and read its stripes from storage.
-        reason = f"cannot make the replica in {base}: {exc}"
-        log.warning("cluster mode: %s; this rank loads in node-local mode", reason)
-        return _node_local(files, prefetch, Joined(reason, joined.hosts), options, tensors)
-    concurrency = options.get("concurrency")
+        return f"cannot make the replica in {base}: {exc}"
     if read_threads is None and isinstance(concurrency, int) and not isinstance(concurrency, bool):
         read_threads = concurrency  # reads in flight per rank, as in node-local mode
     threads = read_threads or max(1, NODE_STREAMS // local_world)
@@ -333,12 +362,7 @@ def cluster_weights_iterator(
         plan.chunk_bytes >> 20, "none" if window is None else f"{window >> 20} MiB",
         replica.directory,
     )  # fmt: skip
-    holder: list[ClusterWeightsIterator] = []
-    gen = _replica_tensors(resolved, session, lambda: holder[0]._finish(), wanted)
-    weakref.finalize(gen, session.cancel)  # a generator never started runs no `finally`
-    it = ClusterWeightsIterator(gen, session=session)
-    holder.append(it)
-    return it
+    return session
 
 
 def _node_local(
