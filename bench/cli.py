@@ -78,7 +78,7 @@ configurations (--configs, comma separated):
                 ranks, in this process (the defaults before adaptation)
   ours-<backend>, ours-window, ours-nowindow, ours-noprefetch
   ours:backend=pread,concurrency=2,chunk_mb=32,window=auto   (any options)
-  engine        the engine alone: start_prefetch(files, rank, world).wait() in each
+  engine        the engine alone: prefetch_async(files, rank, world), no consumer, in each
                 rank, nothing parsed (engine:backend=pread,concurrency=2,chunk_mb=32)
   sglang:threads=8,block_mb=32                                (any options)
 

@@ -101,12 +101,18 @@ def _load_raw(
 def _load_engine(
     cfg: Config, files: list[str], rank: int, world: int, consume: Consume
 ) -> dict[str, Any]:
-    """The engine alone: this rank's share warmed into the page cache, nothing parsed."""
-    from engine import start_prefetch
+    """The engine alone: this rank's share warmed into the page cache, nothing parsed.
+
+    `engine.prefetch_async` with no consumer: nobody loads, so the controller is not told
+    that a loader lags (a `start_prefetch` handle holds a consumer at position 0).
+    """
+    import asyncio
+
+    from engine import prefetch_async
 
     kwargs = cfg.loader_options()
     kwargs.pop("prefetch")
-    report = start_prefetch(files, rank, world, **kwargs).wait()
+    report = asyncio.run(prefetch_async(files, rank, world, **kwargs))
     if not report.ok:
         raise RuntimeError(f"the engine's prefetch failed: {report.failures[:3]}")
     return {**report.to_dict(), "bytes_read": report.warmed_bytes + report.cached_bytes}
