@@ -205,8 +205,7 @@ def _add_matrix_args(r: argparse.ArgumentParser) -> None:
         type=_csv,
         metavar="LIST",
         help="scenarios: cold, sweep, backends, bigger-than-memory, engine, cluster, "
-        "cluster-ep, faults "
-        "(quick: cold; full: all)",
+        "cluster-ep, faults (quick: cold; full: all)",
     )
     r.add_argument(
         "--memory-limit",

@@ -112,7 +112,7 @@ class Config:
 
     def loader_options(self) -> dict[str, Any]:
         """Keyword options for ``safetensors_weights_iterator`` (kind ``ours``), or for
-        ``engine.start_prefetch`` (kind ``engine``: drop ``prefetch``).
+        ``engine.prefetch_async`` (kind ``engine``: drop ``prefetch``).
 
         ``chunk_mb`` becomes ``chunk_bytes``; ``concurrency=fixed`` stays ``"fixed"`` (the
         rank resolves it: `engine.tuning.NODE_STREAMS` split among the ranks, without

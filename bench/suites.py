@@ -206,8 +206,8 @@ def full_suite(**overrides: Any) -> Suite:
     ``bigger-than-memory``: slow-nfs, 4 ranks, a 3 GiB uniform checkpoint in a memory
     cgroup limited to 1 GiB: none, sglang, ours (window auto), ours-nowindow.
     ``engine``: local disk, 1 and 4 ranks, a 4 GiB uniform checkpoint: the engine alone
-    (``start_prefetch`` in each rank, nothing parsed) with its default and three backends,
-    beside the raw floor, fio and the hot run.
+    (``prefetch_async`` in each rank, no consumer, nothing parsed) with its default and
+    three backends, beside the raw floor, fio and the hot run.
     ``cluster``: 2 simulated nodes x 2 ranks sharing one slow-nfs storage limit
     (`bench.cluster_sim`), uniform: node-local against cluster mode.
     ``cluster-ep``: the same nodes in an expert-parallel job, many-small: vLLM's own
