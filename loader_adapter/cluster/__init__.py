@@ -24,12 +24,15 @@ The package, from the pure core out:
 * `join`: what each rank tells the others, and the job's decision (no I/O);
 * `machine`: one rank's stripe state machine, events in, actions out (no I/O);
 * `replica`: the node's replica and its shared ready map (no torch);
-* `storage`, `transport`: reading stripes from storage, moving them between ranks;
-* `exchange`: the threads that carry out the machine's actions;
+* `storage`, `transport`: reading stripes from storage, moving them between ranks (the
+  `Transport` protocol; gloo's imports torch when it first sends);
+* `core`, `reads`, `transfers`, `exchange`: the threads that carry out the machine's
+  actions (the machine under one lock; the readers; the poster and the completer; the
+  repairs, the loader's side and the lifecycle);
 * `collective`, `iterator`, `report`: the one collective, the iterator, the report.
 
-Only `iterator`, `collective`, `exchange` and `transport` import torch; the names below
-are imported on first use.
+Only `iterator` and `collective` import torch; the names below are imported on first
+use.
 
 Example:
     >>> dist.init_process_group("gloo")  # doctest: +SKIP
