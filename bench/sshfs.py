@@ -45,6 +45,9 @@ bench uses to wait for a quiet server before it evicts.
 the sshfs mount and in the backing directory (:func:`engine.residency.evict`, which writes
 dirty pages first).
 
+The processes and the link are made and removed by ``bench/sshfs_stack.py`` (`Stack`);
+:class:`SSHFS` is what the bench sees of them: counters, CPU, faults, eviction.
+
 **Teardown** happens on exit, on an exception and on Ctrl-C: stalled processes are
 continued first, the mount is removed (lazily while files are open), then sshfs, ssh, the
 relay and every sshd process are stopped, the veth pair and the namespace are deleted and
@@ -69,18 +72,9 @@ import errno
 import logging
 import mmap
 import os
-import pwd
-import secrets
-import select
-import shlex
-import shutil
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,28 +82,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench import _sftp_counter as wire
-from bench.mounts import evict_mirrored, is_mounted, read_ahead_kb, stat_within
-from bench.netfs import profile_with_overrides, set_read_ahead, unmount
+from bench.mounts import evict_mirrored
+from bench.netfs import profile_with_overrides
 from bench.procs import (
     cpu_seconds,
     descendants,
-    pids_with_arg,
-    reap,
     signal_all,
-    stop_processes,
-    tail,
 )
 from bench.sshfs_env import (
     SSHFSError,
     SSHFSMissingError,
-    Tools,
     find_tools,
-    limit_link,
-    pick_subnet,
-    run_command,
     sshfs_available,
-    version,
 )
+from bench.sshfs_stack import Stack
 from engine.cursor import pid_alive
 
 __all__ = [
@@ -125,15 +111,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_HERE = Path(__file__).resolve().parent
-_COUNTER_SCRIPT = _HERE / "_sftp_counter.py"
-_RELAY_SCRIPT = _HERE / "_relay.py"
-_SSHD_PRIVSEP_DIR = "/run/sshd"
-# Ports inside the namespace made for the run: nothing else listens there.
-_SSHD_PORT = 22022
-_RELAY_PORT = 22023
-_SERVER_ALIVE_S = 5  # x ServerAliveCountMax 3: a silent link is an error after ~15 s
 
 
 @dataclass(frozen=True)
@@ -238,13 +215,6 @@ class CPUTimes:
     server_s: float
 
 
-def _stop(pids: list[int], what: str) -> None:
-    """Stop `pids` (SIGTERM, then SIGKILL); an SSHFSError names any that survive."""
-    left = stop_processes(pids, what)
-    if left:
-        raise SSHFSError(f"{what}: processes {left} survive SIGKILL")
-
-
 # ------------------------------------------------------------------- the mount
 class SSHFS:
     """A mounted real network filesystem (sshfs over a limited veth); made by :func:`mounted`.
@@ -262,31 +232,36 @@ class SSHFS:
     """
 
     def __init__(self, backing_dir: Path, profile: SSHFSProfile, runtime: Path) -> None:
+        self.stack = Stack(backing_dir, profile, runtime)
         self.backing_dir = backing_dir
         self.profile = profile
-        self.path = runtime / "mnt"
-        self.netns = f"ckpt-sshfs-{secrets.token_hex(4)}"
-        self.client_addr = ""
-        self.server_addr = ""
-        self.read_ahead_kb: int | None = None
-        self.versions: dict[str, str] = {}
-        self._runtime = runtime
-        self._counter_dir = runtime / "counters"
-        self._token = self.netns.rsplit("-", 1)[1][:6]
-        self._veth_client = f"csf{self._token}c"
-        self._veth_server = f"csf{self._token}s"
-        self._tools: Tools | None = None
-        self._made_netns = False
-        self._sshd: subprocess.Popen[bytes] | None = None
-        self._relay: subprocess.Popen[bytes] | None = None
-        self._sshfs: subprocess.Popen[bytes] | None = None
+        self.path = self.stack.path
+        self.netns = self.stack.netns
         self._maps: dict[str, mmap.mmap] = {}
         self._baseline: dict[str, tuple[int, ...]] = {}
         self._stopped: list[int] = []
         self._final: Counters | None = None
-        self._detached_busy = False
         self._closed = False
-        self._uses_relay = profile.latency_s > 0 and profile.latency_at == "link"
+
+    @property
+    def client_addr(self) -> str:
+        """The root namespace's end of the veth pair."""
+        return self.stack.client_addr
+
+    @property
+    def server_addr(self) -> str:
+        """The namespace's end, where sshfs connects."""
+        return self.stack.server_addr
+
+    @property
+    def read_ahead_kb(self) -> int | None:
+        """The mount's read-ahead as the kernel reports it; None when unreadable."""
+        return self.stack.read_ahead_kb
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """``{"sshfs": ..., "ssh": ...}`` version lines."""
+        return self.stack.versions
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "mounted"
@@ -297,7 +272,7 @@ class SSHFS:
         """Each SFTP session's counter slots, by counter file name."""
         out: dict[str, tuple[int, ...]] = {}
         with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self._counter_dir):
+            for entry in os.scandir(self.stack.counter_dir):
                 if not entry.name.endswith(".ctr"):
                     continue
                 mapped = self._maps.get(entry.name)
@@ -365,11 +340,8 @@ class SSHFS:
         Example:
             >>> before = fs.cpu_times()  # doctest: +SKIP
         """
-        client = self._client_pids()
-        server: list[int] = []
-        for proc in (self._sshd, self._relay):
-            if proc is not None and pid_alive(proc.pid):
-                server += [proc.pid, *descendants(proc.pid)]
+        client = self.stack.client_pids()
+        server = [pid for pids in self.stack.server_pids().values() for pid in pids]
         return CPUTimes(client_s=cpu_seconds(client), server_s=cpu_seconds(server))
 
     def pids(self) -> dict[str, list[int]]:
@@ -379,20 +351,8 @@ class SSHFS:
             ``{"client": [sshfs, ssh...], "server": [sshd..., wrappers, sftp-servers],
             "relay": [...]}``; roles with no process are left out.
         """
-        out: dict[str, list[int]] = {}
-        if client := self._client_pids():
-            out["client"] = client
-        for role, proc in (("server", self._sshd), ("relay", self._relay)):
-            if proc is not None and pid_alive(proc.pid):
-                out[role] = [proc.pid, *descendants(proc.pid)]
-        return out
-
-    def _client_pids(self) -> list[int]:
-        """sshfs and its ssh processes (sshfs double-forks ssh: found by the key's path)."""
-        pids = pids_with_arg(f"-oIdentityFile={self._runtime / 'client_key'}")
-        if self._sshfs is not None and pid_alive(self._sshfs.pid):
-            pids = [self._sshfs.pid, *(p for p in pids if p != self._sshfs.pid)]
-        return pids
+        client = self.stack.client_pids()
+        return {**({"client": client} if client else {}), **self.stack.server_pids()}
 
     # ------------------------------------------------------------------- faults
     def _sftp_server_pids(self) -> list[int]:
@@ -416,9 +376,10 @@ class SSHFS:
             >>> fs.stall(); time.sleep(2); fs.unstall()  # doctest: +SKIP
         """
         if target == "link":
-            if self._relay is None or not pid_alive(self._relay.pid):
+            relay = self.stack.relay
+            if relay is None or not pid_alive(relay.pid):
                 raise SSHFSError('no relay to stop: it runs only with latency_at="link"')
-            pids = [self._relay.pid]
+            pids = [relay.pid]
         else:
             pids = self._sftp_server_pids()
             if not pids:
@@ -441,7 +402,7 @@ class SSHFS:
         does not reconnect, ends and removes its mount.
         """
         self.unstall()
-        for proc in (self._relay, self._sshd):
+        for proc in (self.stack.relay, self.stack.sshd):
             if proc is not None and pid_alive(proc.pid):
                 signal_all([*descendants(proc.pid), proc.pid], signal.SIGKILL)
         log.info("killed the server of %s", self.path)
@@ -485,7 +446,7 @@ class SSHFS:
                 "server_addr": self.server_addr,
                 "qdisc": "tbf" if self.profile.bandwidth_bps else None,
                 "latency": (
-                    ("tcp relay" if self._uses_relay else "sftp request delay")
+                    ("tcp relay" if self.stack.uses_relay else "sftp request delay")
                     if self.profile.latency_s > 0
                     else None
                 ),
@@ -494,191 +455,6 @@ class SSHFS:
             "SFTP DATA payload counted at the server",
         }
 
-    # ------------------------------------------------------------------- set up
-    def _start(self, tools: Tools, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        self._tools = tools
-        self._make_keys(tools)
-        self._make_link(tools)
-        self._start_sshd(tools, deadline)
-        port = _SSHD_PORT
-        if self._uses_relay:
-            self._start_relay(tools, deadline)
-            port = _RELAY_PORT
-        _probe_ssh(self.server_addr, port, deadline)
-        self._mount(tools, port, deadline)
-        self.versions = {
-            "sshfs": version([tools.sshfs, "--version"], "SSHFS"),
-            "ssh": version([tools.ssh, "-V"], "OpenSSH"),
-        }
-
-    def _make_keys(self, tools: Tools) -> None:
-        for name in ("host_key", "client_key"):
-            run_command(
-                [tools.ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C", "ckpt-sshfs", "-f",
-                 str(self._runtime / name)],
-                f"make {name}",
-            )  # fmt: skip
-        shutil.copy(self._runtime / "client_key.pub", self._runtime / "authorized_keys")
-        self._counter_dir.mkdir(mode=0o700)
-
-    def _make_link(self, tools: Tools) -> None:
-        ip, ns = tools.ip, self.netns
-        in_ns = [ip, "netns", "exec", ns]
-        net = pick_subnet(ip)
-        hosts = list(net.hosts())
-        self.client_addr, self.server_addr = str(hosts[0]), str(hosts[1])
-        run_command([ip, "netns", "add", ns], "make the network namespace")
-        self._made_netns = True
-        run_command([ip, "link", "add", self._veth_client, "type", "veth", "peer", "name",
-                     self._veth_server, "netns", ns], "make the veth pair")  # fmt: skip
-        run_command(
-            [ip, "addr", "add", f"{self.client_addr}/30", "dev", self._veth_client], "address"
-        )
-        run_command([ip, "link", "set", self._veth_client, "up"], "link up")
-        run_command([*in_ns, ip, "addr", "add", f"{self.server_addr}/30", "dev", self._veth_server],
-                    "address in the namespace")  # fmt: skip
-        run_command(
-            [*in_ns, ip, "link", "set", self._veth_server, "up"], "link up in the namespace"
-        )
-        run_command([*in_ns, ip, "link", "set", "lo", "up"], "loopback up in the namespace")
-        if self.profile.bandwidth_bps:
-            limit_link(tools.tc, self._veth_client, self.profile.bandwidth_bps, [])
-            limit_link(tools.tc, self._veth_server, self.profile.bandwidth_bps, in_ns)
-        log.debug("link %s <-> %s in %s", self.client_addr, self.server_addr, ns)
-
-    def _start_sshd(self, tools: Tools, deadline: float) -> None:
-        rt = self._runtime
-        subsystem = rt / "sftp-subsystem.sh"
-        request_delay = 0.0 if self._uses_relay else self.profile.latency_s
-        subsystem.write_text(
-            "#!/bin/sh\nexec "
-            + shlex.join([sys.executable, "-I", "-S", str(_COUNTER_SCRIPT),
-                          str(self._counter_dir), repr(request_delay), tools.sftp_server,
-                          "-R"])
-            + "\n"
-        )  # fmt: skip
-        subsystem.chmod(0o700)
-        listen = "127.0.0.1" if self._uses_relay else self.server_addr
-        config = rt / "sshd_config"
-        config.write_text(
-            "\n".join([
-                f"Port {_SSHD_PORT}",
-                f"ListenAddress {listen}",
-                f"HostKey {rt / 'host_key'}",
-                f"AuthorizedKeysFile {rt / 'authorized_keys'}",
-                f"PidFile {rt / 'sshd.pid'}",
-                f"Subsystem sftp {subsystem}",
-                "AuthenticationMethods publickey",
-                "PermitRootLogin prohibit-password",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "UsePAM no",
-                "StrictModes no",  # the keys live under /tmp, which is world-writable
-                "UseDNS no",
-                "PrintMotd no",
-                "PermitTTY no",
-                "AllowTcpForwarding no",
-                "AllowAgentForwarding no",
-                "X11Forwarding no",
-                "MaxStartups 100",
-                "MaxSessions 64",
-                "LogLevel INFO",
-                "",
-            ])
-        )  # fmt: skip
-        if not os.path.isdir(_SSHD_PRIVSEP_DIR):
-            os.makedirs(_SSHD_PRIVSEP_DIR, mode=0o755, exist_ok=True)
-        log_path = rt / "sshd.log"
-        with open(log_path, "wb") as out:
-            self._sshd = subprocess.Popen(
-                [tools.ip, "netns", "exec", self.netns, tools.sshd, "-D", "-e", "-f", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a ^C reaches us only; we stop it in order
-            )
-        while b"Server listening on" not in log_path.read_bytes():
-            if self._sshd.poll() is not None:
-                raise SSHFSError(f"sshd exited with {self._sshd.returncode}:\n{tail(log_path)}")
-            if time.monotonic() > deadline:
-                raise SSHFSError(f"sshd did not listen in time:\n{tail(log_path)}")
-            time.sleep(0.02)
-
-    def _start_relay(self, tools: Tools, deadline: float) -> None:
-        log_path = self._runtime / "relay.log"
-        with open(log_path, "wb") as err:
-            self._relay = subprocess.Popen(
-                [tools.ip, "netns", "exec", self.netns, sys.executable, "-I", "-S",
-                 str(_RELAY_SCRIPT), self.server_addr, str(_RELAY_PORT), "127.0.0.1",
-                 str(_SSHD_PORT), repr(self.profile.latency_s)],
-                stdin=subprocess.PIPE,  # closed by us or at our exit: the relay then ends
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-            )  # fmt: skip
-        assert self._relay.stdout is not None
-        ready, _, _ = select.select([self._relay.stdout], [], [], deadline - time.monotonic())
-        if not ready or self._relay.stdout.readline().strip() != b"ready":
-            raise SSHFSError(f"the latency relay did not start:\n{tail(log_path)}")
-
-    def _mount(self, tools: Tools, port: int, deadline: float) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        if is_mounted(str(self.path)):
-            raise SSHFSError(f"{self.path} is already a mount point")
-        user = pwd.getpwuid(os.geteuid()).pw_name
-        ssh_options = {
-            "IdentityFile": str(self._runtime / "client_key"),
-            "IdentitiesOnly": "yes",
-            "IdentityAgent": "none",
-            "StrictHostKeyChecking": "no",
-            "UserKnownHostsFile": "/dev/null",
-            "GlobalKnownHostsFile": "/dev/null",
-            "BatchMode": "yes",
-            "ConnectTimeout": "10",
-            "ServerAliveInterval": str(_SERVER_ALIVE_S),
-            "ServerAliveCountMax": "3",
-            "ControlMaster": "no",
-            "ControlPath": "none",
-            "LogLevel": "ERROR",
-            **({"Ciphers": self.profile.ciphers} if self.profile.ciphers else {}),
-        }
-        options = [
-            "ro",
-            "kernel_cache",
-            "noauto_cache",
-            f"max_read={self.profile.max_read}",
-            f"max_conns={self.profile.max_conns}",
-            "entry_timeout=86400",
-            "attr_timeout=86400",
-            "dcache_timeout=86400",
-            f"ssh_command={tools.ssh}",
-            *(["allow_other"] if os.geteuid() == 0 else []),
-            *(f"{k}={v}" for k, v in ssh_options.items()),
-        ]
-        empty_config = self._runtime / "ssh_config"
-        empty_config.write_text("")  # -F: ignore ~/.ssh/config and /etc/ssh/ssh_config
-        cmd = [
-            tools.sshfs, "-f", f"{user}@{self.server_addr}:{self.backing_dir}", str(self.path),
-            "-p", str(port), "-F", str(empty_config), "-o", ",".join(options),
-        ]  # fmt: skip
-        log_path = self._runtime / "sshfs.log"
-        with open(log_path, "wb") as out:
-            self._sshfs = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        try:
-            _wait_for_mount(self._sshfs, self.path, deadline, log_path)
-        except SSHFSError as exc:  # the server's side of a refused login is in sshd's log
-            raise SSHFSError(f"{exc}\nsshd log:\n{tail(self._runtime / 'sshd.log')}") from None
-        if self.profile.read_ahead_kb is not None:
-            set_read_ahead(str(self.path), self.profile.read_ahead_kb)
-        if self.profile.max_background is not None:
-            _set_fuse_connection(self.path, "max_background", self.profile.max_background)
-        self.read_ahead_kb = read_ahead_kb(str(self.path))
-
-    # ----------------------------------------------------------------- tear down
     def _close(self) -> None:
         """Undo everything that was made, in order; every step runs even if one fails."""
         if self._closed:
@@ -686,13 +462,8 @@ class SSHFS:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("continue stopped processes", self.unstall),
             ("read the last counters", self._keep_final_counters),
-            ("unmount", self._unmount),
-            ("stop sshfs", self._stop_client),
-            ("stop the relay", lambda: self._stop_server_proc(self._relay, "relay")),
-            ("stop sshd", lambda: self._stop_server_proc(self._sshd, "sshd")),
-            ("remove the network namespace", self._remove_link),
-            ("unmount what is left", self._unmount),
-            ("remove the temporary directory", self._remove_runtime),
+            ("close the counters", self._close_maps),
+            *self.stack.teardown(),
         ]
         interrupted: BaseException | None = None
         for what, step in steps:
@@ -709,103 +480,10 @@ class SSHFS:
     def _keep_final_counters(self) -> None:
         self._final = self.counters()
 
-    def _unmount(self) -> None:
-        if unmount(str(self.path)):
-            self._detached_busy = True  # sshfs keeps serving the open files: stop it
-
-    def _stop_client(self) -> None:
-        proc = self._sshfs
-        if proc is None:
-            return
-        ssh = [p for p in self._client_pids() if p != proc.pid]
-        with contextlib.suppress(subprocess.TimeoutExpired):  # it ends once unmounted
-            proc.wait(timeout=0.2 if self._detached_busy else 5.0)
-        _stop([*ssh, proc.pid], "sshfs")
-        reap(proc)
-        if proc.returncode not in (0, None, -signal.SIGTERM):
-            log.debug(
-                "sshfs exited with %s:\n%s", proc.returncode, tail(self._runtime / "sshfs.log")
-            )
-
-    def _stop_server_proc(self, proc: subprocess.Popen[bytes] | None, what: str) -> None:
-        if proc is None:
-            return
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        _stop([*descendants(proc.pid), proc.pid], what)
-        reap(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-    def _remove_link(self) -> None:
-        ip = self._tools.ip if self._tools is not None else "ip"
-        if self._made_netns:
-            with contextlib.suppress(SSHFSError):
-                pids = run_command([ip, "netns", "pids", self.netns], "pids")
-                left = [int(p) for p in pids.split()]
-                if left:
-                    log.warning("processes %s still in %s: killing them", left, self.netns)
-                    _stop(left, self.netns)
-            run_command([ip, "netns", "delete", self.netns], "remove the network namespace")
-            self._made_netns = False
-        with contextlib.suppress(SSHFSError):  # gone with the namespace, normally
-            run_command([ip, "link", "delete", self._veth_client], "remove the veth pair")
-
-    def _remove_runtime(self) -> None:
+    def _close_maps(self) -> None:
         for mapped in self._maps.values():
             mapped.close()
         self._maps.clear()
-        if is_mounted(str(self.path)):
-            log.error("%s is still mounted: %s is left behind", self.path, self._runtime)
-            return
-        shutil.rmtree(self._runtime, ignore_errors=True)
-
-
-def _set_fuse_connection(mountpoint: Path, name: str, value: int) -> None:
-    dev = os.stat(mountpoint).st_dev
-    knob = f"/sys/fs/fuse/connections/{os.minor(dev)}/{name}"
-    try:
-        with open(knob, "w", encoding="ascii") as f:
-            f.write(str(int(value)))
-    except OSError as exc:
-        log.warning("cannot set %s=%d at %s: %s", name, value, knob, exc)
-
-
-def _probe_ssh(addr: str, port: int, deadline: float) -> None:
-    """Wait until an SSH banner comes back through the link (relay included)."""
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((addr, port), timeout=2.0) as sock:
-                if sock.recv(64).startswith(b"SSH-"):
-                    return
-        except OSError as exc:
-            last = exc
-        time.sleep(0.05)
-    raise SSHFSError(f"no SSH banner from {addr}:{port} in time (last error: {last})")
-
-
-def _wait_for_mount(
-    proc: subprocess.Popen[bytes], mountpoint: Path, deadline: float, log_path: Path
-) -> None:
-    """Wait until sshfs has mounted and its root answers a stat (from a daemon thread,
-    so that a server that never answers makes this raise instead of hang)."""
-    while not is_mounted(str(mountpoint)):
-        if proc.poll() is not None:
-            raise SSHFSError(f"sshfs exited with {proc.returncode}:\n{tail(log_path)}")
-        if time.monotonic() > deadline:
-            raise SSHFSError(f"sshfs did not mount in time:\n{tail(log_path)}")
-        time.sleep(0.02)
-    answer = stat_within(mountpoint, max(0.1, deadline - time.monotonic()))
-    if answer is not None and not isinstance(answer, OSError):
-        return
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=1.0)  # sshfs mounts before it connects: did the connection fail?
-    if proc.returncode is not None:
-        raise SSHFSError(f"sshfs exited with {proc.returncode}:\n{tail(log_path)}")
-    why = f"failed: {answer[0]}" if answer else "did not answer"
-    raise SSHFSError(f"a stat of the sshfs mount root {why}:\n{tail(log_path)}")
 
 
 def _resolve_profile(profile: str | SSHFSProfile, overrides: dict[str, Any]) -> SSHFSProfile:
@@ -863,7 +541,7 @@ def mounted(
     tools = find_tools()
     fs = SSHFS(backing, resolved, Path(tempfile.mkdtemp(prefix="sshfs-")))
     try:
-        fs._start(tools, startup_timeout)
+        fs.stack.start(tools, startup_timeout)
         log.info(
             "mounted %s at %s over sshfs (%s, %s <-> %s in %s)",
             backing, fs.path, resolved.name, fs.client_addr, fs.server_addr, fs.netns,

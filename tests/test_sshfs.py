@@ -28,6 +28,7 @@ from test_netfs import read_all, wait_until
 from bench import sshfs, sshfs_env
 from bench.mounts import is_mounted
 from bench.sshfs import PROFILES, SSHFS, SSHFSError, SSHFSMissingError, mounted
+from bench.sshfs_stack import Stack
 from engine.cursor import pid_alive
 from engine.residency import resident_bytes
 
@@ -77,9 +78,11 @@ class _Trace:
     pids: list[int]
 
 
-def _trace(fs: SSHFS) -> _Trace:
-    pids = [p for group in fs.pids().values() for p in group]
-    return _Trace(str(fs.path), fs._runtime, fs.netns, fs._veth_client, pids)
+def _trace(fs: SSHFS | Stack) -> _Trace:
+    stack = fs.stack if isinstance(fs, SSHFS) else fs
+    groups = [stack.client_pids(), *stack.server_pids().values()]
+    pids = [p for group in groups for p in group]
+    return _Trace(str(stack.path), stack.runtime, stack.netns, stack.veth_client, pids)
 
 
 def _netns_names() -> set[str]:
@@ -269,15 +272,15 @@ def test_a_failed_start_raises_and_leaves_nothing(
     failure: str, backing: tuple[Path, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     traces: list[_Trace] = []
-    real_mount = SSHFS._mount
+    real_mount = Stack._mount
 
-    def spy(self: SSHFS, *args: object) -> None:
+    def spy(self: Stack, *args: object) -> None:
         traces.append(_trace(self))  # the namespace, sshd (and the relay) are up
         if failure == "ctrl-c during set-up":
             raise KeyboardInterrupt
         real_mount(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(SSHFS, "_mount", spy)
+    monkeypatch.setattr(Stack, "_mount", spy)
     if failure == "sshfs cannot connect":
         expected, overrides = pytest.raises(SSHFSError, match="sshfs exited"), {"ciphers": "x"}
     else:
