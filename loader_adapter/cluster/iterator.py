@@ -3,13 +3,7 @@
 `cluster_weights_iterator` joins the job (`loader_adapter.cluster.collective`), opens the
 node's replica, starts this rank's `Exchange` and yields each tensor once every stripe
 under it is there; or, when the job decided against cluster mode, loads node-local.
-
-Example:
-    >>> dist.init_process_group("gloo")  # doctest: +SKIP
-    >>> with cluster_weights_iterator("/nfs/ckpt") as it:  # doctest: +SKIP
-    ...     for name, tensor in it:
-    ...         params[name].copy_(tensor)
-    ...     print(it.report)
+The package's doc (`loader_adapter.cluster`) has an example.
 """
 
 from __future__ import annotations
