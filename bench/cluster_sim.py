@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.launchers import child_env
 from bench.parallel import SPLITS
 from engine.procstat import process_cpu_s, process_state
 
@@ -354,15 +355,8 @@ def run_mode(
     t0 = time.monotonic()
     for rank in range(world):
         node = rank % nodes
-        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-        env.update(
-            {
-                _HOST_ENV: f"node{node}",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")])),
-                "GLOO_SOCKET_IFNAME": "lo",
-                "OMP_NUM_THREADS": "1",
-            }
-        )
+        env = {k: v for k, v in child_env().items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        env.update({_HOST_ENV: f"node{node}", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
         cmd = [
             sys.executable, "-m", "bench.cluster_sim", "worker",
             "--rank", str(rank), "--world", str(world), "--port", str(port), "--mode", mode,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,11 +22,10 @@ from typing import Any
 
 from bench.checkpoint import Checkpoint
 from bench.errors import BenchError
+from bench.launchers import child_env
 from bench.models import Sample
 
 __all__ = ["FaultRound", "measure_round", "slug", "to_sample"]
-
-_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +65,9 @@ def measure_round(step: FaultRound, ckpt: Checkpoint, *, timeout_s: float) -> li
             sys.executable, "-m", "bench.reliability", "--runs", "1", "--json", str(out),
             "--checkpoint", str(ckpt.directory), "--profile", step.group.fs,
         ]  # fmt: skip
-        path = os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=child_env()
+        )
         if not out.exists():
             raise BenchError(
                 f"{step.label}: the fault runs stopped (exit status {proc.returncode}): "

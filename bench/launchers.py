@@ -33,13 +33,14 @@ from bench import protocol as proto
 from bench.errors import BenchError
 from bench.protocol import Job, RankReport
 
-__all__ = ["ForkserverLauncher", "Launcher", "SubprocessLauncher", "make_launcher"]
+__all__ = ["ForkserverLauncher", "Launcher", "SubprocessLauncher", "child_env", "make_launcher"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
 
-def _env() -> dict[str, str]:
-    """This environment, with this tree first on the rank processes' import path."""
+def child_env() -> dict[str, str]:
+    """This environment, with this tree first on a child process's import path (the rank
+    processes, and the harnesses the suite runs in a child)."""
     path = os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
 
@@ -77,7 +78,7 @@ class ForkserverLauncher(Launcher):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
-            env=_env(),
+            env=child_env(),
             start_new_session=True,
         )
         self._expect(proto.ServerReady, deadline)
@@ -188,7 +189,7 @@ class SubprocessLauncher(Launcher):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
-            env=_env(),
+            env=child_env(),
         )
 
     def run(self, job: Job, world: int, timeout: float) -> tuple[float, list[RankReport]]:
