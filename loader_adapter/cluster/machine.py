@@ -194,8 +194,7 @@ reader=0, receivers=(1,), nodes=None))]
         self._inflight = max(1, inflight)
         self._pending_sends = {s.index: len(s.receivers) for s in self.own}
         self._unsent: set[int] = set()  # read, sends pending (the window's backlog)
-        self._sendable: set[int] = set()  # read and marked: its sends may start
-        self._rereading: set[int] = set()
+        self._rereading: set[int] = set()  # unsent, but freed meanwhile: read again
         self._read_failed: set[int] = set()
         self._backlog_max = (
             None if window_bytes is None else max(2, window_bytes // plan.chunk_bytes)
@@ -252,7 +251,6 @@ reader=0, receivers=(1,), nodes=None))]
     def reread(self, stripe: int) -> list[Action]:
         """A `Mark` of an own stripe did not take: it was freed (another local rank read it
         from storage and everyone consumed it) before its sends; read it again."""
-        self._sendable.discard(stripe)
         self._rereading.add(stripe)
         return [Read(self.plan.stripes[stripe])]
 
@@ -268,7 +266,6 @@ reader=0, receivers=(1,), nodes=None))]
         only = None if again else _NOT_PUNCHED
         if self._pending_sends.get(stripe, 0):
             self._unsent.add(stripe)
-            self._sendable.add(stripe)
             return [Mark(stripe, StripeState.SENDING, only, reread=not again)]
         return [Mark(stripe, StripeState.READY, only)]
 
@@ -301,8 +298,8 @@ reader=0, receivers=(1,), nodes=None))]
             if s.index in self._read_failed:
                 self._next_op += 1
                 return self._send_done(s.index)
-            if s.index not in self._sendable:
-                return None
+            if s.index not in self._unsent or s.index in self._rereading:
+                return None  # not read (and marked) by this rank yet
             discard = False
         else:
             if s.position >= gate:
@@ -366,7 +363,6 @@ reader=0, receivers=(1,), nodes=None))]
         if left > 0:
             return []
         self._unsent.discard(stripe)
-        self._sendable.discard(stripe)
         return [Mark(stripe, StripeState.READY, frozenset({StripeState.SENDING}))]
 
     # ------------------------------------------------------------- what moved
