@@ -449,9 +449,12 @@ def simulate(
     needed = [0] * nodes
     if split:
         needed = node_needed_bytes(Split(split, nodes, ranks_per_node), [str(f) for f in files])
-    work = Path(workdir or tempfile.mkdtemp(prefix="cluster-sim-"))
     results: list[SimResult] = []
     with contextlib.ExitStack() as stack:
+        # a directory of our own making goes with the run (the results are in memory)
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cluster-sim-"))
+        work = Path(workdir)
         storage = stack.enter_context(SharedBandwidth(PROFILES[profile].bandwidth_bps))
         mounts = [
             stack.enter_context(mounted(checkpoint_dir, profile=profile, shared_bandwidth=storage))

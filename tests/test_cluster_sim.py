@@ -3,6 +3,8 @@ one bandwidth limit, and each node's bytes are counted apart."""
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from bench.checkpoint import make_checkpoint
@@ -12,13 +14,18 @@ MiB = 1 << 20
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(240)]
 
 
-def test_the_simulated_nodes_draw_from_one_storage_limit(tmp_path):
+def test_the_simulated_nodes_draw_from_one_storage_limit(tmp_path, monkeypatch):
     checkpoint = make_checkpoint(tmp_path / "ck", size_bytes=12 * MiB, shards=2)
     total = checkpoint.total_bytes
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     node, cluster = simulate(
         checkpoint.directory, nodes=2, ranks_per_node=1, profile="slow-nfs", chunk_mb=1,
-        timeout_s=20, workdir=tmp_path / "w",
+        timeout_s=20,
     )  # fmt: skip
+    # the work directory it made for itself went with the run
+    assert not list(scratch.glob("cluster-sim-*"))
     assert (node.mode, cluster.mode) == ("node", "cluster")
     for result in (node, cluster):
         assert result.failed_ranks == []
