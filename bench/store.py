@@ -129,7 +129,8 @@ def ensure_checkpoint(
         (checkpoint, made): made is False when an existing one was reused.
 
     Example:
-        >>> ckpt, made = ensure_checkpoint("/tmp/w", shape="single", size_bytes=64 << 20)
+        >>> import tempfile
+        >>> ckpt, made = ensure_checkpoint(tempfile.mkdtemp(), shape="single", size_bytes=64 << 20)
     """
     params = _params(shape, size_bytes, shards, skew, dtypes, seed)
     directory = _directory(workdir, params)
