@@ -51,11 +51,13 @@ def pid_alive(pid: int) -> bool:
 class RankBoard:
     """The consumer positions of the local ranks loading one checkpoint, in shared memory.
 
-    One 40-byte slot per rank in ``/dev/shm/ckpt-prefetch-<uid>-<key>.board`` (the key
+    One 64-byte slot per rank in ``/dev/shm/ckpt-prefetch-<uid>-<key>.board`` (the key
     hashes the world size and each file's device, inode and size, so every rank of a load
     finds the same file without talking to the others): pid, position, start and finish
-    times (``CLOCK_MONOTONIC`` ns, the same clock in every process of the machine), and the
-    bytes the rank's prefetch has warmed (the node's rate, for `engine.adapt`). A rank
+    times (``CLOCK_MONOTONIC`` ns, the same clock in every process of the machine), the
+    bytes the rank's prefetch has warmed and when its last read completed (the node's
+    rate, for `engine.adapt`), and the reads in flight its adaptation chose, with whether
+    it still decides (the node follows one rank's decisions: `pace_leader`). A rank
     registers when its prefetch plans, publishes its position as the loader advances, and
     marks itself finished at the end. The last rank to finish removes the file.
 
@@ -69,7 +71,10 @@ class RankBoard:
         4096
     """
 
-    _SLOT = struct.Struct("<qqqqq")  # pid, position, started_ns, finished_ns, warmed
+    # pid, position, started_ns, finished_ns, warmed, streams, pacing, warmed_ns
+    _SLOT = struct.Struct("<qqqqqqqq")
+    #: `pacing` values: this rank's run-time adaptation is deciding, or it has stopped.
+    PACING, PACED = 1, 2
 
     def __init__(self, path: Path, rank: int, world: int) -> None:
         self.path = path
@@ -89,19 +94,19 @@ class RankBoard:
             os.close(fd)
         self.started_ns = time.monotonic_ns()
         self._SLOT.pack_into(
-            self._map, rank * self._SLOT.size, os.getpid(), 0, self.started_ns, 0, 0
+            self._map, rank * self._SLOT.size, os.getpid(), 0, self.started_ns, 0, 0, 0, 0, 0
         )
 
     @classmethod
     def open(cls, files: Sequence[ResolvedFile], rank: int, world: int) -> RankBoard:
         """The board of this checkpoint and world size; raise OSError when it cannot be made."""
-        ident = repr(("v2", world, [(f.dev, f.ino, f.size) for f in files])).encode()
+        ident = repr(("v3", world, [(f.dev, f.ino, f.size) for f in files])).encode()
         key = hashlib.sha256(ident).hexdigest()[:20]
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
         return cls(base / f"ckpt-prefetch-{os.geteuid()}-{key}.board", rank, world)
 
-    def _slot(self, r: int) -> tuple[int, int, int, int, int]:
+    def _slot(self, r: int) -> tuple[int, ...]:
         assert self._map is not None
         return self._SLOT.unpack_from(self._map, r * self._SLOT.size)
 
@@ -110,17 +115,50 @@ class RankBoard:
         if self._map is not None:
             struct.pack_into("<q", self._map, self.rank * self._SLOT.size + 8, position)
 
-    def publish_warmed(self, nbytes: int) -> None:
-        """Record the bytes this rank's prefetch has warmed so far."""
+    def publish_warmed(self, nbytes: int, at_ns: int | None = None) -> None:
+        """Record the bytes this rank's prefetch has warmed so far, and when the last of
+        them completed (``CLOCK_MONOTONIC`` ns; None: now)."""
         if self._map is not None:
-            struct.pack_into("<q", self._map, self.rank * self._SLOT.size + 32, nbytes)
+            off = self.rank * self._SLOT.size
+            struct.pack_into("<q", self._map, off + 32, nbytes)
+            at = time.monotonic_ns() if at_ns is None else at_ns
+            struct.pack_into("<q", self._map, off + 56, at)
 
     def warmed(self) -> tuple[int, ...]:
         """The bytes each rank's prefetch has warmed (a slot of an earlier load may linger:
         read differences, not totals)."""
+        return tuple(b for b, _ in self.warmed_at())
+
+    def warmed_at(self) -> tuple[tuple[int, int], ...]:
+        """(bytes warmed, when the last of them completed in ns) of each rank."""
         if self._map is None:
             return ()
-        return tuple(self._slot(r)[4] for r in range(self.world))
+        return tuple((slot[4], slot[7]) for slot in map(self._slot, range(self.world)))
+
+    def publish_streams(self, streams: int) -> None:
+        """Record the reads in flight per rank this rank's adaptation chose, and that it is
+        still deciding (the other ranks follow the lowest such rank: `pace_leader`)."""
+        if self._map is not None:
+            off = self.rank * self._SLOT.size
+            struct.pack_into("<qq", self._map, off + 40, streams, self.PACING)
+
+    def stop_pacing(self) -> None:
+        """This rank's adaptation has stopped deciding (its prefetch ended)."""
+        if self._map is not None:
+            struct.pack_into("<q", self._map, self.rank * self._SLOT.size + 48, self.PACED)
+
+    def pace_leader(self) -> tuple[int, int] | None:
+        """(rank, streams) of the lowest rank whose adaptation is still deciding for the
+        node, this one included; None when there is none (yet)."""
+        if self._map is None:
+            return None
+        for r in range(self.world):
+            pid, _, _, finished, _, streams, pacing, _ = self._slot(r)
+            if pacing != self.PACING or finished or streams < 1:
+                continue
+            if r == self.rank or pid_alive(pid):
+                return r, streams
+        return None
 
     def slowest(self) -> int | None:
         """The smallest position of the ranks still loading; None when one may be unknown."""
@@ -128,7 +166,7 @@ class RankBoard:
             return None
         low: int | None = None
         for r in range(self.world):
-            pid, pos, _, finished, _ = self._slot(r)
+            pid, pos, _, finished, *_ = self._slot(r)
             if r != self.rank:
                 if pid == 0:
                     return None  # not registered yet
@@ -150,7 +188,7 @@ class RankBoard:
         struct.pack_into("<q", m, off + 24, max(1, time.monotonic_ns()))
         try:
             slots = [self._SLOT.unpack_from(m, r * self._SLOT.size) for r in range(self.world)]
-            if all(pid == 0 or fin or not pid_alive(pid) for pid, _, _, fin, _ in slots):
+            if all(pid == 0 or fin or not pid_alive(pid) for pid, _, _, fin, *_ in slots):
                 self.path.unlink(missing_ok=True)
         except OSError as exc:
             log.debug("could not remove %s: %s", self.path, exc)

@@ -397,6 +397,8 @@ class Prefetcher:
             self._tally.failures.append(Failure("<prefetch>", 0, 0, None, message))
         finally:
             pool.shutdown()
+            if self._pace is not None:
+                self._pace.stop()
             if self._own_board is not None:
                 self._own_board.finish()
             if self._needs_slot is not None:
@@ -459,7 +461,7 @@ class Prefetcher:
         if tuning.max_concurrency is not None:
             pace = self._pace = Pace(
                 tuning.max_concurrency, tuning.chunk_bytes, self.world, board,
-                streams=tuning.concurrency,
+                streams=tuning.concurrency, rank=self.rank,
             )  # fmt: skip
         ends = run_ends(node_needs, {f.path: f.size for f in resolved}) if node_needs else {}
         return _Setup(

@@ -13,7 +13,7 @@ from engine.adapt import (
     GAIN,
     HOLD_INTERVALS,
     MIN_READ_BYTES,
-    MIN_STEADY,
+    SLOW_START_STEADY,
     THRIFT_LOSS,
     Controller,
     Measurement,
@@ -105,11 +105,13 @@ def test_a_loader_far_behind_the_frontier_goes_back_to_the_cheapest_setting():
 
 def test_a_trial_that_did_not_pay_is_held_off_then_tried_again():
     seen = run(start(8, STRIPE), lambda s: 100e6, intervals=3 * (HOLD_INTERVALS + 2))
-    # the start-up interval is not counted; MIN_STEADY intervals measure the setting
-    assert seen[:MIN_STEADY] == [1] * MIN_STEADY
-    tried = MIN_STEADY
-    assert seen[tried] == 2 and seen[tried + 1] == 1  # tried 2, no gain, back to 1
-    assert seen[tried + 2 : tried + HOLD_INTERVALS].count(2) == 0  # held off
+    # the start-up interval is not counted; in slow start one steady interval gives the
+    # rate a doubling must beat
+    assert seen[:SLOW_START_STEADY] == [1] * SLOW_START_STEADY
+    tried = SLOW_START_STEADY
+    # tried 2 (its first interval only starts the new stream's reads), no gain, back to 1
+    assert seen[tried : tried + 3] == [2, 2, 1]
+    assert seen[tried + 3 : tried + HOLD_INTERVALS].count(2) == 0  # held off
     assert 2 in seen[tried + HOLD_INTERVALS :]  # and tried again later
 
 
@@ -122,7 +124,7 @@ def test_no_trial_is_judged_against_the_start_up_interval():
 
 def test_no_loader_still_climbs():
     state = start(4, STRIPE)
-    for _ in range(MIN_STEADY + 1):
+    for _ in range(SLOW_START_STEADY + 1):
         state = decide(state, Measurement(1.0, 100 * MiB, lag_bytes=None, node_busy=None))
     assert state.setting.streams == 2 and "no loader" in state.reason
 
@@ -133,6 +135,10 @@ def test_reads_split_the_stripe_and_stay_large():
     assert read_bytes_for(3, STRIPE) == 21 * MiB
     assert read_bytes_for(100, STRIPE) == MIN_READ_BYTES
     assert read_bytes_for(4, 2 * MiB) == 2 * MiB  # a stripe smaller than the floor
+    # A network stripe (16 MiB) is never split: on the many-streams profile 4 MiB pieces
+    # of shared stripes cost each stream its read-ahead (8086 requests of the FUSE server
+    # for 4 GiB instead of 5136, 35.9 s instead of 19.3 s).
+    assert read_bytes_for(8, 16 * MiB) == 16 * MiB
 
 
 def test_start_refuses_zero_streams():
@@ -260,15 +266,17 @@ def test_slow_start_finds_a_far_knee_in_a_few_steps_then_steps_finely():
     assert 90 <= seen[-1] <= 125, seen[-10:]
 
 
-def test_the_ramp_of_the_first_reads_is_not_taken_for_noise():
-    # The first intervals ramp up (reads only starting): that jump is not noise, and a
-    # doubling that then gains 80% is kept.
+def test_a_trial_is_judged_after_its_new_streams_started():
+    # The many-streams run: a read takes a good part of an interval, so in the interval
+    # after a doubling the new streams are still starting their first reads (+3% there).
+    # Judged on it, the doubling failed; judged on the next interval (+77%), it is kept.
     state = start(64, STRIPE, streams=2)
-    for rate in (5e6, 20e6, 60e6, 61e6):  # start-up (not counted), ramp, steady
+    for rate in (5e6, 60e6):  # start-up (not counted), steady
         state = decide(state, Measurement(1.0, int(rate), lag_bytes=0, node_busy=0.3))
-    assert state.setting.streams == 4 and state.trial_from is not None
-    assert state.noise < 0.05
-    state = decide(state, Measurement(1.0, int(108e6), lag_bytes=0, node_busy=0.3))
+    assert state.setting.streams == 4 and state.trial_from is not None and state.warming
+    state = decide(state, Measurement(1.0, int(62e6), lag_bytes=0, node_busy=0.3))
+    assert state.setting.streams == 4 and state.trial_from is not None, state.reason
+    state = decide(state, Measurement(1.0, int(106e6), lag_bytes=0, node_busy=0.3))
     # kept, and in proportion (+77% for twice the streams): the next doubling at once
     assert state.setting.streams == 8 and state.trial_from is not None, state.reason
 
@@ -314,7 +322,8 @@ def test_a_link_full_at_the_start_keeps_fewer_streams():
     # never justified. More did not pay, half holds the rate: it ends at 1 and stays there
     # (a probe at 2 now and then).
     seen = run(start(64, STRIPE, streams=2), lambda s: 190e6, intervals=80)
-    assert seen[12:].count(1) >= 0.85 * len(seen[12:]), seen
+    # (a probe lasts two intervals: the first only starts its stream)
+    assert seen[12:].count(1) >= 0.75 * len(seen[12:]), seen
     assert max(seen) <= 4
 
 
@@ -322,7 +331,7 @@ def test_a_thrift_that_costs_rate_is_undone_and_the_count_is_kept():
     # Linear to 2 streams: more did not pay, half costs 50%: back to 2, for good.
     seen = run(start(64, STRIPE, streams=2), lambda s: min(s, 2) * 100e6, intervals=80)
     tail = seen[10:]
-    assert tail.count(2) >= 0.85 * len(tail) and 1 not in seen[12:], seen
+    assert tail.count(2) >= 0.75 * len(tail) and 1 not in seen[12:], seen
 
 
 def test_thrifts_halve_until_the_rate_falls():
@@ -370,7 +379,8 @@ def test_the_knee_is_not_set_below_the_count_that_measured_the_rate():
     seen = run_ramped(start(64, STRIPE, streams=2), lambda s: min(s, 3.4) * 100e6,
                       intervals=20, ramp=1.0)  # fmt: skip
     assert 4 in seen and 3 not in seen, seen
-    assert seen[-1] == 4, seen
+    tail = seen[5:]  # 4, with a probe of 5 (two intervals) now and then
+    assert min(tail) == 4 and tail.count(4) >= 0.7 * len(tail), seen
 
 
 def test_a_knee_at_the_trial_s_own_count_does_not_end_slow_start():

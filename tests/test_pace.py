@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
 import pytest
 
-from engine import PrefetchOptions, resident_bytes, start_prefetch
+from engine import PrefetchOptions, prefetch_async, resident_bytes, start_prefetch
+from engine.adapt import adopt
 from engine.cursor import RankBoard
-from engine.pace import Pace
+from engine.pace import STALL_S, Pace
 from engine.plan import resolve_files
 from engine.procstat import cpu_times
 
@@ -21,13 +23,81 @@ def test_the_node_rate_adds_up_every_local_rank(make_file):
     boards = [RankBoard.open(files, r, 2) for r in range(2)]
     try:
         pace = Pace(4, 16 * MiB, 2, boards[0], streams=1)
-        boards[1].publish_warmed(300 * MiB)
-        assert pace._node_warmed(100 * MiB) == 400 * MiB
+        boards[1].publish_warmed(300 * MiB, at_ns=5)
+        pace._note(100 * MiB)
+        warmed, _, slots = pace._node_progress()
+        assert warmed == 400 * MiB
+        pace._last_slots = slots  # measured
         boards[1].publish_warmed(350 * MiB)
-        assert pace._node_warmed(120 * MiB) == 70 * MiB  # differences, not totals
+        pace._note(120 * MiB)
+        assert pace._node_progress()[0] == 70 * MiB  # differences, not totals
     finally:
         for b in boards:
             b.finish()
+
+
+def test_one_rank_decides_for_the_node_and_the_others_take_its_setting(make_file):
+    # Ranks that each decided on the node's rate, on their own clocks, judged their trials
+    # by rates that other ranks' trials moved (many-streams: ranks 0 and 2 doubled at 4 s
+    # and read a loss, ranks 1 and 3 doubled at 7.7 s).
+    files, _ = resolve_files([make_file("lead.bin", MiB)])
+    boards = [RankBoard.open(files, r, 3) for r in range(3)]
+    try:
+        paces = [Pace(64, 16 * MiB, 3, boards[r], streams=2, rank=r) for r in range(3)]
+        lead = paces[0]
+        lead.state = adopt(lead.state, 8, "a trial")
+        boards[0].publish_streams(8)
+        for p in paces[1:]:
+            p.publish(0)
+            assert (p.leader, p.setting.streams) == (0, 8)
+            assert p.history[-1][3] == "rank 0's setting"
+        assert boards[1].pace_leader() == (0, 8)
+        lead.stop()  # its prefetch ended: the next rank decides, from the setting it ran
+        paces[1].publish(0)
+        paces[2].publish(0)
+        assert paces[1].leader == 1 and paces[2].leader == 1
+        assert paces[2].setting.streams == 8
+    finally:
+        for b in boards:
+            b.finish()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def monotonic_ns(self) -> int:
+        return int(self.t * 1e9)
+
+
+def test_an_interval_runs_from_completion_to_completion(monkeypatch):
+    # Reads that start together complete in waves: a rate of the reads completed up to an
+    # arbitrary moment swings by whole waves. Each interval ends at its last completion.
+    import engine.pace as pace_mod
+
+    clock = _Clock()
+    monkeypatch.setattr(pace_mod, "time", clock)
+    seen: list = []
+    real = pace_mod.adapt.decide
+    monkeypatch.setattr(pace_mod.adapt, "decide", lambda s, m: (seen.append(m), real(s, m))[1])
+    pace = Pace(8, 16 * MiB, 1, None, streams=2)
+    clock.t += 1.0  # the first wave: 32 MiB in 1 s
+    pace.tick(32 * MiB, None)
+    clock.t += 1.0  # the second wave completes...
+    pace.publish(64 * MiB)
+    clock.t += 1.5  # ... and the interval (2 reads of a stream: 2 s) is due 1.5 s later
+    assert pace.due()
+    pace.tick(64 * MiB, None)
+    assert [m.seconds for m in seen] == pytest.approx([1.0, 1.0])  # not 2.5
+    assert seen[-1].rate == pytest.approx(32 * MiB)
+    clock.t += pace.interval_s  # due again, but nothing completed since: it waits
+    assert pace.due() and pace.tick(64 * MiB, None) is False and len(seen) == 2
+    clock.t += STALL_S  # a stall is measured as one, over the whole wait since the wave
+    pace.tick(64 * MiB, None)
+    assert seen[-1].warmed_bytes == 0 and seen[-1].seconds == pytest.approx(clock.t - 102.0)
 
 
 def test_cpu_times_are_busy_and_total_ticks():
@@ -85,10 +155,11 @@ def test_the_wired_controller_widens_where_more_streams_pay_and_not_where_they_d
     from engine.tuning import NODE_STREAMS
 
     caplog.set_level(logging.DEBUG, logger="engine.pace")
-    _sparse_files(tmp_path / "slow", 2, 640 * MiB)
+    _sparse_files(tmp_path / "slow", 2, 1536 * MiB)
     with mounted(tmp_path / "slow", profile="many-streams", latency_s=0.05) as fs:
         files = [str(fs.path / f"s{i}.bin") for i in range(2)]
-        wide = start_prefetch(files, skip_cached=False).wait(200)
+        # no loader: a handle's cursor that never advances would read as one far behind
+        wide = asyncio.run(prefetch_async(files, skip_cached=False))
     assert wide is not None and wide.ok
     # A trial that paid: said by the reason of a later change or of the last decision,
     # or shown by a trial of 4x (which follows only a kept trial of 2x).
@@ -105,6 +176,6 @@ def test_the_wired_controller_widens_where_more_streams_pay_and_not_where_they_d
     with mounted(tmp_path / "narrow", profile="slow-nfs", bandwidth_bps=40e6,
                  latency_s=0.0) as fs:  # fmt: skip
         files = [str(fs.path / f"s{i}.bin") for i in range(2)]
-        flat = start_prefetch(files, skip_cached=False).wait(200)
+        flat = asyncio.run(prefetch_async(files, skip_cached=False))
     assert flat is not None and flat.ok
     assert max(_tried(caplog), default=0) <= 2 * NODE_STREAMS, flat.tuning
