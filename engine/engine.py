@@ -598,6 +598,7 @@ class Prefetcher:
             chunk_bytes=tuning.chunk_bytes if tuning is not None else 0,
             read_bytes=self._pace.setting.read_bytes if self._pace else 0,
             tuning=self._pace.summary() if self._pace else (tuning.reason if tuning else ""),
+            adaptation=tuple(self._pace.history) if self._pace else (),
             files=t.files,
             planned_bytes=t.total,
             failures=tuple(t.failures),

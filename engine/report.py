@@ -85,6 +85,9 @@ class PrefetchReport:
             filesystem's default, or where run-time adaptation converged and why.
         reader_cpu_s: the part of `cpu_s` spent in the reader process (another process:
             not in this process's own CPU time).
+        adaptation: each change run-time adaptation made, in order: (seconds since it
+            started, reads in flight, read size, why); empty when nothing changed or the
+            concurrency was given.
     """
 
     rank: int
@@ -108,6 +111,7 @@ class PrefetchReport:
     read_bytes: int = 0
     tuning: str = ""
     reader_cpu_s: float = 0.0
+    adaptation: tuple[tuple[float, int, int, str], ...] = ()
 
     @property
     def ok(self) -> bool:

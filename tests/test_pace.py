@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 
@@ -123,7 +124,7 @@ def test_integers_pin_the_values(make_file, concurrency, chunk):
     assert report is not None and report.ok
     assert report.concurrency == concurrency
     assert not report.tuning.startswith("adaptive")
-    assert report.read_bytes == 0
+    assert report.read_bytes == 0 and report.adaptation == ()
 
 
 def _sparse_files(directory, count: int, size: int) -> None:
@@ -170,6 +171,11 @@ def test_the_wired_controller_widens_where_more_streams_pay_and_not_where_they_d
         or max(_tried(caplog), default=0) >= 4 * NODE_STREAMS
     ), (wide.tuning, said)
     assert wide.concurrency > NODE_STREAMS, wide.tuning
+    # the report carries each change, in order, ending at the setting it reports
+    times = [t for t, *_ in wide.adaptation]
+    assert times == sorted(times) and len(times) >= 1
+    assert wide.adaptation[-1][1:3] == (wide.concurrency, wide.read_bytes)
+    assert json.loads(json.dumps(wide.to_dict()))["adaptation"][-1][3] == wide.adaptation[-1][3]
 
     caplog.clear()
     _sparse_files(tmp_path / "narrow", 2, 96 * MiB)
