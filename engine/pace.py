@@ -134,7 +134,8 @@ class Pace:
         return (now[0] - last[0]) / (now[1] - last[1])
 
     def tick(self, own_warmed: int, lag_bytes: int | None) -> bool:
-        """Measure the interval that just ended and decide; True when the setting changed.
+        """Measure the interval that just ended and decide; True when the setting changed
+        (False too while the leader waits for the interval's reads to complete).
 
         Args:
             own_warmed: bytes this rank has warmed since the prefetch started.
