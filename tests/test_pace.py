@@ -101,6 +101,36 @@ def test_an_interval_runs_from_completion_to_completion(monkeypatch):
     assert seen[-1].warmed_bytes == 0 and seen[-1].seconds == pytest.approx(clock.t - 102.0)
 
 
+def test_a_trial_that_does_not_pay_is_judged_within_its_base_interval(monkeypatch):
+    # Where the storage is full, a doubling makes each read take twice as long; an interval
+    # of two reads of each stream grew with it, and a failed trial ran twice as long at
+    # twice the reads in flight (on sshfs: 4 s at 16 reads per node).
+    import engine.pace as pace_mod
+
+    clock = _Clock()
+    monkeypatch.setattr(pace_mod, "time", clock)
+    pace = Pace(8, 16 * MiB, 1, None, streams=2)
+    monkeypatch.setattr(pace, "_node_busy", lambda: 0.3)
+    warmed = 0
+    for seconds in (1.0, 1.0):  # the start-up interval, then one steady one: 64 MiB/s
+        clock.t += seconds
+        warmed += 64 * MiB
+        pace.tick(warmed, None)
+    assert pace.setting.streams == 4 and pace.state.warming  # slow start's first doubling
+    base = pace_mod.interval_for(2, 16 * MiB, 64 * MiB)
+    assert pace.interval_s == pytest.approx(base / 2)  # the warm-up
+    clock.t += pace.interval_s
+    warmed += 32 * MiB  # the link is full: 4 streams read what 2 did
+    pace.tick(warmed, None)
+    assert pace.state.trial_from is not None and not pace.state.warming
+    assert pace_mod.interval_for(4, 16 * MiB, 64 * MiB) == pytest.approx(2 * base)
+    assert pace.interval_s == pytest.approx(base)  # not twice as long
+    clock.t += pace.interval_s
+    warmed += 64 * MiB
+    pace.tick(warmed, None)
+    assert pace.setting.streams == 1 and "did not pay" in pace.state.reason
+
+
 def test_cpu_times_are_busy_and_total_ticks():
     t = cpu_times()
     assert t is not None and 0 <= t[0] <= t[1]
