@@ -218,7 +218,7 @@ class ConsumerCursor:
         self._best = 0
         self._real: dict[str, str] = {}
         self._finished = False
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]] = []
         self._board: RankBoard | None = None
         self._board_starts: dict[str, int] = {}
         self._board_lock = threading.Lock()
@@ -253,7 +253,7 @@ class ConsumerCursor:
             board, self._board = self._board, None
             if board is not None:
                 board.finish()
-        self._wake()
+        self._wake(finished=True)
 
     def share(self, board: RankBoard, file_starts: dict[str, int]) -> None:
         """Publish the position on `board` from now on (given where each file starts)."""
@@ -302,20 +302,30 @@ class ConsumerCursor:
         self._best = best
         return best
 
-    def subscribe(self, event: asyncio.Event) -> None:
-        """Set `event` (thread-safely, on its loop) whenever the position changes."""
+    def subscribe(self, event: asyncio.Event, *, moves: bool = True) -> None:
+        """Set `event` (thread-safely, on its loop) when the loader finishes, and on every
+        move of the position when `moves` (`wake_on_moves` changes that)."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            self._waiters.append((loop, event))
+            self._waiters.append((loop, event, moves))
+
+    def wake_on_moves(self, event: asyncio.Event, moves: bool) -> None:
+        """Whether the position's moves set `event` (a finish always does).
+
+        A wake costs the loader a write to the loop's pipe and the loop a decision: a
+        scheduler that waits for reads, not for the loader, turns them off.
+        """
+        with self._lock:
+            self._waiters = [(lp, ev, moves if ev is event else mv) for lp, ev, mv in self._waiters]
 
     def unsubscribe(self, event: asyncio.Event) -> None:
         """Stop waking `event`."""
         with self._lock:
-            self._waiters = [(lp, ev) for lp, ev in self._waiters if ev is not event]
+            self._waiters = [w for w in self._waiters if w[1] is not event]
 
-    def _wake(self) -> None:
+    def _wake(self, *, finished: bool = False) -> None:
         with self._lock:
-            waiters = list(self._waiters)
+            waiters = [(lp, ev) for lp, ev, moves in self._waiters if moves or finished]
         for loop, event in waiters:
             try:
                 loop.call_soon_threadsafe(event.set)

@@ -169,6 +169,7 @@ class _Scheduler:
         self._next = 0  # index of the first extent neither submitted nor skipped
         self._wake = asyncio.Event()
         self._frontier = 0  # end on the axis of the furthest extent this rank has warmed
+        self._following = False  # the loader's moves wake the scheduler
 
     async def run(self) -> None:
         """Schedule until every extent is read or skipped and no drop runs.
@@ -177,7 +178,7 @@ class _Scheduler:
         daemon threads and are not waited for.
         """
         if self._cursor is not None:
-            self._cursor.subscribe(self._wake)
+            self._cursor.subscribe(self._wake, moves=False)
         try:
             await self._schedule()
         finally:
@@ -195,6 +196,7 @@ class _Scheduler:
             self._carry_out(decision)
             if decision.wait is Wait.NOTHING:
                 return
+            self._follow_consumer(decision.wait in (Wait.CONSUMER, Wait.POLL))
             self._wake.clear()
             timeout = _BOARD_POLL_S if decision.wait is Wait.POLL else None
             if self._setup.pace is not None:  # the next decision is due even if all is quiet
@@ -209,6 +211,13 @@ class _Scheduler:
                 await self._wake.wait()
             finally:
                 timer.cancel()
+
+    def _follow_consumer(self, follow: bool) -> None:
+        """Be woken by the loader's moves only while the window waits for them: otherwise
+        a read's completion comes first, and each tensor the loader took cost a wake."""
+        if self._cursor is not None and follow != self._following:
+            self._cursor.wake_on_moves(self._wake, follow)
+            self._following = follow
 
     def _adapt(self) -> None:
         """Feed the pace its measurements once an interval has passed."""

@@ -81,7 +81,8 @@ class TrailState:
 class Wait(enum.Enum):
     """What the scheduler waits for after carrying out a decision."""
 
-    EVENT = "event"  # a read, a drop or the consumer wakes it
+    EVENT = "event"  # a read or a drop wakes it (the consumer's moves need not)
+    CONSUMER = "consumer"  # the window holds the next extent: the consumer's moves wake it
     POLL = "poll"  # another rank holds the window, and its moves wake nobody: look again soon
     NOTHING = "nothing"  # everything is decided and done: the prefetch is over
 
@@ -170,12 +171,13 @@ def decide(plan: Sequence[Extent], s: Situation) -> Decision:
     consumer = s.consumer
     skip: list[Extent] = []
     submit: list[Extent] = []
-    i, in_flight, held_by_other = s.next, s.in_flight, False
+    i, in_flight, held, held_by_other = s.next, s.in_flight, False, False
     while i < len(plan) and in_flight < s.concurrency:
         ext = plan[i]
         if consumer is not None and consumer.passed(ext):
             skip.append(ext)
         elif _beyond_window(ext, s):
+            held = True
             held_by_other = consumer is not None and consumer.front < consumer.position
             break
         else:
@@ -185,5 +187,5 @@ def decide(plan: Sequence[Extent], s: Situation) -> Decision:
     if i == len(plan) and in_flight == 0 and not (trail is not None and trail.busy):
         wait = Wait.NOTHING
     else:
-        wait = Wait.POLL if held_by_other else Wait.EVENT
+        wait = Wait.POLL if held_by_other else Wait.CONSUMER if held else Wait.EVENT
     return Decision(tuple(submit), tuple(skip), drop, i, trail, wait)

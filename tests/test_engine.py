@@ -133,6 +133,55 @@ async def test_window_follows_the_consumer(make_file):
 
 
 @pytest.mark.asyncio
+async def test_the_loaders_moves_wake_the_scheduler_only_while_the_window_waits(
+    make_file, monkeypatch
+):
+    # Each tensor the loader took woke the scheduler (a pipe write, a decision), even
+    # while it waited for reads that no move of the loader could hurry.
+    import engine.engine as engine_mod
+
+    decisions = []
+    real = engine_mod.decide
+    monkeypatch.setattr(engine_mod, "decide", lambda p, s: decisions.append(s) or real(p, s))
+    files = [make_file(f"m{i}", 4 * MiB) for i in range(2)]
+    block = threading.Event()
+    fake = FakeBackend(block=block)
+    cursor = ConsumerCursor()
+    task = asyncio.create_task(
+        prefetch_async(
+            files, backend=fake, chunk_bytes=MiB, consumer=cursor, skip_cached=False,
+            concurrency=2,
+        )
+    )  # fmt: skip
+    await asyncio.to_thread(fake.started.wait, 10)
+    await asyncio.sleep(0.1)
+    before = len(decisions)
+    for _ in range(200):  # the loader takes tensors of the extents being read
+        cursor.advance(1024)
+    await asyncio.sleep(0.2)
+    assert len(decisions) == before, "the reads, not the loader, wake it now"
+    cursor.finish()  # a finish always wakes it
+    block.set()
+    report = await asyncio.wait_for(task, 10)
+    assert report.warmed_bytes + report.skipped_bytes == 8 * MiB
+    # With a window holding the next extent, the loader's moves are what it waits for.
+    window = [make_file(f"n{i}", 4 * MiB) for i in range(2)]
+    cursor = ConsumerCursor()
+    task = asyncio.create_task(
+        prefetch_async(
+            window, backend=FakeBackend(), chunk_bytes=MiB, window_bytes=2 * MiB,
+            consumer=cursor, skip_cached=False, concurrency=8,
+        )
+    )  # fmt: skip
+    for i in range(1, 9):
+        await asyncio.sleep(0.05)
+        cursor.advance(MiB)
+    cursor.finish()
+    report = await asyncio.wait_for(task, 10)
+    assert report.warmed_bytes == 8 * MiB, "each move let one more extent in"
+
+
+@pytest.mark.asyncio
 async def test_cancel_stops_submitting_and_keeps_a_partial_report(make_file):
     files = [make_file(f"c{i}", 4 * MiB) for i in range(2)]
     block = threading.Event()

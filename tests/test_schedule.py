@@ -47,7 +47,7 @@ def test_a_finished_consumer_skips_everything_and_ends_the_prefetch() -> None:
 def test_the_window_holds_extents_back() -> None:
     s = Situation(next=0, in_flight=0, concurrency=8, consumer=Consumer(5), window=20)
     d = decide(PLAN, s)
-    assert offsets(d.submit) == [0, 10] and d.next == 2 and d.wait is Wait.EVENT
+    assert offsets(d.submit) == [0, 10] and d.next == 2 and d.wait is Wait.CONSUMER
     # An extent longer than the window still goes, once the front reaches its start.
     big = (Extent("g", 0, 100, 0), Extent("g", 100, 100, 100))
     d = decide(big, replace(s, consumer=Consumer(0), window=10))
@@ -61,7 +61,7 @@ def test_a_slower_rank_holds_the_window_and_is_polled() -> None:
     d = decide(PLAN, s)
     assert d.submit == () and d.wait is Wait.POLL  # the slowest rank wakes nobody: poll
     d = decide(PLAN, replace(s, consumer=Consumer(position=30, slowest=30)))
-    assert offsets(d.submit) == [30, 40] and d.wait is Wait.EVENT
+    assert offsets(d.submit) == [30, 40] and d.wait is Wait.CONSUMER
 
 
 def test_drops_follow_the_slowest_rank_a_trail_behind() -> None:
