@@ -173,7 +173,7 @@ async def test_the_loaders_moves_wake_the_scheduler_only_while_the_window_waits(
             consumer=cursor, skip_cached=False, concurrency=8,
         )
     )  # fmt: skip
-    for i in range(1, 9):
+    for _ in range(8):
         await asyncio.sleep(0.05)
         cursor.advance(MiB)
     cursor.finish()
