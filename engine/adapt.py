@@ -14,7 +14,9 @@ controller measures while the prefetch runs and climbs only while climbing pays:
   against the start-up interval, any trial would pass); the trial is judged on its
   second interval (in the first, its new streams were only starting their reads) and
   kept only when the node's warming rate rises by at least the *threshold*, otherwise it
-  steps back and holds that ceiling a while. Trials double the streams at first (slow
+  steps back and holds that ceiling a while (twice as long after each further trial in a
+  row that did not pay, up to eight times: on a full link each trial costs the CPU of
+  twice the reads in flight). Trials double the streams at first (slow
   start: storage that needs 32 or 128 reads in flight is reached in a few steps) while
   the rate grows about in proportion; a doubling that gains clearly less shows the knee
   (linear up to it: near ``streams x gain``), which is taken unless it is the trial's own
@@ -100,8 +102,11 @@ LINEAR = 0.75
 THRIFT_LOSS = GAIN / 2
 #: The smallest read the controller issues (a network stripe, 16 MiB, is read whole).
 MIN_READ_BYTES = 16 << 20
-#: Intervals a stream count that did not pay stays out of reach before it is tried again.
+#: Intervals a stream count that did not pay stays out of reach before it is tried again;
+#: doubled for each further trial in a row that did not pay, up to `MAX_BACKOFF` times.
 HOLD_INTERVALS = 8
+#: The most doublings of `HOLD_INTERVALS`: storage that speeds up later is still found.
+MAX_BACKOFF = 3
 #: The loader is "far behind" when this many rounds of stripes per stream lie warmed ahead.
 AHEAD_STRIPES = 4
 
@@ -190,6 +195,9 @@ class Controller:
         earned: a measurement justified the current stream count (a trial paid, a knee, a
             thrift or shed undone); False at the start, where a failed trial leads to a thrift.
         thrifting: the shed in progress (`shed_from`) is a thrift, not a busy CPU's.
+        failed: trials in a row that did not pay: each doubles the hold of the next (on a
+            full link every trial costs the CPU of twice the reads in flight, again and
+            again on a long load).
     """
 
     setting: Setting
@@ -213,6 +221,7 @@ class Controller:
     warming: bool = False
     earned: bool = False
     thrifting: bool = False
+    failed: int = 0
 
     @property
     def threshold(self) -> float:
@@ -395,17 +404,19 @@ def decide(state: Controller, m: Measurement) -> Controller:
         back = state.trial_from.streams
         gain = _pct(m.rate, state.base_rate)
         if m.rate < state.base_rate * (1 + state.threshold):
+            hold = HOLD_INTERVALS << min(state.failed, MAX_BACKOFF)
+            state = replace(state, failed=state.failed + 1)
             if not state.earned and back > 1 and not busy:
                 fewer = max(1, back // 2)
                 reason = f"{streams} streams did not pay ({gain}): try {_streams(fewer)}"
                 return _to(
-                    state, fewer, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS,
+                    state, fewer, reason, trial_from=None, ceiling=streams, hold=hold,
                     doubling=False, shed_from=state.trial_from, thrifting=True,
                     anchor_rate=state.base_rate, base_rate=state.base_rate,
                 )  # fmt: skip
             reason = f"{streams} streams did not pay ({gain}): back to {back}"
             return _to(
-                state, back, reason, trial_from=None, ceiling=streams, hold=HOLD_INTERVALS,
+                state, back, reason, trial_from=None, ceiling=streams, hold=hold,
                 doubling=False,
             )  # fmt: skip
         ratio = m.rate / state.base_rate if state.base_rate > 0 else float("inf")
@@ -418,7 +429,7 @@ def decide(state: Controller, m: Measurement) -> Controller:
                 reason = f"{streams} streams paid {gain}, less than in proportion: {knee}"
                 return _to(
                     state, knee, reason, trial_from=None, doubling=False, anchor_rate=0.0,
-                    earned=True,
+                    earned=True, failed=0,
                 )  # fmt: skip
             # A knee at the trial's own count is no knee (the storage did not fill below
             # it; the many-streams run stopped doubling at 4 of the 128 it needs on +74%):
@@ -427,7 +438,7 @@ def decide(state: Controller, m: Measurement) -> Controller:
         # at once, judged against it (a rate lifted by noise makes the next trial fail).
         state = replace(
             state, trial_from=None, reason=f"{streams} streams paid ({gain})", base_rate=m.rate,
-            anchor_rate=0.0, steady=MIN_STEADY, last_rate=m.rate, earned=True,
+            anchor_rate=0.0, steady=MIN_STEADY, last_rate=m.rate, earned=True, failed=0,
         )  # fmt: skip
     else:
         state = _measured(state, m.rate)
@@ -510,5 +521,8 @@ def _judge_shed(state: Controller, m: Measurement) -> Controller:
         state, shed_from=None, base_rate=0.0, steady=0, last_rate=0.0, reason=reason,
         storage_bound=False if not thrift else state.storage_bound, thrifting=False,
         earned=True,
+        # a kept thrift measured that `back` streams gain nothing over these: tried again
+        # only after the hold, like a trial that did not pay
+        ceiling=min(state.ceiling or back, back) if thrift else state.ceiling,
     )  # fmt: skip
     return _measured(kept, m.rate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -12,6 +13,7 @@ from engine.adapt import (
     BUSY_CPU,
     GAIN,
     HOLD_INTERVALS,
+    MAX_BACKOFF,
     MIN_READ_BYTES,
     SLOW_START_STEADY,
     THRIFT_LOSS,
@@ -113,6 +115,29 @@ def test_a_trial_that_did_not_pay_is_held_off_then_tried_again():
     assert seen[tried : tried + 3] == [2, 2, 1]
     assert seen[tried + 3 : tried + HOLD_INTERVALS].count(2) == 0  # held off
     assert 2 in seen[tried + HOLD_INTERVALS :]  # and tried again later
+
+
+def test_trials_that_keep_failing_are_tried_ever_less_often():
+    # A full link: every trial costs twice the reads in flight for its two intervals, and
+    # a fixed hold repeated that all along a long load.
+    seen = run(start(8, STRIPE), lambda s: 100e6, intervals=400)
+    trials = sum(1 for a, b in itertools.pairwise(seen) if b > a)
+    longest = HOLD_INTERVALS << MAX_BACKOFF  # holds of 8, 16, 32, then 64 intervals
+    assert trials <= MAX_BACKOFF + 2 + 400 // longest
+    assert trials < 400 // (HOLD_INTERVALS + 3) // 2, "a fixed hold tried 40 times"
+    assert 2 in seen[-(HOLD_INTERVALS << MAX_BACKOFF) - 10 :], "but it still tries"
+
+
+def test_a_trial_that_pays_ends_the_backoff():
+    # The storage speeds up after a while (another job left the link): found again.
+    rate = {"n": 0}
+
+    def link(s: int) -> float:
+        rate["n"] += 1
+        return 100e6 if rate["n"] < 150 else min(s, 4) * 100e6
+
+    seen = run(start(8, STRIPE), link, intervals=400)
+    assert seen[-1] >= 4 and seen[149] == 1
 
 
 def test_no_trial_is_judged_against_the_start_up_interval():
