@@ -228,3 +228,46 @@ def test_a_reader_that_cannot_start_falls_back_to_reading_here(make_file, monkey
     report = start_prefetch([path], backend="process", skip_cached=False).wait(30)
     assert report is not None and report.ok, report
     assert report.backend == "sendfile" and report.warmed_bytes == 3 * MiB
+
+
+@pytest.mark.fuse
+def test_a_running_read_reports_its_progress_and_nothing_is_counted_twice(tmp_path):
+    # A read of a slow stream takes seconds: the controller that waited for whole reads
+    # measured in steps of 16 MiB, and needed seconds to see any rate at all.
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    write_random(backing / "model.safetensors", 16 * MiB)
+    slow = {"bandwidth_bps": 16e6, "latency_s": 0.0}  # 1 s per 16 MiB
+    with mounted(backing, profile="slow-nfs", mountpoint=tmp_path / "mnt", **slow) as fs:
+        fs.evict()
+        r = ReaderProcess(threads=1)
+        try:
+            fut = r.submit(fs.path / "model.safetensors", 0, 12 * MiB)
+            seen = []
+            while not fut.done():
+                seen.append(r.progress)
+                time.sleep(0.02)
+            assert fut.result(30).warmed_bytes == 12 * MiB
+            time.sleep(0.05)
+            total, at_ns = r.progress
+        finally:
+            r.close()
+    running = sorted({b for b, _ in seen if 0 < b < 12 * MiB})
+    assert len(running) >= 2, f"progress while the read ran: {running}"
+    assert all(b % ReaderProcess.step_bytes == 0 for b in running)  # whole pieces
+    assert total == 12 * MiB  # the reports and the completion add up to the read once
+    assert at_ns >= max(ns for _, ns in seen)
+
+
+def test_a_fast_read_sends_no_progress_report(make_file):
+    # Progress reports cost the pipe a record each: a read that completes within
+    # PROGRESS_S sends only its reply.
+    import engine._reader_child as child
+
+    records = []
+    progress = child._Progress(7, records.append)
+    progress(child.PIECE_BYTES)
+    assert records == []
+    progress._last -= child.PROGRESS_S
+    progress(2 * child.PIECE_BYTES)
+    assert [child.REPLY.unpack(r) for r in records] == [(7, 2 * child.PIECE_BYTES, 0, 0, 0)]
