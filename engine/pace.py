@@ -171,10 +171,13 @@ class Pace:
         # still ramping up) lasts until each stream has read a whole read's worth. Measured
         # in pieces, it ended after 0.5 s on sshfs, the first steady interval caught the
         # ramp, and a doubling read as +75% climbed to 8 streams per rank for nothing.
-        setting = self.state.setting
-        node_streams = setting.streams * (self._world if self._board is not None else 1)
-        first_reads = node_streams * setting.read_bytes
-        if leads and not stalled and self.state.steady < 0 and warmed < first_reads:
+        node = self.state.setting.streams * (self._world if self._board is not None else 1)
+        if (
+            leads
+            and not stalled
+            and self.state.steady < 0
+            and warmed < node * (self.state.setting.read_bytes)
+        ):
             return False
         start_ns = self._mark_ns
         self._last_slots, self._mark_ns = slots, end
