@@ -167,18 +167,6 @@ class Pace:
         # (`due` stays true: this runs again as they do), unless none has for long.
         if leads and not stalled and (end - self._mark_ns) / 1e9 < self.interval_s / 2:
             return False
-        # The start-up interval (not judged: the streams' read-ahead and the client are
-        # still ramping up) lasts until each stream has read a whole read's worth. Measured
-        # in pieces, it ended after 0.5 s on sshfs, the first steady interval caught the
-        # ramp, and a doubling read as +75% climbed to 8 streams per rank for nothing.
-        node = self.state.setting.streams * (self._world if self._board is not None else 1)
-        if (
-            leads
-            and not stalled
-            and self.state.steady < 0
-            and warmed < node * (self.state.setting.read_bytes)
-        ):
-            return False
         start_ns = self._mark_ns
         self._last_slots, self._mark_ns = slots, end
         # A stall is measured over the whole wait.
