@@ -25,27 +25,15 @@ import signal
 import struct
 import sys
 import threading
-import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 #: id, offset, length, read-ahead limit (0: none), flags, path length; the path follows.
 REQUEST = struct.Struct("<qqqqiI")
-#: id, bytes read into the cache, bytes found already cached, errno (0: success), and
-#: whether the read is done (0: a progress report of a read still running, whose bytes
-#: read so far since its last report are in the second field).
-REPLY = struct.Struct("<qqqii")
+#: id, bytes read into the cache, bytes found already cached, errno (0: success).
+REPLY = struct.Struct("<qqqi")
 #: Skip a range whose pages are all cached already.
 FLAG_SKIP_CACHED = 1
-#: sendfile moves at most this much per call; a running read reports its progress between
-#: pieces.
-PIECE_BYTES = 2 << 20
-#: A running read reports its progress at most this often: on slow storage (a read of
-#: seconds) the parent sees the bytes land while it runs, and on fast storage a read
-#: completes before a report is due and costs none.
-PROGRESS_S = 0.05
+#: sendfile moves at most this much per call, so that a cancel is seen between pieces.
+PIECE_BYTES = 8 << 20
 #: Files each reader thread keeps open between requests.
 FILES_PER_THREAD = 8
 
@@ -80,28 +68,9 @@ def _all_cached(fd: int, size: int, offset: int, length: int) -> bool:
     return out.cache >= -(-(end - start) // _PAGE)
 
 
-class _Progress:
-    """Reports a running read's bytes to the parent, at most every `PROGRESS_S`."""
-
-    def __init__(self, rid: int, send: Callable[[bytes], None]) -> None:
-        self._rid, self._send = rid, send
-        self._sent = 0
-        self._last = time.monotonic()
-
-    def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self._last >= PROGRESS_S and done > self._sent:
-            self._send(REPLY.pack(self._rid, done - self._sent, 0, 0, 0))
-            self._sent, self._last = done, now
-
-
-def _warm(
-    null: int, fd: int, offset: int, length: int, progress: Callable[[int], None] | None = None
-) -> int:
+def _warm(null: int, fd: int, offset: int, length: int) -> int:
     done = 0
     while done < length:
-        if progress is not None and done:
-            progress(done)
         want = min(length - done, PIECE_BYTES)
         try:
             n = os.sendfile(null, fd, offset + done, want)
@@ -134,14 +103,7 @@ def _read_ahead_bytes(fd: int) -> int:
     return _read_ahead[dev]
 
 
-def _warm_limited(
-    null: int,
-    fd: int,
-    offset: int,
-    length: int,
-    limit: int,
-    progress: Callable[[int], None] | None = None,
-) -> int:
+def _warm_limited(null: int, fd: int, offset: int, length: int, limit: int) -> int:
     """Warm [offset, offset + length) without the kernel reading ahead past `limit`.
 
     Sequential reads make the kernel read ahead, up to a window of the device's read-ahead
@@ -155,8 +117,8 @@ def _warm_limited(
     end = offset + length
     zone = max(offset, limit - _TAIL_WINDOWS * _read_ahead_bytes(fd))
     if zone >= end:
-        return _warm(null, fd, offset, length, progress)
-    done = _warm(null, fd, offset, zone - offset, progress)
+        return _warm(null, fd, offset, length)
+    done = _warm(null, fd, offset, zone - offset)
     if done < zone - offset:
         return done  # end of file
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -249,12 +211,9 @@ class _Threads:
         while True:
             job = self._take(done_one)
             done_one = True
-            reply = _answer(files, self._null, *job, progress=_Progress(job[0], self._send))
-            self._send(reply)
-
-    def _send(self, record: bytes) -> None:
-        with self._write:
-            os.write(self._out, record)
+            reply = _answer(files, self._null, *job)
+            with self._write:
+                os.write(self._out, reply)
 
 
 def _answer(
@@ -266,11 +225,8 @@ def _answer(
     length: int,
     limit: int,
     flags: int,
-    *,
-    progress: Callable[[int], None] | None = None,
 ) -> bytes:
-    """Carry out one request (reporting its progress to `progress` while it runs); the
-    reply record."""
+    """Carry out one request; the reply record."""
     warmed = cached = code = 0
     try:
         fd, size = files.get(path)
@@ -278,15 +234,15 @@ def _answer(
             if flags & FLAG_SKIP_CACHED and _all_cached(fd, size, offset, length):
                 cached = length
             elif limit:
-                warmed = _warm_limited(null, fd, offset, length, limit, progress)
+                warmed = _warm_limited(null, fd, offset, length, limit)
             else:
-                warmed = _warm(null, fd, offset, length, progress)
+                warmed = _warm(null, fd, offset, length)
         except OSError:
             files.drop(path)
             raise
     except OSError as exc:
         code = exc.errno or errno.EIO
-    return REPLY.pack(rid, warmed, cached, code, 1)
+    return REPLY.pack(rid, warmed, cached, code)
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:

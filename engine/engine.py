@@ -224,18 +224,15 @@ class _Scheduler:
         pace = self._setup.pace
         if pace is None:
             return
-        # Reads that run for seconds (a slow stream) are seen while they run where the
-        # warmer reports them: the rate is then measured in pieces, not whole reads.
-        progress = self._warmer.progress
-        warmed, at_ns = progress if progress is not None else (self._tally.warmed, None)
+        warmed = self._tally.warmed
         if not pace.due():
-            pace.publish(warmed, at_ns=at_ns)
+            pace.publish(warmed)
             return
         consumer = self._consumer()
         lag = None
         if consumer is not None and not consumer.finished:
             lag = self._frontier - consumer.position
-        pace.tick(warmed, lag, at_ns=at_ns, step_bytes=self._warmer.step_bytes)
+        pace.tick(warmed, lag)
 
     def _concurrency(self) -> int:
         """Planned extents in flight at most: fixed, or the pace's reads in pieces."""

@@ -109,12 +109,11 @@ class Pace:
         """Whether an interval has passed since the last decision."""
         return time.monotonic() - self._last_t >= self.interval_s
 
-    def _note(self, own_warmed: int, at_ns: int | None = None) -> None:
-        """Record this rank's warmed bytes (called as reads complete or report progress;
-        `at_ns`: when they last grew, if not now) and put them on the board with that time."""
+    def _note(self, own_warmed: int) -> None:
+        """Record this rank's warmed bytes (called as reads complete) and put them on the
+        board with the time they last grew."""
         if own_warmed != self._own:
-            self._own = own_warmed
-            self._own_ns = time.monotonic_ns() if at_ns is None else at_ns
+            self._own, self._own_ns = own_warmed, time.monotonic_ns()
         if self._board is not None:
             self._board.publish_warmed(self._own, self._own_ns)
 
@@ -135,14 +134,7 @@ class Pace:
             return None
         return (now[0] - last[0]) / (now[1] - last[1])
 
-    def tick(
-        self,
-        own_warmed: int,
-        lag_bytes: int | None,
-        *,
-        at_ns: int | None = None,
-        step_bytes: int = 0,
-    ) -> bool:
+    def tick(self, own_warmed: int, lag_bytes: int | None) -> bool:
         """Measure the interval that just ended and decide; True when the setting changed
         (False too while the leader waits for the interval's reads to complete).
 
@@ -150,13 +142,9 @@ class Pace:
             own_warmed: bytes this rank has warmed since the prefetch started.
             lag_bytes: this rank's warmed frontier minus its loader's position (None: no
                 loader reports a position).
-            at_ns: when `own_warmed` last grew (``time.monotonic_ns``); None: now, if it
-                grew since the last call.
-            step_bytes: the step in which `own_warmed` grows, where it is finer than a
-                read (reads that report their progress while they run); 0: whole reads.
         """
         now = time.monotonic()
-        self._note(own_warmed, at_ns)
+        self._note(own_warmed)
         leads = not self._follow()
         stalled = now - self._last_t >= STALL_S
         warmed, end, slots = self._node_progress()
@@ -184,8 +172,7 @@ class Pace:
                 self._board.publish_streams(self.state.setting.streams)
         # The rate is the node's when the ranks share a board: so are the streams.
         streams = before.streams * (self._world if self._board is not None else 1)
-        step = min(before.read_bytes, step_bytes) if step_bytes else before.read_bytes
-        self.interval_s = interval_for(streams, step, m.rate)
+        self.interval_s = interval_for(streams, before.read_bytes, m.rate)
         if self.state.warming:  # a trial's warm-up lasts until its new streams' first reads
             self._trial_cap = self.interval_s
             self.interval_s = max(INTERVAL_S, self.interval_s / READS_PER_INTERVAL)
@@ -198,10 +185,10 @@ class Pace:
             self.interval_s = min(self.interval_s, self._trial_cap)
         return self.state.setting != before
 
-    def publish(self, own_warmed: int, *, at_ns: int | None = None) -> None:
-        """Put this rank's warmed bytes on the board between decisions (`at_ns`: when they
-        last grew, as in `tick`), and take the leader's setting as soon as it changes."""
-        self._note(own_warmed, at_ns)
+    def publish(self, own_warmed: int) -> None:
+        """Put this rank's warmed bytes on the board between decisions, and take the
+        leader's setting as soon as it changes."""
+        self._note(own_warmed)
         if self._board is not None:
             self._follow()
 

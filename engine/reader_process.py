@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,17 +62,9 @@ class ReaderProcess:
     Args:
         threads: reads the child runs at once.
 
-    Attributes:
-        progress: (bytes the child has read into the page cache, by completed reads and
-            by the progress reports of running ones, ``time.monotonic_ns()`` when the
-            latest of them arrived). Set by the reply thread alone, as one tuple.
-
     Raises:
         ReaderGone: the child could not be started.
     """
-
-    #: The step in which `progress` grows while a read runs.
-    step_bytes = wire.PIECE_BYTES
 
     def __init__(self, threads: int) -> None:
         try:
@@ -90,9 +81,6 @@ class ReaderProcess:
         self._pending: dict[int, concurrent.futures.Future[ReadResult]] = {}
         self._lock = threading.Lock()
         self._closed = False
-        # Bytes read by requests still running, per request (the reply thread's alone).
-        self._partial: dict[int, int] = {}
-        self.progress: tuple[int, int] = (0, time.monotonic_ns())
         self._replies = threading.Thread(
             target=self._read_replies, name="ckpt-prefetch-reader-replies", daemon=True
         )
@@ -152,14 +140,7 @@ class ReaderProcess:
         out = self._proc.stdout
         assert out is not None
         while len(data := out.read(wire.REPLY.size)) == wire.REPLY.size:
-            rid, warmed, cached, code, final = wire.REPLY.unpack(data)
-            landed = warmed - self._partial.pop(rid, 0) if final else warmed
-            if not final:
-                self._partial[rid] = self._partial.get(rid, 0) + warmed
-            if landed > 0:
-                self.progress = (self.progress[0] + landed, time.monotonic_ns())
-            if not final:
-                continue
+            rid, warmed, cached, code = wire.REPLY.unpack(data)
             with self._lock:
                 fut = self._pending.pop(rid, None)
             if fut is None or fut.done():

@@ -205,16 +205,6 @@ class Warmer(abc.ABC):
         """CPU seconds spent outside the pool (a reader process's), 0 by default."""
         return 0.0
 
-    #: The finest step in which `progress` grows (0: whole reads, and no `progress`).
-    step_bytes = 0
-
-    @property
-    def progress(self) -> tuple[int, int] | None:
-        """(bytes read so far, running reads included; when the latest landed, in
-        ``time.monotonic_ns``), where the warmer sees reads while they run; None: only
-        completed reads are known (the scheduler's tally)."""
-        return None
-
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Cancel what can be cancelled of the extents still running (nothing by default:
         a read on a worker thread cannot be, and is abandoned)."""
@@ -328,12 +318,6 @@ class _ProcessWarmer(Warmer):
     @property
     def cpu_s(self) -> float:
         return self._cpu_s or self._reader.cpu_s()
-
-    step_bytes = ReaderProcess.step_bytes
-
-    @property
-    def progress(self) -> tuple[int, int] | None:
-        return self._reader.progress
 
     async def aclose(self) -> None:
         """Abandon the reader: nothing waits for a read the server may never answer."""

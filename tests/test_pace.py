@@ -131,27 +131,6 @@ def test_a_trial_that_does_not_pay_is_judged_within_its_base_interval(monkeypatc
     assert pace.setting.streams == 1 and "did not pay" in pace.state.reason
 
 
-def test_reads_that_report_progress_are_measured_in_pieces(monkeypatch):
-    # A 16 MiB read of a slow stream takes seconds; measured in whole reads, an interval
-    # of two reads of each stream was 3 s (the bound) and slow start doubled every 5 s.
-    import engine.pace as pace_mod
-
-    clock = _Clock()
-    monkeypatch.setattr(pace_mod, "time", clock)
-    seen: list = []
-    real = pace_mod.adapt.decide
-    monkeypatch.setattr(pace_mod.adapt, "decide", lambda s, m: (seen.append(m), real(s, m))[1])
-    pace = Pace(64, 16 * MiB, 1, None, streams=8)
-    monkeypatch.setattr(pace, "_node_busy", lambda: 0.3)
-    rate = 48 * MiB  # 8 streams of 6 MiB/s: a whole read of each takes 2.7 s
-    clock.t += 1.0
-    landed = int(clock.t * 1e9) - 200_000_000  # the last piece landed 0.2 s ago
-    pace.tick(rate, None, at_ns=landed, step_bytes=2 * MiB)
-    assert seen[-1].seconds == pytest.approx(0.8)  # measured to when it landed, not now
-    assert pace.interval_s == pytest.approx(pace_mod.interval_for(8, 2 * MiB, seen[-1].rate))
-    assert pace.interval_s < pace_mod.interval_for(8, 16 * MiB, seen[-1].rate) / 4
-
-
 def test_cpu_times_are_busy_and_total_ticks():
     t = cpu_times()
     assert t is not None and 0 <= t[0] <= t[1]
