@@ -196,7 +196,8 @@ class _Scheduler:
             self._carry_out(decision)
             if decision.wait is Wait.NOTHING:
                 return
-            self._follow_consumer(decision.wait in (Wait.CONSUMER, Wait.POLL))
+            if self._follow_consumer(decision.wait in (Wait.CONSUMER, Wait.POLL)):
+                continue  # the loader may have moved unheard since the decision: decide again
             self._wake.clear()
             timeout = _BOARD_POLL_S if decision.wait is Wait.POLL else None
             if self._setup.pace is not None:  # the next decision is due even if all is quiet
@@ -212,12 +213,15 @@ class _Scheduler:
             finally:
                 timer.cancel()
 
-    def _follow_consumer(self, follow: bool) -> None:
+    def _follow_consumer(self, follow: bool) -> bool:
         """Be woken by the loader's moves only while the window waits for them: otherwise
-        a read's completion comes first, and each tensor the loader took cost a wake."""
-        if self._cursor is not None and follow != self._following:
-            self._cursor.wake_on_moves(self._wake, follow)
-            self._following = follow
+        a read's completion comes first, and each tensor the loader took cost a wake.
+        True when it has just begun to listen."""
+        if self._cursor is None or follow == self._following:
+            return False
+        self._cursor.wake_on_moves(self._wake, follow)
+        self._following = follow
+        return follow
 
     def _adapt(self) -> None:
         """Feed the pace its measurements once an interval has passed."""

@@ -19,6 +19,7 @@ from engine import (
     prefetch_async,
     resident_bytes,
 )
+from engine.schedule import Wait
 
 MiB = 1 << 20
 
@@ -179,6 +180,38 @@ async def test_the_loaders_moves_wake_the_scheduler_only_while_the_window_waits(
     cursor.finish()
     report = await asyncio.wait_for(task, 10)
     assert report.warmed_bytes == 8 * MiB, "each move let one more extent in"
+
+
+@pytest.mark.asyncio
+async def test_a_move_while_the_scheduler_starts_listening_is_not_lost(make_file, monkeypatch):
+    # The loader moved after the decision that the window holds, before the scheduler
+    # listened to its moves: with no read in flight, nothing woke it until the next move.
+    import engine.engine as engine_mod
+
+    cursor = ConsumerCursor()
+    moved = []
+    real = engine_mod.decide
+
+    def decide_then_move(plan, s):
+        d = real(plan, s)
+        if d.wait is Wait.CONSUMER and s.in_flight == 0 and not d.submit and not moved:
+            moved.append(True)
+            cursor.advance(2 * MiB)  # the loader takes the two warmed extents, unheard
+        return d
+
+    monkeypatch.setattr(engine_mod, "decide", decide_then_move)
+    files = [make_file(f"r{i}", 4 * MiB) for i in range(2)]
+    fake = FakeBackend()
+    task = asyncio.create_task(
+        prefetch_async(
+            files, backend=fake, chunk_bytes=MiB, window_bytes=2 * MiB, consumer=cursor,
+            skip_cached=False, concurrency=1,  # reads, not the window, bound it until then
+        )
+    )  # fmt: skip
+    await asyncio.sleep(0.5)
+    assert moved and len(fake.calls) == 4, "the window moved on without another move"
+    cursor.finish()
+    await asyncio.wait_for(task, 10)
 
 
 @pytest.mark.asyncio
