@@ -128,6 +128,15 @@ def test_trials_that_keep_failing_are_tried_ever_less_often():
     assert 2 in seen[-(HOLD_INTERVALS << MAX_BACKOFF) - 10 :], "but it still tries"
 
 
+def test_a_kept_thrift_holds_off_the_count_it_came_from():
+    # sshfs: from the starting 2 streams, 4 did not pay and 1 held the rate; a trial of 2
+    # again three intervals later measured nothing new and cost its reads in flight.
+    seen = run(start(8, STRIPE, streams=2), lambda s: 100e6, intervals=30)
+    assert seen[:4] == [2, 4, 4, 1]  # start-up, trial (warm-up, judged), thrift
+    assert 2 not in seen[4 : HOLD_INTERVALS + 2], seen
+    assert 2 in seen[HOLD_INTERVALS + 2 :]  # tried again once the hold ends
+
+
 def test_a_trial_that_pays_ends_the_backoff():
     # The storage speeds up after a while (another job left the link): found again.
     rate = {"n": 0}
