@@ -189,8 +189,16 @@ def test_the_wired_controller_widens_where_more_streams_pay_and_not_where_they_d
     _sparse_files(tmp_path / "slow", 2, 1536 * MiB)
     with mounted(tmp_path / "slow", profile="many-streams", latency_s=0.05) as fs:
         files = [str(fs.path / f"s{i}.bin") for i in range(2)]
-        # no loader: a handle's cursor that never advances would read as one far behind
-        wide = asyncio.run(prefetch_async(files, skip_cached=False))
+        # No loader: a handle's cursor that never advances would read as one far behind.
+        # Two loads at most: on a 2-core VM shared with the rest of CI, a busy CPU or a
+        # noisy rate can refuse every trial of one (a CI run saw +42% refused on a noise
+        # threshold); the controller must widen in one of them.
+        for _ in range(2):
+            fs.evict()
+            caplog.clear()
+            wide = asyncio.run(prefetch_async(files, skip_cached=False))
+            if wide is not None and wide.concurrency > NODE_STREAMS:
+                break
     assert wide is not None and wide.ok
     # A trial that paid: said by the reason of a later change or of the last decision,
     # or shown by a trial of 4x (which follows only a kept trial of 2x).
