@@ -68,7 +68,25 @@ def _all_cached(fd: int, size: int, offset: int, length: int) -> bool:
     return out.cache >= -(-(end - start) // _PAGE)
 
 
+def _ask(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel for [offset, offset + length) at once, in read-ahead windows.
+
+    One stream of plain reads keeps about one read-ahead window in flight, so on a link
+    with a long round trip a stream is slow however wide the link (the many-streams
+    profile: 16 MiB in 1.6-1.8 s at 2 requests in flight). ``WILLNEED`` submits the reads
+    of one window without waiting for them, and the kernel takes at most one window per
+    call: asked window by window, the whole range is in flight at once (16 MiB in 0.18 s
+    at 17 requests). The sendfile that follows waits for those pages, and since they carry
+    no read-ahead mark it reads nothing past the range.
+    """
+    step = _read_ahead_bytes(fd)
+    end = offset + length
+    for at in range(offset, end, step):
+        os.posix_fadvise(fd, at, min(step, end - at), os.POSIX_FADV_WILLNEED)
+
+
 def _warm(null: int, fd: int, offset: int, length: int) -> int:
+    _ask(fd, offset, length)
     done = 0
     while done < length:
         want = min(length - done, PIECE_BYTES)
