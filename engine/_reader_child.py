@@ -68,6 +68,27 @@ def _all_cached(fd: int, size: int, offset: int, length: int) -> bool:
     return out.cache >= -(-(end - start) // _PAGE)
 
 
+_DEFAULT_READ_AHEAD = 128 << 10
+#: Read-ahead windows before a limit that are read without read-ahead: the windows of the
+#: sequential part run up to two ahead, and a page they marked, when read, starts one more.
+_TAIL_WINDOWS = 4
+_read_ahead: dict[int, int] = {}
+#: The smallest read-ahead window worth a ``WILLNEED`` call per window.
+_MIN_ASK = 64 << 10
+
+
+def _read_ahead_bytes(fd: int) -> int:
+    """The read-ahead of the device holding `fd` (``/sys/class/bdi/MAJ:MIN``), cached."""
+    dev = os.fstat(fd).st_dev
+    if dev not in _read_ahead:
+        try:
+            with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+                _read_ahead[dev] = int(f.read()) << 10
+        except (OSError, ValueError):
+            _read_ahead[dev] = _DEFAULT_READ_AHEAD
+    return _read_ahead[dev]
+
+
 def _ask(fd: int, offset: int, length: int) -> None:
     """Ask the kernel for [offset, offset + length) at once, in read-ahead windows.
 
@@ -77,9 +98,12 @@ def _ask(fd: int, offset: int, length: int) -> None:
     of one window without waiting for them, and the kernel takes at most one window per
     call: asked window by window, the whole range is in flight at once (16 MiB in 0.18 s
     at 17 requests). The sendfile that follows waits for those pages, and since they carry
-    no read-ahead mark it reads nothing past the range.
+    no read-ahead mark it reads nothing past the range. With read-ahead (nearly) off, the
+    kernel would read (nearly) nothing per call: nothing is asked.
     """
     step = _read_ahead_bytes(fd)
+    if step < _MIN_ASK:
+        return
     end = offset + length
     for at in range(offset, end, step):
         os.posix_fadvise(fd, at, min(step, end - at), os.POSIX_FADV_WILLNEED)
@@ -102,38 +126,20 @@ def _warm(null: int, fd: int, offset: int, length: int) -> int:
     return done
 
 
-_DEFAULT_READ_AHEAD = 128 << 10
-#: Read-ahead windows before a limit that are read without read-ahead: the windows of the
-#: sequential part run up to two ahead, and a page they marked, when read, starts one more.
-_TAIL_WINDOWS = 4
-_read_ahead: dict[int, int] = {}
-
-
-def _read_ahead_bytes(fd: int) -> int:
-    """The read-ahead of the device holding `fd` (``/sys/class/bdi/MAJ:MIN``), cached."""
-    dev = os.fstat(fd).st_dev
-    if dev not in _read_ahead:
-        try:
-            with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
-                _read_ahead[dev] = max(4096, int(f.read()) << 10)
-        except (OSError, ValueError):
-            _read_ahead[dev] = _DEFAULT_READ_AHEAD
-    return _read_ahead[dev]
-
-
 def _warm_limited(null: int, fd: int, offset: int, length: int, limit: int) -> int:
     """Warm [offset, offset + length) without the kernel reading ahead past `limit`.
 
     Sequential reads make the kernel read ahead, up to a window of the device's read-ahead
     beyond the last byte asked for: past the end of a run of experts that only other nodes
     load, that reads bytes nobody here needs (measured on a FUSE mount with a 1 MiB
-    read-ahead and 1 MiB experts: about the whole checkpoint instead of half). So what lies
-    within a few windows of `limit` is asked for exactly (``WILLNEED`` in pieces, which
-    reads what it is given and marks no page for more) and read with read-ahead off
-    (``POSIX_FADV_RANDOM`` on this thread's own descriptor), then read-ahead is back on.
+    read-ahead and 1 MiB experts: about the whole checkpoint instead of half). The range
+    is asked for exactly (`_ask`), and what lies within a few windows of `limit` is read
+    with read-ahead off (``POSIX_FADV_RANDOM`` on this thread's own descriptor), so that a
+    page the ask did not bring (memory was short) is read alone, not with a window past
+    the limit; then read-ahead is back on.
     """
     end = offset + length
-    zone = max(offset, limit - _TAIL_WINDOWS * _read_ahead_bytes(fd))
+    zone = max(offset, limit - _TAIL_WINDOWS * max(4096, _read_ahead_bytes(fd)))
     if zone >= end:
         return _warm(null, fd, offset, length)
     done = _warm(null, fd, offset, zone - offset)
@@ -141,9 +147,6 @@ def _warm_limited(null: int, fd: int, offset: int, length: int, limit: int) -> i
         return done  # end of file
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     try:
-        step = _read_ahead_bytes(fd)
-        for at in range(zone, end, step):
-            os.posix_fadvise(fd, at, min(step, end - at), os.POSIX_FADV_WILLNEED)
         return done + _warm(null, fd, zone, end - zone)
     finally:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)

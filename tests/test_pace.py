@@ -178,16 +178,17 @@ def _tried(caplog) -> list[int]:
 def test_the_wired_controller_widens_where_more_streams_pay_and_not_where_they_do_not(
     tmp_path, caplog
 ):
-    # The controller as the engine runs it, on real mounts: a store with 50 ms per 1 MiB
-    # request (one stream ~20 MB/s, the aggregate 1 GB/s) is read with more streams than
-    # the start; a store limited to 40 MB/s whatever the streams is not (the control).
+    # The controller as the engine runs it, on real mounts: a store with 400 ms per 1 MiB
+    # request (one stream, which asks for its whole 16 MiB read at once, ~40 MB/s; the
+    # aggregate 1 GB/s) is read with more streams than the start; a store limited to
+    # 40 MB/s whatever the streams is not (the control).
 
     from bench.netfs import mounted
     from engine.tuning import NODE_STREAMS
 
     caplog.set_level(logging.DEBUG, logger="engine.pace")
     _sparse_files(tmp_path / "slow", 2, 1536 * MiB)
-    with mounted(tmp_path / "slow", profile="many-streams", latency_s=0.05) as fs:
+    with mounted(tmp_path / "slow", profile="many-streams", latency_s=0.4) as fs:
         files = [str(fs.path / f"s{i}.bin") for i in range(2)]
         # No loader: a handle's cursor that never advances would read as one far behind.
         # Two loads at most: on a 2-core VM shared with the rest of CI, a busy CPU or a

@@ -228,3 +228,27 @@ def test_a_reader_that_cannot_start_falls_back_to_reading_here(make_file, monkey
     report = start_prefetch([path], backend="process", skip_cached=False).wait(30)
     assert report is not None and report.ok, report
     assert report.backend == "sendfile" and report.warmed_bytes == 3 * MiB
+
+
+@pytest.mark.fuse
+def test_one_read_keeps_its_whole_range_in_flight_and_nothing_past_it(tmp_path):
+    # A stream of plain reads keeps one read-ahead window or two in flight: on a link with
+    # a long round trip it is slow however wide the link. The reader asks for the whole
+    # range at once, window by window, and reads no byte past it.
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    write_random(backing / "a.bin", 32 * MiB, seed=3)
+    with mounted(
+        backing, profile="many-streams", mountpoint=tmp_path / "mnt", latency_s=0.05
+    ) as fs:
+        fs.evict()
+        fs.reset_counters()
+        r = ReaderProcess(threads=1)
+        try:
+            result = r.submit(fs.path / "a.bin", 4 * MiB, 8 * MiB).result(60)
+        finally:
+            r.close()
+        counters = fs.counters()
+    assert result.warmed_bytes == 8 * MiB
+    assert counters.bytes_served == 8 * MiB  # nothing read past the range
+    assert counters.max_inflight >= 6, counters  # 8 windows of 1 MiB asked at once
