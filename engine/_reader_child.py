@@ -73,8 +73,8 @@ _DEFAULT_READ_AHEAD = 128 << 10
 #: sequential part run up to two ahead, and a page they marked, when read, starts one more.
 _TAIL_WINDOWS = 4
 _read_ahead: dict[int, int] = {}
-#: The smallest read-ahead window worth a ``WILLNEED`` call per window.
-_MIN_ASK = 64 << 10
+#: The smallest read-ahead window worth one ``WILLNEED`` call per window (`ask`).
+MIN_ASK_BYTES = 64 << 10
 
 
 def _read_ahead_bytes(fd: int) -> int:
@@ -89,28 +89,33 @@ def _read_ahead_bytes(fd: int) -> int:
     return _read_ahead[dev]
 
 
-def _ask(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel for [offset, offset + length) at once, in read-ahead windows.
+def ask(fd: int, offset: int, length: int, window: int) -> None:
+    """Ask the kernel for [offset, offset + length) at once, one read-ahead window a call.
 
     One stream of plain reads keeps about one read-ahead window in flight, so on a link
     with a long round trip a stream is slow however wide the link (the many-streams
     profile: 16 MiB in 1.6-1.8 s at 2 requests in flight). ``WILLNEED`` submits the reads
     of one window without waiting for them, and the kernel takes at most one window per
     call: asked window by window, the whole range is in flight at once (16 MiB in 0.18 s
-    at 17 requests). The sendfile that follows waits for those pages, and since they carry
-    no read-ahead mark it reads nothing past the range. With read-ahead (nearly) off, the
-    kernel would read (nearly) nothing per call: nothing is asked.
+    at 17 requests). A read of the range that follows waits for those pages, and since
+    they carry no read-ahead mark it reads nothing past the range.
+
+    Args:
+        fd: an open descriptor of the file.
+        offset: first byte.
+        length: bytes.
+        window: the device's read-ahead window in bytes; under `MIN_ASK_BYTES` (read-ahead
+            nearly off, when the kernel would read nearly nothing per call) nothing is asked.
     """
-    step = _read_ahead_bytes(fd)
-    if step < _MIN_ASK:
+    if window < MIN_ASK_BYTES:
         return
     end = offset + length
-    for at in range(offset, end, step):
-        os.posix_fadvise(fd, at, min(step, end - at), os.POSIX_FADV_WILLNEED)
+    for at in range(offset, end, window):
+        os.posix_fadvise(fd, at, min(window, end - at), os.POSIX_FADV_WILLNEED)
 
 
 def _warm(null: int, fd: int, offset: int, length: int) -> int:
-    _ask(fd, offset, length)
+    ask(fd, offset, length, _read_ahead_bytes(fd))
     done = 0
     while done < length:
         want = min(length - done, PIECE_BYTES)
@@ -133,7 +138,7 @@ def _warm_limited(null: int, fd: int, offset: int, length: int, limit: int) -> i
     beyond the last byte asked for: past the end of a run of experts that only other nodes
     load, that reads bytes nobody here needs (measured on a FUSE mount with a 1 MiB
     read-ahead and 1 MiB experts: about the whole checkpoint instead of half). The range
-    is asked for exactly (`_ask`), and what lies within a few windows of `limit` is read
+    is asked for exactly (`ask`), and what lies within a few windows of `limit` is read
     with read-ahead off (``POSIX_FADV_RANDOM`` on this thread's own descriptor), so that a
     page the ask did not bring (memory was short) is read alone, not with a window past
     the limit; then read-ahead is back on.
