@@ -11,9 +11,8 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
-from engine._reader_child import ask
 from engine.adapt import MIN_READ_BYTES
-from engine.mounts import DEFAULT_READ_AHEAD_BYTES, read_ahead_bytes, read_ahead_kb
+from engine.mounts import read_ahead_bytes
 from loader_adapter.cluster.plan import Stripe
 from loader_adapter.cluster.replica import Replica
 
@@ -46,7 +45,6 @@ class StripeReader:
         self._lock = threading.Lock()
         self._fds: dict[tuple[int, bool], int] = {}
         self._tails: dict[int, int] = {}
-        self._windows: dict[int, int] = {}
 
     def _fd(self, file: int, *, tail: bool = False) -> int:
         key = (file, tail)
@@ -66,15 +64,6 @@ class StripeReader:
             size = self._tails[file] = max(_TAIL_WINDOWS * window, _MIN_TAIL_BYTES)
         return size
 
-    def _window(self, file: int) -> int:
-        """The file's device's read-ahead window in bytes (0: off; the kernel's default
-        when sysfs does not tell)."""
-        size = self._windows.get(file)
-        if size is None:
-            kb = read_ahead_kb(os.fstat(self._fd(file)).st_dev)
-            size = self._windows[file] = DEFAULT_READ_AHEAD_BYTES if kb is None else kb << 10
-        return size
-
     def read(self, s: Stripe) -> int:
         """Read a stripe from storage into the replica; return the bytes read.
 
@@ -87,14 +76,9 @@ class StripeReader:
         the tail read meets the pages the first read marked for read-ahead, and read-ahead
         marks act whatever the descriptor's advice (measured: the same 1.3%).
 
-        Before either, the whole stripe is asked for at once (`engine._reader_child.ask`):
-        one stream then keeps the stripe in flight instead of a read-ahead window or two.
-
         Raises:
             OSError: the read failed, or the file is shorter than planned.
         """
-        with contextlib.suppress(OSError):  # only a hint: the reads below read all the same
-            ask(self._fd(s.file), s.offset, s.length, self._window(s.file))
         tail = min(s.length, self._tail_bytes(s.file))
         head = s.length - tail
         n = self.replica.fill_from(s.file, s.offset + head, tail, self._fd(s.file, tail=True))
