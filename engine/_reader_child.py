@@ -112,9 +112,9 @@ def _warm(null: int, fd: int, offset: int, length: int) -> int:
     profile: 16 MiB in 1.6-1.8 s at 2 requests in flight; asked at once, 0.18 s at 17).
     So the range is asked for ahead of the sendfile (`_ask`), up to `ASK_WINDOWS` windows
     past it. Deeper is not better: where the storage's bandwidth, not its round trip, is
-    the limit, more asked reads only queue, and the loader's own requests (opens, headers,
-    a fault) wait behind them (the whole range asked at once cost 3-10% on slow-nfs with
-    64 small files). The asked pages carry no read-ahead mark, so nothing past the range
+    the limit, more asked reads only queue, likely with the loader's own requests (opens,
+    headers, a fault) behind them (the whole range asked at once cost 3-10% on slow-nfs
+    with 64 small files). The asked pages carry no read-ahead mark, so nothing past the range
     is read. Where read-ahead is (nearly) off, nothing is asked.
     """
     window = _read_ahead_bytes(fd)
