@@ -253,3 +253,27 @@ def test_a_read_keeps_many_windows_in_flight_but_no_more_than_its_depth(tmp_path
     assert result.warmed_bytes == 32 * MiB
     assert counters.bytes_served == 32 * MiB  # nothing read past the range
     assert 6 <= counters.max_inflight <= ASK_WINDOWS + 2, counters
+
+
+@pytest.mark.fuse
+def test_with_read_ahead_nearly_off_nothing_is_asked(tmp_path):
+    # With a read-ahead under MIN_ASK_BYTES the kernel reads almost nothing per WILLNEED
+    # call: asking is skipped (a call per 16 KiB would cost more CPU than it saves), and
+    # the read is plain sendfile.
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    write_random(backing / "a.bin", 2 * MiB, seed=4)
+    with mounted(
+        backing, profile="many-streams", mountpoint=tmp_path / "mnt", latency_s=0.005,
+        read_ahead_kb=16,
+    ) as fs:  # fmt: skip
+        fs.evict()
+        fs.reset_counters()
+        r = ReaderProcess(threads=1)
+        try:
+            result = r.submit(fs.path / "a.bin", 0, 1 * MiB).result(60)
+        finally:
+            r.close()
+        counters = fs.counters()
+    assert result.warmed_bytes == 1 * MiB
+    assert counters.max_inflight <= 3, counters  # plain read-ahead, not 16 asked windows
