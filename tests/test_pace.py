@@ -174,7 +174,7 @@ def _tried(caplog) -> list[int]:
 
 
 @pytest.mark.fuse
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_the_wired_controller_widens_where_more_streams_pay_and_not_where_they_do_not(
     tmp_path, caplog
 ):
@@ -191,24 +191,26 @@ def test_the_wired_controller_widens_where_more_streams_pay_and_not_where_they_d
     with mounted(tmp_path / "slow", profile="many-streams", latency_s=0.4) as fs:
         files = [str(fs.path / f"s{i}.bin") for i in range(2)]
         # No loader: a handle's cursor that never advances would read as one far behind.
-        # Two loads at most: on a 2-core VM shared with the rest of CI, a busy CPU or a
-        # noisy rate can refuse every trial of one (a CI run saw +42% refused on a noise
-        # threshold); the controller must widen in one of them.
-        for _ in range(2):
+        # Three loads at most: on a 2-core VM shared with the rest of CI, a busy CPU or a
+        # noisy rate can refuse or end every trial of one (CI runs saw +42% refused on a
+        # noise threshold, and trials of 16, 15 and 14 each ended by a 93% busy CPU); the
+        # controller must widen, on a trial that paid, in one of them.
+        for _ in range(3):
             fs.evict()
             caplog.clear()
             wide = asyncio.run(prefetch_async(files, skip_cached=False))
-            if wide is not None and wide.concurrency > NODE_STREAMS:
+            said = [r.getMessage() for r in caplog.records if r.name == "engine.pace"]
+            # A trial that paid: said by the reason of a later change or of the last
+            # decision, or shown by a trial of 4x (which follows only a kept one of 2x).
+            paid = wide is not None and (
+                "paid" in wide.tuning
+                or any("paid" in line for line in said)
+                or max(_tried(caplog), default=0) >= 4 * NODE_STREAMS
+            )
+            if paid and wide.concurrency > NODE_STREAMS:
                 break
     assert wide is not None and wide.ok
-    # A trial that paid: said by the reason of a later change or of the last decision,
-    # or shown by a trial of 4x (which follows only a kept trial of 2x).
-    said = [r.getMessage() for r in caplog.records if r.name == "engine.pace"]
-    assert (
-        "paid" in wide.tuning
-        or any("paid" in line for line in said)
-        or max(_tried(caplog), default=0) >= 4 * NODE_STREAMS
-    ), (wide.tuning, said)
+    assert paid, (wide.tuning, said)
     assert wide.concurrency > NODE_STREAMS, wide.tuning
     # the report carries each change, in order, ending at the setting it reports
     times = [t for t, *_ in wide.adaptation]
