@@ -81,7 +81,9 @@ def test_no_window_drops_nothing(make_file) -> None:
     files = [make_file(f"n{i}", 4 * MiB, seed=i) for i in range(4)]
     report, resident = _warm_and_advance(files, None, 12 * MiB)
     assert report.dropped_bytes == 0
-    assert resident == 16 * MiB
+    # The kernel may reclaim a few cold pages on its own (this VM runs DAMON reclaim: a CI
+    # run found 2 pages of 4096 gone); a drop would take whole 1 MiB steps.
+    assert resident >= 16 * MiB - 16 * 4096, resident
 
 
 # ----------------------------------------------------------------------------- the board
