@@ -14,11 +14,11 @@ import pytest
 from fds import fds_under
 from file_support import write_random
 
-from bench.netfs import mounted
+from bench.netfs import Counters, mounted
 from engine import resident_bytes, start_prefetch
 from engine._reader_child import ASK_WINDOWS, FILES_PER_THREAD
 from engine.cursor import pid_alive
-from engine.reader_process import ReaderGone, ReaderProcess
+from engine.reader_process import ReaderGone, ReaderProcess, ReadResult
 
 MiB = 1 << 20
 
@@ -230,26 +230,34 @@ def test_a_reader_that_cannot_start_falls_back_to_reading_here(make_file, monkey
     assert report.backend == "sendfile" and report.warmed_bytes == 3 * MiB
 
 
+def _one_read_on_a_slow_mount(
+    tmp_path, size: int, offset: int, length: int, **profile: object
+) -> tuple[ReadResult, Counters]:
+    """One read of a cold file by a one-thread reader, on a many-streams mount with
+    `profile`'s overrides: its result and the server's counters."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    write_random(backing / "a.bin", size, seed=3)
+    with mounted(backing, profile="many-streams", mountpoint=tmp_path / "mnt", **profile) as fs:
+        fs.evict()
+        fs.reset_counters()
+        r = ReaderProcess(threads=1)
+        try:
+            result = r.submit(fs.path / "a.bin", offset, length).result(60)
+        finally:
+            r.close()
+        return result, fs.counters()
+
+
 @pytest.mark.fuse
 def test_a_read_keeps_many_windows_in_flight_but_no_more_than_its_depth(tmp_path):
     # A stream of plain reads keeps one read-ahead window or two in flight: on a link with
     # a long round trip it is slow however wide the link. The reader asks ahead of its
     # sendfile, up to ASK_WINDOWS windows (deeper only queues where bandwidth is the
-    # limit), and reads no byte past the range.
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    write_random(backing / "a.bin", 48 * MiB, seed=3)
-    with mounted(
-        backing, profile="many-streams", mountpoint=tmp_path / "mnt", latency_s=0.05
-    ) as fs:  # 1 MiB read-ahead windows, 1 MiB requests
-        fs.evict()
-        fs.reset_counters()
-        r = ReaderProcess(threads=1)
-        try:
-            result = r.submit(fs.path / "a.bin", 4 * MiB, 32 * MiB).result(60)
-        finally:
-            r.close()
-        counters = fs.counters()
+    # limit), and reads no byte past the range. (1 MiB read-ahead windows and requests.)
+    result, counters = _one_read_on_a_slow_mount(
+        tmp_path, 48 * MiB, 4 * MiB, 32 * MiB, latency_s=0.05
+    )
     assert result.warmed_bytes == 32 * MiB
     assert counters.bytes_served == 32 * MiB  # nothing read past the range
     assert 6 <= counters.max_inflight <= ASK_WINDOWS + 2, counters
@@ -260,20 +268,8 @@ def test_with_read_ahead_nearly_off_nothing_is_asked(tmp_path):
     # With a read-ahead under MIN_ASK_BYTES the kernel reads almost nothing per WILLNEED
     # call: asking is skipped (a call per 16 KiB would cost more CPU than it saves), and
     # the read is plain sendfile.
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    write_random(backing / "a.bin", 2 * MiB, seed=4)
-    with mounted(
-        backing, profile="many-streams", mountpoint=tmp_path / "mnt", latency_s=0.005,
-        read_ahead_kb=16,
-    ) as fs:  # fmt: skip
-        fs.evict()
-        fs.reset_counters()
-        r = ReaderProcess(threads=1)
-        try:
-            result = r.submit(fs.path / "a.bin", 0, 1 * MiB).result(60)
-        finally:
-            r.close()
-        counters = fs.counters()
+    result, counters = _one_read_on_a_slow_mount(
+        tmp_path, 2 * MiB, 0, 1 * MiB, latency_s=0.005, read_ahead_kb=16
+    )
     assert result.warmed_bytes == 1 * MiB
     assert counters.max_inflight <= 3, counters  # plain read-ahead, not 16 asked windows
