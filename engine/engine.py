@@ -285,6 +285,7 @@ class _Scheduler:
             limit = ahead_limit(ends, ext.path, ext.offset + ext.length) if ends else 0
             future = self._warmer.start(files[ext.path], ext, pieces, ahead_limit=limit)
             self._tally.in_flight += pieces
+            self._tally.reading += ext.length
             future.add_done_callback(functools.partial(self._on_done, ext, pieces))
         self._next = decision.next
 
@@ -292,8 +293,9 @@ class _Scheduler:
         self._tally.in_flight -= pieces
         self._frontier = max(self._frontier, ext.end)
         self._wake.set()
-        if future.cancelled():
+        if future.cancelled():  # abandoned: its bytes stay in `reading`, as unfinished
             return
+        self._tally.reading -= ext.length
         exc = future.exception()
         if exc is not None:  # a bug in a backend: recorded, never raised
             message = f"{type(exc).__name__}: {exc}"
@@ -620,6 +622,7 @@ class Prefetcher:
             cpu_s=pool.cpu_s + loop_cpu_s + reader_cpu_s,
             reader_cpu_s=reader_cpu_s,
             cancelled=cancelled,
+            unfinished_bytes=t.reading,
             **t.byte_counts(),
         )
 

@@ -71,6 +71,10 @@ class PrefetchReport:
         cached_bytes: bytes skipped because they were already resident.
         skipped_bytes: bytes skipped because the consumer had passed them.
         failed_bytes: bytes of planned extents that could not be read.
+        unfinished_bytes: bytes whose reads were still running when the prefetch was
+            cancelled (they finish on their own and may be cached; 0 unless cancelled).
+            With the four counts above they add up to `planned_bytes`, except for extents
+            a cancelled prefetch never reached.
         failures: one entry per failed file range (path, range, errno, message).
         notes: things worth knowing that are not failures (a file that grew, ...).
         elapsed_s: wall seconds from start to end.
@@ -112,6 +116,7 @@ class PrefetchReport:
     tuning: str = ""
     reader_cpu_s: float = 0.0
     adaptation: tuple[tuple[float, int, int, str], ...] = ()
+    unfinished_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -173,6 +178,8 @@ class Tally:
     failed: int = 0
     dropped: int = 0
     in_flight: int = 0
+    #: bytes of extents submitted whose outcome is not counted yet
+    reading: int = 0
     window: int | None = None
     failures: list[Failure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -32,7 +32,7 @@ async def test_at_most_concurrency_extents_in_flight(make_file):
         files, backend=fake, concurrency=3, chunk_bytes=MiB, skip_cached=False
     )
     assert fake.max_active == 3
-    assert report.ok
+    assert report.ok and report.unfinished_bytes == 0
     assert report.planned_bytes == report.warmed_bytes == sum(os.path.getsize(f) for f in files)
     assert len(fake.calls) == len(set(fake.calls)), "each extent read once"
     assert sum(n for _, _, n in fake.calls) == report.planned_bytes
@@ -233,6 +233,9 @@ async def test_cancel_stops_submitting_and_keeps_a_partial_report(make_file):
         await task
     block.set()
     assert p.report is not None and p.report.cancelled
+    r = p.report  # the two reads running at the cancel are said, not lost
+    assert r.unfinished_bytes == 2 * MiB
+    assert r.warmed_bytes + r.cached_bytes + r.skipped_bytes + r.failed_bytes == 0
     for _ in range(500):  # the two blocked reads finish on their threads and close the file
         if fake.active == 0 and fds_under(*files) == 0:
             break

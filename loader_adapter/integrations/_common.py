@@ -236,7 +236,8 @@ def describe_report(report: PrefetchReport | None, local: LocalRank, prefetch: o
     line = (
         f"ckpt-prefetch: {where}: planned={report.planned_bytes} warmed={report.warmed_bytes} "
         f"cached={report.cached_bytes} skipped={report.skipped_bytes} "
-        f"failed={report.failed_bytes} bytes ({format_bytes(report.warmed_bytes)} read from "
+        f"failed={report.failed_bytes} unfinished={report.unfinished_bytes} bytes "
+        f"({format_bytes(report.warmed_bytes)} read from "
         f"storage in {report.elapsed_s:.2f} s, {report.throughput_bps / 1e9:.2f} GB/s mean, "
         f"{report.files} file(s)); strategy={report.strategy} "
         f"backend={report.backend} concurrency={report.concurrency} "
