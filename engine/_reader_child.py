@@ -93,11 +93,13 @@ def _read_ahead_bytes(fd: int) -> int:
     return _read_ahead[dev]
 
 
-def _ask(fd: int, offset: int, length: int, window: int) -> None:
+def ask(fd: int, offset: int, length: int, window: int) -> None:
     """Ask the kernel for [offset, offset + length) at once, one read-ahead window a call.
 
     ``WILLNEED`` submits the reads of one window without waiting for them (the kernel
-    takes at most one window per call, whatever the length given).
+    takes at most one window per call, whatever the length given). Shared with the
+    readers that run in the serving process (cluster mode's `StripeReader`): this file
+    must run on the standard library alone, so the ask lives here.
     """
     end = offset + length
     for at in range(offset, end, window):
@@ -110,7 +112,7 @@ def _warm(null: int, fd: int, offset: int, length: int) -> int:
     One stream of plain reads keeps about one read-ahead window in flight, so on a link
     with a long round trip a stream is slow however wide the link (the many-streams
     profile: 16 MiB in 1.6-1.8 s at 2 requests in flight; asked at once, 0.18 s at 17).
-    So the range is asked for ahead of the sendfile (`_ask`), up to `ASK_WINDOWS` windows
+    So the range is asked for ahead of the sendfile (`ask`), up to `ASK_WINDOWS` windows
     past it. Deeper is not better: where the storage's bandwidth, not its round trip, is
     the limit, more asked reads only queue, likely with the loader's own requests (opens,
     headers, a fault) behind them (the whole range asked at once cost 3-10% on slow-nfs
@@ -129,7 +131,7 @@ def _warm(null: int, fd: int, offset: int, length: int) -> int:
         if depth and asked < end:
             upto = min(end, offset + done + depth)
             if upto > asked:
-                _ask(fd, asked, upto - asked, window)
+                ask(fd, asked, upto - asked, window)
                 asked = upto
         try:
             n = os.sendfile(null, fd, offset + done, want)

@@ -11,8 +11,9 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
+from engine._reader_child import ASK_WINDOWS, MIN_ASK_BYTES, ask
 from engine.adapt import MIN_READ_BYTES
-from engine.mounts import read_ahead_bytes
+from engine.mounts import DEFAULT_READ_AHEAD_BYTES, read_ahead_kb
 from loader_adapter.cluster.plan import Stripe
 from loader_adapter.cluster.replica import Replica
 
@@ -44,7 +45,7 @@ class StripeReader:
         self._progress = progress
         self._lock = threading.Lock()
         self._fds: dict[tuple[int, bool], int] = {}
-        self._tails: dict[int, int] = {}
+        self._windows: dict[int, int] = {}
 
     def _fd(self, file: int, *, tail: bool = False) -> int:
         key = (file, tail)
@@ -57,12 +58,13 @@ class StripeReader:
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             return fd
 
-    def _tail_bytes(self, file: int) -> int:
-        size = self._tails.get(file)
-        if size is None:
-            window = read_ahead_bytes(os.fstat(self._fd(file)).st_dev)
-            size = self._tails[file] = max(_TAIL_WINDOWS * window, _MIN_TAIL_BYTES)
-        return size
+    def _window(self, file: int) -> int:
+        """The read-ahead window of `file`'s device (0: read-ahead is off)."""
+        window = self._windows.get(file)
+        if window is None:
+            kb = read_ahead_kb(os.fstat(self._fd(file)).st_dev)
+            window = self._windows[file] = DEFAULT_READ_AHEAD_BYTES if kb is None else kb << 10
+        return window
 
     def read(self, s: Stripe) -> int:
         """Read a stripe from storage into the replica; return the bytes read.
@@ -76,25 +78,52 @@ class StripeReader:
         the tail read meets the pages the first read marked for read-ahead, and read-ahead
         marks act whatever the descriptor's advice (measured: the same 1.3%).
 
+        The rest is asked for ahead of the copy, `ASK_WINDOWS` read-ahead windows deep, as
+        the node-local reader does (`engine._reader_child`): plain reads keep one window or
+        two in flight, and on storage with a long round trip a stream is then slow however
+        wide the link (the many-streams profile: cluster mode 7.9 s against node-local
+        mode's 2.8 s). Asked pages carry no read-ahead mark, so nothing past the stripe is
+        read.
+
         Raises:
             OSError: the read failed, or the file is shorter than planned.
         """
-        tail = min(s.length, self._tail_bytes(s.file))
+        window = self._window(s.file)
+        tail = min(s.length, max(_TAIL_WINDOWS * window, _MIN_TAIL_BYTES))
         head = s.length - tail
+        depth = ASK_WINDOWS * window if window >= MIN_ASK_BYTES else 0
+        # The head's first asks go out before the tail is read, so that the tail's round
+        # trip is not waited for alone (asked pages carry no mark for the tail read to meet).
+        asked = s.offset + min(head, depth)
+        if asked > s.offset:
+            ask(self._fd(s.file), s.offset, asked - s.offset, window)
         n = self.replica.fill_from(s.file, s.offset + head, tail, self._fd(s.file, tail=True))
         self._progress(n)
-        # The head in pieces: the controller measures the rate per interval, and a whole
-        # stripe per count makes that rate jump in stripes (noise it would not climb on).
-        for off in range(0, head, MIN_READ_BYTES):
-            k = self.replica.fill_from(
-                s.file, s.offset + off, min(MIN_READ_BYTES, head - off), self._fd(s.file)
-            )
-            self._progress(k)
-            n += k
+        n += self._read_head(s, head, window, depth, asked)
         # The bytes now live in the replica: do not keep a second copy in the page cache.
         with contextlib.suppress(OSError):
             os.posix_fadvise(self._fd(s.file), s.offset, s.length, os.POSIX_FADV_DONTNEED)
         return n
+
+    def _read_head(self, s: Stripe, head: int, window: int, depth: int, asked: int) -> int:
+        """Copy the stripe's first `head` bytes, asked for `depth` bytes ahead of the copy
+        (asked up to `asked` already)."""
+        fd = self._fd(s.file)
+        # Pieces of half the depth keep the asks between half a depth and a whole one
+        # ahead; without asks, pieces of a read each: the controller measures the rate per
+        # interval, and a whole stripe per count makes that rate jump in stripes.
+        piece = max(window, depth // 2) if depth else MIN_READ_BYTES
+        start, end = s.offset, s.offset + head
+        pos = start
+        while pos < end:
+            upto = min(end, pos + depth)
+            if depth and upto > asked:
+                ask(fd, asked, upto - asked, window)
+                asked = upto
+            k = self.replica.fill_from(s.file, pos, min(piece, end - pos), fd)
+            self._progress(k)
+            pos += k
+        return pos - start
 
     def close(self) -> None:
         """Close the source descriptors (idempotent)."""
