@@ -83,7 +83,7 @@ from typing import Any, Literal
 
 from bench import _sftp_counter as wire
 from bench.mounts import evict_mirrored
-from bench.netfs import profile_with_overrides
+from bench.netfs_profiles import profile_with_overrides
 from bench.procs import (
     cpu_seconds,
     descendants,

@@ -697,7 +697,7 @@ def test_a_filesystem_name_carries_the_client_settings_a_user_varies():
     with pytest.raises(ValueError, match="unknown field"):
         check_fs("sshfs:max_con=4")  # a typo is refused before anything is mounted
     from bench import sshfs
-    from bench.netfs import profile_with_overrides
+    from bench.netfs_profiles import profile_with_overrides
 
     fields = {"max_conns", "latency_s", "latency_at"}
     changed = profile_with_overrides(sshfs.PROFILES, "sshfs", {"max_conns": 4}, fields)
