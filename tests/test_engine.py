@@ -139,11 +139,11 @@ async def test_the_loaders_moves_wake_the_scheduler_only_while_the_window_waits(
 ):
     # Each tensor the loader took woke the scheduler (a pipe write, a decision), even
     # while it waited for reads that no move of the loader could hurry.
-    import engine.engine as engine_mod
+    import engine.scheduler as scheduler_mod
 
     decisions = []
-    real = engine_mod.decide
-    monkeypatch.setattr(engine_mod, "decide", lambda p, s: decisions.append(s) or real(p, s))
+    real = scheduler_mod.decide
+    monkeypatch.setattr(scheduler_mod, "decide", lambda p, s: decisions.append(s) or real(p, s))
     files = [make_file(f"m{i}", 4 * MiB) for i in range(2)]
     block = threading.Event()
     fake = FakeBackend(block=block)
@@ -186,11 +186,11 @@ async def test_the_loaders_moves_wake_the_scheduler_only_while_the_window_waits(
 async def test_a_move_while_the_scheduler_starts_listening_is_not_lost(make_file, monkeypatch):
     # The loader moved after the decision that the window holds, before the scheduler
     # listened to its moves: with no read in flight, nothing woke it until the next move.
-    import engine.engine as engine_mod
+    import engine.scheduler as scheduler_mod
 
     cursor = ConsumerCursor()
     moved = []
-    real = engine_mod.decide
+    real = scheduler_mod.decide
 
     def decide_then_move(plan, s):
         d = real(plan, s)
@@ -199,7 +199,7 @@ async def test_a_move_while_the_scheduler_starts_listening_is_not_lost(make_file
             cursor.advance(2 * MiB)  # the loader takes the two warmed extents, unheard
         return d
 
-    monkeypatch.setattr(engine_mod, "decide", decide_then_move)
+    monkeypatch.setattr(scheduler_mod, "decide", decide_then_move)
     files = [make_file(f"r{i}", 4 * MiB) for i in range(2)]
     fake = FakeBackend()
     task = asyncio.create_task(
