@@ -207,7 +207,9 @@ def _summary(r: PrefetchReport) -> str:
         f"{r.elapsed_s:.2f} s, {rate:.2f} GB/s, {r.cpu_s:.2f} CPU-s, "
         f"backend={r.backend}, strategy={r.strategy}"
     )
-    return line + (" (interrupted)" if r.cancelled else "")
+    if not r.cancelled:
+        return line
+    return line + f" (interrupted; {format_bytes(r.unfinished_bytes)} still being read)"
 
 
 def _print_failures(failures: Sequence[Failure]) -> None:

@@ -114,6 +114,7 @@ def test_ctrl_c_exits_130_with_a_partial_summary(tmp_path):
     assert proc.returncode == 130, err
     assert time.monotonic() - t0 < 5
     assert "interrupted" in out
+    assert "MiB still being read" in out  # the read running at the interrupt, not lost
 
 
 def test_bad_rank_in_environment_is_a_usage_error(monkeypatch, capsys):
