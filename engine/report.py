@@ -69,12 +69,13 @@ class PrefetchReport:
         planned_bytes: bytes of this rank's share.
         warmed_bytes: bytes read into the page cache by this rank.
         cached_bytes: bytes skipped because they were already resident.
-        skipped_bytes: bytes skipped because the consumer had passed them.
+        skipped_bytes: bytes skipped because the consumer had passed them (or had
+            finished, when the prefetch was cancelled then).
         failed_bytes: bytes of planned extents that could not be read.
         unfinished_bytes: bytes whose reads were still running when the prefetch was
             cancelled (they finish on their own and may be cached; 0 unless cancelled).
             With the four counts above they add up to `planned_bytes`, except for extents
-            a cancelled prefetch never reached.
+            that a prefetch cancelled before its loader finished never reached.
         failures: one entry per failed file range (path, range, errno, message).
         notes: things worth knowing that are not failures (a file that grew, ...).
         elapsed_s: wall seconds from start to end.

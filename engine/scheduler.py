@@ -133,8 +133,13 @@ class Scheduler:
             await self._schedule()
         finally:
             await self._warmer.aclose()
+            # A loader that finished has passed what was never submitted (the iterator
+            # cancels at once when it ends, before another decision would skip it).
+            passed = self._cursor is not None and self._cursor.finished
             for ext in self._setup.extents[self._next :]:  # never submitted: give back
                 self._setup.files[ext.path].release()  # their references (closes fds)
+                if passed:
+                    self._tally.skipped += ext.length
             if self._cursor is not None:
                 self._cursor.unsubscribe(self._wake)
             self._tally.notes.extend(f.note for f in self._setup.files.values() if f.note)

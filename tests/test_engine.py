@@ -244,6 +244,35 @@ async def test_cancel_stops_submitting_and_keeps_a_partial_report(make_file):
     assert fds_under(*files) == 0
 
 
+@pytest.mark.asyncio
+async def test_a_loader_that_finished_first_leaves_no_byte_unaccounted(make_file):
+    # The loader ends, then the prefetch is cancelled at once (what the iterator does):
+    # the extents never submitted lie behind the finished loader and count as skipped,
+    # the reads still running as unfinished, so the counts add up to the plan.
+    files = [make_file(f"f{i}", 4 * MiB) for i in range(2)]
+    block = threading.Event()
+    fake = FakeBackend(block=block)
+    cursor = ConsumerCursor()
+    from engine.engine import Prefetcher
+
+    options = PrefetchOptions(backend=fake, concurrency=2, chunk_bytes=MiB, skip_cached=False)
+    p = Prefetcher(files, 0, 1, options, cursor=cursor)
+    task = asyncio.create_task(p.run())
+    for _ in range(500):
+        if fake.active == 2:
+            break
+        await asyncio.sleep(0.01)
+    cursor.finish()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    block.set()
+    r = p.report
+    assert r is not None and r.cancelled
+    assert r.unfinished_bytes == 2 * MiB and r.skipped_bytes == 6 * MiB, r
+    assert r.warmed_bytes + r.cached_bytes + r.failed_bytes == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
