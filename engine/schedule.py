@@ -2,7 +2,7 @@
 
 `decide` is pure, like the planner: it takes the plan, where the scheduler stands in it
 and where the consumer is, and returns what to do; it opens no file, starts no thread and
-awaits nothing. The event loop (`engine.engine`) carries the decision out and calls
+awaits nothing. The event loop (`engine.scheduler`) carries the decision out and calls
 `decide` again whenever something changes (a read finished, the consumer moved, a drop
 ended). Both sides speak in frozen dataclasses.
 

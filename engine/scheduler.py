@@ -1,7 +1,8 @@
 """The scheduler of one prefetch: carries out the pure `engine.schedule.decide` until done.
 
-`Prefetcher` (`engine.engine`) settles a `Setup` (files, plan, tuning, window, trail,
-pace) and hands it to a `Scheduler`, which lives on the event loop: it asks `decide`
+`Preparation` (`engine.prepare`) settles a `Setup` (files, plan, tuning, window, trail,
+pace); the `Prefetcher` (`engine.engine`) hands it to a `Scheduler`, which lives on the
+event loop: it asks `decide`
 what to submit, skip and drop, starts the reads on the `engine.warm` warmer and the drops
 on the pool, counts their outcomes in the `Tally`, feeds the pace its measurements, and
 waits until a read, a drop, the consumer or the clock changes something.

@@ -307,12 +307,12 @@ async def test_real_backend_end_to_end(make_file):
 
 @pytest.mark.asyncio
 async def test_an_internal_error_is_reported_never_raised(make_file, monkeypatch):
-    import engine.engine as eng
+    import engine.prepare as prep
 
     def broken_plan(*args, **kwargs):
         raise RuntimeError("planner bug")
 
-    monkeypatch.setattr(eng, "plan", broken_plan)
+    monkeypatch.setattr(prep, "plan", broken_plan)
     report = await prefetch_async([make_file("x", MiB)])
     assert not report.ok
     assert report.failures[0].path == "<prefetch>"

@@ -112,12 +112,12 @@ def test_auto_window_rule(total, expected):
 
 
 def test_auto_window_is_resolved_and_logged_by_the_engine(make_file, caplog, monkeypatch):
-    import engine.engine as eng
+    import engine.prepare as prep
 
     path = make_file("w", 8 << 20)
     small = MemoryBudget(4 << 20, 4 << 20, None, None, "test")
     monkeypatch.setattr(
-        eng, "auto_window", lambda total, **kw: auto_window(total, budget=small, **kw)
+        prep, "auto_window", lambda total, **kw: auto_window(total, budget=small, **kw)
     )
     cursor = ConsumerCursor()
     fake = FakeBackend()
