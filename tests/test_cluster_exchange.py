@@ -125,3 +125,66 @@ def test_the_window_follows_a_loader_that_skips_what_its_node_does_not_need(tmp_
     reports = _run(tmp_path, plan, _sources(tmp_path, sizes), window=2 * CHUNK, timeout_s=3.0)
     assert [rep.failures for rep in reports.values()] == [(), ()]
     assert sum(rep.fallback_bytes for rep in reports.values()) == 0
+
+
+def test_a_stalled_node_mate_holding_a_fill_claim_does_not_hold_the_load(tmp_path):
+    """A local rank stopped (SIGSTOP) while it filled a stripe keeps its claim: a lock
+    dies with its process, not with a stop. The loader must read that stripe itself once
+    it is overdue (on the 2-node simulation at 12 MB/s, the stalled rank's node-mate
+    waited for it until the driver killed both, 90 s later; failed before)."""
+    import signal
+    import subprocess
+    import sys
+
+    sizes = [6 * CHUNK]
+    plan = cluster_plan(sizes, ["a", "a"], chunk_bytes=CHUNK)
+    sources = _sources(tmp_path, sizes)
+    base = tmp_path / "node0"
+    base.mkdir()
+    name = "ckpt-prefetch-test-x-h"
+    held = next(s.index for s in plan.stripes if s in plan.reads(1))  # rank 1's own
+    code = (
+        "import sys, time\n"
+        "from loader_adapter.cluster.replica import Replica\n"
+        f"r = Replica.open({str(base)!r}, {name!r}, ['src-0.bin'], {sizes!r}, "
+        f"{len(plan.stripes)}, 1, 2)\n"
+        f"with r.claim({held}) as mine:\n"
+        "    print(mine, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    mate = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    try:
+        assert mate.stdout is not None and mate.stdout.readline().split() == [b"True"]
+        mate.send_signal(signal.SIGSTOP)
+        replica = Replica.open(base, name, ["src-0.bin"], sizes, len(plan.stripes), 0, 2)
+        ex = Exchange(plan, 0, Switchboard().transport(0), replica, sources,
+                      window_bytes=None, timeout_s=0.5, read_threads=1)  # fmt: skip
+        original = Path(sources[0]).read_bytes()
+        done = threading.Event()
+        wrong: list[int] = []
+
+        def load() -> None:
+            for s in plan.stripes:
+                ex.wait_range(s.position, s.end)
+                if (
+                    bytes(replica.view(s.file, s.offset, s.length))
+                    != original[s.offset : s.offset + s.length]
+                ):
+                    wrong.append(s.index)
+                ex.advance(s.end)
+            done.set()
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        loader.join(30)
+        ex.cancel()
+        assert done.is_set(), "the loader still waits for the stalled rank's stripe"
+        assert wrong == []
+        report = ex.report()
+        assert report.fallback_bytes >= plan.stripes[held].length
+        assert any("did not arrive" in f for f in report.failures), report.failures
+    finally:
+        mate.send_signal(signal.SIGCONT)
+        mate.kill()
+        mate.wait()

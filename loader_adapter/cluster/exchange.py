@@ -113,11 +113,17 @@ class Exchange:
         self._threads = [*self._readers.start(), *self._transfers.threads]
 
     # ----------------------------------------------------------------- acting
-    def _fill(self, stripe: int) -> bool:
-        """Read `stripe` from storage unless another local rank does or it is here."""
+    def _fill(self, stripe: int, *, steal: bool = False) -> bool:
+        """Read `stripe` from storage unless it is here, or another local rank claimed it
+        and `steal` is False.
+
+        A claim is a lock that dies with its process, not with a stop: a local rank stopped
+        while it filled a stripe holds its claim until it comes back. The loader steals a
+        stripe that is overdue: both write the same bytes from storage.
+        """
         core = self._core
         with self.replica.claim(stripe) as mine:
-            if not mine or self.replica.ready(stripe):
+            if (not mine and not steal) or self.replica.ready(stripe):
                 return False
             n = core.storage.read(self.plan.stripes[stripe])
             core.step(self.machine.filled, stripe, n)
@@ -198,7 +204,7 @@ class Exchange:
             if actions is None:
                 return
             self._core.do([a for a in actions if not isinstance(a, Fill)])
-            filled = self._fill(k)
+            filled = self._fill(k, steal=overdue)
             if overdue:
                 deadline = time.monotonic() + patience
             elif not filled:
