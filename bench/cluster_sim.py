@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,15 @@ def _worker(argv: Sequence[str]) -> int:
     p.add_argument("--die-after-mb", type=int, default=0, help="SIGKILL self after this")
     p.add_argument("--stop-after-mb", type=int, default=0, help="SIGSTOP self after this")
     p.add_argument(
+        "--die-at-replica-mb", type=int, default=0,
+        help="SIGKILL self once the node's replica holds this much (cluster mode): mid-"
+        "exchange whatever the loader's pace",
+    )  # fmt: skip
+    p.add_argument(
+        "--stop-at-replica-mb", type=int, default=0,
+        help="SIGSTOP self once the node's replica holds this much (cluster mode)",
+    )  # fmt: skip
+    p.add_argument(
         "--verify", default=None, metavar="DIR",
         help="compare every tensor with load_file on DIR (the originals, not the mount)",
     )  # fmt: skip
@@ -143,6 +153,10 @@ def _worker(argv: Sequence[str]) -> int:
     else:
         it = safetensors_weights_iterator(a.checkpoint, prefetch=True, tensors=keep, **options)
     with it:
+        if a.die_at_replica_mb or a.stop_at_replica_mb:
+            kill = bool(a.die_at_replica_mb)
+            mb = a.die_at_replica_mb or a.stop_at_replica_mb
+            _fault_at_replica(it, mb << 20, signal.SIGKILL if kill else signal.SIGSTOP)
         for name, tensor in it:
             if keep is not None and not keep(name):
                 continue  # read by a loader that filters after reading (vLLM's PP)
@@ -178,6 +192,20 @@ def _worker(argv: Sequence[str]) -> int:
     Path(a.out).write_text(json.dumps(out))
     # No barrier or destroy: a peer that died must not hold this rank back.
     os._exit(0)
+
+
+def _fault_at_replica(it: Any, nbytes: int, sig: signal.Signals) -> None:
+    """Send `sig` to this process once the node's replica holds `nbytes`, from a thread:
+    the fault lands in the middle of the exchange, however far behind the loader is (a
+    loader that parses and compares tensors on a busy machine may consume its first
+    megabytes only after the whole exchange ended)."""
+
+    def watch() -> None:
+        while it.replica_bytes < nbytes:
+            time.sleep(0.002)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=watch, name="fault-at-replica", daemon=True).start()
 
 
 def _share(

@@ -1,4 +1,9 @@
-"""Cluster mode under faults: a rank of one node killed or stalled mid-load.
+"""Cluster mode under faults: a rank of one node killed or stalled mid-exchange.
+
+The fault lands when the node's replica holds 4 of the 32 MiB (`bench.cluster_sim`'s
+``--die-at-replica-mb``), so the rank still owes most of its stripes: a fault after the
+loader consumed a few megabytes came after the whole exchange when the loader fell behind
+it, and the other ranks then had nothing to give up.
 
 Two simulated nodes (two mounts of a throttled FUSE filesystem: separate page caches, one
 shared bandwidth limit) with two ranks each. The other ranks must go on loading exactly
@@ -63,7 +68,7 @@ def _check_exact(ranks, checkpoint):
 
 
 def test_a_killed_rank_leaves_the_others_loading_from_storage(checkpoint, tmp_path):
-    ranks, failed, served, reps = _run(checkpoint, tmp_path, ["--die-after-mb", "6"])
+    ranks, failed, served, reps = _run(checkpoint, tmp_path, ["--die-at-replica-mb", "4"])
     assert failed == [3]  # killed by itself; the others ended on their own
     _check_exact(ranks, checkpoint)
     by_rank = {r["rank"]: r["report"] for r in ranks}
@@ -77,7 +82,7 @@ def test_a_killed_rank_leaves_the_others_loading_from_storage(checkpoint, tmp_pa
 
 
 def test_a_stalled_rank_is_given_up_and_finishes_when_it_comes_back(checkpoint, tmp_path):
-    ranks, failed, _, reps = _run(checkpoint, tmp_path, ["--stop-after-mb", "6"])
+    ranks, failed, _, reps = _run(checkpoint, tmp_path, ["--stop-at-replica-mb", "4"])
     assert failed == []  # the stalled rank, continued after the others ended, finished too
     _check_exact(ranks, checkpoint)
     by_rank = {r["rank"]: r["report"] for r in ranks}
