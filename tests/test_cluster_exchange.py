@@ -17,7 +17,7 @@ from fake_transport import Switchboard
 
 from loader_adapter.cluster.exchange import Exchange
 from loader_adapter.cluster.plan import ClusterPlan, cluster_plan
-from loader_adapter.cluster.replica import Replica
+from loader_adapter.cluster.replica import Replica, StripeState
 
 CHUNK = 64 << 10
 pytestmark = pytest.mark.timeout(120)
@@ -127,6 +127,48 @@ def test_the_window_follows_a_loader_that_skips_what_its_node_does_not_need(tmp_
     assert sum(rep.fallback_bytes for rep in reports.values()) == 0
 
 
+_NAME = "ckpt-prefetch-test-x-h"
+
+
+def _one_node(tmp_path: Path) -> tuple[ClusterPlan, list[str], Path]:
+    """A job of one node with two local ranks: the plan, the sources, the replicas' base."""
+    sizes = [6 * CHUNK]
+    base = tmp_path / "node0"
+    base.mkdir()
+    return cluster_plan(sizes, ["a", "a"], chunk_bytes=CHUNK), _sources(tmp_path, sizes), base
+
+
+def _rank0(plan: ClusterPlan, sources: list[str], base: Path) -> tuple[Replica, Exchange]:
+    replica = Replica.open(base, _NAME, ["src-0.bin"], plan.sizes, len(plan.stripes), 0, 2)
+    ex = Exchange(plan, 0, Switchboard().transport(0), replica, sources,
+                  window_bytes=None, timeout_s=0.5, read_threads=1)  # fmt: skip
+    return replica, ex
+
+
+def _load_in_thread(plan: ClusterPlan, sources: list[str], replica: Replica, ex: Exchange):
+    """Rank 0's loader, on a thread: (whether it ended within 30 s, stripes that differ)."""
+    original = Path(sources[0]).read_bytes()
+    done = threading.Event()
+    wrong: list[int] = []
+
+    def load() -> None:
+        for s in plan.stripes:
+            ex.wait_range(s.position, s.end)
+            if (
+                bytes(replica.view(s.file, s.offset, s.length))
+                != original[s.offset : s.offset + s.length]
+            ):
+                wrong.append(s.index)
+            ex.advance(s.end)
+        done.set()
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(30)
+    ex.cancel()
+    return done.is_set(), wrong
+
+
 def test_a_stalled_node_mate_holding_a_fill_claim_does_not_hold_the_load(tmp_path):
     """A local rank stopped (SIGSTOP) while it filled a stripe keeps its claim: a lock
     dies with its process, not with a stop. The loader must read that stripe itself once
@@ -136,17 +178,12 @@ def test_a_stalled_node_mate_holding_a_fill_claim_does_not_hold_the_load(tmp_pat
     import subprocess
     import sys
 
-    sizes = [6 * CHUNK]
-    plan = cluster_plan(sizes, ["a", "a"], chunk_bytes=CHUNK)
-    sources = _sources(tmp_path, sizes)
-    base = tmp_path / "node0"
-    base.mkdir()
-    name = "ckpt-prefetch-test-x-h"
+    plan, sources, base = _one_node(tmp_path)
     held = next(s.index for s in plan.stripes if s in plan.reads(1))  # rank 1's own
     code = (
         "import sys, time\n"
         "from loader_adapter.cluster.replica import Replica\n"
-        f"r = Replica.open({str(base)!r}, {name!r}, ['src-0.bin'], {sizes!r}, "
+        f"r = Replica.open({str(base)!r}, {_NAME!r}, ['src-0.bin'], {list(plan.sizes)!r}, "
         f"{len(plan.stripes)}, 1, 2)\n"
         f"with r.claim({held}) as mine:\n"
         "    print(mine, flush=True)\n"
@@ -157,29 +194,9 @@ def test_a_stalled_node_mate_holding_a_fill_claim_does_not_hold_the_load(tmp_pat
     try:
         assert mate.stdout is not None and mate.stdout.readline().split() == [b"True"]
         mate.send_signal(signal.SIGSTOP)
-        replica = Replica.open(base, name, ["src-0.bin"], sizes, len(plan.stripes), 0, 2)
-        ex = Exchange(plan, 0, Switchboard().transport(0), replica, sources,
-                      window_bytes=None, timeout_s=0.5, read_threads=1)  # fmt: skip
-        original = Path(sources[0]).read_bytes()
-        done = threading.Event()
-        wrong: list[int] = []
-
-        def load() -> None:
-            for s in plan.stripes:
-                ex.wait_range(s.position, s.end)
-                if (
-                    bytes(replica.view(s.file, s.offset, s.length))
-                    != original[s.offset : s.offset + s.length]
-                ):
-                    wrong.append(s.index)
-                ex.advance(s.end)
-            done.set()
-
-        loader = threading.Thread(target=load, daemon=True)
-        loader.start()
-        loader.join(30)
-        ex.cancel()
-        assert done.is_set(), "the loader still waits for the stalled rank's stripe"
+        replica, ex = _rank0(plan, sources, base)
+        done, wrong = _load_in_thread(plan, sources, replica, ex)
+        assert done, "the loader still waits for the stalled rank's stripe"
         assert wrong == []
         report = ex.report()
         assert report.fallback_bytes >= plan.stripes[held].length
@@ -188,3 +205,59 @@ def test_a_stalled_node_mate_holding_a_fill_claim_does_not_hold_the_load(tmp_pat
         mate.send_signal(signal.SIGCONT)
         mate.kill()
         mate.wait()
+
+
+def test_an_overdue_loader_waits_for_a_claim_held_in_its_own_process(tmp_path):
+    """A thread of this process that holds a claim (the repair thread, slow on a slow
+    store) is alive: the loader waits for it instead of reading the stripe a second time
+    (it stole from it before)."""
+    import time
+
+    plan, sources, base = _one_node(tmp_path)
+    held = next(s.index for s in plan.stripes if s in plan.reads(1))  # rank 1 never comes
+    replica, ex = _rank0(plan, sources, base)
+    reads: list[tuple[int, float]] = []
+    read = ex._core.storage.read
+
+    def counted(stripe):
+        reads.append((stripe.index, time.monotonic()))
+        return read(stripe)
+
+    ex._core.storage.read = counted
+    released_at: list[float] = []
+    claimed: list[bool] = []
+
+    def hold() -> None:
+        with replica.claim(held) as mine:
+            claimed.append(mine)
+            time.sleep(2.0)  # the loader is overdue after 0.75 s
+            released_at.append(time.monotonic())
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.05)
+    done, wrong = _load_in_thread(plan, sources, replica, ex)
+    holder.join()
+    assert claimed == [True]
+    assert done and wrong == []
+    assert [t for k, t in reads if k == held] != [], reads
+    assert all(t >= released_at[0] for k, t in reads if k == held), (released_at, reads)
+
+
+def test_a_fill_that_ends_after_the_stripe_became_ready_leaves_its_state(tmp_path):
+    """A late fill (a node-mate that comes back after its stripe was read in its place,
+    or after the planned reader brought it) must not turn SENDING into READY: the stripe
+    could then be freed under its send. A freed stripe that a loader fills again does
+    become READY (it is read after)."""
+    plan, sources, base = _one_node(tmp_path)
+    replica, ex = _rank0(plan, sources, base)
+    try:
+        k, n = 0, plan.stripes[0].length
+        replica.set_state(k, StripeState.SENDING)
+        ex._core.step(ex.machine.filled, k, n)
+        assert replica.state(k) is StripeState.SENDING
+        replica.set_state(k, StripeState.PUNCHED)
+        ex._core.step(ex.machine.filled, k, n)
+        assert replica.state(k) is StripeState.READY
+    finally:
+        ex.cancel()

@@ -114,16 +114,19 @@ class Exchange:
 
     # ----------------------------------------------------------------- acting
     def _fill(self, stripe: int, *, steal: bool = False) -> bool:
-        """Read `stripe` from storage unless it is here, or another local rank claimed it
-        and `steal` is False.
+        """Read `stripe` from storage unless it is here, or another local rank or thread
+        claimed it (with `steal`: unless a thread of this process did).
 
         A claim is a lock that dies with its process, not with a stop: a local rank stopped
         while it filled a stripe holds its claim until it comes back. The loader steals a
-        stripe that is overdue: both write the same bytes from storage.
+        stripe that is overdue from another process: both write the same bytes from
+        storage. A thread of this process that holds a claim is alive, and only slow.
         """
         core = self._core
         with self.replica.claim(stripe) as mine:
-            if (not mine and not steal) or self.replica.ready(stripe):
+            if self.replica.ready(stripe):
+                return False
+            if not mine and (not steal or self.replica.claimed_here(stripe)):
                 return False
             n = core.storage.read(self.plan.stripes[stripe])
             core.step(self.machine.filled, stripe, n)

@@ -54,6 +54,8 @@ _EMPTY = frozenset({StripeState.EMPTY})
 _HERE_OR_GONE = READY_STATES | {StripeState.PUNCHED}
 #: An own stripe's bytes count only if nobody freed them meanwhile (see `Mark.reread`).
 _NOT_PUNCHED = frozenset(StripeState) - {StripeState.PUNCHED}
+#: A fill makes a stripe ready only from where its bytes are not in the replica.
+_FILLABLE = frozenset(StripeState) - READY_STATES
 
 
 class Tally(enum.Enum):
@@ -367,9 +369,14 @@ reader=0, receivers=(1,), nodes=None))]
 
     # ------------------------------------------------------------- what moved
     def filled(self, stripe: int, nbytes: int) -> list[Action]:
-        """A stripe was read from storage in place of its transfer."""
+        """A stripe was read from storage in place of its transfer.
+
+        The mark does not touch a stripe that became ready meanwhile (a local rank stopped
+        mid-fill that came back after the loader read the stripe in its place, or its
+        planned reader): `SENDING` must stay until the send ends, or it could be freed
+        under it."""
         self.tally[Tally.FALLBACK] += nbytes
-        return [Mark(stripe, StripeState.READY)]
+        return [Mark(stripe, StripeState.READY, only_from=_FILLABLE)]
 
     def punched(self, stripe: int) -> None:
         """A `Punch`'s mark took (this rank freed the stripe)."""

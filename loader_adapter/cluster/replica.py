@@ -384,6 +384,11 @@ class Replica:
                 total += os.fstat(fd).st_blocks * 512
         return total
 
+    def claimed_here(self, stripe: int) -> bool:
+        """Whether a thread of this process holds the claim of `stripe`."""
+        with self._lock:
+            return stripe in self._claimed
+
     @contextlib.contextmanager
     def claim(self, stripe: int) -> Iterator[bool]:
         """Claim the filling of `stripe` among the local ranks (and threads): yields whether
