@@ -93,12 +93,12 @@ def _worker(argv: Sequence[str]) -> int:
     p.add_argument("--stop-after-mb", type=int, default=0, help="SIGSTOP self after this")
     p.add_argument(
         "--die-at-replica-mb", type=int, default=0,
-        help="SIGKILL self once the node's replica holds this much (cluster mode): mid-"
-        "exchange whatever the loader's pace",
+        help="SIGKILL self once the node's replica has allocated this much (cluster mode; a "
+        "posted receive counts whole): mid-exchange whatever the loader's pace",
     )  # fmt: skip
     p.add_argument(
         "--stop-at-replica-mb", type=int, default=0,
-        help="SIGSTOP self once the node's replica holds this much (cluster mode)",
+        help="SIGSTOP self once the node's replica has allocated this much (cluster mode)",
     )  # fmt: skip
     p.add_argument(
         "--verify", default=None, metavar="DIR",
@@ -195,10 +195,11 @@ def _worker(argv: Sequence[str]) -> int:
 
 
 def _fault_at_replica(it: Any, nbytes: int, sig: signal.Signals) -> None:
-    """Send `sig` to this process once the node's replica holds `nbytes`, from a thread:
-    the fault lands in the middle of the exchange, however far behind the loader is (a
-    loader that parses and compares tensors on a busy machine may consume its first
-    megabytes only after the whole exchange ended)."""
+    """Send `sig` to this process once the node's replica has allocated `nbytes` (a
+    posted receive allocates its whole stripe), from a thread: the fault lands in the
+    middle of the exchange, however far behind the loader is (a loader that parses and
+    compares tensors on a busy machine may consume its first megabytes only after the
+    whole exchange ended)."""
 
     def watch() -> None:
         while it.replica_bytes < nbytes:

@@ -1,9 +1,9 @@
 """Cluster mode under faults: a rank of one node killed or stalled mid-exchange.
 
-The fault lands when the node's replica holds 4 of the 32 MiB (`bench.cluster_sim`'s
-``--die-at-replica-mb``), so the rank still owes most of its stripes: a fault after the
-loader consumed a few megabytes came after the whole exchange when the loader fell behind
-it, and the other ranks then had nothing to give up.
+The fault lands when the node's replica has allocated 4 of the 32 MiB (a posted receive
+counts whole; `bench.cluster_sim`'s ``--die-at-replica-mb``), so the rank still owes most
+of its stripes: a fault after the loader consumed a few megabytes came after the whole
+exchange when the loader fell behind it, and the other ranks then had nothing to give up.
 
 Two simulated nodes (two mounts of a throttled FUSE filesystem: separate page caches, one
 shared bandwidth limit) with two ranks each. The other ranks must go on loading exactly

@@ -246,7 +246,7 @@ def test_cluster_scope_with_needs_survives_a_killed_rank(tmp_path, synthetic_che
     # The repair walks past the stripes its node was not planned to get, and reads from
     # storage what the dead rank owed (its node-mate's and the other node's share).
     ckpt = synthetic_checkpoint(size_bytes=24 * MiB, shape="many-small", shards=4)
-    # The rank dies when its node's replica holds 2 MiB, before its stripes are read and
+    # The rank dies when its node's replica has allocated 2 MiB, before its stripes are read and
     # sent, however far behind its loader is.
     ranks, failed, _ = _cluster_ep(ckpt, tmp_path, fault=["--die-at-replica-mb", "2"], bps=8e6)
     assert failed == [3]
